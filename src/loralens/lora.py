@@ -1,0 +1,278 @@
+"""The one representation of a LoRA used everywhere: layers of (name, U, V) with delta W = U @ V.T."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+
+@dataclass
+class LoRALayer:
+    """One adapted weight matrix: delta W = U @ V.T, U (out x r), V (in x r), scale folded into U.
+
+    ``meta`` carries what the math does not need but a writer or a reader of results does:
+    ``kind`` ("linear", "conv", "embedding"), ``kernel_size`` for conv layers, ``scale`` (the
+    alpha / r factor folded into U), ``magnitude`` (DoRA), ``fan_in_fan_out``.
+    """
+
+    name: str
+    U: torch.Tensor
+    V: torch.Tensor
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.U.ndim != 2 or self.V.ndim != 2:
+            raise ValueError(
+                f"layer {self.name!r}: U and V must be 2-D (out x r, in x r), "
+                f"got U {tuple(self.U.shape)} and V {tuple(self.V.shape)}"
+            )
+        if self.U.shape[1] != self.V.shape[1]:
+            raise ValueError(
+                f"layer {self.name!r}: U {tuple(self.U.shape)} and V {tuple(self.V.shape)} "
+                "disagree on the rank (second axis)"
+            )
+
+    @property
+    def rank(self) -> int:
+        return int(self.U.shape[1])
+
+    @property
+    def out_features(self) -> int:
+        return int(self.U.shape[0])
+
+    @property
+    def in_features(self) -> int:
+        return int(self.V.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """Shape of delta W (out, in)."""
+        return (self.out_features, self.in_features)
+
+    def delta_weight(self) -> torch.Tensor:
+        """delta W = U @ V.T in the math orientation (out x in)."""
+        return self.U @ self.V.T
+
+    def with_factors(self, U: torch.Tensor, V: torch.Tensor) -> LoRALayer:
+        """A copy of this layer with other factors and the same name and metadata."""
+        return replace(self, U=U, V=V, meta=dict(self.meta))
+
+
+@dataclass
+class LoRA:
+    """An ordered list of layers (base model's module order) plus metadata.
+
+    Metadata keys used by loralens: ``format`` (source format), ``base_model``,
+    ``target_modules``, ``source`` (path it was read from), ``peft_config`` (the adapter
+    config as read), ``safetensors_metadata``.
+    """
+
+    layers: list[LoRALayer]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        names = [layer.name for layer in self.layers]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"LoRA has duplicate layer names: {dupes}")
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __iter__(self) -> Iterator[LoRALayer]:
+        return iter(self.layers)
+
+    def __getitem__(self, name: str) -> LoRALayer:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(name)
+
+    @property
+    def names(self) -> list[str]:
+        return [layer.name for layer in self.layers]
+
+    @property
+    def shapes(self) -> list[tuple[int, int]]:
+        return [layer.shape for layer in self.layers]
+
+    @property
+    def ranks(self) -> list[int]:
+        return [layer.rank for layer in self.layers]
+
+    def delta_weights(self) -> dict[str, torch.Tensor]:
+        """Map layer name -> delta W (out x in), equal to what the source library merges."""
+        return {layer.name: layer.delta_weight() for layer in self.layers}
+
+    def map_factors(self, fn) -> LoRA:
+        """A new LoRA whose layer i has factors ``fn(i, layer) -> (U, V)``."""
+        layers = [layer.with_factors(*fn(i, layer)) for i, layer in enumerate(self.layers)]
+        return LoRA(layers=layers, metadata=dict(self.metadata))
+
+    def to(self, *args: Any, **kwargs: Any) -> LoRA:
+        """Move/cast every factor, like ``torch.Tensor.to``."""
+        return self.map_factors(lambda _, la: (la.U.to(*args, **kwargs), la.V.to(*args, **kwargs)))
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What a model needs to know about its inputs: layer names, delta-W shapes and ranks."""
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, int], ...]
+    ranks: tuple[int, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "names": list(self.names),
+            "shapes": [list(s) for s in self.shapes],
+            "ranks": list(self.ranks),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> LayerSpec:
+        return cls(
+            names=tuple(d["names"]),
+            shapes=tuple(tuple(int(x) for x in s) for s in d["shapes"]),
+            ranks=tuple(int(r) for r in d["ranks"]),
+        )
+
+    def describe_mismatch(self, other: LayerSpec) -> str:
+        """A human-readable list of how ``other``'s layers differ from these (empty if they fit)."""
+        problems = []
+        mine, theirs = dict(zip(self.names, self.shapes)), dict(zip(other.names, other.shapes))
+        missing = [n for n in self.names if n not in theirs]
+        extra = [n for n in other.names if n not in mine]
+        if missing:
+            problems.append(f"missing layers: {_clip(missing)}")
+        if extra:
+            problems.append(f"unexpected layers: {_clip(extra)}")
+        wrong = [
+            f"{n}: {theirs[n]} != {mine[n]}"
+            for n in self.names
+            if n in theirs and theirs[n] != mine[n]
+        ]
+        if wrong:
+            problems.append(f"shape mismatch (out, in): {_clip(wrong)}")
+        if not problems and list(self.names) != list(other.names):
+            problems.append("same layers in a different order")
+        return "; ".join(problems)
+
+
+def _clip(items: Sequence[str], k: int = 8) -> str:
+    shown = ", ".join(items[:k])
+    return shown + (f", ... ({len(items) - k} more)" if len(items) > k else "")
+
+
+@dataclass
+class LoRABatch:
+    """LoRAs with the same layer names and shapes, stacked per layer.
+
+    ``U[i]`` is (B, out_i, r_i) and ``V[i]`` is (B, in_i, r_i), where r_i is the largest rank of
+    layer i in the batch; smaller ranks are zero-padded on the rank axis, which changes no
+    U @ V.T. ``ranks`` (B x L) holds each LoRA's true rank per layer.
+    """
+
+    names: list[str]
+    U: list[torch.Tensor]
+    V: list[torch.Tensor]
+    ranks: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.U[0].shape[0]) if self.U else 0
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.names)
+
+    @property
+    def shapes(self) -> list[tuple[int, int]]:
+        return [(int(u.shape[1]), int(v.shape[1])) for u, v in zip(self.U, self.V)]
+
+    @property
+    def spec(self) -> LayerSpec:
+        return LayerSpec(
+            names=tuple(self.names),
+            shapes=tuple(self.shapes),
+            ranks=tuple(int(u.shape[2]) for u in self.U),
+        )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.U[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.U[0].device
+
+    def to(self, *args: Any, **kwargs: Any) -> LoRABatch:
+        """Move/cast every factor (the integer ``ranks`` only moves device)."""
+        U = [u.to(*args, **kwargs) for u in self.U]
+        V = [v.to(*args, **kwargs) for v in self.V]
+        return LoRABatch(names=list(self.names), U=U, V=V, ranks=self.ranks.to(U[0].device))
+
+    def select(self, index: torch.Tensor | Sequence[int] | slice) -> LoRABatch:
+        """The sub-batch at ``index`` along the batch axis."""
+        if not isinstance(index, slice):
+            index = torch.as_tensor(index, dtype=torch.long)
+        return LoRABatch(
+            names=list(self.names),
+            U=[u[index] for u in self.U],
+            V=[v[index] for v in self.V],
+            ranks=self.ranks[index],
+        )
+
+    def delta_weights(self) -> list[torch.Tensor]:
+        """Per layer, the (B, out, in) stack of delta W."""
+        return [u @ v.transpose(1, 2) for u, v in zip(self.U, self.V)]
+
+    def unbatch(self) -> list[LoRA]:
+        """The LoRAs of this batch, padding removed."""
+        out = []
+        for b in range(len(self)):
+            layers = []
+            for i, name in enumerate(self.names):
+                r = int(self.ranks[b, i])
+                layers.append(LoRALayer(name, self.U[i][b, :, :r], self.V[i][b, :, :r]))
+            out.append(LoRA(layers=layers))
+        return out
+
+
+def spec_of(lora: LoRA) -> LayerSpec:
+    """The layer spec of one LoRA."""
+    return LayerSpec(names=tuple(lora.names), shapes=tuple(lora.shapes), ranks=tuple(lora.ranks))
+
+
+def collate(loras: Sequence[LoRA], *, dtype: torch.dtype | None = None) -> LoRABatch:
+    """Stack LoRAs with the same layers into a batch, zero-padding each layer to its largest rank.
+
+    Raises ``ValueError`` listing the layers that differ when the LoRAs do not share layer
+    names and shapes.
+    """
+    if not loras:
+        raise ValueError("collate needs at least one LoRA")
+    first = spec_of(loras[0])
+    for k, lora in enumerate(loras[1:], start=1):
+        problem = first.describe_mismatch(spec_of(lora))
+        if problem:
+            src = lora.metadata.get("source", f"LoRA #{k}")
+            ref = loras[0].metadata.get("source", "LoRA #0")
+            raise ValueError(f"cannot batch {src} with {ref}: {problem}")
+    dtype = dtype or loras[0].layers[0].U.dtype
+    rank_table = torch.tensor([lora.ranks for lora in loras], dtype=torch.long)
+    width = rank_table.max(dim=0).values.tolist()
+    U, V = [], []
+    for i, (out_f, in_f) in enumerate(first.shapes):
+        r = int(width[i])
+        u = torch.zeros(len(loras), out_f, r, dtype=dtype)
+        v = torch.zeros(len(loras), in_f, r, dtype=dtype)
+        for b, lora in enumerate(loras):
+            layer = lora.layers[i]
+            u[b, :, : layer.rank] = layer.U
+            v[b, :, : layer.rank] = layer.V
+        U.append(u)
+        V.append(v)
+    return LoRABatch(names=list(first.names), U=U, V=V, ranks=rank_table)
