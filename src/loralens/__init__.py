@@ -1,14 +1,30 @@
 """loralens: learning on LoRAs. Read LoRA adapters as data, predict properties of the finetuned model."""
 
 from loralens.lora import LayerSpec, LoRA, LoRABatch, LoRALayer, collate
+from loralens.models import MODEL_NAMES, build_model, model_cost
+from loralens.symmetry import (
+    assert_gl_invariant,
+    assert_o_invariant,
+    gl_invariance_error,
+    gl_transform,
+    o_transform,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "MODEL_NAMES",
     "LayerSpec",
     "LoRA",
     "LoRABatch",
     "LoRALayer",
     "__version__",
+    "assert_gl_invariant",
+    "assert_o_invariant",
+    "build_model",
     "collate",
+    "gl_invariance_error",
+    "gl_transform",
+    "model_cost",
+    "o_transform",
 ]

@@ -1,0 +1,22 @@
+"""LoL models: ``mlp``, ``mlp-oalign``, ``mlp-svd``, ``mlp-dense``, ``glnet`` (see ``build_model``)."""
+
+from loralens.models.base import LoLModel, RunningStandardize
+from loralens.models.glnet import EquivariantLinear, GLNet, GLNonlinearity
+from loralens.models.mlp import SVDMLP, DenseMLP, FlatMLP, OAlignMLP
+from loralens.models.registry import MODEL_NAMES, build_model, example_batch, model_cost
+
+__all__ = [
+    "MODEL_NAMES",
+    "SVDMLP",
+    "DenseMLP",
+    "EquivariantLinear",
+    "FlatMLP",
+    "GLNet",
+    "GLNonlinearity",
+    "LoLModel",
+    "OAlignMLP",
+    "RunningStandardize",
+    "build_model",
+    "example_batch",
+    "model_cost",
+]

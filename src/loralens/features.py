@@ -1,0 +1,231 @@
+"""Featurizers of LoRA batches (batched torch, CPU and CUDA, float32/bfloat16/float64).
+
+| featurizer | output | GL(r)-inv. | O(r)-inv. | cost per layer |
+|---|---|---|---|---|
+| :func:`flatten` | U, V padded/truncated to fixed ranks | no | no | O((m+n)r) |
+| :func:`oalign` | U Q, V Q, Q from Procrustes to a template | no | yes | O((m+n)r^2) |
+| :func:`svals` | singular values of U V^T (never formed) | yes | yes | O((m+n)r^2) |
+| :func:`dense` | U V^T | yes | yes | O(mnr) |
+
+Linear algebra (QR, SVD) runs in float32 at least (float64 for float64 input) and results are
+cast back to the input dtype, so bfloat16 batches work.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from loralens.lora import LoRA, LoRABatch, collate
+
+__all__ = [
+    "delta_norms",
+    "dense",
+    "describe_layers",
+    "effective_rank",
+    "flatten",
+    "oalign",
+    "pad_rank",
+    "pick_template",
+    "svals",
+    "template_factors",
+]
+
+
+def _linalg_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def pad_rank(t: torch.Tensor, r: int) -> torch.Tensor:
+    """Zero-pad or truncate the last (rank) axis of ``t`` to width ``r``."""
+    cur = t.shape[-1]
+    if cur == r:
+        return t
+    if cur > r:
+        return t[..., :r]
+    return torch.nn.functional.pad(t, (0, r - cur))
+
+
+def _widths(batch: LoRABatch, ranks: int | Sequence[int] | None) -> list[int]:
+    if ranks is None:
+        return [int(u.shape[2]) for u in batch.U]
+    if isinstance(ranks, int):
+        return [ranks] * batch.num_layers
+    ranks = [int(r) for r in ranks]
+    if len(ranks) != batch.num_layers:
+        raise ValueError(f"got {len(ranks)} rank widths for {batch.num_layers} layers")
+    return ranks
+
+
+def flatten(batch: LoRABatch, ranks: int | Sequence[int] | None = None) -> torch.Tensor:
+    """(B, sum_i (out_i + in_i) * r_i): every U_i and V_i, rank axis padded/truncated to ``ranks``.
+
+    ``ranks`` is one width for all layers or one per layer (default: the batch's own widths).
+    Fixed widths let a model trained on rank 4 take rank 8 (extra columns are dropped) or rank 2
+    (zero-padded).
+    """
+    widths = _widths(batch, ranks)
+    parts = []
+    for u, v, r in zip(batch.U, batch.V, widths):
+        parts.append(pad_rank(u, r).flatten(1))
+        parts.append(pad_rank(v, r).flatten(1))
+    return torch.cat(parts, dim=1)
+
+
+def dense(batch: LoRABatch) -> list[torch.Tensor]:
+    """Per layer, the (B, out, in) stack of delta W = U @ V.T."""
+    return [u @ v.transpose(1, 2) for u, v in zip(batch.U, batch.V)]
+
+
+def delta_norms(batch: LoRABatch) -> torch.Tensor:
+    """(B, L) Frobenius norms of every delta W, from the small factors: tr((U^T U)(V^T V))^1/2.
+
+    Computed in float32 at least; never forms U @ V.T.
+    """
+    out = []
+    for u, v in zip(batch.U, batch.V):
+        w = _linalg_dtype(u.dtype)
+        u, v = u.to(w), v.to(w)
+        gu = u.transpose(1, 2) @ u
+        gv = v.transpose(1, 2) @ v
+        out.append((gu * gv).sum(dim=(1, 2)).clamp_min(0).sqrt())
+    return torch.stack(out, dim=1)
+
+
+def _layer_svals(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """(B, min(out, in, r)) singular values of U V^T, descending, via QR of U and V."""
+    w = _linalg_dtype(u.dtype)
+    ru = torch.linalg.qr(u.to(w), mode="r").R  # (B, min(n, r), r)
+    rv = torch.linalg.qr(v.to(w), mode="r").R  # (B, min(m, r), r)
+    return torch.linalg.svdvals(ru @ rv.transpose(1, 2))
+
+
+def svals(batch: LoRABatch, k: int | None = None) -> torch.Tensor:
+    """(B, L, k) top-k singular values of every delta W, descending, zero-padded past the rank.
+
+    U = Q_U R_U and V = Q_V R_V (reduced QR), so U V^T = Q_U (R_U R_V^T) Q_V^T and the singular
+    values are those of the r x r matrix R_U R_V^T: O((m+n) r^2), U V^T is never formed.
+    ``k`` defaults to the largest rank in the batch.
+    """
+    if k is None:
+        k = max(int(u.shape[2]) for u in batch.U)
+    cols = [pad_rank(_layer_svals(u, v), k) for u, v in zip(batch.U, batch.V)]
+    return torch.stack(cols, dim=1).to(batch.dtype)
+
+
+def effective_rank(s: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Roy & Vetterli's effective rank exp(H(p)), p = s / sum(s), along the last axis (0 if s = 0)."""
+    s = s.double()
+    total = s.sum(dim=-1, keepdim=True)
+    p = s / total.clamp_min(eps)
+    h = -(p * torch.log(p.clamp_min(eps))).sum(dim=-1)
+    return torch.where(total.squeeze(-1) > 0, torch.exp(h), torch.zeros_like(h))
+
+
+# ---------------------------------------------------------------------------- O-align
+
+
+def template_factors(
+    template: LoRA | LoRABatch,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(U list, V list) of one template LoRA, each (out, r) / (in, r), padding removed."""
+    if isinstance(template, LoRABatch):
+        if len(template) != 1:
+            raise ValueError(f"a template is one LoRA; got a batch of {len(template)}")
+        template = template.unbatch()[0]
+    if not isinstance(template, LoRA):
+        raise TypeError(f"template must be a LoRA, got {type(template).__name__}")
+    return [la.U for la in template.layers], [la.V for la in template.layers]
+
+
+def oalign(
+    batch: LoRABatch,
+    template: LoRA | LoRABatch | tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]],
+    *,
+    eps: float = 1e-12,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Align every layer to a template LoRA by orthogonal Procrustes; O(r)-invariant.
+
+    Per layer, with template factors (U_t, V_t) of rank r_t, Q (r x r_t, orthonormal rows or
+    columns) maximizes tr(Q^T M), M = U^T U_t / (|U| |U_t|) + V^T V_t / (|V| |V_t|) (norms
+    balance the two factors and are O(r)-invariant): Q = W Z^T from the SVD M = W S Z^T.
+    Returns (U Q list, V Q list), each (B, out, r_t) / (B, in, r_t): the template's width, so a
+    model sees fixed widths for any input rank. Replacing (U, V) by (U O, V O), O orthogonal,
+    changes M to O^T M and Q to O^T Q, so U Q is unchanged (exactly when M has full rank, which
+    holds for generic inputs). Zero padding gives zero rows of M and changes nothing.
+    """
+    if isinstance(template, (LoRA, LoRABatch)):
+        tU, tV = template_factors(template)
+    else:
+        tU, tV = list(template[0]), list(template[1])
+    if len(tU) != batch.num_layers:
+        raise ValueError(f"template has {len(tU)} layers, batch has {batch.num_layers}")
+    outU, outV = [], []
+    for u, v, ut, vt in zip(batch.U, batch.V, tU, tV):
+        w = _linalg_dtype(u.dtype)
+        uu, vv = u.to(w), v.to(w)
+        ut = ut.to(device=u.device, dtype=w)
+        vt = vt.to(device=u.device, dtype=w)
+        nu = uu.flatten(1).norm(dim=1).clamp_min(eps)[:, None, None]
+        nv = vv.flatten(1).norm(dim=1).clamp_min(eps)[:, None, None]
+        m = uu.transpose(1, 2) @ ut / (nu * ut.norm().clamp_min(eps))
+        m = m + vv.transpose(1, 2) @ vt / (nv * vt.norm().clamp_min(eps))
+        W, _, Zh = torch.linalg.svd(m, full_matrices=False)
+        q = W @ Zh  # (B, r, r_t)
+        outU.append((uu @ q).to(u.dtype))
+        outV.append((vv @ q).to(v.dtype))
+    return outU, outV
+
+
+def pick_template(data: LoRABatch | Sequence[LoRA]) -> LoRA:
+    """Choose an O-align template from training data: the full-rank LoRA of median size.
+
+    "Size" is sum_i |delta W_i|_F (GL-invariant). Only LoRAs whose rank is the batch's widest on
+    every layer are candidates (a template of full width aligns every input), and among them
+    LoRAs with a zero delta W layer are skipped when possible. Deterministic.
+    """
+    batch = data if isinstance(data, LoRABatch) else collate(list(data))
+    widths = torch.tensor([int(u.shape[2]) for u in batch.U])
+    full = (batch.ranks.cpu() == widths).all(dim=1)
+    norms = delta_norms(batch).double().cpu()
+    nonzero = (norms > 0).all(dim=1)
+    cand = torch.nonzero(full & nonzero).flatten()
+    if cand.numel() == 0:
+        cand = torch.nonzero(full).flatten()
+    if cand.numel() == 0:
+        cand = torch.arange(len(batch))
+    size = norms.sum(dim=1)[cand]
+    order = torch.argsort(size, stable=True)
+    idx = int(cand[order[(len(order) - 1) // 2]])
+    return batch.select([idx]).unbatch()[0]
+
+
+# ---------------------------------------------------------------------------- inspect
+
+
+def describe_layers(lora: LoRA, k: int = 4) -> list[dict[str, Any]]:
+    """Per layer: name, shape, rank, scale (from layer.meta), |delta W|_F, top-k singular values,
+    effective rank. Everything from the small factors; no U @ V.T is formed."""
+    rows = []
+    for layer in lora.layers:
+        b = collate([type(lora)(layers=[layer])])
+        norm = float(delta_norms(b)[0, 0])
+        s = _layer_svals(b.U[0], b.V[0])[0] if layer.rank > 0 else torch.zeros(0)
+        er = float(effective_rank(s)) if s.numel() else 0.0
+        scale = layer.meta.get("scale")
+        rows.append(
+            {
+                "name": layer.name,
+                "shape": [layer.out_features, layer.in_features],
+                "rank": layer.rank,
+                "scale": None if scale is None else float(scale),
+                "kind": layer.meta.get("kind", "linear"),
+                "fro_norm": norm,
+                "top_svals": [float(x) for x in s[:k]],
+                "effective_rank": er if math.isfinite(er) else None,
+            }
+        )
+    return rows

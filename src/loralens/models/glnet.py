@@ -1,0 +1,163 @@
+"""GL-net: GL(r)-equivariant layers on the LoRA factors, then a GL(r)-invariant head.
+
+Per layer i, with U_i (out_i x r) and V_i (in_i x r):
+
+- :class:`EquivariantLinear`: U_i -> Phi_i U_i, V_i -> Psi_i V_i. Every linear GL-equivariant
+  map has this form (no bias, no mixing across layers or between U and V), and it commutes with
+  U -> U R, V -> V R^{-T}.
+- :class:`GLNonlinearity`: row j of U_i scaled by s((U_i V_i^T 1)_j), row j of V_i by
+  s((V_i U_i^T 1)_j). The row sums are GL-invariant and are computed as U_i (V_i^T 1) and
+  V_i (U_i^T 1): U_i V_i^T is never formed. s = ReLU(sign(x)) as in the paper, or a sigmoid.
+- Invariant head: H_i = U_i' V_i'^T (hidden x hidden, about 32 x 32), flattened and concatenated
+  over layers into an MLP, or one token per layer into a small transformer.
+
+Nothing depends on the rank r: a GL-net takes LoRAs of any rank (rank generalization), and zero
+padding changes nothing. Inputs are rescaled per layer by the RMS of delta W (an invariant
+scalar, so equivariance is exact), and the log of that RMS is fed to the head.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from loralens.lora import LayerSpec, LoRABatch
+from loralens.models.base import EPS, LoLModel, RunningStandardize, layer_rms, log_scale, mlp
+
+Factors = tuple[list[torch.Tensor], list[torch.Tensor]]
+
+
+class EquivariantLinear(nn.Module):
+    """U_i -> Phi_i U_i, V_i -> Psi_i V_i per layer (Phi_i: out' x out_i, Psi_i: in' x in_i)."""
+
+    def __init__(self, in_shapes: Sequence[tuple[int, int]], out_u: int, out_v: int | None = None):
+        super().__init__()
+        out_v = out_u if out_v is None else out_v
+        self.phi = nn.ParameterList(
+            nn.Parameter(torch.randn(out_u, o) / math.sqrt(o)) for o, _ in in_shapes
+        )
+        self.psi = nn.ParameterList(
+            nn.Parameter(torch.randn(out_v, i) / math.sqrt(i)) for _, i in in_shapes
+        )
+
+    def forward(self, Us: Sequence[torch.Tensor], Vs: Sequence[torch.Tensor]) -> Factors:
+        return (
+            [torch.matmul(p, u) for p, u in zip(self.phi, Us)],
+            [torch.matmul(p, v) for p, v in zip(self.psi, Vs)],
+        )
+
+
+class GLNonlinearity(nn.Module):
+    """Scale rows of U_i by s(row sums of U_i V_i^T), rows of V_i by s(column sums); no U V^T.
+
+    ``kind``: ``"relu-sign"`` (s = ReLU(sign(x)): keep rows with a positive sum, as in the paper)
+    or ``"sigmoid"`` (s = sigmoid(x / sqrt(n)), n the number of summed entries: smooth).
+    """
+
+    KINDS = ("relu-sign", "sigmoid")
+
+    def __init__(self, kind: str = "relu-sign"):
+        super().__init__()
+        if kind not in self.KINDS:
+            raise ValueError(f"nonlinearity must be one of {self.KINDS}, got {kind!r}")
+        self.kind = kind
+
+    def gate(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        if self.kind == "relu-sign":
+            return (x > 0).to(x.dtype)
+        return torch.sigmoid(x / math.sqrt(max(n, 1)))
+
+    def forward(self, Us: Sequence[torch.Tensor], Vs: Sequence[torch.Tensor]) -> Factors:
+        outU, outV = [], []
+        for u, v in zip(Us, Vs):
+            rows = u @ v.sum(dim=1).unsqueeze(-1)  # (B, out, 1) = U (V^T 1)
+            cols = v @ u.sum(dim=1).unsqueeze(-1)  # (B, in, 1) = V (U^T 1)
+            outU.append(u * self.gate(rows, v.shape[1]))
+            outV.append(v * self.gate(cols, u.shape[1]))
+        return outU, outV
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}"
+
+
+class GLNet(LoLModel):
+    """``glnet``: equivariant linear (+ ``blocks`` x [nonlinearity, equivariant linear]), then an
+    invariant head on U' V'^T per layer: ``head="mlp"`` (flattened over layers) or
+    ``"transformer"`` (one token per layer). GL(r)-invariant; any rank at inference.
+    """
+
+    name = "glnet"
+    defaults: ClassVar[dict[str, Any]] = {
+        "hidden": 32,  # equivariant width: head input is hidden x hidden per layer
+        "blocks": 0,  # [nonlinearity, equivariant linear] blocks after the first linear layer
+        "nonlinearity": "relu-sign",
+        "head": "mlp",
+        "head_hidden": 128,
+        "head_depth": 2,
+        "dropout": 0.0,
+        "d_model": 64,  # transformer head only
+        "n_heads": 4,
+        "n_layers": 2,
+    }
+    gl_invariant = o_invariant = True
+
+    def __init__(self, spec: LayerSpec, out_dim: int, *, like: Any = None, **hparams: Any):
+        super().__init__(spec, out_dim, hparams)
+        h = self.hparams
+        if h["head"] not in ("mlp", "transformer"):
+            raise ValueError(f"head must be 'mlp' or 'transformer', got {h['head']!r}")
+        d, n = int(h["hidden"]), len(spec.names)
+        self.equivariant = nn.ModuleList([EquivariantLinear(spec.shapes, d)])
+        for _ in range(int(h["blocks"])):
+            self.equivariant.append(GLNonlinearity(h["nonlinearity"]))
+            self.equivariant.append(EquivariantLinear([(d, d)] * n, d))
+        self.scale_norm = RunningStandardize((n, 1))
+        if h["head"] == "mlp":
+            dim = n * (d * d + 1)
+            self.head = mlp(dim, self.out_dim, h["head_hidden"], h["head_depth"], h["dropout"])
+        else:
+            dm = int(h["d_model"])
+            self.embed = nn.Linear(d * d + 1, dm)
+            self.position = nn.Parameter(torch.randn(n, dm) * 0.02)
+            layer = nn.TransformerEncoderLayer(
+                dm, int(h["n_heads"]), 2 * dm, h["dropout"], batch_first=True, norm_first=True
+            )
+            self.transformer = nn.TransformerEncoder(
+                layer, int(h["n_layers"]), enable_nested_tensor=False
+            )
+            self.out = nn.Sequential(nn.LayerNorm(dm), nn.Linear(dm, self.out_dim))
+
+    def equivariant_features(self, batch: LoRABatch) -> LoRABatch:
+        """The factors (U_i', V_i') the invariant head sees, as a batch (same ranks as ``batch``).
+
+        GL(r)-equivariant: transforming ``batch`` by R per layer transforms the output by R.
+        """
+        batch = self.prepare(batch)
+        Us, Vs, _ = self._equivariant(batch)
+        return LoRABatch(names=list(batch.names), U=Us, V=Vs, ranks=batch.ranks)
+
+    def _equivariant(
+        self, batch: LoRABatch
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+        rms = layer_rms(batch).to(batch.dtype)  # (B, L), invariant
+        s = rms.clamp_min(EPS).sqrt()
+        Us = [u / s[:, k, None, None] for k, u in enumerate(batch.U)]
+        Vs = [v / s[:, k, None, None] for k, v in enumerate(batch.V)]
+        for layer in self.equivariant:
+            Us, Vs = layer(Us, Vs)
+        return Us, Vs, rms
+
+    def forward(self, batch: LoRABatch) -> torch.Tensor:
+        batch = self.prepare(batch)
+        Us, Vs, rms = self._equivariant(batch)
+        heads = torch.stack([u @ v.transpose(1, 2) for u, v in zip(Us, Vs)], dim=1)  # (B, L, d, d)
+        scales = self.scale_norm(log_scale(rms)[..., None])  # (B, L, 1)
+        tokens = torch.cat([heads.flatten(2), scales], dim=2)  # (B, L, d*d + 1)
+        if self.hparams["head"] == "mlp":
+            return self.head(tokens.flatten(1))
+        z = self.transformer(self.embed(tokens) + self.position)
+        return self.out(z.mean(dim=1))

@@ -1,0 +1,220 @@
+"""MLPs on featurized LoRAs: ``mlp`` (flatten), ``mlp-oalign``, ``mlp-svd``, ``mlp-dense``.
+
+Raw LoRA factors are tiny (1e-3 .. 1e-1) and their scales vary over orders of magnitude between
+adapters, so every model feeds its MLP scale-free features (each block divided by its own RMS)
+plus the log of that RMS, standardized by running statistics. For the invariant models every
+scale is itself invariant (a norm of delta W), so normalization keeps the invariance exact.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from loralens import features as F
+from loralens.lora import LayerSpec, LoRA, LoRABatch
+from loralens.models.base import EPS, LoLModel, RunningStandardize, layer_rms, log_scale, mlp
+
+_HEAD = {"hidden": 128, "depth": 2, "dropout": 0.0}
+
+
+def _rms(t: torch.Tensor) -> torch.Tensor:
+    """(B,) RMS of each sample's block."""
+    flat = t.flatten(1)
+    return flat.float().norm(dim=1).to(t.dtype) / math.sqrt(max(flat.shape[1], 1))
+
+
+class FlatMLP(LoLModel):
+    """``mlp``: every U_i and V_i flattened (rank axis padded/truncated to ``ranks``). Not invariant."""
+
+    name = "mlp"
+    defaults: ClassVar[dict[str, Any]] = {**_HEAD, "ranks": None}
+
+    def __init__(self, spec: LayerSpec, out_dim: int, *, like: Any = None, **hparams: Any):
+        super().__init__(spec, out_dim, hparams)
+        if self.hparams["ranks"] is None:
+            self.hparams["ranks"] = list(spec.ranks)
+        self.hparams["ranks"] = [int(r) for r in self.hparams["ranks"]]
+        if len(self.hparams["ranks"]) != len(spec.names):
+            raise ValueError(
+                f"ranks: {len(self.hparams['ranks'])} widths for {len(spec.names)} layers"
+            )
+        dim = sum((o + i) * r for (o, i), r in zip(spec.shapes, self.hparams["ranks"]))
+        self.build_head(dim + 2 * len(spec.names))
+
+    def build_head(self, dim: int) -> None:
+        h = self.hparams
+        self.norm = RunningStandardize(dim)
+        self.head = mlp(dim, self.out_dim, h["hidden"], h["depth"], h["dropout"])
+
+    def factors(self, batch: LoRABatch) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        widths = self.hparams["ranks"]
+        return (
+            [F.pad_rank(u, r) for u, r in zip(batch.U, widths)],
+            [F.pad_rank(v, r) for v, r in zip(batch.V, widths)],
+        )
+
+    def forward(self, batch: LoRABatch) -> torch.Tensor:
+        batch = self.prepare(batch)
+        Us, Vs = self.factors(batch)
+        parts, scales = [], []
+        for u, v in zip(Us, Vs):
+            ru, rv = _rms(u), _rms(v)
+            parts += [(u / ru.clamp_min(EPS)[:, None, None]).flatten(1)]
+            parts += [(v / rv.clamp_min(EPS)[:, None, None]).flatten(1)]
+            scales += [log_scale(ru), log_scale(rv)]
+        x = torch.cat([*parts, torch.stack(scales, dim=1)], dim=1)
+        return self.head(self.norm(x))
+
+
+class OAlignMLP(FlatMLP):
+    """``mlp-oalign``: factors aligned to a template LoRA by orthogonal Procrustes. O(r)-invariant.
+
+    The template lives in buffers (``template_U_<i>`` / ``template_V_<i>``), so it is saved in the
+    state_dict. It is ``template=`` when given, else picked from ``like`` when that is a batch
+    (:func:`loralens.features.pick_template`), else zeros until ``load_state_dict`` or
+    :meth:`set_template`. ``ranks`` are the template's ranks (the aligned widths).
+    """
+
+    name = "mlp-oalign"
+    o_invariant = True
+
+    def __init__(
+        self,
+        spec: LayerSpec,
+        out_dim: int,
+        *,
+        like: Any = None,
+        template: LoRA | LoRABatch | None = None,
+        **hparams: Any,
+    ):
+        if template is None and isinstance(like, LoRABatch):
+            template = F.pick_template(like)
+        if template is not None:
+            tU, _ = F.template_factors(template)
+            hparams["ranks"] = [int(u.shape[1]) for u in tU]
+        super().__init__(spec, out_dim, **hparams)
+        for k, ((o, i), r) in enumerate(zip(spec.shapes, self.hparams["ranks"])):
+            self.register_buffer(f"template_U_{k}", torch.zeros(o, r))
+            self.register_buffer(f"template_V_{k}", torch.zeros(i, r))
+        if template is not None:
+            self.set_template(template)
+
+    @property
+    def template(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(U list, V list) of the template."""
+        n = len(self.spec.names)
+        return (
+            [getattr(self, f"template_U_{k}") for k in range(n)],
+            [getattr(self, f"template_V_{k}") for k in range(n)],
+        )
+
+    def set_template(self, template: LoRA | LoRABatch) -> None:
+        """Use ``template`` (one LoRA with the model's layers and the model's ``ranks``)."""
+        tU, tV = F.template_factors(template)
+        mU, mV = self.template
+        if len(tU) != len(mU):
+            raise ValueError(f"template has {len(tU)} layers, the model {len(mU)}")
+        with torch.no_grad():
+            for k, (u, v) in enumerate(zip(tU, tV)):
+                if u.shape != mU[k].shape or v.shape != mV[k].shape:
+                    raise ValueError(
+                        f"template layer {k}: U {tuple(u.shape)}, V {tuple(v.shape)}; the model "
+                        f"holds {tuple(mU[k].shape)}, {tuple(mV[k].shape)}"
+                    )
+                mU[k].copy_(u)
+                mV[k].copy_(v)
+
+    def factors(self, batch: LoRABatch) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        return F.oalign(batch, self.template)
+
+
+class SVDMLP(LoLModel):
+    """``mlp-svd``: top-k singular values of every delta W (never formed). GL(r)-invariant."""
+
+    name = "mlp-svd"
+    defaults: ClassVar[dict[str, Any]] = {**_HEAD, "k": None}
+    gl_invariant = o_invariant = True
+
+    def __init__(self, spec: LayerSpec, out_dim: int, *, like: Any = None, **hparams: Any):
+        super().__init__(spec, out_dim, hparams)
+        if self.hparams["k"] is None:
+            self.hparams["k"] = max(spec.ranks)
+        self.hparams["k"] = int(self.hparams["k"])
+        n = len(spec.names)
+        dim = n * (self.hparams["k"] + 1)
+        h = self.hparams
+        self.norm = RunningStandardize(dim)
+        self.head = mlp(dim, self.out_dim, h["hidden"], h["depth"], h["dropout"])
+
+    def forward(self, batch: LoRABatch) -> torch.Tensor:
+        batch = self.prepare(batch)
+        s = F.svals(batch, self.hparams["k"])  # (B, L, k)
+        norm = F.delta_norms(batch).to(s.dtype)  # (B, L): |sigma| over all r, not just top-k
+        x = torch.cat([(s / norm.clamp_min(EPS)[..., None]).flatten(1), log_scale(norm)], dim=1)
+        return self.head(self.norm(x))
+
+
+def _available_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+class DenseMLP(LoLModel):
+    """``mlp-dense``: every delta W = U V^T in full. GL(r)-invariant; O(sum out*in) per LoRA.
+
+    The first layer holds ``hidden`` x sum_i out_i * in_i weights (one block per layer, so the
+    features are never concatenated); building refuses, with the memory it would need, when
+    those weights do not fit in ``max_gib`` (default: the memory available now).
+    """
+
+    name = "mlp-dense"
+    defaults: ClassVar[dict[str, Any]] = {**_HEAD, "hidden": 64, "max_gib": None}
+    gl_invariant = o_invariant = True
+
+    def __init__(self, spec: LayerSpec, out_dim: int, *, like: Any = None, **hparams: Any):
+        super().__init__(spec, out_dim, hparams)
+        h = self.hparams
+        sizes = [o * i for o, i in spec.shapes]
+        total = sum(sizes)
+        need = 4 * total * (h["hidden"] + 2)  # float32 weights + running mean/square
+        limit = int(float(h["max_gib"]) * 2**30) if h["max_gib"] is not None else _available_bytes()
+        if need > limit:
+            raise MemoryError(
+                f"mlp-dense does not fit: its first layer maps {total:,} dense inputs (sum of "
+                f"out x in over {len(sizes)} layers) to {h['hidden']} units, "
+                f"{need / 2**30:.1f} GiB in float32 (about {4 * need / 2**30:.1f} GiB to train "
+                f"with Adam), but {limit / 2**30:.1f} GiB is available. Use glnet or mlp-svd, "
+                "which scale to any width, or a smaller hidden="
+            )
+        hid = h["hidden"]
+        self.norms = nn.ModuleList(RunningStandardize(s) for s in sizes)
+        self.first = nn.ParameterList(
+            nn.Parameter(torch.empty(hid, s).uniform_(-1, 1) / math.sqrt(total)) for s in sizes
+        )
+        n = len(sizes)
+        self.scale_norm = RunningStandardize(n)
+        self.first_scale = nn.Linear(n, hid)
+        rest = mlp(hid, self.out_dim, hid, max(h["depth"] - 1, 0), h["dropout"])
+        self.head = nn.Sequential(
+            nn.GELU(), *([nn.Dropout(h["dropout"])] if h["dropout"] else []), rest
+        )
+
+    def forward(self, batch: LoRABatch) -> torch.Tensor:
+        batch = self.prepare(batch)
+        rms = layer_rms(batch).to(batch.dtype)  # (B, L)
+        z = self.first_scale(self.scale_norm(log_scale(rms)))
+        for k, (u, v) in enumerate(zip(batch.U, batch.V)):
+            d = (u @ v.transpose(1, 2)).flatten(1) / rms[:, k, None].clamp_min(EPS)
+            z = z + self.norms[k](d) @ self.first[k].T
+        return self.head(z)
