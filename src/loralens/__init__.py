@@ -1,5 +1,6 @@
 """loralens: learning on LoRAs. Read LoRA adapters as data, predict properties of the finetuned model."""
 
+from loralens.formats import LoRAFormatError, detect_format, load_lora, save_lora
 from loralens.lora import LayerSpec, LoRA, LoRABatch, LoRALayer, collate
 from loralens.models import MODEL_NAMES, build_model, model_cost
 from loralens.symmetry import (
@@ -17,14 +18,18 @@ __all__ = [
     "LayerSpec",
     "LoRA",
     "LoRABatch",
+    "LoRAFormatError",
     "LoRALayer",
     "__version__",
     "assert_gl_invariant",
     "assert_o_invariant",
     "build_model",
     "collate",
+    "detect_format",
     "gl_invariance_error",
     "gl_transform",
+    "load_lora",
     "model_cost",
     "o_transform",
+    "save_lora",
 ]

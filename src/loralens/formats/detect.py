@@ -1,0 +1,102 @@
+"""Which LoRA format a path holds, and the one entry point that reads any of them."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from loralens.formats._build import DIFFUSERS_KEY, KOHYA_KEY, PEFT_KEY
+from loralens.formats._io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, read_tensor_keys
+from loralens.formats.errors import LoRAFormatError
+from loralens.formats.peft import CONFIG_NAME, PREFIX, WEIGHT_NAMES, is_peft_dir
+from loralens.lora import LoRA
+
+FORMATS = ("peft", "kohya", "diffusers")
+DIFFUSERS_COMPONENTS = ("unet.", "text_encoder.", "text_encoder_2.", "transformer.", "prior.")
+EXPECTED = (
+    "expected a PEFT adapter folder (adapter_config.json + adapter_model.safetensors or "
+    "adapter_model.bin), or a LoRA .safetensors/.bin file in PEFT (*.lora_A.weight), kohya "
+    "(lora_unet_*.lora_down.weight) or diffusers (unet.*.lora.down.weight) style"
+)
+
+
+def _single_weights_in(folder: Path) -> Path | None:
+    files = [p for p in folder.iterdir() if p.is_file() and p.suffix in SAFETENSORS_SUFFIXES]
+    return files[0] if len(files) == 1 else None
+
+
+def _resolve(path: Path) -> tuple[str, Path]:
+    """(format, the file or folder that holds it)."""
+    if not path.exists():
+        raise LoRAFormatError(path, f"no such file or folder; {EXPECTED}")
+    if path.is_dir():
+        if is_peft_dir(path):
+            return "peft", path
+        if any((path / w).is_file() for w in WEIGHT_NAMES):
+            raise LoRAFormatError(
+                path, f"missing {CONFIG_NAME}: a PEFT adapter folder needs it beside the weights"
+            )
+        subs = sorted(p.name for p in path.iterdir() if is_peft_dir(p))
+        if subs:
+            raise LoRAFormatError(
+                path,
+                f"holds PEFT adapters in sub-folders ({', '.join(subs[:5])}); load one of them",
+            )
+        single = _single_weights_in(path)
+        if single is not None:
+            return _file_format(single), single
+        raise LoRAFormatError(path, f"folder holds no LoRA; {EXPECTED}")
+    return _file_format(path), path
+
+
+def _file_format(path: Path) -> str:
+    if path.suffix not in SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES:
+        raise LoRAFormatError(path, f"unknown file type {path.suffix!r}; {EXPECTED}")
+    keys, st_meta = read_tensor_keys(path)
+    if not keys:
+        raise LoRAFormatError(path, f"holds no tensors; {EXPECTED}")
+    if any(KOHYA_KEY.match(k) for k in keys):
+        return "kohya"
+    if any(DIFFUSERS_KEY.match(k) for k in keys):
+        return "diffusers"
+    if any(PEFT_KEY.match(k) for k in keys):
+        if any(k.startswith(PREFIX) for k in keys) or (path.parent / CONFIG_NAME).is_file():
+            return "peft"
+        if "lora_adapter_metadata" in st_meta or any(
+            k.startswith(DIFFUSERS_COMPONENTS) for k in keys
+        ):
+            return "diffusers"
+        return "peft"
+    shown = ", ".join(repr(k) for k in keys[:3])
+    raise LoRAFormatError(path, f"no LoRA keys found (keys like {shown}); {EXPECTED}")
+
+
+def detect_format(path: str | os.PathLike[str]) -> str:
+    """The LoRA format at ``path``: "peft", "kohya" or "diffusers".
+
+    Raises ``LoRAFormatError`` (naming the path and what was expected) for anything else.
+    """
+    return _resolve(Path(path))[0]
+
+
+def load_lora(path: str | os.PathLike[str], *, allow_nonfinite: bool = False) -> LoRA:
+    """Read a LoRA from a PEFT adapter folder, or a PEFT/kohya/diffusers .safetensors/.bin file.
+
+    Layers come out in the base model's module order (names sorted with digit runs compared as
+    numbers), with the adapter's scale folded into U, so ``lora.delta_weights()[name]`` equals
+    what the source library merges into that weight (math orientation, out x in). Pickled
+    ``.bin`` files are read with ``torch.load(weights_only=True)`` only. NaN/inf weights raise
+    ``LoRAFormatError`` naming the file and layer unless ``allow_nonfinite=True``.
+    """
+    from loralens.formats.kohya import load_single_file
+    from loralens.formats.peft import load_peft, load_peft_weights_only
+
+    path = Path(path)
+    fmt, where = _resolve(path)
+    if fmt == "peft":
+        if where.is_dir():
+            return load_peft(where, allow_nonfinite=allow_nonfinite)
+        if (where.parent / CONFIG_NAME).is_file():
+            return load_peft(where, allow_nonfinite=allow_nonfinite, weights=where)
+        return load_peft_weights_only(where, allow_nonfinite=allow_nonfinite)
+    return load_single_file(where, fmt, allow_nonfinite=allow_nonfinite)

@@ -1,0 +1,312 @@
+"""PEFT adapter folders: adapter_config.json + adapter_model.safetensors (or .bin), read and written.
+
+Reading folds PEFT's own scale into U: ``lora_alpha / r`` (``lora_alpha / sqrt(r)`` with
+``use_rslora``), with ``rank_pattern`` / ``alpha_pattern`` resolved per module exactly as PEFT
+resolves them. ``delta_weights()`` then equals what ``merge_and_unload`` adds to each base weight
+(transposed for fan_in_fan_out modules such as GPT-2's Conv1D, whose stored weight is in x out;
+conv kernels flattened to out x in*kh*kw; embeddings as num_embeddings x dim). For DoRA layers
+U V^T is the low-rank directional update; the magnitude vector is kept in
+``layer.meta["magnitude"]`` (DoRA's merge rescales columns, so it adds more than U V^T).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loralens.formats._build import (
+    ModuleParts,
+    alpha_scale,
+    build_layers,
+    get_pattern_key,
+    parse_keys,
+)
+from loralens.formats._io import read_tensor_file
+from loralens.formats.errors import LoRAFormatError
+from loralens.lora import LoRA
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
+PREFIX = "base_model.model."
+# full (non-LoRA) tensors PEFT may save next to the LoRA factors: resized embeddings, heads
+_SAVED_FULL_LAYERS = {"embed_tokens", "lm_head", "wte", "embed_in", "embed_out", "shared"}
+
+
+def is_peft_dir(path: Path) -> bool:
+    return path.is_dir() and (path / CONFIG_NAME).is_file()
+
+
+def weights_file(folder: Path) -> Path:
+    for name in WEIGHT_NAMES:
+        if (folder / name).is_file():
+            return folder / name
+    raise LoRAFormatError(
+        folder,
+        f"PEFT adapter folder has {CONFIG_NAME} but no weights: expected "
+        f"{' or '.join(WEIGHT_NAMES)}",
+    )
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """Read and check adapter_config.json; errors name the file."""
+    if not path.is_file():
+        raise LoRAFormatError(
+            path.parent,
+            f"missing {CONFIG_NAME}: a PEFT adapter folder holds {CONFIG_NAME} and "
+            f"{' or '.join(WEIGHT_NAMES)}",
+        )
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LoRAFormatError(path, f"invalid JSON: {e}") from e
+    return check_config(cfg, path)
+
+
+def check_config(cfg: Any, path: Path) -> dict[str, Any]:
+    if not isinstance(cfg, dict):
+        raise LoRAFormatError(path, f"expected a JSON object, got {type(cfg).__name__}")
+    peft_type = cfg.get("peft_type", "LORA")
+    if str(peft_type).upper() != "LORA":
+        raise LoRAFormatError(
+            path, f"peft_type is {peft_type!r}: loralens reads LoRA adapters (peft_type LORA) only"
+        )
+    cfg = dict(cfg)
+    cfg.setdefault("r", 8)  # PEFT's LoraConfig defaults
+    cfg.setdefault("lora_alpha", 8)
+    for key in ("r", "lora_alpha"):
+        v = cfg[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise LoRAFormatError(path, f"{key} must be a positive number, got {v!r}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        v = cfg.get(key) or {}
+        if not isinstance(v, dict):
+            raise LoRAFormatError(path, f"{key} must be an object (module -> value), got {v!r}")
+        for k, x in v.items():
+            if isinstance(x, bool) or not isinstance(x, (int, float)) or x <= 0:
+                raise LoRAFormatError(path, f"{key}[{k!r}] must be a positive number, got {x!r}")
+            try:
+                re.compile(k)
+            except re.error as e:
+                raise LoRAFormatError(path, f"{key} key {k!r} is not a valid pattern: {e}") from e
+        cfg[key] = v
+    return cfg
+
+
+def config_scale(cfg: dict[str, Any], name: str) -> tuple[float, int]:
+    """(scale, r) PEFT uses for module ``name`` (its path inside the base model)."""
+    rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+    r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), name), cfg["r"])
+    alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), name), cfg["lora_alpha"])
+    scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+    return float(scale), int(r)
+
+
+def _allowed_extra(key: str, cfg: dict[str, Any] | None) -> bool:
+    """Full tensors PEFT legitimately saves beside the LoRA factors."""
+    k = key[len(PREFIX) :] if key.startswith(PREFIX) else key
+    segments = k.split(".")
+    if ".base_layer." in f".{k}" or "trainable_tokens_delta" in segments:
+        return True
+    if len(segments) >= 2 and segments[-2] in _SAVED_FULL_LAYERS:
+        return True
+    to_save = (cfg or {}).get("modules_to_save") or []
+    return any(f".{m}." in f".{k}" for m in to_save)
+
+
+def parse_peft_tensors(
+    tensors: dict[str, torch.Tensor],
+    path: Path,
+    cfg: dict[str, Any] | None,
+    *,
+    allow_nonfinite: bool,
+    strip_prefix: str = PREFIX,
+    config_name: str | None = None,
+) -> tuple[list, list[str]]:
+    """Layers from a PEFT-style state dict; ``cfg`` None means no config (alpha keys or scale 1).
+
+    ``config_name`` maps a layer name to the name the config's patterns see (default: same).
+    Returns (layers, names of saved full tensors that are not LoRA factors).
+    """
+    modules, unparsed = parse_keys(tensors, path, strip_prefix=strip_prefix)
+    extras = [k for k in unparsed if _allowed_extra(k, cfg)]
+    unknown = [k for k in unparsed if k not in extras]
+    if unknown:
+        shown = ", ".join(repr(k) for k in unknown[:5])
+        raise LoRAFormatError(
+            path,
+            f"{len(unknown)} key(s) are not LoRA factors (lora_A/lora_B/lora_embedding_A/B/"
+            f"lora_magnitude_vector): {shown}{' ...' if len(unknown) > 5 else ''}",
+        )
+
+    def scale_for(name: str, rank: int, parts: ModuleParts):
+        if cfg is None:
+            return alpha_scale(path, name, rank, parts), None, {}
+        if "alpha" in parts.tensors:
+            raise LoRAFormatError(path, f"unexpected key {parts.keys['alpha']!r} in a PEFT adapter")
+        scale, r = config_scale(cfg, config_name(name) if config_name else name)
+        return scale, r, {}
+
+    fan = bool((cfg or {}).get("fan_in_fan_out", False))
+    layers = build_layers(
+        modules, path, scale_for, allow_nonfinite=allow_nonfinite, fan_in_fan_out=fan
+    )
+    return layers, extras
+
+
+def load_peft(path: Path, *, allow_nonfinite: bool = False, weights: Path | None = None) -> LoRA:
+    """Read a PEFT adapter folder (or its weights file, with the config beside it)."""
+    folder = path if path.is_dir() else path.parent
+    cfg = read_config(folder / CONFIG_NAME)
+    weights = weights or weights_file(folder)
+    tensors, st_meta = read_tensor_file(weights)
+    layers, extras = parse_peft_tensors(tensors, weights, cfg, allow_nonfinite=allow_nonfinite)
+    if not layers:
+        raise LoRAFormatError(weights, "holds no LoRA factors (no lora_A/lora_B keys)")
+    metadata: dict[str, Any] = {
+        "format": "peft",
+        "source": str(path),
+        "base_model": cfg.get("base_model_name_or_path"),
+        "target_modules": cfg.get("target_modules"),
+        "peft_config": cfg,
+        "safetensors_metadata": st_meta,
+    }
+    if extras:
+        metadata["non_lora_keys"] = extras
+    return LoRA(layers=layers, metadata=metadata)
+
+
+def load_peft_weights_only(path: Path, *, allow_nonfinite: bool = False) -> LoRA:
+    """A PEFT-style weights file with no adapter_config.json beside it.
+
+    Without the config, lora_alpha is unknown: the scale is taken as 1 (alpha = r, the
+    convention diffusers uses for such files) and a warning says so.
+    """
+    tensors, st_meta = read_tensor_file(path)
+    layers, extras = parse_peft_tensors(tensors, path, None, allow_nonfinite=allow_nonfinite)
+    if not layers:
+        raise LoRAFormatError(path, "holds no LoRA factors (no lora_A/lora_B keys)")
+    warnings.warn(
+        f"{path}: no {CONFIG_NAME} beside this file, so lora_alpha is unknown; "
+        "assuming scale 1 (alpha = r)",
+        UserWarning,
+        stacklevel=3,
+    )
+    metadata: dict[str, Any] = {
+        "format": "peft",
+        "source": str(path),
+        "scale_assumed": True,
+        "safetensors_metadata": st_meta,
+    }
+    if extras:
+        metadata["non_lora_keys"] = extras
+    return LoRA(layers=layers, metadata=metadata)
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def save_peft(
+    lora: LoRA, folder: str | Path, *, base_model_name_or_path: str | None = None
+) -> Path:
+    """Write ``lora`` as a PEFT adapter folder that ``PeftModel.from_pretrained`` loads exactly.
+
+    The scale is already folded into U, so every module is written with lora_alpha = r (scale
+    1): the most common rank goes in ``r``/``lora_alpha`` and other ranks in ``rank_pattern`` /
+    ``alpha_pattern`` keyed by the escaped full module name. Layer names must be the base
+    model's module paths (as ``load_lora`` produces from a PEFT adapter). ``layer.meta`` decides
+    how each layer is written: ``kind`` "linear" (default), "conv" (with ``kernel_size``) or
+    "embedding"; ``fan_in_fan_out``; DoRA ``magnitude``; ``lora_bias``.
+    """
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    if not lora.layers:
+        raise ValueError("cannot save a LoRA with no layers")
+    ranks = Counter(layer.rank for layer in lora.layers)
+    r = max(ranks, key=lambda k: (ranks[k], k))
+    rank_pattern = {re.escape(la.name): la.rank for la in lora.layers if la.rank != r}
+    dora = [("magnitude" in la.meta) for la in lora.layers]
+    if any(dora) and not all(dora):
+        raise ValueError(
+            "cannot save a LoRA where only some layers are DoRA (have meta['magnitude']): "
+            "PEFT's use_dora is one flag per adapter"
+        )
+    lora_bias = any("lora_bias" in la.meta for la in lora.layers)
+    fan = [bool(la.meta.get("fan_in_fan_out")) for la in lora.layers if _kind(la) == "linear"]
+
+    tensors: dict[str, torch.Tensor] = {}
+    for la in lora.layers:
+        key = PREFIX + la.name
+        U, V = la.U.detach().to(torch.float32), la.V.detach().to(torch.float32)
+        kind = _kind(la)
+        if kind == "embedding":
+            tensors[f"{key}.lora_embedding_A"] = U.T.contiguous()
+            tensors[f"{key}.lora_embedding_B"] = V.contiguous()
+        elif kind == "conv":
+            kernel = [int(k) for k in la.meta["kernel_size"]]
+            n = math.prod(kernel)
+            if V.shape[0] % n:
+                raise ValueError(
+                    f"layer {la.name!r}: V has {V.shape[0]} rows, not a multiple of the kernel "
+                    f"size {kernel}"
+                )
+            tensors[f"{key}.lora_A.weight"] = V.T.reshape(
+                la.rank, V.shape[0] // n, *kernel
+            ).contiguous()
+            tensors[f"{key}.lora_B.weight"] = U.reshape(
+                U.shape[0], la.rank, *[1] * len(kernel)
+            ).contiguous()
+        elif kind == "linear":
+            tensors[f"{key}.lora_A.weight"] = V.T.contiguous()
+            tensors[f"{key}.lora_B.weight"] = U.contiguous()
+        else:
+            raise ValueError(f"layer {la.name!r}: unknown kind {kind!r}")
+        if "magnitude" in la.meta:
+            tensors[f"{key}.lora_magnitude_vector"] = (
+                torch.as_tensor(la.meta["magnitude"]).float().contiguous()
+            )
+        if lora_bias:
+            out = U.shape[0] if kind != "embedding" else None
+            bias = la.meta.get("lora_bias")
+            if bias is None and out is not None:
+                bias = torch.zeros(out)
+            if bias is not None:
+                tensors[f"{key}.lora_B.bias"] = torch.as_tensor(bias).float().contiguous()
+
+    base = base_model_name_or_path
+    if base is None:
+        base = lora.metadata.get("base_model")
+    config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": base,
+        "r": int(r),
+        "lora_alpha": int(r),
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": dict(rank_pattern),
+        "target_modules": [la.name for la in lora.layers],
+        "use_rslora": False,
+        "use_dora": bool(all(dora)),
+        "fan_in_fan_out": bool(fan) and all(fan),
+        "lora_bias": lora_bias,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return folder
+
+
+def _kind(layer) -> str:
+    return str(layer.meta.get("kind", "linear"))
