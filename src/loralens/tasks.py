@@ -1,0 +1,267 @@
+"""Targets, splits, losses and metrics: what a LoL model is trained to predict and how it is scored.
+
+The task type follows from the label columns: when every value of every target column is 0 or 1
+the task is (binary or multilabel) classification, otherwise regression. Regression targets are
+standardized with the training split's mean and std for training; every reported regression
+metric is on the original scale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+REGRESSION = "regression"
+CLASSIFICATION = "classification"
+SPLITS = ("train", "val", "test")
+
+
+def infer_task(values: np.ndarray) -> str:
+    """'classification' when every non-missing value is 0 or 1, else 'regression'."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[~np.isnan(v)]
+    if v.size and np.isin(v, (0.0, 1.0)).all():
+        return CLASSIFICATION
+    return REGRESSION
+
+
+@dataclass
+class Task:
+    """The targets of a run and how they are scaled: all that predict needs to map outputs back."""
+
+    kind: str
+    targets: list[str]
+    mean: list[float] = field(default_factory=list)
+    std: list[float] = field(default_factory=list)
+
+    @classmethod
+    def fit(cls, targets: Sequence[str], y_train: np.ndarray, kind: str | None = None) -> Task:
+        y_train = np.asarray(y_train, dtype=np.float64).reshape(len(y_train), -1)
+        kind = kind or infer_task(y_train)
+        if kind == REGRESSION:
+            mean = np.nanmean(y_train, axis=0)
+            std = np.nanstd(y_train, axis=0)
+            std = np.where(np.isfinite(std) & (std > 0), std, 1.0)
+        else:
+            mean, std = np.zeros(y_train.shape[1]), np.ones(y_train.shape[1])
+        return cls(kind, list(targets), mean.tolist(), std.tolist())
+
+    @property
+    def out_dim(self) -> int:
+        return len(self.targets)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "targets": self.targets, "mean": self.mean, "std": self.std}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Task:
+        return cls(d["kind"], list(d["targets"]), list(d["mean"]), list(d["std"]))
+
+    # scaling -------------------------------------------------------------------------
+    def encode(self, y: np.ndarray) -> np.ndarray:
+        """Original-scale targets -> what the model is trained on (standardized or 0/1)."""
+        y = np.asarray(y, dtype=np.float64).reshape(len(y), -1)
+        return (y - np.asarray(self.mean)) / np.asarray(self.std)
+
+    def decode(self, out: np.ndarray) -> np.ndarray:
+        """Model outputs -> predictions on the original scale (probabilities for classification)."""
+        out = np.asarray(out, dtype=np.float64).reshape(len(out), -1)
+        if self.kind == CLASSIFICATION:
+            return 1.0 / (1.0 + np.exp(-out))
+        return out * np.asarray(self.std) + np.asarray(self.mean)
+
+    # training ------------------------------------------------------------------------
+    def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """MSE on standardized targets, or BCE with logits; missing (NaN) targets are masked."""
+        mask = ~torch.isnan(y)
+        y = torch.where(mask, y, torch.zeros_like(y))
+        out = out.to(torch.float32)
+        if self.kind == CLASSIFICATION:
+            per = F.binary_cross_entropy_with_logits(out, y, reduction="none")
+        else:
+            per = (out - y) ** 2
+        return (per * mask).sum() / mask.sum().clamp_min(1)
+
+    def metrics(self, out: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+        """Metrics of raw model outputs ``out`` against original-scale targets ``y``."""
+        out = np.asarray(out, dtype=np.float64).reshape(len(out), -1)
+        y = np.asarray(y, dtype=np.float64).reshape(len(y), -1)
+        enc = self.encode(y)
+        loss = float(
+            self.loss(
+                torch.as_tensor(out, dtype=torch.float32), torch.as_tensor(enc, dtype=torch.float32)
+            )
+        )
+        pred = self.decode(out)
+        if self.kind == CLASSIFICATION:
+            m = classification_metrics(pred, y, self.targets)
+        else:
+            m = regression_metrics(pred, y, self.targets)
+            m["mse_standardized"] = float(np.nanmean((out - enc) ** 2))
+        m["loss"] = loss
+        m["n"] = len(y)
+        return m
+
+
+# ------------------------------------------------------------------------------ metrics
+
+
+def _ranks(a: np.ndarray) -> np.ndarray:
+    """Ranks 1..n with ties given their average rank (as scipy.stats.rankdata)."""
+    order = np.argsort(a, kind="mergesort")
+    sorted_a = a[order]
+    first = np.r_[True, sorted_a[1:] != sorted_a[:-1]]
+    group = np.cumsum(first) - 1
+    starts = np.flatnonzero(first)
+    ends = np.r_[starts[1:], len(a)]
+    avg = (starts + ends + 1) / 2.0  # mean of positions start+1 .. end
+    out = np.empty(len(a))
+    out[order] = avg[group]
+    return out
+
+
+def spearman_rho(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's rank correlation (Pearson correlation of tie-averaged ranks)."""
+    if len(a) < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return float("nan")
+    return float(np.corrcoef(_ranks(a), _ranks(b))[0, 1])
+
+
+def kendall_tau(a: np.ndarray, b: np.ndarray) -> float:
+    """Kendall's tau-b (ties accounted as in scipy.stats.kendalltau), O(n^2) in blocks."""
+    n = len(a)
+    if n < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return float("nan")
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    s = tx = ty = 0.0
+    step = max(1, 4_000_000 // n)
+    for i in range(0, n, step):
+        da = np.sign(a[i : i + step, None] - a[None, :])
+        db = np.sign(b[i : i + step, None] - b[None, :])
+        s += float((da * db).sum())
+        tx += float(np.abs(da).sum())
+        ty += float(np.abs(db).sum())
+    return s / np.sqrt(tx * ty) if tx > 0 and ty > 0 else float("nan")
+
+
+def r2_score(pred: np.ndarray, y: np.ndarray) -> float:
+    ss_res = float(np.sum((y - pred) ** 2))
+    ss_tot = float(np.sum((y - y.mean()) ** 2))
+    return 1.0 - ss_res / ss_tot if ss_tot > 0 else float("nan")
+
+
+def _nanmean(values: Sequence[float]) -> float:
+    v = np.asarray(values, dtype=np.float64)
+    return float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
+
+
+def regression_metrics(pred: np.ndarray, y: np.ndarray, targets: Sequence[str]) -> dict[str, Any]:
+    """R^2, Kendall tau, Spearman rho on the original scale: mean over targets, and per target."""
+    per: dict[str, dict[str, float]] = {}
+    for j, name in enumerate(targets):
+        ok = ~np.isnan(y[:, j])
+        p, t = pred[ok, j], y[ok, j]
+        per[name] = {
+            "r2": r2_score(p, t),
+            "kendall_tau": kendall_tau(p, t),
+            "spearman": spearman_rho(p, t),
+            "mse": float(np.mean((p - t) ** 2)) if len(t) else float("nan"),
+        }
+    out: dict[str, Any] = {
+        k: _nanmean([m[k] for m in per.values()]) for k in ("r2", "kendall_tau", "spearman", "mse")
+    }
+    out["per_target"] = per
+    return out
+
+
+def classification_metrics(
+    prob: np.ndarray, y: np.ndarray, targets: Sequence[str]
+) -> dict[str, Any]:
+    """Accuracy at 0.5 (mean over labels) and AUROC (mean over labels with both classes)."""
+    from sklearn.metrics import roc_auc_score
+
+    per: dict[str, dict[str, float]] = {}
+    for j, name in enumerate(targets):
+        ok = ~np.isnan(y[:, j])
+        p, t = prob[ok, j], y[ok, j]
+        auroc = float(roc_auc_score(t, p)) if len(np.unique(t)) == 2 else float("nan")
+        per[name] = {
+            "accuracy": float(np.mean((p >= 0.5) == (t >= 0.5))) if len(t) else float("nan"),
+            "auroc": auroc,
+        }
+    out: dict[str, Any] = {k: _nanmean([m[k] for m in per.values()]) for k in ("accuracy", "auroc")}
+    out["per_target"] = per
+    return out
+
+
+# ------------------------------------------------------------------------------ splits
+
+
+def split_rows(
+    n: int,
+    *,
+    seed: int = 0,
+    fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+    split_column: Sequence[Any] | None = None,
+) -> dict[str, np.ndarray]:
+    """Deterministic train/val/test row indices: from a ``split`` column if given (values
+    train/val/test; 'valid'/'validation' accepted), else a seeded 80/10/10 permutation."""
+    if split_column is not None:
+        alias = {"valid": "val", "validation": "val", "dev": "val"}
+        values = np.asarray([alias.get(str(v).lower(), str(v).lower()) for v in split_column])
+        bad = sorted(set(values) - set(SPLITS))
+        if bad:
+            raise ValueError(f"split column has values {bad}; expected train/val/test")
+        return {s: np.flatnonzero(values == s) for s in SPLITS}
+    if n < 3:
+        raise ValueError(f"need at least 3 LoRAs to split into train/val/test, got {n}")
+    perm = np.random.default_rng(seed).permutation(n)
+    n_val = max(1, round(n * fractions[1]))
+    n_test = max(1, round(n * fractions[2]))
+    n_train = n - n_val - n_test
+    return {
+        "train": np.sort(perm[:n_train]),
+        "val": np.sort(perm[n_train : n_train + n_val]),
+        "test": np.sort(perm[n_train + n_val :]),
+    }
+
+
+# ------------------------------------------------------------------------------ baselines
+
+
+def baseline_metrics(task: Task, y_train: np.ndarray, y_eval: np.ndarray) -> dict[str, Any]:
+    """The "no weights" baseline: predict the train-set mean (regression) or majority class."""
+    y_train = np.asarray(y_train, dtype=np.float64).reshape(len(y_train), -1)
+    y_eval = np.asarray(y_eval, dtype=np.float64).reshape(len(y_eval), -1)
+    if task.kind == CLASSIFICATION:
+        p = np.nanmean(y_train, axis=0)
+        majority = (p >= 0.5).astype(np.float64)
+        # a constant score: AUROC is 0.5 by definition; accuracy is the majority rate
+        prob = np.tile(np.where(majority > 0, 0.75, 0.25), (len(y_eval), 1))
+        m = classification_metrics(prob, y_eval, task.targets)
+        for v in m["per_target"].values():
+            v["auroc"] = 0.5
+        m["auroc"] = 0.5
+        return m
+    pred = np.tile(np.nanmean(y_train, axis=0), (len(y_eval), 1))
+    return regression_metrics(pred, y_eval, task.targets)
+
+
+__all__ = [
+    "CLASSIFICATION",
+    "REGRESSION",
+    "Task",
+    "baseline_metrics",
+    "classification_metrics",
+    "infer_task",
+    "kendall_tau",
+    "r2_score",
+    "regression_metrics",
+    "spearman_rho",
+    "split_rows",
+]

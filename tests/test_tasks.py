@@ -1,0 +1,75 @@
+"""Task inference, scaling, metrics (checked against hand-computed values) and splits."""
+
+import numpy as np
+import pytest
+import torch
+
+from loralens.tasks import (
+    Task,
+    baseline_metrics,
+    infer_task,
+    kendall_tau,
+    spearman_rho,
+    split_rows,
+)
+
+
+def test_infer_task():
+    assert infer_task(np.array([[0, 1], [1, 1], [np.nan, 0]])) == "classification"
+    assert infer_task(np.array([0.0, 0.5, 1.0])) == "regression"
+    assert infer_task(np.array([2, 3])) == "regression"
+
+
+def test_scaling_round_trip_and_masked_loss():
+    y = np.array([[1.0, 10.0], [3.0, 30.0], [5.0, np.nan]])
+    task = Task.fit(["a", "b"], y)
+    assert task.kind == "regression"
+    enc = task.encode(y)
+    np.testing.assert_allclose(np.nanmean(enc, axis=0), 0, atol=1e-12)
+    np.testing.assert_allclose(task.decode(enc), y)
+    loss = task.loss(torch.zeros(3, 2), torch.tensor(enc, dtype=torch.float32))
+    assert torch.isfinite(loss)
+    assert Task.from_dict(task.to_dict()) == task
+
+
+def test_rank_correlations_match_known_values():
+    a = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert kendall_tau(a, a) == pytest.approx(1.0)
+    assert kendall_tau(a, -a) == pytest.approx(-1.0)
+    # one discordant pair out of 10: tau = (9 - 1) / 10
+    assert kendall_tau(a, np.array([1.0, 3.0, 2.0, 4.0, 5.0])) == pytest.approx(0.8)
+    # ties: tau-b with ties in x (scipy.stats.kendalltau gives 0.912870929175277)
+    x, y = np.array([1.0, 1.0, 2.0, 3.0]), np.array([1.0, 2.0, 3.0, 4.0])
+    assert kendall_tau(x, y) == pytest.approx(0.912870929175277)
+    # spearman with ties (scipy.stats.spearmanr gives 0.9486832980505138)
+    assert spearman_rho(x, y) == pytest.approx(0.9486832980505138)
+
+
+def test_regression_and_classification_metrics():
+    y = np.array([[1.0], [2.0], [3.0], [4.0]])
+    task = Task.fit(["t"], y)
+    m = task.metrics(task.encode(y), y)
+    assert m["r2"] == pytest.approx(1.0) and m["kendall_tau"] == pytest.approx(1.0)
+    base = baseline_metrics(task, y, y)
+    assert base["r2"] == pytest.approx(0.0)
+
+    yc = np.array([[0, 1], [1, 1], [1, 0], [0, 0]], dtype=float)
+    ctask = Task.fit(["p", "q"], yc)
+    assert ctask.kind == "classification"
+    logits = np.array([[-2, 3], [2, 1], [1, -1], [-1, 1]], dtype=float)
+    m = ctask.metrics(logits, yc)
+    assert m["accuracy"] == pytest.approx((1.0 + 0.75) / 2)
+    assert m["auroc"] == pytest.approx((1.0 + 0.875) / 2)  # one tied pair in q
+    assert baseline_metrics(ctask, yc, yc)["auroc"] == 0.5
+
+
+def test_splits_are_deterministic_and_disjoint():
+    a, b = split_rows(100, seed=3), split_rows(100, seed=3)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert [len(a[k]) for k in ("train", "val", "test")] == [80, 10, 10]
+    assert len(np.unique(np.concatenate(list(a.values())))) == 100
+    assert not np.array_equal(split_rows(100, seed=4)["test"], a["test"])
+    s = split_rows(0, split_column=["train", "test", "valid", "train"])
+    assert s["val"].tolist() == [2] and s["test"].tolist() == [1]
+    with pytest.raises(ValueError):
+        split_rows(0, split_column=["train", "holdout"])
