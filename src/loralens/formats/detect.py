@@ -29,6 +29,8 @@ def _resolve(path: Path) -> tuple[str, Path]:
     """(format, the file or folder that holds it)."""
     if not path.exists():
         raise LoRAFormatError(path, f"no such file or folder; {EXPECTED}")
+    if path.name == CONFIG_NAME and path.is_file():
+        path = path.parent  # the config stands for its adapter folder
     if path.is_dir():
         if is_peft_dir(path):
             return "peft", path
