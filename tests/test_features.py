@@ -1,0 +1,154 @@
+"""Featurizers: flatten, dense, svals (never U V^T), oalign, templates, layer descriptions."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import loralens as ll
+from loralens import features as F
+
+
+def _lora(ranks, shapes, seed=0, dtype=torch.float64, scale=1e-2):
+    g = torch.Generator().manual_seed(seed)
+    return ll.LoRA(
+        layers=[
+            ll.LoRALayer(
+                f"l{i}",
+                torch.randn(o, r, generator=g, dtype=dtype) * scale,
+                torch.randn(n, r, generator=g, dtype=dtype) * scale,
+            )
+            for i, ((o, n), r) in enumerate(zip(shapes, ranks))
+        ]
+    )
+
+
+SHAPES = ((6, 5), (4, 7), (9, 3))
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(1, 9), st.integers(1, 9)), min_size=1, max_size=3),
+    st.lists(st.integers(0, 6), min_size=3, max_size=3),
+    st.integers(1, 8),
+    st.integers(0, 1000),
+)
+def test_svals_match_svdvals_of_the_dense_product(shapes, ranks, k, seed):
+    ranks = ranks[: len(shapes)]
+    other = [max(r - 1, 0) for r in ranks]
+    batch = ll.collate([_lora(ranks, shapes, seed), _lora(other, shapes, seed + 1)])
+    s = F.svals(batch, k)
+    assert s.shape == (2, len(shapes), k)
+    for i, d in enumerate(batch.delta_weights()):
+        gold = torch.linalg.svdvals(d)  # (2, min(out, in))
+        gold = F.pad_rank(gold, k)
+        assert torch.allclose(s[:, i], gold, rtol=1e-8, atol=1e-15)
+    norms = F.delta_norms(batch)
+    for i, d in enumerate(batch.delta_weights()):
+        assert torch.allclose(norms[:, i], d.flatten(1).norm(dim=1), rtol=1e-8, atol=1e-15)
+
+
+def test_svals_and_norms_never_form_the_dense_product():
+    # delta W would be 100000 x 100000: 40 GB in float32. The factors are 800 kB each.
+    g = torch.Generator().manual_seed(0)
+    u, v = torch.randn(100_000, 2, generator=g), torch.randn(100_000, 2, generator=g)
+    lora = ll.LoRA(layers=[ll.LoRALayer("huge", u, v)])
+    batch = ll.collate([lora])
+    s = F.svals(batch, 4)
+    gram = (u.T @ u).double() @ (v.T @ v).double()
+    gold = torch.linalg.eigvals(gram).real.clamp_min(0).sqrt().sort(descending=True).values
+    assert torch.allclose(s[0, 0, :2].double(), gold, rtol=1e-4)
+    assert s[0, 0, 2:].abs().max() == 0
+    assert math.isclose(float(F.delta_norms(batch)[0, 0]), float(gold.norm()), rel_tol=1e-4)
+    row = F.describe_layers(lora)[0]
+    assert row["shape"] == [100_000, 100_000] and row["rank"] == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_featurizers_keep_the_input_dtype(dtype):
+    batch = ll.collate([_lora([2, 3, 1], SHAPES, dtype=dtype)])
+    assert F.svals(batch).dtype == dtype
+    assert F.flatten(batch).dtype == dtype
+    assert all(d.dtype == dtype for d in F.dense(batch))
+    template = _lora([2, 3, 1], SHAPES, seed=5, dtype=dtype)
+    U, _ = F.oalign(batch, template)
+    assert U[0].dtype == dtype and U[0].shape == (1, 6, 2)
+
+
+def test_dense_and_flatten():
+    batch = ll.collate([_lora([2, 3, 1], SHAPES, 1), _lora([1, 1, 1], SHAPES, 2)])
+    for d, u, v in zip(F.dense(batch), batch.U, batch.V):
+        assert torch.allclose(d, u @ v.transpose(1, 2))
+    flat = F.flatten(batch)
+    assert flat.shape == (2, sum((o + i) * r for (o, i), r in zip(SHAPES, [2, 3, 1])))
+    # fixed widths: truncate to 1, pad to 4
+    one = F.flatten(batch, 1)
+    assert one.shape == (2, sum(o + i for o, i in SHAPES))
+    assert torch.equal(one[:, :6], batch.U[0][:, :, 0])
+    four = F.flatten(batch, [4, 4, 4])
+    assert four.shape == (2, 4 * sum(o + i for o, i in SHAPES))
+    assert torch.equal(four[:, : 6 * 4].reshape(2, 6, 4)[:, :, :2], batch.U[0])
+    assert not four[:, : 6 * 4].reshape(2, 6, 4)[:, :, 2:].any()
+    with pytest.raises(ValueError, match="widths"):
+        F.flatten(batch, [1, 2])
+
+
+def test_oalign_is_o_invariant_not_gl_invariant_and_padding_safe():
+    template = _lora([3, 2, 4], SHAPES, seed=9)
+    loras = [_lora([3, 2, 4], SHAPES, seed=1), _lora([2, 1, 3], SHAPES, seed=2)]
+    batch = ll.collate(loras)
+    U0, V0 = F.oalign(batch, template)
+    assert [u.shape[2] for u in U0] == [3, 2, 4]  # the template's widths
+    U1, V1 = F.oalign(ll.o_transform(batch, 3), template)
+    for a, b in zip(U0 + V0, U1 + V1):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-13)
+    U2, _ = F.oalign(ll.gl_transform(batch, 3), template)
+    assert max(float((a - b).abs().max() / a.abs().max()) for a, b in zip(U0, U2)) > 1e-2
+    # each LoRA alone gives what it gets in the padded batch
+    for k, lora in enumerate(loras):
+        Ua, Va = F.oalign(ll.collate([lora]), template)
+        for a, b in zip(Ua + Va, U0 + V0):
+            assert torch.allclose(a[0], b[k], rtol=1e-9, atol=1e-13)
+    # the template aligned to itself is itself
+    Ut, _ = F.oalign(ll.collate([template]), template)
+    for a, layer in zip(Ut, template.layers):
+        assert torch.allclose(a[0], layer.U, atol=1e-12)
+
+
+def test_pick_template_takes_a_full_rank_lora_of_median_size():
+    loras = [_lora([2, 2, 2], SHAPES, seed=s, scale=sc) for s, sc in enumerate([1, 3, 2, 5])]
+    loras.append(_lora([1, 2, 2], SHAPES, seed=7, scale=2.5))  # not full rank
+    t = F.pick_template(loras)
+    assert torch.equal(t.layers[0].U, loras[2].layers[0].U)
+    assert F.pick_template(ll.collate(loras)).ranks == [2, 2, 2]
+
+
+def test_effective_rank_and_describe_layers():
+    assert math.isclose(float(F.effective_rank(torch.tensor([1.0, 1.0, 1.0]))), 3.0, rel_tol=1e-9)
+    assert math.isclose(float(F.effective_rank(torch.tensor([2.0, 0.0]))), 1.0, rel_tol=1e-9)
+    assert float(F.effective_rank(torch.zeros(3))) == 0.0
+    lora = _lora([2, 3, 1], SHAPES)
+    lora.layers[0].meta["scale"] = 2.0
+    rows = F.describe_layers(lora, k=2)
+    for row, layer in zip(rows, lora.layers):
+        d = layer.delta_weight()
+        assert math.isclose(row["fro_norm"], float(d.norm()), rel_tol=1e-9)
+        gold = torch.linalg.svdvals(d)[:2].tolist()
+        assert all(math.isclose(a, b, rel_tol=1e-8) for a, b in zip(row["top_svals"], gold))
+        assert 1.0 <= row["effective_rank"] <= layer.rank + 1e-9
+    assert rows[0]["scale"] == 2.0 and rows[1]["scale"] is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_featurizers_on_cuda():
+    batch = ll.collate([_lora([2, 3, 1], SHAPES, 1), _lora([1, 1, 1], SHAPES, 2)])
+    cpu = F.svals(batch)
+    for dtype in (torch.float32, torch.bfloat16):
+        gpu = batch.to(device="cuda", dtype=dtype)
+        s = F.svals(gpu)
+        assert s.device.type == "cuda" and s.dtype == dtype
+        assert torch.allclose(s.double().cpu(), cpu, rtol=2e-2, atol=1e-4)
+        U, _ = F.oalign(gpu, _lora([2, 3, 1], SHAPES, 5))
+        assert U[0].device.type == "cuda"
