@@ -4,7 +4,11 @@ kohya: ``lora_unet_<path_with_underscores>.lora_down.weight`` / ``.lora_up.weigh
 (``lora_te_``, ``lora_te1_``, ``lora_te2_`` for text encoders). The scale is alpha / rank, and
 an alpha of 0 or a missing alpha means alpha = rank (scale 1). Layer names are the kohya module
 stems (``lora_unet_down_blocks_0_..._to_q``), since underscores cannot be turned back into
-module paths without the model.
+module paths without the model. This is kohya's own rule (``scale = alpha / lora_dim`` per
+module); it agrees with diffusers' ``fuse_lora`` whenever the file has one alpha for all modules
+(as kohya's trainer writes it). With different alphas per module, diffusers 0.42 applies a
+shared alpha to attention modules instead of each module's own (tested in
+tests/test_formats_diffusers.py with a single alpha).
 
 diffusers: ``unet.<module>.lora.down.weight`` / ``.lora.up.weight`` (older files; attention
 processor style ``attn1.processor.to_q_lora.down.weight`` is mapped to ``attn1.to_q``), or
