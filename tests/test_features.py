@@ -152,3 +152,31 @@ def test_featurizers_on_cuda():
         assert torch.allclose(s.double().cpu(), cpu, rtol=2e-2, atol=1e-4)
         U, _ = F.oalign(gpu, _lora([2, 3, 1], SHAPES, 5))
         assert U[0].device.type == "cuda"
+
+
+def test_inspect_command(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from loralens.cli import app
+
+    lora = _lora([2, 3], ((12, 10), (8, 6)), dtype=torch.float32)
+    lora = ll.LoRA(
+        [ll.LoRALayer(f"model.layers.{i}.q_proj", la.U, la.V) for i, la in enumerate(lora)]
+    )
+    ll.save_lora(lora, tmp_path / "adapter")
+    runner = CliRunner()
+    res = runner.invoke(app, ["inspect", str(tmp_path / "adapter"), "--json", "-k", "2"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert out["num_layers"] == 2 and out["ranks"] == [2, 3]
+    for row, layer in zip(out["layers"], lora.layers):
+        d = layer.delta_weight().double()
+        assert row["shape"] == list(d.shape)
+        assert math.isclose(row["fro_norm"], float(d.norm()), rel_tol=1e-5)
+        assert len(row["top_svals"]) == 2
+    res = runner.invoke(app, ["inspect", str(tmp_path / "adapter")])
+    assert res.exit_code == 0 and "model.layers.1.q_proj" in res.output
+    res = runner.invoke(app, ["inspect", str(tmp_path / "missing")])
+    assert res.exit_code == 1 and "missing" in res.output

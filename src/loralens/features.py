@@ -208,13 +208,15 @@ def pick_template(data: LoRABatch | Sequence[LoRA]) -> LoRA:
 
 def describe_layers(lora: LoRA, k: int = 4) -> list[dict[str, Any]]:
     """Per layer: name, shape, rank, scale (from layer.meta), |delta W|_F, top-k singular values,
-    effective rank. Everything from the small factors; no U @ V.T is formed."""
+    effective rank, whether the factors are finite. Everything from the small factors; no U @ V.T
+    is formed. Layers with NaN/inf factors get a NaN norm and no singular values."""
     rows = []
     for layer in lora.layers:
+        finite = bool(torch.isfinite(layer.U).all() and torch.isfinite(layer.V).all())
         b = collate([type(lora)(layers=[layer])])
-        norm = float(delta_norms(b)[0, 0])
-        s = _layer_svals(b.U[0], b.V[0])[0] if layer.rank > 0 else torch.zeros(0)
-        er = float(effective_rank(s)) if s.numel() else 0.0
+        norm = float(delta_norms(b)[0, 0]) if finite else math.nan
+        s = _layer_svals(b.U[0], b.V[0])[0] if finite and layer.rank > 0 else torch.zeros(0)
+        er = float(effective_rank(s)) if s.numel() else (0.0 if finite else math.nan)
         scale = layer.meta.get("scale")
         rows.append(
             {
@@ -226,6 +228,7 @@ def describe_layers(lora: LoRA, k: int = 4) -> list[dict[str, Any]]:
                 "fro_norm": norm,
                 "top_svals": [float(x) for x in s[:k]],
                 "effective_rank": er if math.isfinite(er) else None,
+                "finite": finite,
             }
         )
     return rows
