@@ -279,3 +279,23 @@ def test_adapter_name_segment_and_weights_file_path(tmp_path):
     # the weights file itself, with its config beside it, reads the same
     by_file = ll.load_lora(folder / "adapter_model.safetensors")
     assert by_file.names == ref.names and by_file.metadata["format"] == "peft"
+
+
+def test_lora_bias_is_kept_scaled_and_round_trips(tmp_path):
+    base = ConvNet()
+    cfg = peft.LoraConfig(
+        r=2, lora_alpha=5, target_modules=["conv1", "head"], lora_bias=True, init_lora_weights=False
+    )
+    model = peft.get_peft_model(copy.deepcopy(base), cfg)
+    for name, p in model.named_parameters():
+        if "lora_B" in name and name.endswith("bias"):
+            p.data.normal_()
+    folder = tmp_path / "adapter"
+    model.save_pretrained(str(folder))
+    merged = model.merge_and_unload().state_dict()
+    lora = ll.load_lora(folder)
+    for name in lora.names:
+        _assert_close(lora.delta_weights()[name], _peft_delta(base, merged, name))
+        bias_delta = merged[f"{name}.bias"] - base.get_submodule(name).bias.detach()
+        _assert_close(lora[name].meta["lora_bias"], bias_delta)
+    _assert_same_merge(base, folder, ll.save_lora(lora, tmp_path / "saved"))

@@ -195,6 +195,8 @@ def build_layers(
         A, B = t[a_role], t[b_role]
         kind, meta = _kind_and_check(name, A, B, has_emb, path)
         rank = int(A.shape[0])
+        if rank == 0:
+            raise LoRAFormatError(path, f"module {name!r} has rank 0 ({parts.keys[a_role]!r})")
         scale, expected_rank, extra = scale_for(name, rank, parts)
         if expected_rank is not None and expected_rank != rank:
             raise LoRAFormatError(
@@ -221,7 +223,7 @@ def build_layers(
         if "B_bias" in t:
             bias = _f32(t["B_bias"])
             check_finite(bias, path, name, parts.keys["B_bias"], allow_nonfinite)
-            meta["lora_bias"] = bias
+            meta["lora_bias"] = bias * scale  # what PEFT adds to the base bias on merge
         meta.update(extra)
         layers.append(LoRALayer(name=name, U=U.contiguous(), V=V.contiguous(), meta=meta))
     return layers

@@ -7,6 +7,12 @@ resolves them. ``delta_weights()`` then equals what ``merge_and_unload`` adds to
 conv kernels flattened to out x in*kh*kw; embeddings as num_embeddings x dim). For DoRA layers
 U V^T is the low-rank directional update; the magnitude vector is kept in
 ``layer.meta["magnitude"]`` (DoRA's merge rescales columns, so it adds more than U V^T).
+With ``lora_bias=True`` the bias PEFT adds to the base bias on merge (lora_B's bias times the
+scale) is kept in ``layer.meta["lora_bias"]``.
+
+Other ``layer.meta`` keys set by every reader: ``kind`` ("linear", "conv", "embedding"),
+``scale`` (the factor folded into U), ``dtype`` (storage dtype; factors are always float32),
+``fan_in_fan_out`` (linear layers), ``kernel_size`` and ``in_channels`` (conv layers).
 """
 
 from __future__ import annotations
