@@ -12,6 +12,10 @@ app = typer.Typer(
 zoo_app = typer.Typer(help="Build datasets ('zoos') of real LoRA finetunes.", no_args_is_help=True)
 app.add_typer(zoo_app, name="zoo")
 
+from loralens.zoo.commands import register as _register_zoo_commands  # noqa: E402
+
+_register_zoo_commands(zoo_app)
+
 
 @app.command()
 def version() -> None:
@@ -19,6 +23,414 @@ def version() -> None:
     from loralens import __version__
 
     typer.echo(__version__)
+
+
+# ---------------------------------------------------------------------------- learning on zoos
+
+
+def _fail(message: str, code: int = 1) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def _progress():
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        transient=True,
+    )
+
+
+@app.command(
+    epilog="Examples:\n\n"
+    "  loralens pack zoo/adapters --labels zoo/labels.csv --out zoo.store\n\n"
+    "  loralens pack my_loras/ --labels labels.csv --out s --dtype float16 --skip-bad\n\n"
+    "  loralens pack zoo/ --out zoo.store   (a zoo folder: adapters/ + labels.csv)"
+)
+def pack(
+    adapters_dir: str = typer.Argument(..., help="Folder of adapters: PEFT folders or files."),
+    labels: str = typer.Option(None, help="CSV whose first column `adapter` names each adapter."),
+    out: str = typer.Option(..., help="The store directory to create (or extend with --append)."),
+    dtype: str = typer.Option("float32", help="float32 or float16 weights in the store."),
+    append: bool = typer.Option(False, help="Add to an existing store."),
+    overwrite: bool = typer.Option(False, help="Replace an existing store."),
+    skip_bad: bool = typer.Option(
+        False, help="Pack the rest when some adapters are unreadable or do not fit."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
+) -> None:
+    """Pack a folder of LoRA adapters plus their labels into a memory-mapped store.
+
+    Adapters that cannot be read or whose layers do not match the others are refused and
+    listed; unless --skip-bad, nothing is written when any is refused.
+    """
+    import json
+
+    from loralens.store import PackError, StoreError
+    from loralens.store import pack as pack_store
+
+    with _progress() as bar:
+        task = bar.add_task("packing", total=None)
+
+        def tick(i, n, name):
+            bar.update(task, completed=i, total=n)
+
+        try:
+            store, refused = pack_store(
+                adapters_dir,
+                out,
+                labels=labels,
+                dtype=dtype,
+                append=append,
+                overwrite=overwrite,
+                skip_bad=skip_bad,
+                progress=tick,
+            )
+        except PackError as e:
+            bar.stop()
+            for name, why in e.refused:
+                typer.echo(f"refused {name}: {why}", err=True)
+            _fail(str(e))
+        except (StoreError, FileNotFoundError) as e:
+            bar.stop()
+            _fail(str(e))
+    summary = {
+        "store": str(store.path),
+        "num_loras": len(store),
+        "layers": len(store.names),
+        "ranks": sorted({int(r) for r in store.index["rank"]}),
+        "label_columns": store.label_columns,
+        "bytes": store.nbytes,
+        "refused": [{"adapter": n, "reason": r} for n, r in refused],
+    }
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    for name, why in refused:
+        typer.echo(f"skipped {name}: {why}", err=True)
+    typer.echo(
+        f"packed {len(store)} LoRAs ({len(store.names)} layers, ranks {summary['ranks']}, "
+        f"{store.nbytes / 2**20:.1f} MiB) into {store.path}"
+    )
+    typer.echo(f"label columns: {', '.join(store.label_columns)}")
+
+
+def _parse_hparams(items: list[str] | None) -> dict:
+    import json
+
+    out = {}
+    for item in items or []:
+        key, _, value = item.partition("=")
+        if not _:
+            _fail(f"--hparam takes KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
+@app.command(
+    epilog="Examples:\n\n"
+    "  loralens train --data zoo.store --target eval_loss --model glnet --out runs/glnet\n\n"
+    "  loralens train --data zoo.store --target 'src_*' --model mlp-dense --out runs/membership\n\n"
+    "  loralens train --data zoo.store --target task_acc --model glnet --out r --where 'rank == 4'\n\n"
+    "  accelerate launch --multi_gpu --num_processes 2 -m loralens train --data ... (DDP)"
+)
+def train(
+    data: str = typer.Option(..., help="A packed store (see `loralens pack`)."),
+    target: str = typer.Option(..., help="Label column(s): COL[,COL...] or a glob like 'src_*'."),
+    model: str = typer.Option("glnet", help="mlp, mlp-oalign, mlp-svd, mlp-dense or glnet."),
+    out: str = typer.Option(..., help="Run directory for checkpoint, metrics.json and plots."),
+    seed: int = typer.Option(0, help="Seed of the split, the init and the batch order."),
+    epochs: int = typer.Option(None, help="Maximum epochs (default: per model)."),
+    lr: float = typer.Option(None, help="Learning rate (default: per model)."),
+    batch_size: int = typer.Option(None, help="Batch size (default: per model)."),
+    weight_decay: float = typer.Option(None, help="AdamW weight decay (default: per model)."),
+    patience: int = typer.Option(None, help="Early-stopping patience in epochs."),
+    where: str = typer.Option(None, help="Use only rows matching a query, e.g. 'rank == 4'."),
+    task: str = typer.Option(None, help="Force 'regression' or 'classification'."),
+    hparam: list[str] = typer.Option(None, help="Model hyperparameter KEY=VALUE (repeatable)."),
+    quiet: bool = typer.Option(False, help="No per-epoch lines."),
+) -> None:
+    """Train a LoL model to predict label columns from LoRA weights.
+
+    Writes OUT/metrics.json (test metrics at the best validation epoch), OUT/model.safetensors
+    + OUT/config.json (all that `predict` needs), predictions.csv and PNG plots. The task type
+    follows from the labels (all 0/1: classification; else regression).
+    """
+    import json
+
+    from loralens.bench.quality import resolve_targets
+    from loralens.store import LoRAStore, StoreError
+    from loralens.train import TrainConfig
+    from loralens.train import train as train_run
+
+    try:
+        store = LoRAStore(data)
+        cols = resolve_targets(store, target)
+        cfg = TrainConfig(
+            model=model,
+            targets=cols,
+            seed=seed,
+            epochs=epochs,
+            lr=lr,
+            batch_size=batch_size,
+            weight_decay=weight_decay,
+            patience=patience,
+            where=where,
+            task=task,
+            hparams=_parse_hparams(hparam),
+        )
+        metrics = train_run(store, cfg, out, progress=not quiet)
+    except (StoreError, ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    import os
+
+    if int(os.environ.get("RANK", "0")) == 0:  # one report under `accelerate launch`
+        typer.echo(json.dumps({k: metrics[k] for k in ("task", "test", "val", "best_epoch")}))
+        typer.echo(f"wrote {out}/metrics.json, model.safetensors, config.json and plots")
+
+
+@app.command(
+    epilog="Examples:\n\n"
+    "  loralens evaluate runs/glnet --data other-base.store\n\n"
+    "  loralens evaluate runs/glnet --data ranks.store --where 'rank == 16' --json"
+)
+def evaluate(
+    run_dir: str = typer.Argument(..., help="A run directory written by `loralens train`."),
+    data: str = typer.Option(..., help="The store to evaluate on (other ranks, other base)."),
+    where: str = typer.Option(None, help="Evaluate only rows matching a query."),
+    out: str = typer.Option(None, help="Also write OUT/evaluate.json."),
+    as_json: bool = typer.Option(False, "--json", help="Print the full JSON."),
+) -> None:
+    """Metrics of a trained model on every LoRA of a store."""
+    import json
+
+    from loralens.store import StoreError
+    from loralens.train import evaluate as evaluate_run
+
+    try:
+        result = evaluate_run(run_dir, data, where=where, out_dir=out)
+    except (StoreError, ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+    else:
+        typer.echo(json.dumps({k: result[k] for k in ("task", "n", "metrics")}))
+
+
+@app.command(
+    epilog="Examples:\n\n"
+    "  loralens predict runs/glnet my_adapter/ other_lora.safetensors\n\n"
+    "  loralens predict runs/glnet uploads/*.safetensors --json > predictions.json"
+)
+def predict(
+    run_dir: str = typer.Argument(..., help="A run directory written by `loralens train`."),
+    adapters: list[str] = typer.Argument(..., help="Adapters: PEFT folders or LoRA files."),
+    as_json: bool = typer.Option(False, "--json", help="A JSON list of {adapter, prediction}."),
+    batch_size: int = typer.Option(64, help="Adapters per forward pass."),
+) -> None:
+    """Predict label(s) for new adapters in any supported format, without running them."""
+    import json
+
+    from loralens.formats import LoRAFormatError, load_lora
+    from loralens.lora import spec_of
+    from loralens.train import load_run
+
+    try:
+        run = load_run(run_dir)
+    except FileNotFoundError as e:
+        _fail(str(e))
+    loras = []
+    for path in adapters:
+        try:
+            lora = load_lora(path)
+            run.check(spec_of(lora), path)
+        except (LoRAFormatError, ValueError, FileNotFoundError) as e:
+            _fail(str(e), code=2)
+        loras.append(lora)
+    pred = run.predict_loras(loras, batch_size=batch_size)
+    task = run.task
+    rows = []
+    for path, p in zip(adapters, pred):
+        row = {"adapter": path, "prediction": {t: float(v) for t, v in zip(task.targets, p)}}
+        if task.kind == "classification":
+            row["label"] = {t: int(v >= 0.5) for t, v in zip(task.targets, p)}
+        rows.append(row)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    kind = "probability" if task.kind == "classification" else "predicted"
+    table = Table(title=f"{run.config['model']['name']}: {kind} {', '.join(task.targets[:6])}")
+    table.add_column("adapter")
+    for t in task.targets:
+        table.add_column(t, justify="right")
+    for row in rows:
+        table.add_row(row["adapter"], *(f"{row['prediction'][t]:.4g}" for t in task.targets))
+    console = Console()
+    if not console.is_terminal:  # piped: do not squeeze the table into 80 columns
+        console = Console(width=160)
+    console.print(table)
+
+
+def _store_for(zoo: str | None, data: str | None, out: str, log) -> str:
+    """A store path: ``data`` as is, or ``zoo`` packed into OUT/store (reused when up to date)."""
+    from pathlib import Path
+
+    from loralens.store import LoRAStore
+    from loralens.store import pack as pack_store
+
+    if data:
+        return data
+    if not zoo:
+        _fail("give --zoo DIR or --data STORE")
+    target = Path(out) / "store"
+    labels = Path(zoo) / "labels.csv"
+    if (target / "store.json").exists():
+        store = LoRAStore(target)
+        n_labels = sum(1 for _ in labels.open()) - 1 if labels.exists() else -1
+        if len(store) == n_labels:
+            return str(target)
+    log(f"packing {zoo} into {target}")
+    store, refused = pack_store(zoo, target, overwrite=True, skip_bad=True)
+    for name, why in refused:
+        log(f"skipped {name}: {why}")
+    log(f"packed {len(store)} LoRAs")
+    return str(target)
+
+
+@app.command(
+    epilog="Examples:\n\n"
+    "  loralens benchmark --zoo zoos/skills-lm-500 --targets eval_loss,task_acc --targets 'src_*'\n\n"
+    "  loralens benchmark --data zoo.store --targets eval_loss --models glnet,mlp-svd --seeds 3\n\n"
+    "Each --targets value is one target family (COL[,COL] or a glob); a family of several\n"
+    "columns is one multi-output model (e.g. 'src_*' = data membership)."
+)
+def benchmark(
+    zoo: str = typer.Option(None, help="A zoo folder (adapters/ + labels.csv), packed first."),
+    data: str = typer.Option(None, help="A packed store instead of a zoo."),
+    targets: list[str] = typer.Option(..., help="Target family (repeatable)."),
+    models: str = typer.Option("all", help="Comma-separated model names, or 'all'."),
+    seeds: int = typer.Option(3, help="Seeds (splits and inits) per cell."),
+    epochs: int = typer.Option(None, help="Maximum epochs per run (default: per model)."),
+    where: str = typer.Option(None, help="Use only rows matching a query, e.g. 'rank == 4'."),
+    out: str = typer.Option("loralens-benchmark", help="Output folder (tables, runs, store)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the JSON result."),
+) -> None:
+    """Table of models x targets, mean ± std over seeds, with baseline rows.
+
+    Rows: every model, 'no weights' (train mean / majority class) and 'hyperparameters only'
+    (trees on the zoo's finetuning hyperparameters). Writes OUT/benchmark.md and .json.
+    """
+    import json
+
+    from loralens.bench.quality import ALL_MODELS, run_benchmark
+    from loralens.store import StoreError
+
+    def log(msg):
+        typer.echo(msg, err=True)
+
+    names = list(ALL_MODELS) if models == "all" else [m for m in models.split(",") if m]
+    try:
+        store = _store_for(zoo, data, out, log)
+        result = run_benchmark(
+            store,
+            targets,
+            models=names,
+            seeds=seeds,
+            epochs=epochs,
+            where=where,
+            out_dir=out,
+            log=log,
+        )
+    except (StoreError, ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    if as_json:
+        typer.echo(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=2))
+    else:
+        typer.echo(result["markdown"])
+        typer.echo(f"\nwrote {out}/benchmark.md and {out}/benchmark.json")
+
+
+@app.command(
+    epilog="Example:\n\n  loralens demo            (about 5-10 minutes on 2 CPU cores)\n\n"
+    "  loralens demo --out /tmp/demo --num 64 --seeds 1"
+)
+def demo(
+    out: str = typer.Option("loralens-demo", help="Where the zoo, store, runs and plots go."),
+    num: int = typer.Option(96, help="LoRAs in the demo zoo."),
+    seeds: int = typer.Option(1, help="Seeds per model."),
+    epochs: int = typer.Option(40, help="Maximum epochs per model."),
+    threads: int = typer.Option(None, help="Torch threads for the zoo build."),
+) -> None:
+    """The end-to-end demo: zoo -> store -> all five models -> table and plots.
+
+    Builds a small skills-lm zoo of real PEFT finetunes, packs it, trains all five models on
+    eval_loss and one data-membership label, prints the table and writes plots.
+    """
+    import json
+    import time
+    from pathlib import Path
+
+    from loralens.bench.quality import ALL_MODELS, run_benchmark
+    from loralens.store import pack as pack_store
+    from loralens.zoo.builder import build_zoo
+
+    t0 = time.time()
+    root = Path(out)
+    zoo_dir = root / "zoo"
+    typer.echo(f"[1/3] building a {num}-LoRA skills-lm zoo in {zoo_dir} (resumes if interrupted)")
+    manifest = build_zoo("skills-lm", num, zoo_dir, threads=threads)
+    typer.echo(f"      done in {time.time() - t0:.0f}s")
+    t1 = time.time()
+    store, refused = pack_store(zoo_dir, root / "store", overwrite=True, skip_bad=True)
+    typer.echo(f"[2/3] packed {len(store)} LoRAs into {store.path} ({time.time() - t1:.1f}s)")
+    for name, why in refused:
+        typer.echo(f"      skipped {name}: {why}")
+    binary = [c for c in manifest.get("binary_columns", []) if c in store.label_columns]
+    cls_target = _most_balanced(store, binary) if binary else None
+    targets = ["eval_loss"] + ([cls_target] if cls_target else [])
+    typer.echo(f"[3/3] training {len(ALL_MODELS)} models on {', '.join(targets)}")
+    result = run_benchmark(
+        store,
+        targets,
+        models=ALL_MODELS,
+        seeds=seeds,
+        epochs=epochs,
+        out_dir=root / "benchmark",
+        log=lambda m: typer.echo("      " + m),
+    )
+    typer.echo("")
+    typer.echo(result["markdown"])
+    plots = sorted(str(p) for p in (root / "benchmark" / "runs").rglob("*.png"))
+    typer.echo(f"\nplots: {len(plots)} PNGs under {root / 'benchmark' / 'runs'}")
+    typer.echo(f"table: {root / 'benchmark' / 'benchmark.md'} (+ .json)")
+    typer.echo(f"total {time.time() - t0:.0f}s")
+    (root / "demo.json").write_text(
+        json.dumps({"seconds": time.time() - t0, "targets": targets, "num": len(store)}) + "\n"
+    )
+
+
+def _most_balanced(store, columns: list[str]) -> str:
+    """The binary label column whose positive rate is closest to one half."""
+    rates = {c: float(store.labels([c]).mean()) for c in columns}
+    return min(columns, key=lambda c: (abs(rates[c] - 0.5), c))
 
 
 # ---------------------------------------------------------------------------- inspect

@@ -626,11 +626,175 @@ def open_store(path: str | os.PathLike, **kwargs: Any) -> LoRAStore:
     return LoRAStore(path, **kwargs)
 
 
+# --------------------------------------------------------------------------- packing
+
+
+class PackError(StoreError):
+    """Some adapters were refused; ``refused`` lists (adapter, reason). Nothing was written."""
+
+    def __init__(self, message: str, refused: list[tuple[str, str]]):
+        super().__init__(message)
+        self.refused = refused
+
+
+def _adapter_entries(adapters_dir: Path) -> list[str]:
+    """Names of the adapters in a folder: sub-folders and .safetensors/.bin/.pt files."""
+    out = []
+    for p in sorted(adapters_dir.iterdir()):
+        if p.name.startswith("."):
+            continue
+        if p.is_dir() or p.suffix in (".safetensors", ".bin", ".pt", ".pth"):
+            out.append(p.name)
+    return out
+
+
+def _resolve_adapter(adapters_dir: Path, name: str) -> Path | None:
+    p = adapters_dir / name
+    if p.exists():
+        return p
+    for ext in (".safetensors", ".bin", ".pt", ".pth"):
+        if (adapters_dir / f"{name}{ext}").exists():
+            return adapters_dir / f"{name}{ext}"
+    return None
+
+
+def read_labels(path: str | os.PathLike) -> pd.DataFrame:
+    """A labels CSV whose first column names the adapters (``adapter``), one row each."""
+    frame = pd.read_csv(path)
+    if frame.empty or len(frame.columns) == 0:
+        raise StoreError(f"{path}: no rows")
+    first = frame.columns[0]
+    frame = frame.rename(columns={first: "adapter"})
+    frame["adapter"] = frame["adapter"].astype(str)
+    dupes = frame["adapter"][frame["adapter"].duplicated()].tolist()
+    if dupes:
+        raise StoreError(f"{path}: adapters listed twice: {dupes[:5]}")
+    return frame
+
+
+def pack(
+    adapters_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    labels: str | os.PathLike | pd.DataFrame | None = None,
+    dtype: str = "float32",
+    append: bool = False,
+    overwrite: bool = False,
+    skip_bad: bool = False,
+    load: Any = None,
+    progress: Any = None,
+    made_by: Mapping[str, Any] | None = None,
+) -> tuple[LoRAStore, list[tuple[str, str]]]:
+    """Pack a folder of adapters (any supported format) plus labels into a store at ``out``.
+
+    ``labels`` is a CSV (or frame) whose first column names adapters (sub-folder or file name,
+    extension optional); only listed adapters are packed. Without labels every adapter in the
+    folder is packed. ``adapters_dir`` may also be a zoo folder holding ``adapters/`` and
+    ``labels.csv``. The layer layout is the store's own when appending, else the most common
+    one among the first adapters. Adapters that cannot be read or whose layers do not fit are
+    refused: with ``skip_bad`` they are left out and returned as (name, reason); otherwise a
+    :class:`PackError` lists them all and nothing is written. ``progress(i, n, name)`` is
+    called after each adapter.
+    """
+    from loralens.formats import load_lora
+
+    load = load or load_lora
+    root = Path(adapters_dir)
+    zoo_info = None
+    if (root / "adapters").is_dir() and (root / "labels.csv").is_file():
+        if labels is None:
+            labels = root / "labels.csv"
+        if (root / "zoo.json").is_file():
+            with contextlib.suppress(ValueError):
+                zoo_info = json.loads((root / "zoo.json").read_text())
+        root = root / "adapters"
+    if not root.is_dir():
+        raise StoreError(f"{root} is not a folder of adapters")
+    if labels is None:
+        frame = pd.DataFrame({"adapter": _adapter_entries(root)})
+    elif isinstance(labels, pd.DataFrame):
+        frame = labels.rename(columns={labels.columns[0]: "adapter"})
+    else:
+        frame = read_labels(labels)
+    if frame.empty:
+        raise StoreError(f"no adapters to pack in {root}")
+    label_cols = [c for c in frame.columns if c != "adapter"]
+    records = frame.to_dict("records")
+
+    refused: list[tuple[str, str]] = []
+    loaded: dict[int, LoRA | None] = {}
+
+    def _load(k: int) -> LoRA | None:
+        if k in loaded:
+            return loaded.pop(k)
+        name = str(records[k]["adapter"])
+        path = _resolve_adapter(root, name)
+        if path is None:
+            refused.append((name, "not found"))
+            return None
+        try:
+            lora = load(path)
+        except Exception as e:  # hostile or broken files are refused, never fatal
+            refused.append((name, f"unreadable: {e}"))
+            return None
+        lora.metadata.setdefault("source", str(path))
+        return lora
+
+    meta = {
+        "command": "pack",
+        "adapters": str(root),
+        "labels": str(labels) if labels is not None else None,
+    }
+    meta.update(made_by or {})
+    writer = StoreWriter(out, dtype=dtype, append=append, overwrite=overwrite, made_by=meta)
+    if zoo_info is not None and writer._info is None:
+        writer.made_by["zoo"] = zoo_info
+    if writer.names is None:  # pick the layout: most common among the first readable adapters
+        counts: dict[tuple, int] = {}
+        for k in range(min(16, len(records))):
+            lora = loaded[k] = _load(k)  # kept (or its refusal) for the main pass
+            if lora is not None:
+                key = (tuple(lora.names), tuple(lora.shapes))
+                counts[key] = counts.get(key, 0) + 1
+        if counts:
+            names, shapes = max(counts, key=lambda key: counts[key])
+            writer.names, writer.shapes = list(names), [tuple(s) for s in shapes]
+    with writer:
+        for k, rec in enumerate(records):
+            name = str(rec["adapter"])
+            lora = _load(k)
+            if lora is not None:
+                problem = writer.mismatch(lora)
+                if problem:
+                    refused.append((name, f"layers do not fit the others: {problem}"))
+                else:
+                    writer.add(
+                        lora,
+                        id=name,
+                        source=str(lora.metadata.get("source", "")),
+                        labels={c: rec[c] for c in label_cols},
+                    )
+            if progress is not None:
+                progress(k + 1, len(records), name)
+        if refused and not skip_bad:
+            raise PackError(
+                f"{len(refused)} of {len(records)} adapters refused; nothing was written "
+                "(pass skip_bad / --skip-bad to pack the rest)",
+                refused,
+            )
+        if not writer._records and not append:
+            raise PackError("no adapter could be packed", refused)
+    return LoRAStore(out), refused
+
+
 __all__ = [
     "LoRAStore",
+    "PackError",
     "StoreError",
     "StoreWriter",
     "open_store",
+    "pack",
+    "read_labels",
     "shapes_key",
     "write_store",
 ]

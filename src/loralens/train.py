@@ -129,7 +129,40 @@ def select_rows(store: LoRAStore, where: str | None) -> np.ndarray:
     return sel.index.to_numpy(np.int64)
 
 
+def make_split(
+    store: LoRAStore,
+    rows: np.ndarray,
+    y_all: np.ndarray,
+    seed: int,
+    *,
+    fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+    split_column: str | None = "auto",
+) -> dict[str, np.ndarray]:
+    """Store rows of the train/val/test splits among ``rows`` that have any target label."""
+    rows = rows[~np.isnan(y_all[rows]).all(axis=1)]
+    if len(rows) < 3:
+        raise StoreError(f"only {len(rows)} LoRAs have these labels: too few to train")
+    if split_column == "auto":
+        split_column = "split" if "split" in store.index.columns else None
+    if split_column:
+        parts = split_rows(0, split_column=store.index[split_column].to_numpy()[rows])
+    else:
+        parts = split_rows(len(rows), seed=seed, fractions=fractions)
+    split = {k: rows[v] for k, v in parts.items()}
+    for k, v in split.items():
+        if len(v) == 0:
+            raise StoreError(f"the {k} split is empty ({len(rows)} labelled LoRAs)")
+    return split
+
+
 # ---------------------------------------------------------------------------------- model
+
+
+def _no_accelerator() -> bool:
+    """True on CPU-only machines: then accelerate runs multi-process CPU (gloo) under a launcher
+    (it only looks for WORLD_SIZE when told the run is on CPU)."""
+    mps = getattr(torch.backends, "mps", None)
+    return not (torch.cuda.is_available() or (mps is not None and mps.is_available()))
 
 
 def _build(name: str, like: Any, out_dim: int, hparams: Mapping[str, Any]):
@@ -169,27 +202,20 @@ def train(
 
     t0 = time.time()
     store = store if isinstance(store, LoRAStore) else LoRAStore(store)
-    acc = accelerator or Accelerator()
+    acc = accelerator or Accelerator(cpu=_no_accelerator())
     hp = config.resolved()
     set_seed(config.seed)
 
     targets = list(config.targets)
-    rows = select_rows(store, config.where)
     y_all = store.labels(targets)
-    rows = rows[~np.isnan(y_all[rows]).all(axis=1)]
-    if len(rows) < 3:
-        raise StoreError(f"only {len(rows)} LoRAs have labels {targets}: too few to train")
-    split_col = config.split_column
-    if split_col == "auto":
-        split_col = "split" if "split" in store.index.columns else None
-    if split_col:
-        parts = split_rows(0, split_column=store.index[split_col].to_numpy()[rows])
-    else:
-        parts = split_rows(len(rows), seed=config.seed, fractions=config.fractions)
-    split = {k: rows[v] for k, v in parts.items()}
-    for k, v in split.items():
-        if len(v) == 0:
-            raise StoreError(f"the {k} split is empty ({len(rows)} labelled LoRAs)")
+    split = make_split(
+        store,
+        select_rows(store, config.where),
+        y_all,
+        config.seed,
+        fractions=config.fractions,
+        split_column=config.split_column,
+    )
     task = Task.fit(targets, y_all[split["train"]], kind=config.task)
     y_enc = task.encode(y_all).astype(np.float32)
 
@@ -525,6 +551,7 @@ __all__ = [
     "TrainConfig",
     "evaluate",
     "load_run",
+    "make_split",
     "select_rows",
     "train",
 ]

@@ -1,0 +1,274 @@
+"""The quality benchmark behind ``loralens benchmark``: models x target families, mean +- std.
+
+Every cell trains one model on one target family (one or more label columns, e.g. ``eval_loss``
+or ``src_*``) for several seeds (each seed is its own split and init) and reports the test metric
+at the best validation epoch. Two rows need no LoRA weights at all and say what the weights add:
+
+- ``no weights``: the train-set mean (regression) or majority class (classification);
+- ``hyperparameters only``: gradient-boosted trees on the zoo's recorded finetuning
+  hyperparameters (learning rate, epochs, rank, ...), target columns excluded, where the zoo
+  records any.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from loralens.store import LoRAStore, StoreError
+from loralens.tasks import CLASSIFICATION, Task
+from loralens.train import TrainConfig, make_split, select_rows, train
+
+ALL_MODELS = ("mlp", "mlp-oalign", "mlp-svd", "mlp-dense", "glnet")
+NO_WEIGHTS = "no weights"
+HPARAMS_ONLY = "hyperparameters only"
+PRIMARY = {"regression": "r2", CLASSIFICATION: "accuracy"}
+SECONDARY = {"regression": "kendall_tau", CLASSIFICATION: "auroc"}
+
+#: Finetuning hyperparameter columns recognized when the zoo's manifest does not list them.
+KNOWN_HPARAMS = (
+    "lr",
+    "learning_rate",
+    "weight_decay",
+    "epochs",
+    "batch_size",
+    "grad_accum",
+    "gradient_accumulation",
+    "lora_dropout",
+    "rank",
+    "rank_label",
+    "lora_alpha",
+    "n_train",
+    "steps",
+    "max_steps",
+    "num_images",
+    "prompt_id",
+    "init_seed",
+)
+
+
+def resolve_targets(store: LoRAStore, spec: str) -> list[str]:
+    """``"a,b"`` or a glob (``"src_*"``) -> label columns of ``store``."""
+    cols = []
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        hits = (
+            [c for c in store.label_columns if fnmatch.fnmatchcase(c, part)]
+            if any(ch in part for ch in "*?[")
+            else [part] * (part in store.index.columns)
+        )
+        if not hits:
+            raise StoreError(f"target {part!r} matches no column; labels: {store.label_columns}")
+        cols += [c for c in hits if c not in cols]
+    return cols
+
+
+def hparam_columns(store: LoRAStore, exclude: Sequence[str] = ()) -> list[str]:
+    """The zoo's hyperparameter columns (manifest ``hyperparameter_columns`` or known names)."""
+    zoo = {}
+    for entry in store.info.get("history", []):
+        zoo = entry.get("zoo") or zoo
+    listed = zoo.get("hyperparameter_columns") if isinstance(zoo, dict) else None
+    cols = list(listed) if listed else [c for c in KNOWN_HPARAMS if c in store.index.columns]
+    out = []
+    for c in cols:
+        if c in exclude or c not in store.index.columns:
+            continue
+        v = store.labels([c]).ravel()
+        if np.isfinite(v).any() and np.nanstd(v) > 0:
+            out.append(c)
+    return out
+
+
+def hparams_only_metrics(
+    store: LoRAStore, targets: Sequence[str], cols: Sequence[str], seed: int, where: str | None
+) -> dict[str, Any]:
+    """Test metrics of gradient-boosted trees on hyperparameter columns (same split as train)."""
+    from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
+
+    y_all = store.labels(list(targets))
+    split = make_split(store, select_rows(store, where), y_all, seed)
+    tr, te = split["train"], split["test"]
+    X = store.labels(list(cols))
+    task = Task.fit(list(targets), y_all[tr])
+    out = np.zeros((len(te), len(targets)))
+    for j in range(len(targets)):
+        ok = ~np.isnan(y_all[tr, j])
+        yj = y_all[tr, j][ok]
+        if task.kind == CLASSIFICATION:
+            if len(np.unique(yj)) < 2:
+                p = float(yj.mean()) if len(yj) else 0.5
+                out[:, j] = math.log(max(p, 1e-6) / max(1 - p, 1e-6))
+                continue
+            clf = HistGradientBoostingClassifier(max_iter=200, random_state=seed)
+            clf.fit(X[tr][ok], yj)
+            prob = np.clip(clf.predict_proba(X[te])[:, 1], 1e-6, 1 - 1e-6)
+            out[:, j] = np.log(prob / (1 - prob))
+        else:
+            reg = HistGradientBoostingRegressor(max_iter=200, random_state=seed)
+            reg.fit(X[tr][ok], task.encode(y_all[tr])[ok, j])
+            out[:, j] = reg.predict(X[te])
+    return task.metrics(out, y_all[te])
+
+
+def _mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
+    v = [x for x in values if x is not None and math.isfinite(x)]
+    if not v:
+        return None, None
+    return float(np.mean(v)), float(np.std(v)) if len(v) > 1 else 0.0
+
+
+def run_benchmark(
+    store: LoRAStore | str | os.PathLike,
+    targets: Sequence[str],
+    *,
+    models: Sequence[str] = ALL_MODELS,
+    seeds: int | Sequence[int] = 3,
+    out_dir: str | os.PathLike | None = None,
+    epochs: int | None = None,
+    where: str | None = None,
+    hparams: Sequence[str] | None = None,
+    save_runs: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Train every model on every target family for every seed; return (and write) the table."""
+    store = store if isinstance(store, LoRAStore) else LoRAStore(store)
+    seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+    log = log or (lambda msg: None)
+    out = Path(out_dir) if out_dir is not None else None
+    families = {spec: resolve_targets(store, spec) for spec in targets}
+    cells: dict[str, dict[str, dict[str, Any]]] = {}
+    runs: list[dict[str, Any]] = []
+    t_start = time.time()
+    for spec, cols in families.items():
+        kind = None
+        hp_cols = hparam_columns(store, exclude=cols) if hparams is None else list(hparams)
+        rows_by_name: dict[str, list[dict[str, Any]]] = {}
+        for seed in seeds:
+            for name in models:
+                t0 = time.time()
+                run_dir = (
+                    out / "runs" / _slug(spec) / name / f"seed{seed}"
+                    if out is not None and save_runs
+                    else None
+                )
+                cfg = TrainConfig(
+                    model=name, targets=cols, seed=seed, epochs=epochs, where=where, plots=seed == 0
+                )
+                m = train(store, cfg, run_dir)
+                kind = m["task"]
+                rows_by_name.setdefault(name, []).append(m["test"])
+                runs.append(
+                    {
+                        "target": spec,
+                        "model": name,
+                        "seed": seed,
+                        "test": m["test"],
+                        "val": m["val"],
+                        "best_epoch": m["best_epoch"],
+                        "seconds": m["seconds"],
+                    }
+                )
+                log(
+                    f"{spec:>16s}  {name:<11s} seed {seed}  "
+                    f"{PRIMARY[kind]} {_fmt(m['test'].get(PRIMARY[kind]))}  "
+                    f"({time.time() - t0:.0f}s)"
+                )
+            rows_by_name.setdefault(NO_WEIGHTS, []).append(m["baseline"]["test"])
+            if hp_cols:
+                hm = hparams_only_metrics(store, cols, hp_cols, seed, where)
+                rows_by_name.setdefault(HPARAMS_ONLY, []).append(hm)
+        for name, results in rows_by_name.items():
+            cell = {"task": kind, "n_seeds": len(results)}
+            for key in (PRIMARY[kind], SECONDARY[kind], "loss"):
+                mean, std = _mean_std([r.get(key) for r in results])
+                cell[key] = {"mean": mean, "std": std}
+            if name == HPARAMS_ONLY:
+                cell["columns"] = hp_cols
+            cells.setdefault(name, {})[spec] = cell
+    result = {
+        "store": str(store.path),
+        "num_loras": len(store),
+        "where": where,
+        "targets": {k: v for k, v in families.items()},
+        "models": list(models),
+        "seeds": seeds,
+        "epochs": epochs,
+        "table": cells,
+        "runs": runs,
+        "seconds": time.time() - t_start,
+    }
+    result["markdown"] = to_markdown(result)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "benchmark.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+        (out / "benchmark.md").write_text(result["markdown"] + "\n")
+    return result
+
+
+def _slug(spec: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in spec).strip("_") or "target"
+
+
+def _fmt(x: float | None, std: float | None = None) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.3f}" if std is None else f"{x:.3f} ± {std:.3f}"
+
+
+def to_markdown(result: dict[str, Any]) -> str:
+    """Models x targets: primary metric (R^2 / accuracy), then a second table (tau / AUROC)."""
+    specs = list(result["targets"])
+    order = [*result["models"], NO_WEIGHTS, HPARAMS_ONLY]
+    names = [n for n in order if n in result["table"]]
+    lines = []
+    for which in (PRIMARY, SECONDARY):
+        head = []
+        for spec in specs:
+            kind = next(
+                (result["table"][n][spec]["task"] for n in names if spec in result["table"][n]),
+                "regression",
+            )
+            label = {"r2": "R²", "kendall_tau": "Kendall τ", "accuracy": "acc", "auroc": "AUROC"}
+            head.append(f"{spec} ({label[which[kind]]})")
+        lines.append("| model | " + " | ".join(head) + " |")
+        lines.append("|---|" + "---|" * len(specs))
+        for n in names:
+            cells = []
+            for spec in specs:
+                c = result["table"][n].get(spec)
+                if c is None:
+                    cells.append("")
+                    continue
+                v = c[which[c["task"]]]
+                cells.append(_fmt(v["mean"], v["std"]))
+            lines.append(f"| {n} | " + " | ".join(cells) + " |")
+        lines.append("")
+    seeds = result["seeds"]
+    lines.append(
+        f"{result['num_loras']} LoRAs in {result['store']}"
+        + (f" (rows where {result['where']})" if result["where"] else "")
+        + f"; mean ± std over {len(seeds)} seed(s); test split at the best validation epoch."
+    )
+    return "\n".join(lines)
+
+
+__all__ = [
+    "ALL_MODELS",
+    "HPARAMS_ONLY",
+    "NO_WEIGHTS",
+    "hparam_columns",
+    "hparams_only_metrics",
+    "resolve_targets",
+    "run_benchmark",
+    "to_markdown",
+]

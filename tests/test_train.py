@@ -1,0 +1,69 @@
+"""Training: per-model defaults, determinism, checkpoints, and a 2-process accelerate (DDP) run."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import loralens as ll
+from loralens.store import write_store
+from loralens.train import TrainConfig, evaluate, load_run, train
+
+SHAPES = ((12, 10), (6, 10))
+
+
+def _store(path, n=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    items = []
+    for k in range(n):
+        s = 0.2 + 1.8 * float(torch.rand(1, generator=g))
+        layers = [
+            ll.LoRALayer(
+                f"h.{i}.attn", torch.randn(o, 2, generator=g) * s, torch.randn(m, 2, generator=g)
+            )
+            for i, (o, m) in enumerate(SHAPES)
+        ]
+        items.append((f"x{k}", ll.LoRA(layers), {"y": s * s, "c": int(s > 1.1)}))
+    return write_store(path, items)
+
+
+def test_defaults_need_no_flags_and_checkpoint_reloads(tmp_path):
+    store = _store(tmp_path / "s")
+    cfg = TrainConfig(model="mlp-oalign", targets=["y"], epochs=3, plots=False)
+    assert cfg.resolved()["lr"] > 0 and cfg.resolved()["batch_size"] > 0
+    m = train(store, cfg, tmp_path / "run")
+    run = load_run(tmp_path / "run")
+    # the O-Align template was chosen from training data and travels in the checkpoint
+    assert any(k.startswith("template_U_") for k in run.model.state_dict())
+    ev = evaluate(run, store)
+    assert ev["n"] == 40 and m["task"] == "regression"
+    cfg_json = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg_json["model"]["name"] == "mlp-oalign" and cfg_json["task"]["targets"] == ["y"]
+
+
+@pytest.mark.slow
+def test_two_process_accelerate_run(tmp_path):
+    """`accelerate launch` with 2 CPU processes (DDP over gloo) trains with no code change."""
+    accelerate = shutil.which("accelerate")
+    if accelerate is None:
+        pytest.skip("accelerate CLI not installed")
+    _store(tmp_path / "s")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [
+        accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "loralens",
+        "train", "--data", str(tmp_path / "s"), "--target", "y", "--model", "glnet",
+        "--out", str(tmp_path / "run"), "--epochs", "3", "--quiet",
+    ]  # fmt: skip
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["num_processes"] == 2
+    assert metrics["n"]["test"] == 4 and np.isfinite(metrics["test"]["r2"])
+    assert (tmp_path / "run" / "model.safetensors").is_file()
+    _ = sys.executable
