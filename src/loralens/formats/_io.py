@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import warnings
 from pathlib import Path
 
 import torch
@@ -50,12 +51,19 @@ def read_pickle_state_dict(path: Path) -> dict[str, torch.Tensor]:
     other object is refused, and no code from it ever runs.
     """
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*pickle protocol.*", category=UserWarning)
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        # torch's message suggests retrying with weights_only=False: never do that here
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        detail = next(
+            (ln for ln in lines if "GLOBAL" in ln or "nsupported" in ln), lines[-1] if lines else ""
+        )
         raise LoRAFormatError(
             path,
-            "refused: the pickle holds objects other than tensors, so it was not loaded "
-            f"(loralens only reads pickled weights with torch.load(weights_only=True)): {e}",
+            "refused: the pickle holds objects other than tensors, so it was not loaded and none "
+            f"of its code ran (loralens reads pickled weights with weights_only=True only): {detail}",
         ) from e
     except Exception as e:
         raise LoRAFormatError(path, f"not a readable PyTorch weights file: {e}") from e
