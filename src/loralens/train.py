@@ -219,8 +219,10 @@ def train(
     task = Task.fit(targets, y_all[split["train"]], kind=config.task)
     y_enc = task.encode(y_all).astype(np.float32)
 
-    # the model sees the store's widest ranks so every batch has one shape
-    like = store.batch(split["train"][: min(len(split["train"]), 256)], pad_ranks=store.spec.ranks)
+    # the model is built for the widest ranks among the training LoRAs; every batch is padded
+    # to them (wider LoRAs at evaluation: invariant models take any rank, mlp truncates)
+    widths = store.ranks[split["train"]].max(axis=0)
+    like = store.batch(split["train"][: min(len(split["train"]), 256)], pad_ranks=widths)
     torch.manual_seed(config.seed)
     model = _build(config.model, like, task.out_dim, config.hparams)
     pad = [int(r) for r in model.spec.ranks]  # every batch padded to the model's widths
