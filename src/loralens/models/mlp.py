@@ -175,7 +175,8 @@ class DenseMLP(LoLModel):
 
     The first layer holds ``hidden`` x sum_i out_i * in_i weights (one block per layer, so the
     features are never concatenated); building refuses, with the memory it would need, when
-    those weights do not fit in ``max_gib`` (default: the memory available now).
+    those weights do not fit in ``max_gib`` (default: half the memory available now, so that
+    weights and gradients fit).
     """
 
     name = "mlp-dense"
@@ -188,19 +189,25 @@ class DenseMLP(LoLModel):
         sizes = [o * i for o, i in spec.shapes]
         total = sum(sizes)
         need = 4 * total * (h["hidden"] + 2)  # float32 weights + running mean/square
-        limit = int(float(h["max_gib"]) * 2**30) if h["max_gib"] is not None else _available_bytes()
+        # Weights and their gradients must fit: the least any training needs (Adam needs 4x).
+        limit = (
+            int(float(h["max_gib"]) * 2**30)
+            if h["max_gib"] is not None
+            else _available_bytes() // 2
+        )
         if need > limit:
             raise MemoryError(
                 f"mlp-dense does not fit: its first layer maps {total:,} dense inputs (sum of "
                 f"out x in over {len(sizes)} layers) to {h['hidden']} units, "
                 f"{need / 2**30:.1f} GiB in float32 (about {4 * need / 2**30:.1f} GiB to train "
-                f"with Adam), but {limit / 2**30:.1f} GiB is available. Use glnet or mlp-svd, "
-                "which scale to any width, or a smaller hidden="
+                f"with Adam), over the limit of {limit / 2**30:.1f} GiB (half the memory "
+                "available now, or max_gib=). Use glnet or mlp-svd, which scale to any width, "
+                "or a smaller hidden="
             )
-        hid = h["hidden"]
+        hid, bound = h["hidden"], 1 / math.sqrt(total)
         self.norms = nn.ModuleList(RunningStandardize(s) for s in sizes)
         self.first = nn.ParameterList(
-            nn.Parameter(torch.empty(hid, s).uniform_(-1, 1) / math.sqrt(total)) for s in sizes
+            nn.Parameter(torch.empty(hid, s).uniform_(-bound, bound)) for s in sizes
         )
         n = len(sizes)
         self.scale_norm = RunningStandardize(n)
