@@ -1,0 +1,111 @@
+"""CLI commands of `loralens zoo`: build and merge (registered on the `zoo` sub-app by cli.py)."""
+
+from __future__ import annotations
+
+import typer
+
+
+def _parse_options(items: list[str] | None) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"--option takes key=value, got {item!r}")
+        out[key.strip().replace("-", "_")] = value.strip()
+    return out
+
+
+def register(zoo_app: typer.Typer) -> None:
+    @zoo_app.command(
+        "build",
+        epilog="Examples:\n\n"
+        "  loralens zoo build --preset skills-lm --num 500 --out zoos/skills-lm-500\n\n"
+        "  loralens zoo build --preset skills-lm --num 200 --ranks 1,2,4,8,16 --out zoos/ranks\n\n"
+        "  loralens zoo build --preset skills-lm --num 2000 --shard 0/2 --out zoos/s0 &  "
+        "(and --shard 1/2 --out zoos/s1; then loralens zoo merge zoos/all zoos/s0 zoos/s1)\n\n"
+        "  loralens zoo build --base-model gpt2 --text-file corpus.txt --num 100 --out zoos/gpt2",
+    )
+    def build(
+        out: str = typer.Option(
+            ..., help="Zoo folder (created, or resumed/extended if it exists)."
+        ),
+        preset: str = typer.Option(
+            None, help="Preset name (default skills-lm; causal-lm with --base-model)."
+        ),
+        num: int = typer.Option(16, help="Number of LoRAs (LoRA i depends only on seed and i)."),
+        seed: int = typer.Option(0, help="Zoo seed (base model and every LoRA's hyperparameters)."),
+        ranks: str = typer.Option(
+            "4", help="Comma-separated LoRA ranks to draw from, e.g. 1,2,4,8."
+        ),
+        shard: str = typer.Option(None, help="i/k: build only the LoRAs with index % k == i."),
+        cache_dir: str = typer.Option(
+            None, help="Base model cache (default $LORALENS_CACHE or ~/.cache/loralens)."
+        ),
+        base_variant: int = typer.Option(
+            None,
+            help="skills-lm: use base variant N (the base further pretrained on a shifted mix).",
+        ),
+        base_model: str = typer.Option(
+            None, help="Generic mode: any transformers causal LM (name or path)."
+        ),
+        text_file: str = typer.Option(None, help="Generic mode: a text file to finetune on."),
+        dataset: str = typer.Option(
+            None, help="Generic mode: a datasets name (or name:config) instead."
+        ),
+        option: list[str] = typer.Option(
+            None, "--option", "-o", help="Preset option key=value (repeatable)."
+        ),
+        threads: int = typer.Option(
+            1,
+            help="Torch threads. 1 is fastest per core for these small models; use shards for more cores.",
+        ),
+        quiet: bool = typer.Option(False, help="No progress bar or summary."),
+    ) -> None:
+        """Build (or resume, or extend) a zoo of real PEFT LoRA finetunes with measured labels."""
+        from loralens.zoo.builder import ZooConflictError, build_zoo
+
+        opts: dict[str, str] = _parse_options(option)
+        name = preset or ("causal-lm" if base_model else "skills-lm")
+        if base_variant is not None:
+            opts["variant"] = str(base_variant)
+        for key, value in (
+            ("base_model", base_model),
+            ("text_file", text_file),
+            ("dataset", dataset),
+        ):
+            if value is not None:
+                opts[key] = value
+        try:
+            rank_list = [int(r) for r in ranks.split(",") if r.strip()]
+            build_zoo(
+                name,
+                num,
+                out,
+                seed=seed,
+                ranks=rank_list,
+                shard=shard,
+                cache_dir=cache_dir,
+                options=opts,
+                threads=threads,
+                progress=not quiet,
+            )
+        except (ZooConflictError, ValueError, FileNotFoundError) as err:
+            typer.secho(f"error: {err}", err=True, fg="red")
+            raise typer.Exit(1) from err
+
+    @zoo_app.command(
+        "merge",
+        epilog="Example:\n\n  loralens zoo merge zoos/all zoos/shard0 zoos/shard1",
+    )
+    def merge(
+        out: str = typer.Argument(..., help="The merged zoo folder (may already be a zoo)."),
+        shards: list[str] = typer.Argument(..., help="Shard folders built with --shard."),
+    ) -> None:
+        """Join zoo shards; refuses shards with another preset, seed, options, ranks or base model."""
+        from loralens.zoo.builder import ZooConflictError, merge_zoos
+
+        try:
+            merge_zoos(out, shards)
+        except (ZooConflictError, FileNotFoundError, ValueError) as err:
+            typer.secho(f"error: {err}", err=True, fg="red")
+            raise typer.Exit(1) from err

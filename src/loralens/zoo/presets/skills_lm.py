@@ -1,0 +1,572 @@
+"""Preset ``skills-lm``: LoRAs of a small character-level Llama, mirroring Qwen2-ARC-LoRA.
+
+Base model: a transformers ``LlamaForCausalLM`` built from a config (character vocabulary, a few
+layers), pretrained here on a mixture of 14 procedurally generated skill sources
+(``skills_data.SOURCES``), deterministic from the seed and cached. ``variant=1`` (CLI
+``--base-variant``) derives a second base of the same family: the base further pretrained on a
+shifted mix of the sources (like a later checkpoint or an instruct model of one lineage).
+
+Each LoRA is a real PEFT LoRA (q_proj/v_proj by default) finetuned on a random subset of the
+sources with random learning rate, weight decay, epochs, batch size, dropout and init seed, as in
+the paper. Several LoRAs train at once over the shared frozen base: every adapted linear layer
+runs the base matmul once for all of them and each LoRA's low-rank path with a batched matmul
+(``BatchedLoRALinear``), and each LoRA has its own AdamW state, learning rate, weight decay and
+gradient accumulation (batch size = micro-batch x accumulation). Before saving, each trained LoRA
+is loaded into a PEFT model and its forward is checked against the batched forward; then PEFT's
+``save_pretrained`` writes it.
+
+Labels: the hyperparameters; ``src_<name>`` (1 = source used); ``eval_loss`` (held-out, full
+mixture, mean over sources); ``loss_<name>`` per source; ``eval_acc`` (greedy exact match on the
+held-out mixture) and ``task_acc`` (greedy exact match on the harder "challenge" set, the
+ARC-Challenge analogue). Greedy decoding is exact-matched by teacher forcing: greedy decoding
+produces the answer (and then stops) iff the argmax at every answer position, given the correct
+prefix, is the correct token; one forward pass gives that for a whole batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loralens.zoo.preset import (
+    OnDone,
+    Preset,
+    atomic_dir,
+    cache_path,
+    derive_seed,
+    index_rng,
+    register_preset,
+)
+from loralens.zoo.presets import skills_data as data
+
+SIZES: dict[str, dict[str, int]] = {
+    # hidden, layers, heads, ffn, pretraining steps, pretraining batch
+    "small": {"hidden": 64, "layers": 3, "heads": 4, "ffn": 192, "steps": 2500, "batch": 64},
+    "tiny": {"hidden": 32, "layers": 2, "heads": 2, "ffn": 64, "steps": 150, "batch": 32},
+}
+MICRO = 8  # examples per LoRA per micro-step; batch_size = MICRO * accumulation
+BATCH_SIZES = (8, 16, 32)
+EPOCHS = (1, 2, 3)
+
+
+def build_base_config(size: str):
+    from transformers import LlamaConfig
+
+    s = SIZES[size]
+    return LlamaConfig(
+        vocab_size=len(data.VOCAB),
+        hidden_size=s["hidden"],
+        intermediate_size=s["ffn"],
+        num_hidden_layers=s["layers"],
+        num_attention_heads=s["heads"],
+        num_key_value_heads=s["heads"],
+        max_position_embeddings=64,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        pad_token_id=data.PAD_ID,
+        bos_token_id=data.STOI[data.EOS],
+        eos_token_id=data.STOI[data.EOS],
+    )
+
+
+def answer_losses(model: nn.Module, ex: data.Examples, chunk: int = 256):
+    """Per example: mean answer-token loss and whether greedy decoding gives the exact answer."""
+    losses, correct = [], []
+    with torch.no_grad():
+        for s in range(0, len(ex), chunk):
+            part = ex.select(slice(s, s + chunk))
+            loss, ok = _losses_and_match(model, part.ids, part.mask)
+            losses.append(loss)
+            correct.append(ok)
+    return torch.cat(losses), torch.cat(correct)
+
+
+def _trim(ids: torch.Tensor, mask: torch.Tensor):
+    t = int((ids != data.PAD_ID).sum(1).max())
+    return ids[:, :t], mask[:, :t]
+
+
+def _losses_and_match(model, ids, mask):
+    ids, mask = _trim(ids, mask)
+    logits = model(input_ids=ids).logits[:, :-1]
+    target, m = ids[:, 1:], mask[:, :-1]
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
+    ce = ce.view_as(m)
+    loss = (ce * m).sum(1) / m.sum(1)
+    hit = (logits.argmax(-1) == target) | (m == 0)
+    return loss, hit.all(1).float()
+
+
+def pretrain(
+    model, seed: int, steps: int, batch: int, lr: float, weights=None, salt="pretrain", log=None
+):
+    """AdamW with warmup and cosine decay on answer tokens of the source mixture."""
+    torch.manual_seed(derive_seed(seed, salt, "init"))
+    stream = data.mixture_stream(seed, salt, steps * batch, weights)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    warm = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda t: min(1.0, (t + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(t, steps) / steps)),
+    )
+    model.train()
+    t0 = time.time()
+    for t in range(steps):
+        part = stream.select(slice(t * batch, (t + 1) * batch))
+        ids, mask = _trim(part.ids, part.mask)
+        logits = model(input_ids=ids).logits[:, :-1]
+        ce = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
+        )
+        loss = (ce * mask[:, :-1].reshape(-1)).sum() / mask.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if log and (t % 250 == 0 or t == steps - 1):
+            log(f"  pretrain step {t}/{steps} loss {loss.item():.3f} ({time.time() - t0:.0f}s)")
+    model.eval()
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# batched LoRA
+
+
+class BatchedLoRALinear(nn.Module):
+    """K LoRAs on one frozen ``nn.Linear``: y_k = W x_k + s_k B_k A_k dropout_k(x_k).
+
+    The input's batch axis holds the K LoRAs' examples, LoRA-major: rows [k*b, (k+1)*b) belong to
+    LoRA k. ``A`` is (K, r, in) and ``B`` (K, out, r) as PEFT's lora_A/lora_B weights; ranks below
+    r are zero-padded (zero rows of A, zero columns of B stay zero under training, exactly).
+    """
+
+    def __init__(self, base: nn.Linear, K: int, r: int):
+        super().__init__()
+        self.base = base
+        self.A = nn.Parameter(torch.zeros(K, r, base.in_features))
+        self.B = nn.Parameter(torch.zeros(K, base.out_features, r))
+        self.register_buffer("scale", torch.ones(K))
+        self.register_buffer("dropout", torch.zeros(K))
+        # one generator per LoRA: its dropout masks depend on nothing but its own seed
+        self.generators: list[torch.Generator] = []
+
+    def _dropout_masks(self, shape: torch.Size) -> torch.Tensor:
+        """(K, b*T, in) inverted-dropout masks, drawn per LoRA at full length and cut to T."""
+        K = self.A.shape[0]
+        b, t, n = shape[0] // K, shape[1], shape[2]
+        masks = []
+        for k, g in enumerate(self.generators):
+            p = float(self.dropout[k])
+            noise = torch.rand(b, data.MAX_LEN, n, generator=g)[:, :t]
+            masks.append((noise >= p).float() / (1 - p))
+        return torch.stack(masks).reshape(K, b * t, n)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        K = self.A.shape[0]
+        xk = x.reshape(K, -1, x.shape[-1])
+        if self.training and self.generators and bool((self.dropout > 0).any()):
+            xk = xk * self._dropout_masks(x.shape)
+        h = torch.bmm(xk, self.A.transpose(1, 2))
+        d = torch.bmm(h, self.B.transpose(1, 2)) * self.scale.view(K, 1, 1)
+        return y + d.reshape(y.shape)
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+class BatchedAdamW:
+    """AdamW over the K-stacked LoRA factors, with per-LoRA lr, weight decay and step count."""
+
+    def __init__(self, params: list[nn.Parameter], betas=(0.9, 0.999), eps=1e-8):
+        self.params = params
+        self.b1, self.b2, self.eps = betas[0], betas[1], eps
+        self.m = [torch.zeros_like(p) for p in params]
+        self.v = [torch.zeros_like(p) for p in params]
+
+    @torch.no_grad()
+    def step(self, update: torch.Tensor, lr: torch.Tensor, wd: torch.Tensor, count: torch.Tensor):
+        """Update the LoRAs where ``update`` (K,) is true; ``count`` is their new step count."""
+        K = update.shape[0]
+        c1 = 1 - self.b1 ** count.clamp(min=1)
+        c2 = 1 - self.b2 ** count.clamp(min=1)
+        sel = update.view(K, 1, 1)
+        for p, m, v in zip(self.params, self.m, self.v):
+            g = p.grad
+            m.copy_(torch.where(sel, self.b1 * m + (1 - self.b1) * g, m))
+            v.copy_(torch.where(sel, self.b2 * v + (1 - self.b2) * g * g, v))
+            step = (m / c1.view(K, 1, 1)) / ((v / c2.view(K, 1, 1)).sqrt() + self.eps)
+            new = p * (1 - (lr * wd).view(K, 1, 1)) - lr.view(K, 1, 1) * step
+            p.copy_(torch.where(sel, new, p))
+            g.masked_fill_(sel, 0.0)
+
+
+@register_preset
+class SkillsLM(Preset):
+    """LoRAs of a small character-level Llama pretrained on 14 procedural skills."""
+
+    name = "skills-lm"
+    default_options: Mapping[str, Any] = {
+        "size": "small",  # base model size: small | tiny (tests)
+        "variant": 0,  # 0 = the base; n >= 1 = a variant derived by continued pretraining
+        "targets": "q_proj,v_proj",
+        "ft_per_source": 48,  # finetuning examples per used source
+        "eval_per_source": 24,  # held-out examples per source (eval_loss, eval_acc)
+        "challenge_per_source": 16,  # held-out hard examples per source (task_acc)
+        "lr_min": 1e-4,
+        "lr_max": 3e-2,
+        "slots": 8,  # LoRAs finetuned at once
+    }
+
+    def __init__(self) -> None:
+        self.model = None
+        self.opts: dict[str, Any] = {}
+        self.seed = 0
+        self.group_size = 32
+        self._base_labels: dict[str, Any] = {}
+        self._info: dict[str, Any] = {}
+        self._peft_models: dict[int, Any] = {}
+
+    # ---- base model ------------------------------------------------------------------------
+
+    def prepare(self, cache_dir: Path, seed: int, options: Mapping[str, Any]) -> None:
+        from transformers import LlamaForCausalLM
+
+        self.opts, self.seed = dict(options), int(seed)
+        if self.opts["size"] not in SIZES:
+            raise ValueError(f"skills-lm: size must be one of {sorted(SIZES)}")
+        self.group_size = 4 * int(self.opts["slots"])
+        path = self._ensure_base(Path(cache_dir), int(self.opts["variant"]))
+        self.model = LlamaForCausalLM.from_pretrained(path).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self._info = json.loads((path / "preset_info.json").read_text())
+        self._base_labels = self._info.pop("base_labels")
+        self._eval = data.make_examples(seed, "eval", int(self.opts["eval_per_source"]))
+        self._challenge = data.make_examples(
+            seed, "challenge", int(self.opts["challenge_per_source"]), level="hard"
+        )
+        self._ft_pool = data.make_examples(seed, "finetune", int(self.opts["ft_per_source"]))
+
+    def _ensure_base(self, cache_dir: Path, variant: int) -> Path:
+        from transformers import LlamaForCausalLM
+
+        key = {"size": self.opts["size"], "variant": variant, "v": 1}
+        path = cache_path(cache_dir, self.name, self.seed, key)
+        if (path / "preset_info.json").exists():
+            return path
+        size = SIZES[self.opts["size"]]
+        t0 = time.time()
+        if variant == 0:
+            torch.manual_seed(derive_seed(self.seed, "base-init"))
+            model = LlamaForCausalLM(build_base_config(self.opts["size"]))
+            pretrain(model, self.seed, size["steps"], size["batch"], lr=3e-3, log=_log)
+            info = {"derived_from": None, "pretrain_steps": size["steps"]}
+        else:
+            parent = self._ensure_base(cache_dir, 0)
+            model = LlamaForCausalLM.from_pretrained(parent)
+            g = torch.Generator().manual_seed(derive_seed(self.seed, "variant-mix", variant))
+            weights = torch.exp(1.5 * torch.randn(len(data.SOURCES), generator=g)).tolist()
+            steps = max(1, size["steps"] // 3)
+            pretrain(
+                model,
+                self.seed,
+                steps,
+                size["batch"],
+                lr=1e-3,
+                weights=weights,
+                salt=f"variant{variant}",
+                log=_log,
+            )
+            info = {
+                "derived_from": f"variant 0 (continued pretraining for {steps} steps on a shifted mix)",
+                "variant_mix": dict(
+                    zip(data.SOURCE_NAMES, [round(w / sum(weights), 4) for w in weights])
+                ),
+                "pretrain_steps": steps,
+            }
+        info["pretrain_seconds"] = round(time.time() - t0, 1)
+        info["threads"] = torch.get_num_threads()
+        info["params"] = sum(p.numel() for p in model.parameters())
+        info["sources"] = data.SOURCE_NAMES
+        info["base_labels"] = self._evaluate_plain(model.eval())
+        with atomic_dir(path) as tmp:
+            model.save_pretrained(tmp)
+            (tmp / "vocab.json").write_text(json.dumps(data.VOCAB))
+            (tmp / "preset_info.json").write_text(json.dumps(info, indent=2))
+        _log(
+            f"skills-lm base (variant {variant}) pretrained in {info['pretrain_seconds']}s -> {path}"
+        )
+        return path
+
+    def _evaluate_plain(self, model) -> dict[str, Any]:
+        ev = data.make_examples(self.seed, "eval", int(self.opts["eval_per_source"]))
+        ch = data.make_examples(
+            self.seed, "challenge", int(self.opts["challenge_per_source"]), level="hard"
+        )
+        loss, ok = answer_losses(model, ev)
+        _, ch_ok = answer_losses(model, ch)
+        return _labels_from(loss.unsqueeze(0), ok.unsqueeze(0), ch_ok.unsqueeze(0), ev.source)[0]
+
+    def save_base(self, out_dir: Path) -> None:
+        self.model.save_pretrained(out_dir)
+        (Path(out_dir) / "vocab.json").write_text(json.dumps(data.VOCAB))
+
+    def base_labels(self) -> dict[str, Any]:
+        return dict(self._base_labels)
+
+    def manifest_info(self) -> dict[str, Any]:
+        return {
+            **self._info,
+            "targets": self._targets(),
+            "micro_batch": MICRO,
+            "vocab": "vocab.json in base/",
+        }
+
+    def _targets(self) -> list[str]:
+        return [t for t in str(self.opts["targets"]).split(",") if t]
+
+    # ---- configs and labels ------------------------------------------------------------------
+
+    def sample_config(self, seed: int, index: int, ranks: Sequence[int]) -> dict[str, Any]:
+        rng = index_rng(seed, index, self.name)
+        lo, hi = math.log10(self.opts["lr_min"]), math.log10(self.opts["lr_max"])
+        cfg: dict[str, Any] = {
+            "lr": 10 ** rng.uniform(lo, hi),
+            "weight_decay": 10 ** rng.uniform(-4, -1),
+            "epochs": rng.choice(EPOCHS),
+            "batch_size": rng.choice(BATCH_SIZES),
+            "lora_dropout": rng.uniform(0.0, 0.1),
+            "init_seed": rng.randrange(2**31),
+            "rank": rng.choice(sorted(ranks)),
+        }
+        cfg["lora_alpha"] = 2 * cfg["rank"]
+        used = [int(rng.random() < 0.5) for _ in data.SOURCES]
+        while sum(used) < 2:
+            used[rng.randrange(len(used))] = 1
+        n_train = sum(used) * int(self.opts["ft_per_source"])
+        cfg["n_train"] = n_train
+        cfg["steps"] = max(1, cfg["epochs"] * n_train // cfg["batch_size"])
+        cfg.update({f"src_{n}": u for n, u in zip(data.SOURCE_NAMES, used)})
+        return cfg
+
+    def label_columns(self, options: Mapping[str, Any]) -> list[str]:
+        hyper = [
+            "lr",
+            "weight_decay",
+            "epochs",
+            "batch_size",
+            "lora_dropout",
+            "init_seed",
+            "rank",
+            "lora_alpha",
+            "n_train",
+            "steps",
+        ]
+        return [
+            *hyper,
+            *(f"src_{n}" for n in data.SOURCE_NAMES),
+            "eval_loss",
+            "eval_acc",
+            "task_acc",
+            *(f"loss_{n}" for n in data.SOURCE_NAMES),
+        ]
+
+    def binary_columns(self, options: Mapping[str, Any]) -> list[str]:
+        return [f"src_{n}" for n in data.SOURCE_NAMES]
+
+    # ---- training ---------------------------------------------------------------------------
+
+    def train(self, configs, out_dirs, on_done: OnDone | None = None) -> list[dict[str, Any]]:
+        order = sorted(
+            range(len(configs)), key=lambda k: (configs[k]["steps"] * configs[k]["batch_size"], k)
+        )
+        results: dict[int, dict[str, Any]] = {}
+        slots = int(self.opts["slots"])
+        for s in range(0, len(order), slots):
+            idx = order[s : s + slots]
+            group = [configs[k] for k in idx]
+            model, mods = self._batched_model(group)
+            self._finetune(model, mods, group)
+            labels = self._evaluate(model, len(group))
+            check_ids, check_logits = self._batched_logits(model, len(group))
+            for j, k in enumerate(idx):
+                self._save(mods, j, configs[k], out_dirs[k], check_ids, check_logits[j])
+                results[k] = labels[j]
+                if on_done:
+                    on_done(k, labels[j])
+        return [results[k] for k in range(len(configs))]
+
+    def _batched_model(self, group: list[dict[str, Any]]):
+        """A shallow copy of the base with every target linear wrapped in a BatchedLoRALinear."""
+        K, r = len(group), max(c["rank"] for c in group)
+        # share the frozen base weights: deep-copy the module tree, not the parameters
+        memo = {id(p): p for p in self.model.parameters()}
+        model = copy.deepcopy(self.model, memo)
+        mods: dict[str, BatchedLoRALinear] = {}
+        targets = set(self._targets())
+        for name, mod in list(model.named_modules()):
+            if isinstance(mod, nn.Linear) and name.rsplit(".", 1)[-1] in targets:
+                bl = BatchedLoRALinear(mod, K, r)
+                for k, c in enumerate(group):
+                    g = torch.Generator().manual_seed(derive_seed(c["init_seed"], name))
+                    bound = 1.0 / math.sqrt(mod.in_features)  # PEFT's kaiming_uniform(a=sqrt(5))
+                    bl.A.data[k, : c["rank"]] = (
+                        torch.rand(c["rank"], mod.in_features, generator=g) * 2 - 1
+                    ) * bound
+                    bl.scale[k] = c["lora_alpha"] / c["rank"]
+                    bl.dropout[k] = c["lora_dropout"]
+                bl.generators = [
+                    torch.Generator().manual_seed(derive_seed(c["init_seed"], name, "dropout"))
+                    for c in group
+                ]
+                _set_module(model, name, bl)
+                mods[name] = bl
+        if not mods:
+            raise ValueError(f"no linear layer named {sorted(targets)} in the base model")
+        return model, mods
+
+    def _finetune(self, model, mods, group) -> None:
+        K = len(group)
+        pool = self._ft_pool
+        accum = torch.tensor([c["batch_size"] // MICRO for c in group])
+        steps = torch.tensor([c["steps"] for c in group])
+        total_micro = steps * accum
+        lr0 = torch.tensor([c["lr"] for c in group])
+        wd = torch.tensor([c["weight_decay"] for c in group])
+        # each LoRA's example stream: its used sources' pool examples, reshuffled every epoch
+        streams = []
+        for c in group:
+            used = torch.tensor([c[f"src_{n}"] for n in data.SOURCE_NAMES], dtype=torch.bool)
+            rows = torch.nonzero(used[pool.source]).flatten()
+            g = torch.Generator().manual_seed(derive_seed(c["init_seed"], "data"))
+            need = int(c["steps"] * c["batch_size"])
+            perm = torch.cat(
+                [rows[torch.randperm(len(rows), generator=g)] for _ in range(-(-need // len(rows)))]
+            )
+            streams.append(perm[:need])
+        params = [p for m in mods.values() for p in (m.A, m.B)]
+        opt = BatchedAdamW(params)
+        count = torch.zeros(K, dtype=torch.long)
+        model.train()
+        for t in range(int(total_micro.max())):
+            active = t < total_micro
+            rows = torch.stack(
+                [
+                    s[t * MICRO : (t + 1) * MICRO] if bool(a) else s[:MICRO]
+                    for s, a in zip(streams, active)
+                ]
+            ).flatten()
+            ids, mask = _trim(pool.ids[rows], pool.mask[rows])
+            logits = model(input_ids=ids).logits[:, :-1]
+            ce = F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
+            )
+            m = mask[:, :-1].reshape(K, -1)
+            per_lora = (ce.view(K, -1) * m).sum(1) / m.sum(1)
+            (per_lora * active / accum).sum().backward()
+            update = active & ((t + 1) % accum == 0)
+            if bool(update.any()):
+                count = count + update.long()
+                lr = lr0 * (1 - (count - 1).float() / steps).clamp(min=0)  # linear decay
+                opt.step(update, lr, wd, count)
+        model.eval()
+
+    def _evaluate(self, model, K: int) -> list[dict[str, Any]]:
+        losses, oks, ch_oks = [], [], []
+        for ex, keep_loss in ((self._eval, True), (self._challenge, False)):
+            n, chunk = len(ex), max(1, 512 // K)
+            per_loss, per_ok = [], []
+            with torch.no_grad():
+                for s in range(0, n, chunk):
+                    part = ex.select(slice(s, s + chunk))
+                    b = len(part)
+                    loss, ok = _losses_and_match(
+                        model, part.ids.repeat(K, 1), part.mask.repeat(K, 1)
+                    )
+                    per_loss.append(loss.view(K, b))
+                    per_ok.append(ok.view(K, b))
+            if keep_loss:
+                losses, oks = torch.cat(per_loss, 1), torch.cat(per_ok, 1)
+            else:
+                ch_oks = torch.cat(per_ok, 1)
+        return _labels_from(losses, oks, ch_oks, self._eval.source)
+
+    def _peft_model(self, rank: int):
+        if rank not in self._peft_models:
+            from peft import LoraConfig, get_peft_model
+
+            cfg = LoraConfig(
+                r=rank,
+                lora_alpha=2 * rank,
+                target_modules=self._targets(),
+                lora_dropout=0.0,
+                bias="none",
+            )
+            self._peft_models[rank] = get_peft_model(copy.deepcopy(self.model), cfg).eval()
+        return self._peft_models[rank]
+
+    def _batched_logits(self, model, K: int):
+        """Logits of every LoRA of the group on a few held-out examples (for the PEFT check)."""
+        ex = self._eval.select(slice(0, len(self._eval), max(1, len(self._eval) // 16)))
+        ids, _ = _trim(ex.ids, ex.mask)
+        with torch.no_grad():
+            logits = model(input_ids=ids.repeat(K, 1)).logits
+        return ids, logits.view(K, *ids.shape, -1)
+
+    def _save(self, mods, j: int, cfg: dict[str, Any], out_dir: Path, ids, logits) -> None:
+        """Load LoRA j into a PEFT model, check its forward equals the batched one, save it."""
+        r = cfg["rank"]
+        pm = self._peft_model(r)
+        pm.peft_config["default"].lora_alpha = cfg["lora_alpha"]
+        pm.peft_config["default"].lora_dropout = float(cfg["lora_dropout"])
+        with torch.no_grad():
+            for name, bl in mods.items():
+                layer = pm.base_model.model.get_submodule(name)
+                layer.lora_A["default"].weight.copy_(bl.A[j, :r])
+                layer.lora_B["default"].weight.copy_(bl.B[j, :, :r])
+            ref = pm(input_ids=ids).logits
+        err = float((ref - logits).abs().max())
+        if not err <= 1e-4 * max(1.0, float(ref.abs().max())):
+            raise RuntimeError(
+                f"LoRA {out_dir.name}: batched forward differs from PEFT's by {err:.3g}"
+            )
+        pm.save_pretrained(str(out_dir))
+
+
+def _labels_from(loss, ok, ch_ok, source) -> list[dict[str, Any]]:
+    """(K, N) per-example eval losses/matches and (K, M) challenge matches -> K label dicts."""
+    out = []
+    for k in range(loss.shape[0]):
+        per_src = {
+            f"loss_{n}": float(loss[k, source == si].mean())
+            for si, n in enumerate(data.SOURCE_NAMES)
+        }
+        out.append(
+            {
+                "eval_loss": sum(per_src.values()) / len(per_src),
+                "eval_acc": float(ok[k].mean()),
+                "task_acc": float(ch_ok[k].mean()),
+                **per_src,
+            }
+        )
+    return out
+
+
+def _log(msg: str) -> None:
+    import sys
+
+    print(msg, file=sys.stderr, flush=True)
