@@ -68,7 +68,7 @@ class CausalLM(Preset):
         blocks = self._blocks(self._text())
         g = torch.Generator().manual_seed(derive_seed(seed, "causal-lm-split"))
         perm = torch.randperm(len(blocks), generator=g)
-        n_eval = max(1, int(round(len(blocks) * float(self.opts["eval_fraction"]))))
+        n_eval = max(1, round(len(blocks) * float(self.opts["eval_fraction"])))
         if len(blocks) - n_eval < int(self.opts["parts"]):
             raise ValueError(
                 f"text too short: {len(blocks)} blocks of {self.opts['block_size']} tokens "
