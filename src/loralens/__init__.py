@@ -10,6 +10,7 @@ from loralens.symmetry import (
     gl_transform,
     o_transform,
 )
+from loralens.zoo import build_small_zoo, build_zoo, get_preset, merge_zoos
 
 __version__ = "0.1.0"
 
@@ -24,11 +25,15 @@ __all__ = [
     "assert_gl_invariant",
     "assert_o_invariant",
     "build_model",
+    "build_small_zoo",
+    "build_zoo",
     "collate",
     "detect_format",
+    "get_preset",
     "gl_invariance_error",
     "gl_transform",
     "load_lora",
+    "merge_zoos",
     "model_cost",
     "o_transform",
     "save_lora",

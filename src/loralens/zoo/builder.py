@@ -541,3 +541,34 @@ def merge_zoos(
         manifest.get("base_labels"),
     )
     return manifest
+
+
+def build_small_zoo(
+    out: Path | str,
+    num: int = 48,
+    *,
+    seed: int = 0,
+    ranks: Sequence[int] = (4,),
+    size: str = "small",
+    threads: int | None = 1,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """A small skills-lm zoo for demos and notebooks (resumable; reuses the cached base model).
+
+    ``size="tiny"`` pretrains a 2-layer, 32-wide base in seconds (for smoke tests); the default
+    ``"small"`` base is the one of the benchmark zoos (pretrained once, ~5-10 min on 2 cores,
+    then cached). Returns :func:`build_zoo`'s manifest; labels are in ``out/labels.csv``.
+    """
+    options: dict[str, Any] = {"size": size}
+    if size == "tiny":
+        options.update(ft_per_source=16, eval_per_source=8, challenge_per_source=8)
+    return build_zoo(
+        "skills-lm",
+        num,
+        out,
+        seed=seed,
+        ranks=ranks,
+        options=options,
+        threads=threads,
+        progress=progress,
+    )
