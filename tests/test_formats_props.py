@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import loralens as ll
-from loralens.formats._build import get_pattern_key, natural_key
+from loralens.formats._build import natural_key
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -109,14 +109,6 @@ pattern_keys = st.one_of(
         ]
     ),
 )
-
-
-@settings(max_examples=100, deadline=None)
-@given(st.lists(pattern_keys, max_size=4, unique=True), module_names)
-def test_pattern_keys_resolve_exactly_like_peft(keys, name):
-    from peft.utils.other import get_pattern_key as peft_get_pattern_key
-
-    assert get_pattern_key(keys, name) == peft_get_pattern_key(keys, name)
 
 
 @given(st.lists(st.integers(0, 200), min_size=1, max_size=8))

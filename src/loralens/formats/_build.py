@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,18 +42,6 @@ def natural_key(name: str) -> tuple:
     """Sort key that compares digit runs as integers: layers.2 < layers.10."""
     parts = re.split(r"(\d+)", name)
     return tuple(int(p) if i % 2 else p for i, p in enumerate(parts))
-
-
-def get_pattern_key(pattern_keys: Iterable[str], key_to_match: str) -> str:
-    """PEFT's own rule for rank_pattern / alpha_pattern keys (peft.utils.other.get_pattern_key).
-
-    A pattern key matches a module name when the name ends with it as a whole dotted suffix,
-    the key read as a regular expression; the first matching key (in the dict's order) wins.
-    """
-    for key in pattern_keys:
-        if re.match(rf"(.*\.)?({key})$", key_to_match):
-            return key
-    return key_to_match
 
 
 @dataclass

@@ -31,7 +31,6 @@ from loralens.formats._build import (
     ModuleParts,
     alpha_scale,
     build_layers,
-    get_pattern_key,
     parse_keys,
 )
 from loralens.formats._io import read_tensor_file
@@ -107,6 +106,8 @@ def check_config(cfg: Any, path: Path) -> dict[str, Any]:
 
 def config_scale(cfg: dict[str, Any], name: str) -> tuple[float, int]:
     """(scale, r) PEFT uses for module ``name`` (its path inside the base model)."""
+    from peft.utils.other import get_pattern_key  # PEFT's own rule: match what it merges
+
     rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
     r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), name), cfg["r"])
     alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), name), cfg["lora_alpha"])
