@@ -2,8 +2,9 @@
 
 Each source maps ``(rng, level)`` to ``(prompt, answer)``; ``level`` runs from 1 to the source's
 ``max_level`` and sets the difficulty (number of digits, string length, number of pairs...).
-The training mixture draws levels uniformly; the "challenge" set (the ARC-Challenge analogue)
-uses only the hardest level. A character-level vocabulary covers every source; one example is
+Pretraining draws levels 1..max_level; finetuning data and the held-out eval set draw from the
+top of that range plus one level beyond it (new to the base model), and the "challenge" set (the
+ARC-Challenge analogue) uses only that harder level, so finetunes move the model measurably. A character-level vocabulary covers every source; one example is
 ``"\\n" + prompt + answer + "\\n"`` and only the answer and the closing newline carry loss.
 """
 
@@ -143,6 +144,17 @@ class Source:
     def sample(self, rng: random.Random, level: int | None = None) -> tuple[str, str]:
         return self.fn(rng, level if level is not None else rng.randint(1, self.max_level))
 
+    def levels(self, kind: str) -> tuple[int, int]:
+        """Difficulty range: "pretrain" 1..max_level; "finetune" max_level-1..max_level+1 (one
+        level beyond pretraining: new to the base model); "hard" max_level+1 only."""
+        if kind == "pretrain":
+            return 1, self.max_level
+        if kind == "finetune":
+            return max(1, self.max_level - 1), self.max_level + 1
+        if kind == "hard":
+            return self.max_level + 1, self.max_level + 1
+        raise ValueError(f"unknown difficulty {kind!r}")
+
 
 SOURCES: list[Source] = [
     Source("add", _add, 3),
@@ -194,12 +206,10 @@ def tokenize(pairs: list[tuple[str, str]], sources: list[int], length: int = MAX
     return Examples(ids, mask, torch.tensor(sources, dtype=torch.long))
 
 
-def make_examples(
-    seed: int, salt: str, per_source: int | list[int], level: str = "mixed", weights=None
-) -> Examples:
+def make_examples(seed: int, salt: str, per_source: int | list[int], level: str = "finetune") -> Examples:
     """``per_source`` examples of every source (or a list of counts), deterministic in (seed, salt).
 
-    ``level="mixed"`` draws the difficulty uniformly; ``"hard"`` uses each source's hardest level.
+    ``level`` names the difficulty range (:meth:`Source.levels`), drawn uniformly per example.
     """
     from loralens.zoo.preset import derive_seed
 
@@ -208,7 +218,7 @@ def make_examples(
     for si, (src, count) in enumerate(zip(SOURCES, counts)):
         rng = random.Random(derive_seed(seed, salt, src.name))
         for _ in range(count):
-            pairs.append(src.sample(rng, src.max_level if level == "hard" else None))
+            pairs.append(src.sample(rng, rng.randint(*src.levels(level))))
             srcs.append(si)
     return tokenize(pairs, srcs)
 
