@@ -92,7 +92,9 @@ class GLNet(LoLModel):
 
     name = "glnet"
     defaults: ClassVar[dict[str, Any]] = {
-        "hidden": 32,  # equivariant width: head input is hidden x hidden per layer
+        # equivariant width; the head sees hidden x hidden per layer. The paper uses about 32;
+        # 8 generalized better on our synthetic tasks with 512 and 2048 LoRAs (see DESIGN).
+        "hidden": 8,
         "blocks": 0,  # [nonlinearity, equivariant linear] blocks after the first linear layer
         "nonlinearity": "relu-sign",
         "head": "mlp",
@@ -116,6 +118,9 @@ class GLNet(LoLModel):
             self.equivariant.append(GLNonlinearity(h["nonlinearity"]))
             self.equivariant.append(EquivariantLinear([(d, d)] * n, d))
         self.scale_norm = RunningStandardize((n, 1))
+        # A linear path from the per-layer log scales straight to the output: the scale of a
+        # LoRA is often what matters most, and this keeps it from drowning in d*d features.
+        self.scale_skip = nn.Linear(n, self.out_dim)
         if h["head"] == "mlp":
             dim = n * (d * d + 1)
             self.head = mlp(dim, self.out_dim, h["head_hidden"], h["head_depth"], h["dropout"])
@@ -157,7 +162,8 @@ class GLNet(LoLModel):
         heads = torch.stack([u @ v.transpose(1, 2) for u, v in zip(Us, Vs)], dim=1)  # (B, L, d, d)
         scales = self.scale_norm(log_scale(rms)[..., None])  # (B, L, 1)
         tokens = torch.cat([heads.flatten(2), scales], dim=2)  # (B, L, d*d + 1)
+        skip = self.scale_skip(scales.flatten(1))
         if self.hparams["head"] == "mlp":
-            return self.head(tokens.flatten(1))
+            return self.head(tokens.flatten(1)) + skip
         z = self.transformer(self.embed(tokens) + self.position)
-        return self.out(z.mean(dim=1))
+        return self.out(z.mean(dim=1)) + skip

@@ -50,6 +50,8 @@ class FlatMLP(LoLModel):
         h = self.hparams
         self.norm = RunningStandardize(dim)
         self.head = mlp(dim, self.out_dim, h["hidden"], h["depth"], h["dropout"])
+        # linear path from the log scales to the output (see GLNet.scale_skip)
+        self.scale_skip = nn.Linear(2 * len(self.spec.names), self.out_dim)
 
     def factors(self, batch: LoRABatch) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         widths = self.hparams["ranks"]
@@ -67,8 +69,8 @@ class FlatMLP(LoLModel):
             parts += [(u / ru.clamp_min(EPS)[:, None, None]).flatten(1)]
             parts += [(v / rv.clamp_min(EPS)[:, None, None]).flatten(1)]
             scales += [log_scale(ru), log_scale(rv)]
-        x = torch.cat([*parts, torch.stack(scales, dim=1)], dim=1)
-        return self.head(self.norm(x))
+        x = self.norm(torch.cat([*parts, torch.stack(scales, dim=1)], dim=1))
+        return self.head(x) + self.scale_skip(x[:, -len(scales) :])
 
 
 class OAlignMLP(FlatMLP):
@@ -212,6 +214,7 @@ class DenseMLP(LoLModel):
         n = len(sizes)
         self.scale_norm = RunningStandardize(n)
         self.first_scale = nn.Linear(n, hid)
+        self.scale_skip = nn.Linear(n, self.out_dim)  # see GLNet.scale_skip
         rest = mlp(hid, self.out_dim, hid, max(h["depth"] - 1, 0), h["dropout"])
         self.head = nn.Sequential(
             nn.GELU(), *([nn.Dropout(h["dropout"])] if h["dropout"] else []), rest
@@ -220,8 +223,9 @@ class DenseMLP(LoLModel):
     def forward(self, batch: LoRABatch) -> torch.Tensor:
         batch = self.prepare(batch)
         rms = layer_rms(batch).to(batch.dtype)  # (B, L)
-        z = self.first_scale(self.scale_norm(log_scale(rms)))
+        scales = self.scale_norm(log_scale(rms))
+        z = self.first_scale(scales)
         for k, (u, v) in enumerate(zip(batch.U, batch.V)):
             d = (u @ v.transpose(1, 2)).flatten(1) / rms[:, k, None].clamp_min(EPS)
             z = z + self.norms[k](d) @ self.first[k].T
-        return self.head(z)
+        return self.head(z) + self.scale_skip(scales)
