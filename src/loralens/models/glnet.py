@@ -93,7 +93,7 @@ class GLNet(LoLModel):
     name = "glnet"
     defaults: ClassVar[dict[str, Any]] = {
         # equivariant width; the head sees hidden x hidden per layer. The paper uses about 32;
-        # 8 generalized better on our synthetic tasks with 512 and 2048 LoRAs (see DESIGN).
+        # 8 generalized better on synthetic tasks with 512 and 2048 LoRAs (fewer head inputs).
         "hidden": 8,
         "blocks": 0,  # [nonlinearity, equivariant linear] blocks after the first linear layer
         "nonlinearity": "relu-sign",
