@@ -158,6 +158,11 @@ def test_oalign_template_is_data_not_a_parameter():
     assert any("template" in n for n in model.state_dict())
     with pytest.raises(ValueError, match="template layer 0"):
         model.set_template(_lora([3, 2, 2], SHAPES))
+    empty = ll.build_model("mlp-oalign", like=batch.spec, out_dim=1)
+    with pytest.raises(RuntimeError, match="no template yet"):
+        empty(batch)
+    empty.set_template(_lora(list(batch.spec.ranks), SHAPES, seed=12))
+    assert empty(batch).shape == (3, 1)
 
 
 def test_clear_errors():

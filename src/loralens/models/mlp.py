@@ -132,7 +132,13 @@ class OAlignMLP(FlatMLP):
                 mV[k].copy_(v)
 
     def factors(self, batch: LoRABatch) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        return F.oalign(batch, self.template)
+        tU, tV = self.template
+        if not any(bool(t.any()) for t in (*tU, *tV)):
+            raise RuntimeError(
+                "mlp-oalign has no template yet: build it with like=<a batch of training "
+                "LoRAs> or template=<a LoRA>, call set_template(), or load_state_dict()"
+            )
+        return F.oalign(batch, (tU, tV))
 
 
 class SVDMLP(LoLModel):
