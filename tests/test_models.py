@@ -33,7 +33,16 @@ GL_INVARIANT = [
     ("mlp-dense", {}),
     ("glnet", {}),
     ("glnet", {"blocks": 2, "head": "mlp", "nonlinearity": "relu-sign"}),
-    ("glnet", {"blocks": 2, "head": "transformer", "nonlinearity": "sigmoid", "hidden": 8}),
+    (
+        "glnet",
+        {
+            "blocks": 2,
+            "head": "transformer",
+            "nonlinearity": "sigmoid",
+            "d_model": 16,
+            "n_layers": 1,
+        },
+    ),
 ]
 ALL = [*GL_INVARIANT, ("mlp", {}), ("mlp-oalign", {})]
 
@@ -49,7 +58,7 @@ structures = st.tuples(
 )
 
 
-@settings(max_examples=4, deadline=None)
+@settings(max_examples=3, deadline=None)
 @given(structures)
 def test_invariant_models_are_gl_invariant_in_float64(structure):
     shapes, seed = structure
@@ -59,8 +68,8 @@ def test_invariant_models_are_gl_invariant_in_float64(structure):
     torch.manual_seed(seed)
     for name, hp in GL_INVARIANT:
         model = ll.build_model(name, like=batch, out_dim=3, **hp)
-        assert ll.gl_invariance_error(model, batch, seed=seed) < 1e-6, (name, hp)
-        assert ll.gl_invariance_error(model, batch, group="o", seed=seed) < 1e-6, (name, hp)
+        assert ll.gl_invariance_error(model, batch, seed=seed, trials=2) < 1e-6, (name, hp)
+        assert ll.gl_invariance_error(model, batch, group="o", seed=seed, trials=1) < 1e-6
         assert model.gl_invariant and model.o_invariant
 
 
