@@ -16,6 +16,10 @@ from loralens.zoo.commands import register as _register_zoo_commands  # noqa: E4
 
 _register_zoo_commands(zoo_app)
 
+from loralens.zoo.samples import register as _register_zoo_samples  # noqa: E402
+
+_register_zoo_samples(zoo_app)
+
 
 @app.command()
 def version() -> None:
@@ -163,6 +167,7 @@ def train(
     where: str = typer.Option(None, help="Use only rows matching a query, e.g. 'rank == 4'."),
     task: str = typer.Option(None, help="Force 'regression' or 'classification'."),
     hparam: list[str] = typer.Option(None, help="Model hyperparameter KEY=VALUE (repeatable)."),
+    threads: int = typer.Option(None, help="Torch CPU threads (1 is fastest on a busy CPU)."),
     quiet: bool = typer.Option(False, help="No per-epoch lines."),
 ) -> None:
     """Train a LoL model to predict label columns from LoRA weights.
@@ -193,6 +198,7 @@ def train(
             where=where,
             task=task,
             hparams=_parse_hparams(hparam),
+            threads=threads,
         )
         metrics = train_run(store, cfg, out, progress=not quiet)
     except (StoreError, ValueError, FileNotFoundError) as e:
@@ -331,6 +337,7 @@ def benchmark(
     epochs: int = typer.Option(None, help="Maximum epochs per run (default: per model)."),
     where: str = typer.Option(None, help="Use only rows matching a query, e.g. 'rank == 4'."),
     out: str = typer.Option("loralens-benchmark", help="Output folder (tables, runs, store)."),
+    threads: int = typer.Option(None, help="Torch CPU threads (1 is fastest on a busy CPU)."),
     as_json: bool = typer.Option(False, "--json", help="Print the JSON result."),
 ) -> None:
     """Table of models x targets, mean ± std over seeds, with baseline rows.
@@ -357,6 +364,7 @@ def benchmark(
             epochs=epochs,
             where=where,
             out_dir=out,
+            threads=threads,
             log=log,
         )
     except (StoreError, ValueError, FileNotFoundError) as e:
@@ -414,6 +422,7 @@ def demo(
         seeds=seeds,
         epochs=epochs,
         out_dir=root / "benchmark",
+        threads=1,  # small models: one thread is fastest and never oversubscribes the CPU
         log=lambda m: typer.echo("      " + m),
     )
     typer.echo("")

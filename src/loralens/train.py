@@ -80,6 +80,8 @@ class TrainConfig:
     #: force a task kind ("regression"/"classification"); default: inferred from labels
     task: str | None = None
     plots: bool = True
+    #: torch CPU threads (None: torch's default). 1 is fastest for small models on a busy CPU.
+    threads: int | None = None
 
     def resolved(self) -> dict[str, Any]:
         d = {**GENERIC, **MODEL_DEFAULTS.get(self.model, {})}
@@ -204,6 +206,8 @@ def train(
     store = store if isinstance(store, LoRAStore) else LoRAStore(store)
     acc = accelerator or Accelerator(cpu=_no_accelerator())
     hp = config.resolved()
+    if config.threads:
+        torch.set_num_threads(int(config.threads))
     set_seed(config.seed)
 
     targets = list(config.targets)

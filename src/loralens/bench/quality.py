@@ -50,6 +50,8 @@ KNOWN_HPARAMS = (
     "steps",
     "max_steps",
     "num_images",
+    "n_images",
+    "data_seed",
     "prompt_id",
     "init_seed",
 )
@@ -138,6 +140,7 @@ def run_benchmark(
     where: str | None = None,
     hparams: Sequence[str] | None = None,
     save_runs: bool = True,
+    threads: int | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Train every model on every target family for every seed; return (and write) the table."""
@@ -162,7 +165,13 @@ def run_benchmark(
                     else None
                 )
                 cfg = TrainConfig(
-                    model=name, targets=cols, seed=seed, epochs=epochs, where=where, plots=seed == 0
+                    model=name,
+                    targets=cols,
+                    seed=seed,
+                    epochs=epochs,
+                    where=where,
+                    plots=seed == 0,
+                    threads=threads,
                 )
                 m = train(store, cfg, run_dir)
                 kind = m["task"]
