@@ -119,3 +119,10 @@ def test_truncated_shard_is_reported(tmp_path):
     shard.write_bytes(shard.read_bytes()[:-16])
     with pytest.raises(StoreError, match="outside the file"):
         LoRAStore(tmp_path / "s").batch([0])
+
+
+def test_labels_csv_keeps_adapter_names_as_text(tmp_path):
+    from loralens.store import read_labels
+
+    (tmp_path / "labels.csv").write_text("adapter,y\n000017,1.5\n000002,2.0\n")
+    assert read_labels(tmp_path / "labels.csv")["adapter"].tolist() == ["000017", "000002"]

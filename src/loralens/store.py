@@ -660,7 +660,7 @@ def _resolve_adapter(adapters_dir: Path, name: str) -> Path | None:
 
 def read_labels(path: str | os.PathLike) -> pd.DataFrame:
     """A labels CSV whose first column names the adapters (``adapter``), one row each."""
-    frame = pd.read_csv(path)
+    frame = pd.read_csv(path, converters={0: str})  # "000017" stays a name, not 17
     if frame.empty or len(frame.columns) == 0:
         raise StoreError(f"{path}: no rows")
     first = frame.columns[0]
