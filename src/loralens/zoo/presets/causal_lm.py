@@ -16,6 +16,7 @@ LoRA's own training blocks after training) and ``eval_loss`` (held-out blocks).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -180,7 +181,9 @@ class CausalLM(Preset):
                 target_modules=targets,
                 task_type="CAUSAL_LM",
             )
-            pm = get_peft_model(self.model, lcfg)
+            with warnings.catch_warnings():  # PEFT reads a deprecated transformers attribute
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+                pm = get_peft_model(self.model, lcfg)
             params = [p for p in pm.parameters() if p.requires_grad]
             opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
             g = torch.Generator().manual_seed(derive_seed(cfg["init_seed"], "data"))

@@ -29,6 +29,7 @@ import copy
 import json
 import math
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -252,7 +253,11 @@ class SkillsLM(Preset):
     def _ensure_base(self, cache_dir: Path, variant: int) -> Path:
         from transformers import LlamaForCausalLM
 
-        key = {"size": self.opts["size"], "variant": variant, "v": 1}  # v: bump when pretraining changes
+        key = {
+            "size": self.opts["size"],
+            "variant": variant,
+            "v": 1,
+        }  # v: bump when pretraining changes
         path = cache_path(cache_dir, self.name, self.seed, key)
         if (path / "preset_info.json").exists():
             return path
@@ -494,7 +499,9 @@ class SkillsLM(Preset):
                 lora_dropout=0.0,
                 bias="none",
             )
-            self._peft_models[rank] = get_peft_model(copy.deepcopy(self.model), cfg).eval()
+            with warnings.catch_warnings():  # PEFT reads a deprecated transformers attribute
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+                self._peft_models[rank] = get_peft_model(copy.deepcopy(self.model), cfg).eval()
         return self._peft_models[rank]
 
     def _batched_logits(self, model, K: int):
