@@ -386,6 +386,9 @@ def demo(
     seeds: int = typer.Option(1, help="Seeds per model."),
     epochs: int = typer.Option(40, help="Maximum epochs per model."),
     threads: int = typer.Option(None, help="Torch threads for the zoo build."),
+    size: str = typer.Option(
+        "tiny", help="Base model size: tiny (fits the 10-minute budget) or small (the zoos')."
+    ),
 ) -> None:
     """The end-to-end demo: zoo -> store -> all five models -> table and plots.
 
@@ -403,8 +406,11 @@ def demo(
     t0 = time.time()
     root = Path(out)
     zoo_dir = root / "zoo"
-    typer.echo(f"[1/3] building a {num}-LoRA skills-lm zoo in {zoo_dir} (resumes if interrupted)")
-    manifest = build_zoo("skills-lm", num, zoo_dir, threads=threads)
+    typer.echo(
+        f"[1/3] building a {num}-LoRA skills-lm zoo ({size} base) in {zoo_dir} "
+        "(resumes if interrupted)"
+    )
+    manifest = build_zoo("skills-lm", num, zoo_dir, threads=threads, options={"size": size})
     typer.echo(f"      done in {time.time() - t0:.0f}s")
     t1 = time.time()
     store, refused = pack_store(zoo_dir, root / "store", overwrite=True, skip_bad=True)
