@@ -1,0 +1,153 @@
+"""``loralens zoo samples``: a PNG grid of a digits zoo's images with and without one LoRA.
+
+For every prompt, two rows: the base model alone and the base model with the LoRA, generated
+from the same starting noise (column j uses sampling seed j), so the difference between the rows
+is what the LoRA does.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from loralens.zoo import diffusion as D
+
+
+def default_prompts(row: dict | None) -> list[str]:
+    """The adapter's own prompt(s) first (instance prompt, or its classes), then a few others."""
+    prompts: list[str] = []
+    row = row or {}
+    if row.get("instance_prompt"):
+        prompts.append(str(row["instance_prompt"]))
+    present = [c for c in range(10) if str(row.get(f"class_{c}", "")) in {"1", "1.0", "True"}]
+    prompts += [D.prompt_for(c) for c in present[:4]]
+    for p in ("a zero", "a three", "a bold seven", "a slanted four"):
+        if p not in prompts and len(prompts) < 6:
+            prompts.append(p)
+    return prompts
+
+
+def _adapter_dir(zoo: Path, adapter: str) -> Path:
+    for cand in (Path(adapter), zoo / "adapters" / adapter):
+        if (cand / "adapter_config.json").is_file():
+            return cand
+    if adapter.isdigit() and (zoo / "adapters" / f"{int(adapter):06d}").is_dir():
+        return zoo / "adapters" / f"{int(adapter):06d}"
+    raise FileNotFoundError(f"no adapter {adapter!r} in {zoo / 'adapters'} (and no such folder)")
+
+
+@torch.no_grad()
+def render_samples(
+    zoo: Path | str,
+    adapter: str,
+    out: Path | str,
+    *,
+    prompts: Sequence[str] | None = None,
+    seeds: int = 6,
+    steps: int | None = None,
+    guidance: float | None = None,
+    scale: int = 6,
+) -> dict:
+    """Write the grid PNG to ``out``; returns what was drawn (prompts, seeds, rows, size)."""
+    zoo = Path(zoo)
+    manifest = json.loads((zoo / "zoo.json").read_text()) if (zoo / "zoo.json").exists() else {}
+    opts = manifest.get("options", {})
+    if not (zoo / "base" / "unet").is_dir():
+        raise ValueError(
+            f"{zoo} has no diffusion base model (base/unet): `zoo samples` draws zoos of the "
+            "digits presets (digits-dreambooth, digits-subsets)"
+        )
+    adir = _adapter_dir(zoo, adapter)
+    row = None
+    if (adir / "labels.json").is_file():
+        row = json.loads((adir / "labels.json").read_text())
+    prompts = list(prompts) if prompts else default_prompts(row)
+    steps = int(steps or opts.get("sample_steps", 8))
+    guidance = float(guidance if guidance is not None else opts.get("guidance", 3.0))
+    base = D.DiffusionBase.load(zoo / "base")
+    lora_unet = D.load_adapter(base.unet, adir)
+    noise = D.fixed_noise(seeds, 0)
+    uncond = base.encode([""])
+    rows, labels = [], []
+    for p in prompts:
+        cond = base.encode([p]).expand(seeds, -1, -1)
+        for tag, unet in (("base", base.unet), ("LoRA", lora_unet)):
+            rows.append(
+                D.sample(
+                    unet, base.scheduler, cond, noise, uncond=uncond, steps=steps, guidance=guidance
+                )
+            )
+            labels.append(f"{tag}: {p}")
+    grid = D.image_grid(rows, scale=scale)
+    grid = _with_row_labels(grid, labels, cell=D.IMAGE * scale + 2)
+    title = f"{adir.name}: rows = base model / with LoRA, columns = seeds 0..{seeds - 1}"
+    grid = _with_title(grid, title)
+    D.save_png(grid, Path(out))
+    return {"adapter": str(adir), "prompts": prompts, "seeds": seeds, "size": list(grid.shape[:2])}
+
+
+def _with_row_labels(grid: np.ndarray, labels: Sequence[str], cell: int) -> np.ndarray:
+    from PIL import Image, ImageDraw
+
+    width = 8 + 7 * max(len(s) for s in labels)
+    img = Image.new("RGB", (grid.shape[1] + width, grid.shape[0]), "white")
+    img.paste(Image.fromarray(grid), (width, 0))
+    draw = ImageDraw.Draw(img)
+    for i, s in enumerate(labels):
+        draw.text(
+            (4, 2 + i * cell + cell // 2 - 6),
+            s,
+            fill="black" if s.startswith("base") else "darkred",
+        )
+    return np.asarray(img)
+
+
+def _with_title(grid: np.ndarray, title: str) -> np.ndarray:
+    from PIL import Image, ImageDraw
+
+    w = max(grid.shape[1], 8 + 6 * len(title))
+    img = Image.new("RGB", (w, grid.shape[0] + 18), "white")
+    img.paste(Image.fromarray(grid), (0, 18))
+    ImageDraw.Draw(img).text((4, 3), title, fill="black")
+    return np.asarray(img)
+
+
+def register(zoo_app) -> None:
+    """Add ``samples`` to the ``loralens zoo`` typer app."""
+    import typer
+
+    @zoo_app.command(
+        "samples",
+        epilog="Example:\n\n  loralens zoo samples zoos/digits-dreambooth-500 --adapter 000007 --out grid.png",
+    )
+    def samples(
+        zoo: str = typer.Argument(..., help="A zoo folder of a digits preset."),
+        adapter: str = typer.Option(
+            ..., help="Adapter name in ZOO/adapters (e.g. 000007) or a folder."
+        ),
+        out: str = typer.Option("samples.png", help="PNG file to write."),
+        prompt: list[str] = typer.Option(
+            None,
+            "--prompt",
+            "-p",
+            help="Prompt (repeatable; default: the adapter's own and a few others).",
+        ),
+        seeds: int = typer.Option(6, help="Sampling seeds (grid columns)."),
+        steps: int = typer.Option(None, help="DDIM steps (default: the zoo's sample_steps)."),
+        guidance: float = typer.Option(None, help="Classifier-free guidance (default: the zoo's)."),
+    ) -> None:
+        """A PNG grid of images generated with and without one LoRA from the same seeds."""
+        try:
+            info = render_samples(
+                zoo, adapter, out, prompts=prompt, seeds=seeds, steps=steps, guidance=guidance
+            )
+        except (FileNotFoundError, ValueError) as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(2) from None
+        typer.echo(
+            f"wrote {out} ({info['size'][1]}x{info['size'][0]}): {len(info['prompts'])} prompts x base/LoRA x {seeds} seeds"
+        )
