@@ -121,6 +121,7 @@ class Preset(ABC):
 
 
 _REGISTRY: dict[str, type[Preset]] = {}
+_IMPORT_ERRORS: dict[str, str] = {}
 
 
 def register_preset(cls: type[Preset]) -> type[Preset]:
@@ -139,7 +140,11 @@ def _load_builtins() -> None:
     from loralens.zoo import presets
 
     for info in pkgutil.iter_modules(presets.__path__):
-        importlib.import_module(f"{presets.__name__}.{info.name}")
+        module = f"{presets.__name__}.{info.name}"
+        try:
+            importlib.import_module(module)
+        except ImportError as err:  # a preset whose optional dependency is missing
+            _IMPORT_ERRORS[module] = f"{type(err).__name__}: {err}"
 
 
 def preset_names() -> list[str]:
@@ -152,7 +157,10 @@ def get_preset(name: str) -> Preset:
     """A fresh (unprepared) instance of the preset registered as ``name``."""
     _load_builtins()
     if name not in _REGISTRY:
-        raise ValueError(f"unknown preset {name!r}; available: {', '.join(sorted(_REGISTRY))}")
+        broken = "".join(f"; {m} failed to import ({e})" for m, e in _IMPORT_ERRORS.items())
+        raise ValueError(
+            f"unknown preset {name!r}; available: {', '.join(sorted(_REGISTRY))}{broken}"
+        )
     return _REGISTRY[name]()
 
 

@@ -83,7 +83,12 @@ class CausalLM(Preset):
     def _text(self) -> str:
         if self.opts["text_file"]:
             return Path(self.opts["text_file"]).read_text(encoding="utf-8", errors="replace")
-        from datasets import load_dataset  # optional dependency, only for --dataset
+        try:
+            from datasets import load_dataset  # optional dependency, only for --dataset
+        except ImportError as err:
+            raise ValueError(
+                "--dataset needs the `datasets` package (pip install datasets); or use --text-file"
+            ) from err
 
         name, _, config = str(self.opts["dataset"]).partition(":")
         ds = load_dataset(name, config or None, split="train")
