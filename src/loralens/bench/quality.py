@@ -111,12 +111,14 @@ def hparams_only_metrics(
                 p = float(yj.mean()) if len(yj) else 0.5
                 out[:, j] = math.log(max(p, 1e-6) / max(1 - p, 1e-6))
                 continue
-            clf = HistGradientBoostingClassifier(max_iter=200, random_state=seed)
+            clf = HistGradientBoostingClassifier(
+                max_iter=200, min_samples_leaf=5, random_state=seed
+            )
             clf.fit(X[tr][ok], yj)
             prob = np.clip(clf.predict_proba(X[te])[:, 1], 1e-6, 1 - 1e-6)
             out[:, j] = np.log(prob / (1 - prob))
         else:
-            reg = HistGradientBoostingRegressor(max_iter=200, random_state=seed)
+            reg = HistGradientBoostingRegressor(max_iter=200, min_samples_leaf=5, random_state=seed)
             reg.fit(X[tr][ok], task.encode(y_all[tr])[ok, j])
             out[:, j] = reg.predict(X[te])
     return task.metrics(out, y_all[te])
