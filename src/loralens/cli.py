@@ -378,12 +378,12 @@ def benchmark(
 
 @app.command(
     epilog="Example:\n\n  loralens demo            (about 5-10 minutes on 2 CPU cores)\n\n"
-    "  loralens demo --out /tmp/demo --num 64 --seeds 1"
+    "  loralens demo --out /tmp/demo --num 96 --seeds 3"
 )
 def demo(
     out: str = typer.Option("loralens-demo", help="Where the zoo, store, runs and plots go."),
     num: int = typer.Option(96, help="LoRAs in the demo zoo."),
-    seeds: int = typer.Option(1, help="Seeds per model."),
+    seeds: int = typer.Option(3, help="Seeds (splits and inits) per model."),
     epochs: int = typer.Option(40, help="Maximum epochs per model."),
     threads: int = typer.Option(None, help="Torch threads for the zoo build."),
     size: str = typer.Option(
