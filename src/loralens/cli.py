@@ -382,7 +382,7 @@ def benchmark(
 )
 def demo(
     out: str = typer.Option("loralens-demo", help="Where the zoo, store, runs and plots go."),
-    num: int = typer.Option(96, help="LoRAs in the demo zoo."),
+    num: int = typer.Option(48, help="LoRAs in the demo zoo (the build is most of the time)."),
     seeds: int = typer.Option(3, help="Seeds (splits and inits) per model."),
     epochs: int = typer.Option(40, help="Maximum epochs per model."),
     threads: int = typer.Option(None, help="Torch threads for the zoo build."),
