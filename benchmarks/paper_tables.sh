@@ -30,43 +30,20 @@ if have digits-dreambooth-500; then
     --targets 'attr_*' --seeds "$SEEDS" --epochs "$EPOCHS" $T --out "$OUT/bench-dreambooth" \
     >"$OUT/bench-dreambooth.log" 2>&1 &
 fi
-wait
 if have digits-subsets-500; then
   pack digits-subsets-500
   loralens benchmark --data "$OUT/digits-subsets-500.store" --targets 'class_*' \
     --targets dataset_size --seeds "$SEEDS" --epochs "$EPOCHS" $T --out "$OUT/bench-subsets" \
     >"$OUT/bench-subsets.log" 2>&1 &
 fi
-
-# 2. Rank generalization: train on rank-4 LoRAs only, evaluate on ranks 1, 2, 8, 16.
-if have skills-lm-ranks; then
-  pack skills-lm-ranks
-  for m in mlp-svd mlp-dense glnet; do
-    for s in $(seq 0 $((SEEDS - 1))); do
-      run="$OUT/ranks/$m/seed$s"
-      loralens train --data "$OUT/skills-lm-ranks.store" --target eval_loss --model "$m" \
-        --where 'rank == 4' --seed "$s" --epochs "$EPOCHS" $T --out "$run" --quiet >/dev/null
-      for r in 1 2 8 16; do
-        loralens evaluate "$run" --data "$OUT/skills-lm-ranks.store" --where "rank == $r" \
-          --out "$run/rank$r" >/dev/null
-      done
-    done
-  done &
-fi
 wait
 
-# 3. Transfer to the base variant: models trained on skills-lm-500, evaluated on LoRAs of the
-#    variant base (same family: continued pretraining on a shifted mix).
-if have skills-lm-500 && have skills-lm-variant; then
-  pack skills-lm-variant
-  for m in mlp mlp-oalign mlp-svd mlp-dense glnet; do
-    for s in $(seq 0 $((SEEDS - 1))); do
-      run="$OUT/bench-skills-lm/runs/eval_loss/$m/seed$s"
-      [ -d "$run" ] && loralens evaluate "$run" --data "$OUT/skills-lm-variant.store" \
-        --out "$OUT/transfer/$m/seed$s" >/dev/null
-    done
-  done
-fi
+# 2.+3. Rank generalization and transfer: the eval_loss runs above (trained on rank-4 LoRAs of
+#    the base model) are evaluated by summarize_paper.py on the skills-lm-ranks LoRAs of every
+#    rank and on the LoRAs of the base variant (same family: continued pretraining on a shifted
+#    mix), next to a hyperparameters-only reference.
+have skills-lm-ranks && pack skills-lm-ranks
+have skills-lm-variant && pack skills-lm-variant
 
 # 4. Predict vs evaluate speed.
 if have skills-lm-500; then
