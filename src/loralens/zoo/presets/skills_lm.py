@@ -84,12 +84,18 @@ def _trim(ids: torch.Tensor, mask: torch.Tensor):
     return ids[:, :t], mask[:, :t]
 
 
-def _losses_and_match(model, ids, mask):
+def _token_losses(model, ids: torch.Tensor, mask: torch.Tensor):
+    """Next-token losses (N, T-1), their answer mask, logits and targets, padding trimmed."""
     ids, mask = _trim(ids, mask)
     logits = model(input_ids=ids).logits[:, :-1]
-    target, m = ids[:, 1:], mask[:, :-1]
+    target = ids[:, 1:]
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
-    ce = ce.view_as(m)
+    return ce.view_as(target), mask[:, :-1], logits, target
+
+
+def _losses_and_match(model, ids, mask):
+    """Per example: mean answer-token loss, and 1.0 where greedy decoding gives the exact answer."""
+    ce, m, logits, target = _token_losses(model, ids, mask)
     loss = (ce * m).sum(1) / m.sum(1)
     hit = (logits.argmax(-1) == target) | (m == 0)
     return loss, hit.all(1).float()
@@ -111,12 +117,8 @@ def pretrain(
     t0 = time.time()
     for t in range(steps):
         part = stream.select(slice(t * batch, (t + 1) * batch))
-        ids, mask = _trim(part.ids, part.mask)
-        logits = model(input_ids=ids).logits[:, :-1]
-        ce = F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
-        )
-        loss = (ce * mask[:, :-1].reshape(-1)).sum() / mask.sum()
+        ce, m, _, _ = _token_losses(model, part.ids, part.mask)
+        loss = (ce * m).sum() / m.sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -453,13 +455,9 @@ class SkillsLM(Preset):
                     for s, a in zip(streams, active)
                 ]
             ).flatten()
-            ids, mask = _trim(pool.ids[rows], pool.mask[rows])
-            logits = model(input_ids=ids).logits[:, :-1]
-            ce = F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
-            )
-            m = mask[:, :-1].reshape(K, -1)
-            per_lora = (ce.view(K, -1) * m).sum(1) / m.sum(1)
+            ce, m, _, _ = _token_losses(model, pool.ids[rows], pool.mask[rows])
+            m = m.reshape(K, -1)
+            per_lora = (ce.reshape(K, -1) * m).sum(1) / m.sum(1)
             (per_lora * active / accum).sum().backward()
             update = active & ((t + 1) % accum == 0)
             if bool(update.any()):
