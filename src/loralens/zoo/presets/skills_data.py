@@ -206,7 +206,9 @@ def tokenize(pairs: list[tuple[str, str]], sources: list[int], length: int = MAX
     return Examples(ids, mask, torch.tensor(sources, dtype=torch.long))
 
 
-def make_examples(seed: int, salt: str, per_source: int | list[int], level: str = "finetune") -> Examples:
+def make_examples(
+    seed: int, salt: str, per_source: int | list[int], level: str = "finetune"
+) -> Examples:
     """``per_source`` examples of every source (or a list of counts), deterministic in (seed, salt).
 
     ``level`` names the difficulty range (:meth:`Source.levels`), drawn uniformly per example.
