@@ -293,9 +293,7 @@ class LoRAStore:
                 U.append(t[:, us:vs].view(B, o, r))
                 V.append(t[:, vs:ve].view(B, i, r))
         else:
-            out_dtype = (
-                self.dtype if self._np_out is not None else torch.from_numpy(parts[0][1][:0]).dtype
-            )
+            out_dtype = torch.from_numpy(parts[0][1][:0]).dtype  # every part has one dtype
             for (o, i), w in zip(self.shapes, width.tolist()):
                 U.append(torch.zeros(B, o, int(w), dtype=out_dtype))
                 V.append(torch.zeros(B, i, int(w), dtype=out_dtype))
