@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--store-size", type=int, default=2000)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--work-dir", default=".cache/bench-speed", help="adapters and stores")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: cores)")
     p.add_argument("--no-isolate", action="store_true", help="all shapes in this process")
     p.add_argument("--quick", action="store_true", help="tiny shapes, 40 LoRAs: a smoke test")
     p.add_argument("--out", default=None, help="output stem (default benchmarks/results/speed-…)")
@@ -51,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         dtype=a.dtype,
         work_dir=a.work_dir,
     )
+    if a.threads:
+        kw["threads"] = a.threads
     unknown = set(kw["parts"]) - set(speed.PARTS)
     if unknown:
         p.error(f"unknown parts {sorted(unknown)}; choose from {speed.PARTS}")

@@ -83,12 +83,14 @@ def sync(device: torch.device) -> None:
 
 @dataclass
 class Timing:
-    best_s: float
-    median_s: float
+    best_s: float  # wall
+    median_s: float  # wall
     calls: int
+    cpu_s: float | None = None  # CPU time of the process in the fastest-CPU call (None on CUDA)
 
     def per(self, n: int) -> Timing:
-        return Timing(self.best_s / n, self.median_s / n, self.calls)
+        cpu = None if self.cpu_s is None else self.cpu_s / n
+        return Timing(self.best_s / n, self.median_s / n, self.calls, cpu)
 
 
 def time_call(
@@ -100,20 +102,25 @@ def time_call(
     budget_s: float = 1.0,
     warmup: int = 1,
 ) -> Timing:
-    """Best and median wall time of ``fn()`` after ``warmup`` calls (device synchronised)."""
+    """Best and median wall time of ``fn()`` after ``warmup`` calls (device synchronised), and
+    the least CPU time (``time.process_time``, all threads) a call took: on a CPU shared with
+    other work, CPU time is what the call costs, wall time includes waiting for a core."""
     for _ in range(warmup):
         fn()
         sync(device)
     times: list[float] = []
+    cpu: list[float] = []
     start = time.perf_counter()
     while len(times) < max_repeats and (
         len(times) < min_repeats or time.perf_counter() - start < budget_s
     ):
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         fn()
         sync(device)
         times.append(time.perf_counter() - t0)
-    return Timing(min(times), statistics.median(times), len(times))
+        cpu.append(time.process_time() - c0)
+    cpu_s = min(cpu) if device.type == "cpu" else None
+    return Timing(min(times), statistics.median(times), len(times), cpu_s)
 
 
 def _proc_status_mib(key: str) -> float | None:
@@ -271,9 +278,21 @@ class Floors:
     matmul_gflops: float  # GFLOP/s of a large GEMM in the run's dtype
     bytes_used: int
     gemm_n: int
+    read_gbps_cpu: float | None = None  # the same per CPU-second (None on CUDA)
+    matmul_gflops_cpu: float | None = None
 
-    def floor_s(self, nbytes: float, flops: float) -> float:
-        return max(nbytes / (self.read_gbps * 1e9), flops / (self.matmul_gflops * 1e9))
+    def floor_s(self, nbytes: float, flops: float, *, cpu: bool = False) -> float | None:
+        bw, mm = (
+            (self.read_gbps_cpu, self.matmul_gflops_cpu)
+            if cpu
+            else (
+                self.read_gbps,
+                self.matmul_gflops,
+            )
+        )
+        if not bw or not mm:
+            return None
+        return max(nbytes / (bw * 1e9), flops / (mm * 1e9))
 
 
 def measure_floors(
@@ -294,6 +313,8 @@ def measure_floors(
         matmul_gflops=2 * gemm_n**3 / t_mm.best_s / 1e9,
         bytes_used=nbytes,
         gemm_n=gemm_n,
+        read_gbps_cpu=nbytes / t_read.cpu_s / 1e9 if t_read.cpu_s else None,
+        matmul_gflops_cpu=2 * gemm_n**3 / t_mm.cpu_s / 1e9 if t_mm.cpu_s else None,
     )
 
 
@@ -332,9 +353,13 @@ class ModelRow:
     featurize_s: float | None = None  # per LoRA, best call
     featurize_median_s: float | None = None
     featurize_floor_s: float | None = None
+    featurize_cpu_s: float | None = None  # per LoRA, CPU time of the least-CPU call
+    featurize_cpu_floor_s: float | None = None  # floor from the CPU-time bandwidth / rate
     forward_s: float | None = None  # per LoRA, best call (the model's whole forward)
     forward_median_s: float | None = None
     forward_floor_s: float | None = None
+    forward_cpu_s: float | None = None
+    forward_cpu_floor_s: float | None = None
     forward_flops: float | None = None  # per LoRA
     forward_bytes: float | None = None  # per LoRA
     featurize_flops: float | None = None
@@ -354,6 +379,18 @@ class ModelRow:
         if self.featurize_s is None or not self.featurize_floor_s:
             return None
         return self.featurize_s / self.featurize_floor_s
+
+    @property
+    def forward_cpu_x_floor(self) -> float | None:
+        if self.forward_cpu_s is None or not self.forward_cpu_floor_s:
+            return None
+        return self.forward_cpu_s / self.forward_cpu_floor_s
+
+    @property
+    def featurize_cpu_x_floor(self) -> float | None:
+        if self.featurize_cpu_s is None or not self.featurize_cpu_floor_s:
+            return None
+        return self.featurize_cpu_s / self.featurize_cpu_floor_s
 
 
 def _build(name: str, batch: LoRABatch, hparams: dict[str, Any]) -> torch.nn.Module:
@@ -405,23 +442,28 @@ def bench_model(
     row.peak_mib, row.peak_method = mem.peak_mib, mem.method
     row.param_mib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     param_bytes = row.param_mib * 2**20
-    with torch.inference_mode():
+    one = batch.select([0])  # FLOPs grow linearly with the batch: count them on one LoRA
+    with torch.inference_mode():  # the call under PeakMemory above was the warm-up
         if row.featurizer:
             fn = featurize_fn(row.featurizer, batch, model)
-            t = time_call(fn, device, budget_s=budget_s).per(B)
+            t = time_call(fn, device, budget_s=budget_s, warmup=0).per(B)
             row.featurize_s, row.featurize_median_s = t.best_s, t.median_s
-            flops = count_flops(fn)
-            nbytes = tensor_bytes(batch) + tensor_bytes(feats)
-            row.featurize_flops, row.featurize_bytes = flops / B, nbytes / B
-            row.featurize_floor_s = floors.floor_s(nbytes, flops) / B
+            row.featurize_cpu_s = t.cpu_s
+            flops = count_flops(featurize_fn(row.featurizer, one, model))
+            nbytes = (tensor_bytes(batch) + tensor_bytes(feats)) / B
+            row.featurize_flops, row.featurize_bytes = flops, nbytes
+            row.featurize_floor_s = floors.floor_s(nbytes, flops)
+            row.featurize_cpu_floor_s = floors.floor_s(nbytes, flops, cpu=True)
         del feats
-        t = time_call(lambda: model(batch), device, budget_s=budget_s).per(B)
+        t = time_call(lambda: model(batch), device, budget_s=budget_s, warmup=0).per(B)
         row.forward_s, row.forward_median_s = t.best_s, t.median_s
-        flops = count_flops(lambda: model(batch))
+        row.forward_cpu_s = t.cpu_s
+        flops = count_flops(lambda: model(one))
         # the forward must read its input and its parameters once (weights amortise over B)
-        nbytes = tensor_bytes(batch) + param_bytes
-        row.forward_flops, row.forward_bytes = flops / B, nbytes / B
-        row.forward_floor_s = floors.floor_s(nbytes, flops) / B
+        nbytes = tensor_bytes(batch) / B + param_bytes / B
+        row.forward_flops, row.forward_bytes = flops, nbytes
+        row.forward_floor_s = floors.floor_s(nbytes, flops)
+        row.forward_cpu_floor_s = floors.floor_s(nbytes, flops, cpu=True)
     return row
 
 
@@ -469,9 +511,13 @@ class SvalsRow:
     width: int
     qr_s: float  # per LoRA (batch size 1), all layers
     qr_x_floor: float
+    qr_cpu_s: float | None = None
+    qr_cpu_x_floor: float | None = None
     dense_s: float | None = None  # per LoRA, all layers (measured on `dense_layers` of them)
     dense_layers: int = 0
     ratio: float | None = None  # dense / qr
+    dense_cpu_s: float | None = None
+    ratio_cpu: float | None = None
     max_rel_err: float | None = None  # |svals_qr - svals_dense| / max sval, measured layers
     note: str = ""
 
@@ -509,6 +555,9 @@ def bench_svals(
         flops = count_flops(lambda: feats.svals(batch))
         qr = _svals_per_layer(feats.svals(batch), layers)
         row = SvalsRow(label, layers, width, t.best_s, t.best_s / floors.floor_s(nbytes, flops))
+        cpu_floor = floors.floor_s(nbytes, flops, cpu=True)
+        if t.cpu_s and cpu_floor:
+            row.qr_cpu_s, row.qr_cpu_x_floor = t.cpu_s, t.cpu_s / cpu_floor
         est_layer = dense_svals_estimate_s(width, device, dtype)
         layer_bytes = width * width * torch.empty((), dtype=dtype).element_size()
         if layer_bytes > max_dense_bytes or est_layer > dense_budget_s:
@@ -532,6 +581,9 @@ def bench_svals(
         )
         row.dense_s, row.dense_layers = td.best_s * layers / k, k
         row.ratio = row.dense_s / row.qr_s
+        if td.cpu_s and row.qr_cpu_s:
+            row.dense_cpu_s = td.cpu_s * layers / k
+            row.ratio_cpu = row.dense_cpu_s / row.qr_cpu_s
         if qr is not None:
             q, d = qr[0].float().flatten(), dense_vals[0].float()
             row.max_rel_err = float((q - d[: q.numel()]).abs().max() / d.max().clamp_min(1e-30))
@@ -674,6 +726,8 @@ class StoreRow:
     gb_per_s: float  # GB (1e9 bytes) of float32 U and V delivered per second
     file_bytes: int
     speedup: float | None = None  # store / PEFT at the same cache state
+    cpu_s: float | None = None  # CPU time of the process in that pass
+    speedup_cpu: float | None = None
 
 
 def bench_store(
@@ -720,15 +774,16 @@ def bench_store(
     rows: list[StoreRow] = []
     for cache in ("cold", "warm"):
         for source, (fn, files) in sources.items():
-            best = float("inf")
+            best, best_cpu = float("inf"), float("inf")
             for _ in range(repeats):
                 if cache == "cold":
                     drop_page_cache(files)
                 else:
                     fn()  # bring it into the page cache
-                t0 = time.perf_counter()
+                c0, t0 = time.process_time(), time.perf_counter()
                 got = fn()
                 best = min(best, time.perf_counter() - t0)
+                best_cpu = min(best_cpu, time.process_time() - c0)
             assert got == n, (got, n)
             rows.append(
                 StoreRow(
@@ -739,10 +794,12 @@ def bench_store(
                     loras_per_s=n / best,
                     gb_per_s=payload / best / 1e9,
                     file_bytes=sum(f.stat().st_size for f in files),
+                    cpu_s=best_cpu,
                 )
             )
         peft, packed = rows[-2], rows[-1]
         packed.speedup = peft.seconds / packed.seconds
+        packed.speedup_cpu = peft.cpu_s / max(packed.cpu_s, 1e-9)
     info = {
         "pack_s": pack_s,
         "loras": n,
@@ -996,6 +1053,8 @@ def _run(cfg: Config, log: Callable[[str], None]) -> dict[str, Any]:
                 **asdict(r),
                 "forward_x_floor": r.forward_x_floor,
                 "featurize_x_floor": r.featurize_x_floor,
+                "forward_cpu_x_floor": r.forward_cpu_x_floor,
+                "featurize_cpu_x_floor": r.featurize_cpu_x_floor,
             }
             for r in rows
         ]
@@ -1076,7 +1135,13 @@ def to_markdown(res: dict[str, Any]) -> str:
         "",
         f"Floors measured in this run: read bandwidth {f['read_gbps']:.1f} GB/s (sum of "
         f"{f['bytes_used'] >> 20} MiB), copy {f['copy_gbps']:.1f} GB/s (read + write), matmul "
-        f"{f['matmul_gflops']:.0f} GFLOP/s ({f['gemm_n']}^3 GEMM)."
+        f"{f['matmul_gflops']:.0f} GFLOP/s ({f['gemm_n']}^3 GEMM)"
+        + (
+            f"; per CPU-second: read {f['read_gbps_cpu']:.1f} GB/s, matmul "
+            f"{f['matmul_gflops_cpu']:.0f} GFLOP/s."
+            if f.get("read_gbps_cpu")
+            else "."
+        )
         + (
             f" Again at the end: {res['floors_at_end']['read_gbps']:.1f} GB/s, "
             f"{res['floors_at_end']['matmul_gflops']:.0f} GFLOP/s."
@@ -1087,8 +1152,10 @@ def to_markdown(res: dict[str, Any]) -> str:
     ]
     if "models" in res:
         lines += [
-            "Per LoRA (time of one call on a batch / batch size; best call). x floor = time / "
-            "max(bytes / bandwidth, FLOPs / matmul rate). Forward is the model's whole forward, "
+            "Per LoRA (time of one call on a batch / batch size; best call), as wall / CPU time "
+            "(CPU time: what the call cost the process, free of waiting for a shared core). "
+            "x floor = time / max(bytes / bandwidth, FLOPs / matmul rate), wall over the wall "
+            "floors / CPU over the CPU-time floors. Forward is the model's whole forward, "
             "featurization included. Peak = resident memory the model build + one featurize + "
             "forward added (parameters, features, activations; not the input).",
             "",
@@ -1097,13 +1164,17 @@ def to_markdown(res: dict[str, Any]) -> str:
             lines += [
                 f"Batch size {B}:",
                 "",
-                "| shape (L x width) | input/LoRA | model | featurize | x floor | forward "
-                "| x floor | params | peak | note |",
+                "| shape (L x width) | input/LoRA | model | featurize wall / CPU | x floor "
+                "| forward wall / CPU | x floor | params | peak | note |",
                 "|---|---|---|---|---|---|---|---|---|---|",
             ]
             for r in (r for r in res["models"] if r["batch_size"] == B):
                 shape = f"{r['shape']} ({r['layers']} x {r['width']})"
-                feat = f"{r['featurizer']}: {_t(r['featurize_s'])}" if r["featurizer"] else "-"
+                feat = (
+                    f"{r['featurizer']}: {_t(r['featurize_s'])} / {_t(r['featurize_cpu_s'])}"
+                    if r["featurizer"]
+                    else "-"
+                )
                 if r["status"] != "ok":
                     lines.append(
                         f"| {shape} | {_mib(r['input_mib'])} | {r['model']} | - | - | - | - | - "
@@ -1112,8 +1183,10 @@ def to_markdown(res: dict[str, Any]) -> str:
                     continue
                 lines.append(
                     f"| {shape} | {_mib(r['input_mib'])} | {r['model']} | {feat} "
-                    f"| {_x(r['featurize_x_floor'])} | {_t(r['forward_s'])} "
-                    f"| {_x(r['forward_x_floor'])} | {_mib(r['param_mib'])} "
+                    f"| {_x(r['featurize_x_floor'])} / {_x(r['featurize_cpu_x_floor'])} "
+                    f"| {_t(r['forward_s'])} / {_t(r['forward_cpu_s'])} "
+                    f"| {_x(r['forward_x_floor'])} / {_x(r['forward_cpu_x_floor'])} "
+                    f"| {_mib(r['param_mib'])} "
                     f"| {_mib(r['peak_mib'])} | {r['note']} |"
                 )
             lines.append("")
@@ -1122,15 +1195,20 @@ def to_markdown(res: dict[str, Any]) -> str:
             "Singular values of every delta W of one LoRA: the featurizer's QR route vs "
             "torch.linalg.svdvals of the dense U V^T.",
             "",
-            "| shape | QR route | x floor | dense svdvals | dense / QR | max rel. diff | note |",
+            "| shape | QR route wall / CPU | x floor wall / CPU | dense svdvals wall / CPU "
+            "| dense / QR wall / CPU | max rel. diff | note |",
             "|---|---|---|---|---|---|---|",
         ]
         for r in res["svals"]:
             err = "-" if r["max_rel_err"] is None else f"{r['max_rel_err']:.1e}"
             ratio = "-" if r["ratio"] is None else f"{r['ratio']:,.0f}x"
+            ratio_cpu = "-" if r.get("ratio_cpu") is None else f"{r['ratio_cpu']:,.0f}x"
             lines.append(
-                f"| {r['shape']} ({r['layers']} x {r['width']}) | {_t(r['qr_s'])} "
-                f"| {_x(r['qr_x_floor'])} | {_t(r['dense_s'])} | {ratio} | {err} | {r['note']} |"
+                f"| {r['shape']} ({r['layers']} x {r['width']}) "
+                f"| {_t(r['qr_s'])} / {_t(r.get('qr_cpu_s'))} "
+                f"| {_x(r['qr_x_floor'])} / {_x(r.get('qr_cpu_x_floor'))} "
+                f"| {_t(r['dense_s'])} / {_t(r.get('dense_cpu_s'))} | {ratio} / {ratio_cpu} "
+                f"| {err} | {r['note']} |"
             )
         lines.append("")
     if "store" in res:
@@ -1141,14 +1219,17 @@ def to_markdown(res: dict[str, Any]) -> str:
             f"batches of {info['batch_size']}; cold = files evicted from the page cache with "
             f"posix_fadvise(DONTNEED) first. Packing them took {info['pack_s']:.1f} s.",
             "",
-            "| source | page cache | LoRAs/s | GB/s | files | store / PEFT |",
-            "|---|---|---|---|---|---|",
+            "| source | page cache | LoRAs/s | GB/s | CPU s | files | store / PEFT (wall) "
+            "| (CPU) |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for r in res["store"]["rows"]:
             sp = "-" if r["speedup"] is None else f"**{r['speedup']:.0f}x**"
+            spc = "-" if r.get("speedup_cpu") is None else f"{r['speedup_cpu']:.0f}x"
             lines.append(
                 f"| {r['source']} | {r['cache']} | {r['loras_per_s']:,.0f} | "
-                f"{r['gb_per_s']:.2f} | {_mib(r['file_bytes'] / 2**20)} | {sp} |"
+                f"{r['gb_per_s']:.2f} | {_t(r.get('cpu_s'))} | {_mib(r['file_bytes'] / 2**20)} "
+                f"| {sp} | {spc} |"
             )
         lines.append("")
     if "train" in res:
