@@ -413,6 +413,9 @@ class StoreWriter:
             self._workdir = Path(
                 tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent)
             )
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(self._workdir, 0o777 & ~umask)  # mkdtemp makes it private (0700)
         self._np_dtype = _NP_DTYPES[self.dtype]
 
     # ------------------------------------------------------------------ API
