@@ -150,9 +150,12 @@ class GLNet(LoLModel):
     ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
         rms = layer_rms(batch).to(batch.dtype)  # (B, L), invariant
         s = rms.clamp_min(EPS).sqrt()
-        Us = [u / s[:, k, None, None] for k, u in enumerate(batch.U)]
-        Vs = [v / s[:, k, None, None] for k, v in enumerate(batch.V)]
-        for layer in self.equivariant:
+        # The first layer is linear, Phi (U / s) = (Phi U) / s: scaling its small outputs rather
+        # than the inputs saves a copy (a read and a write) of every U and V.
+        Us, Vs = self.equivariant[0](batch.U, batch.V)
+        Us = [u / s[:, k, None, None] for k, u in enumerate(Us)]
+        Vs = [v / s[:, k, None, None] for k, v in enumerate(Vs)]
+        for layer in self.equivariant[1:]:
             Us, Vs = layer(Us, Vs)
         return Us, Vs, rms
 
