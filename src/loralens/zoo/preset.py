@@ -48,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import random
 import shutil
@@ -211,6 +212,30 @@ def index_rng(seed: int, index: int, salt: str = "") -> random.Random:
     """A ``random.Random`` that depends only on (seed, index, salt): use it in ``sample_config``."""
     digest = hashlib.sha256(f"{salt}|{seed}|{index}".encode()).digest()
     return random.Random(int.from_bytes(digest[:8], "little"))
+
+
+def sample_lora_hparams(
+    rng: random.Random,
+    opts: Mapping[str, Any],
+    ranks: Sequence[int],
+    epochs: Sequence[int],
+    batch_sizes: Sequence[int],
+) -> dict[str, Any]:
+    """The paper's random finetuning recipe: lr log-uniform in [opts lr_min, lr_max], weight
+    decay log-uniform in [1e-4, 1e-1], epochs, batch size, lora_dropout in [0, 0.1], init seed,
+    rank from ``ranks``; lora_alpha = 2 * rank."""
+    lo, hi = math.log10(opts["lr_min"]), math.log10(opts["lr_max"])
+    cfg: dict[str, Any] = {
+        "lr": 10 ** rng.uniform(lo, hi),
+        "weight_decay": 10 ** rng.uniform(-4, -1),
+        "epochs": rng.choice(epochs),
+        "batch_size": rng.choice(batch_sizes),
+        "lora_dropout": rng.uniform(0.0, 0.1),
+        "init_seed": rng.randrange(2**31),
+        "rank": rng.choice(sorted(ranks)),
+    }
+    cfg["lora_alpha"] = 2 * cfg["rank"]
+    return cfg
 
 
 def derive_seed(*parts: Any) -> int:

@@ -15,7 +15,6 @@ LoRA's own training blocks after training) and ``eval_loss`` (held-out blocks).
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -23,7 +22,14 @@ from typing import Any
 
 import torch
 
-from loralens.zoo.preset import OnDone, Preset, derive_seed, index_rng, register_preset
+from loralens.zoo.preset import (
+    OnDone,
+    Preset,
+    derive_seed,
+    index_rng,
+    register_preset,
+    sample_lora_hparams,
+)
 
 BATCH_SIZES = (4, 8, 16)
 EPOCHS = (1, 2, 3)
@@ -127,17 +133,7 @@ class CausalLM(Preset):
 
     def sample_config(self, seed: int, index: int, ranks: Sequence[int]) -> dict[str, Any]:
         rng = index_rng(seed, index, self.name)
-        lo, hi = math.log10(self.opts["lr_min"]), math.log10(self.opts["lr_max"])
-        cfg: dict[str, Any] = {
-            "lr": 10 ** rng.uniform(lo, hi),
-            "weight_decay": 10 ** rng.uniform(-4, -1),
-            "epochs": rng.choice(EPOCHS),
-            "batch_size": rng.choice(BATCH_SIZES),
-            "lora_dropout": rng.uniform(0.0, 0.1),
-            "init_seed": rng.randrange(2**31),
-            "rank": rng.choice(sorted(ranks)),
-        }
-        cfg["lora_alpha"] = 2 * cfg["rank"]
+        cfg = sample_lora_hparams(rng, self.opts, ranks, EPOCHS, BATCH_SIZES)
         used = [int(rng.random() < 0.5) for _ in range(int(self.opts["parts"]))]
         if not any(used):
             used[rng.randrange(len(used))] = 1

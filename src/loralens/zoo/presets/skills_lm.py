@@ -36,8 +36,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
+from loralens.zoo.batched_lora import BatchedAdamW, wrap_targets
 from loralens.zoo.preset import (
     OnDone,
     Preset,
@@ -46,6 +46,7 @@ from loralens.zoo.preset import (
     derive_seed,
     index_rng,
     register_preset,
+    sample_lora_hparams,
 )
 from loralens.zoo.presets import skills_data as data
 
@@ -128,81 +129,6 @@ def pretrain(
             log(f"  pretrain step {t}/{steps} loss {loss.item():.3f} ({time.time() - t0:.0f}s)")
     model.eval()
     return model
-
-
-# ---------------------------------------------------------------------------------------------
-# batched LoRA
-
-
-class BatchedLoRALinear(nn.Module):
-    """K LoRAs on one frozen ``nn.Linear``: y_k = W x_k + s_k B_k A_k dropout_k(x_k).
-
-    The input's batch axis holds the K LoRAs' examples, LoRA-major: rows [k*b, (k+1)*b) belong to
-    LoRA k. ``A`` is (K, r, in) and ``B`` (K, out, r) as PEFT's lora_A/lora_B weights; ranks below
-    r are zero-padded (zero rows of A, zero columns of B stay zero under training, exactly).
-    """
-
-    def __init__(self, base: nn.Linear, K: int, r: int):
-        super().__init__()
-        self.base = base
-        self.A = nn.Parameter(torch.zeros(K, r, base.in_features))
-        self.B = nn.Parameter(torch.zeros(K, base.out_features, r))
-        self.register_buffer("scale", torch.ones(K))
-        self.register_buffer("dropout", torch.zeros(K))
-        # one generator per LoRA: its dropout masks depend on nothing but its own seed
-        self.generators: list[torch.Generator] = []
-
-    def _dropout_masks(self, shape: torch.Size) -> torch.Tensor:
-        """(K, b*T, in) inverted-dropout masks, drawn per LoRA at full length and cut to T."""
-        K = self.A.shape[0]
-        b, t, n = shape[0] // K, shape[1], shape[2]
-        masks = []
-        for k, g in enumerate(self.generators):
-            p = float(self.dropout[k])
-            noise = torch.rand(b, data.MAX_LEN, n, generator=g)[:, :t]
-            masks.append((noise >= p).float() / (1 - p))
-        return torch.stack(masks).reshape(K, b * t, n)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
-        K = self.A.shape[0]
-        xk = x.reshape(K, -1, x.shape[-1])
-        if self.training and self.generators and bool((self.dropout > 0).any()):
-            xk = xk * self._dropout_masks(x.shape)
-        h = torch.bmm(xk, self.A.transpose(1, 2))
-        d = torch.bmm(h, self.B.transpose(1, 2)) * self.scale.view(K, 1, 1)
-        return y + d.reshape(y.shape)
-
-
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
-class BatchedAdamW:
-    """AdamW over the K-stacked LoRA factors, with per-LoRA lr, weight decay and step count."""
-
-    def __init__(self, params: list[nn.Parameter], betas=(0.9, 0.999), eps=1e-8):
-        self.params = params
-        self.b1, self.b2, self.eps = betas[0], betas[1], eps
-        self.m = [torch.zeros_like(p) for p in params]
-        self.v = [torch.zeros_like(p) for p in params]
-
-    @torch.no_grad()
-    def step(self, update: torch.Tensor, lr: torch.Tensor, wd: torch.Tensor, count: torch.Tensor):
-        """Update the LoRAs where ``update`` (K,) is true; ``count`` is their new step count."""
-        K = update.shape[0]
-        c1 = 1 - self.b1 ** count.clamp(min=1)
-        c2 = 1 - self.b2 ** count.clamp(min=1)
-        sel = update.view(K, 1, 1)
-        for p, m, v in zip(self.params, self.m, self.v):
-            g = p.grad
-            m.copy_(torch.where(sel, self.b1 * m + (1 - self.b1) * g, m))
-            v.copy_(torch.where(sel, self.b2 * v + (1 - self.b2) * g * g, v))
-            step = (m / c1.view(K, 1, 1)) / ((v / c2.view(K, 1, 1)).sqrt() + self.eps)
-            new = p * (1 - (lr * wd).view(K, 1, 1)) - lr.view(K, 1, 1) * step
-            p.copy_(torch.where(sel, new, p))
-            g.masked_fill_(sel, 0.0)
 
 
 @register_preset
@@ -328,17 +254,7 @@ class SkillsLM(Preset):
 
     def sample_config(self, seed: int, index: int, ranks: Sequence[int]) -> dict[str, Any]:
         rng = index_rng(seed, index, self.name)
-        lo, hi = math.log10(self.opts["lr_min"]), math.log10(self.opts["lr_max"])
-        cfg: dict[str, Any] = {
-            "lr": 10 ** rng.uniform(lo, hi),
-            "weight_decay": 10 ** rng.uniform(-4, -1),
-            "epochs": rng.choice(EPOCHS),
-            "batch_size": rng.choice(BATCH_SIZES),
-            "lora_dropout": rng.uniform(0.0, 0.1),
-            "init_seed": rng.randrange(2**31),
-            "rank": rng.choice(sorted(ranks)),
-        }
-        cfg["lora_alpha"] = 2 * cfg["rank"]
+        cfg = sample_lora_hparams(rng, self.opts, ranks, EPOCHS, BATCH_SIZES)
         used = [int(rng.random() < 0.5) for _ in data.SOURCES]
         while sum(used) < 2:
             used[rng.randrange(len(used))] = 1
@@ -397,32 +313,15 @@ class SkillsLM(Preset):
 
     def _batched_model(self, group: list[dict[str, Any]]):
         """A shallow copy of the base with every target linear wrapped in a BatchedLoRALinear."""
-        K, r = len(group), max(c["rank"] for c in group)
-        # share the frozen base weights: deep-copy the module tree, not the parameters
-        memo = {id(p): p for p in self.model.parameters()}
-        model = copy.deepcopy(self.model, memo)
-        mods: dict[str, BatchedLoRALinear] = {}
-        targets = set(self._targets())
-        for name, mod in list(model.named_modules()):
-            if isinstance(mod, nn.Linear) and name.rsplit(".", 1)[-1] in targets:
-                bl = BatchedLoRALinear(mod, K, r)
-                for k, c in enumerate(group):
-                    g = torch.Generator().manual_seed(derive_seed(c["init_seed"], name))
-                    bound = 1.0 / math.sqrt(mod.in_features)  # PEFT's kaiming_uniform(a=sqrt(5))
-                    bl.A.data[k, : c["rank"]] = (
-                        torch.rand(c["rank"], mod.in_features, generator=g) * 2 - 1
-                    ) * bound
-                    bl.scale[k] = c["lora_alpha"] / c["rank"]
-                    bl.dropout[k] = c["lora_dropout"]
-                bl.generators = [
-                    torch.Generator().manual_seed(derive_seed(c["init_seed"], name, "dropout"))
-                    for c in group
-                ]
-                _set_module(model, name, bl)
-                mods[name] = bl
-        if not mods:
-            raise ValueError(f"no linear layer named {sorted(targets)} in the base model")
-        return model, mods
+        return wrap_targets(
+            self.model,
+            self._targets(),
+            ranks=[c["rank"] for c in group],
+            alphas=[c["lora_alpha"] for c in group],
+            init_seeds=[c["init_seed"] for c in group],
+            dropouts=[c["lora_dropout"] for c in group],
+            mask_len=data.MAX_LEN,
+        )
 
     def _finetune(self, model, mods, group) -> None:
         K = len(group)
