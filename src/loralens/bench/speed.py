@@ -522,10 +522,15 @@ class SvalsRow:
     note: str = ""
 
 
+def _svd_dtype(dtype: torch.dtype) -> torch.dtype:
+    """torch's SVD needs float32 or float64 (as the featurizers, linear algebra in >= float32)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def dense_svals_estimate_s(width: int, device: torch.device, dtype: torch.dtype) -> float:
     """Estimated svdvals time of one dense width x width matrix: a 512 x 512 one timed now,
     scaled by (width / 512)^3."""
-    a = torch.randn(512, 512, device=device).to(dtype)
+    a = torch.randn(512, 512, device=device).to(_svd_dtype(dtype))
     t = time_call(lambda: torch.linalg.svdvals(a), device, min_repeats=3, budget_s=0.3)
     return t.best_s * (width / 512) ** 3
 
@@ -568,8 +573,9 @@ def bench_svals(
             )
             return row
 
-        def dense(k: int) -> list[torch.Tensor]:
-            return [torch.linalg.svdvals(batch.U[i][0] @ batch.V[i][0].T) for i in range(k)]
+        def dense(k: int) -> list[torch.Tensor]:  # the product in the run's dtype, SVD in >= fp32
+            w = _svd_dtype(dtype)
+            return [torch.linalg.svdvals((batch.U[i][0] @ batch.V[i][0].T).to(w)) for i in range(k)]
 
         t0 = time.perf_counter()
         dense_vals = dense(1)
