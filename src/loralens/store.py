@@ -419,12 +419,6 @@ class StoreWriter:
         self._np_dtype = _NP_DTYPES[self.dtype]
 
     # ------------------------------------------------------------------ API
-    @property
-    def spec(self) -> LayerSpec | None:
-        if self.names is None:
-            return None
-        return LayerSpec(tuple(self.names), tuple(self.shapes), tuple(0 for _ in self.names))
-
     def mismatch(self, lora: LoRA) -> str:
         """Why ``lora`` does not fit this store's layer layout ('' when it fits)."""
         if self.names is None:
@@ -623,10 +617,6 @@ def write_store(
     return LoRAStore(path)
 
 
-def open_store(path: str | os.PathLike, **kwargs: Any) -> LoRAStore:
-    return LoRAStore(path, **kwargs)
-
-
 # --------------------------------------------------------------------------- packing
 
 
@@ -793,7 +783,6 @@ __all__ = [
     "PackError",
     "StoreError",
     "StoreWriter",
-    "open_store",
     "pack",
     "read_labels",
     "shapes_key",
