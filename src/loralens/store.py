@@ -39,6 +39,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from loralens.atomic import fsync_dir, write_file_atomic
 from loralens.lora import LayerSpec, LoRA, LoRABatch, spec_of
 
 FORMAT = "loralens-store"
@@ -66,23 +67,6 @@ def shapes_key(names: Sequence[str], shapes: Sequence[Sequence[int]]) -> str:
     """A short stable hash of a layer layout (names and delta-W shapes, not ranks)."""
     text = json.dumps([[n, [int(x) for x in s]] for n, s in zip(names, shapes)])
     return hashlib.sha1(text.encode()).hexdigest()[:16]
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _write_safetensors(path: Path, tensors: Mapping[str, np.ndarray], metadata: dict) -> None:
@@ -561,8 +545,8 @@ class StoreWriter:
         with open(idx_tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(idx_tmp, self._workdir / INDEX)
-        _write_bytes_atomic(self._workdir / INFO, (json.dumps(info, indent=2) + "\n").encode())
-        _fsync_dir(self._workdir)
+        write_file_atomic(self._workdir / INFO, (json.dumps(info, indent=2) + "\n").encode())
+        fsync_dir(self._workdir)
         if not self.append:
             if self.path.exists():
                 if self.overwrite:
@@ -575,7 +559,7 @@ class StoreWriter:
                     os.replace(self._workdir, self.path)
             else:
                 os.replace(self._workdir, self.path)
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
         return LoRAStore(self.path)
 
     def abort(self) -> None:

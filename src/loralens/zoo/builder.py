@@ -31,12 +31,10 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from loralens.atomic import atomic_dir, fsync_dir, fsync_tree, write_file_atomic
 from loralens.zoo.preset import (
     Preset,
-    atomic_dir,
     default_cache_dir,
-    fsync_dir,
-    fsync_tree,
     get_preset,
 )
 
@@ -105,16 +103,6 @@ def hash_base(base_dir: Path) -> str:
 # small file helpers
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
 def read_manifest(zoo: Path | str) -> dict[str, Any]:
     path = Path(zoo) / MANIFEST
     if not path.exists():
@@ -170,7 +158,7 @@ def rewrite_labels(zoo: Path, columns: Sequence[str]) -> dict[str, dict[str, Any
     text = _csv_line(header, {c: c for c in header}) + "".join(
         _csv_line(header, done[k]) for k in sorted(done)
     )
-    _write_atomic(zoo / LABELS, text)
+    write_file_atomic(zoo / LABELS, text)
     return done
 
 
@@ -392,7 +380,7 @@ def build_zoo(
         "preset_info": preset_obj.manifest_info(),
         "created": (old or {}).get("created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())),
     }
-    _write_atomic(out / MANIFEST, json.dumps(manifest, indent=2, default=str) + "\n")
+    write_file_atomic(out / MANIFEST, json.dumps(manifest, indent=2, default=str) + "\n")
 
     dropped = _drop_temp_dirs(out)
     done = rewrite_labels(out, columns)
@@ -526,7 +514,7 @@ def merge_zoos(
         base_hash=base_hash,
         merged_from=sorted({*ref.get("merged_from", []), *(str(s.resolve()) for s in srcs)}),
     )
-    _write_atomic(out / MANIFEST, json.dumps(manifest, indent=2, default=str) + "\n")
+    write_file_atomic(out / MANIFEST, json.dumps(manifest, indent=2, default=str) + "\n")
     done = rewrite_labels(out, manifest["label_columns"])
     log(f"merged {len(srcs)} shard(s) into {out}: {copied} adapters copied, {len(done)} in all")
     missing = [adapter_id(i) for i in range(manifest["num"]) if adapter_id(i) not in done]

@@ -13,7 +13,7 @@ kill -9, sharding, merging, progress and the label summary. The contract:
    model and anything else every LoRA shares (datasets, scorers). Deterministic from
    ``(seed, options)``. ``cache_dir`` is the cache *root*; use
    :func:`cache_path` ``(cache_dir, self.name, seed, key_options)`` for this preset's entry and
-   :func:`atomic_dir` to write it, so that two processes (shards) never see a half-written cache.
+   :func:`loralens.atomic.atomic_dir` to write it, so that two processes (shards) never see a half-written cache.
 3. ``preset.save_base(dir)`` writes the base model into ``OUT/base`` such that
    ``PeftModel.from_pretrained(<base loaded from dir>, OUT/adapters/<id>)`` works (for
    transformers: ``model.save_pretrained(dir)``). The builder hashes the ``*.safetensors`` files
@@ -45,16 +45,13 @@ or at the top of the preset module, never in ``loralens/zoo/__init__.py``.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
 import os
 import random
-import shutil
-import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -253,46 +250,3 @@ def default_cache_dir() -> Path:
 def cache_path(cache_dir: Path | str, name: str, seed: int, key_options: Mapping[str, Any]) -> Path:
     """The cache entry of preset ``name`` for (seed, options that shape the cached artefacts)."""
     return Path(cache_dir) / f"{name}-s{seed}-{stable_hash(dict(key_options))}"
-
-
-def fsync_dir(path: Path) -> None:
-    """fsync a directory, so that a rename inside it survives a crash."""
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def fsync_tree(path: Path) -> None:
-    """fsync every file under ``path`` and the directories themselves."""
-    for root, _dirs, files in os.walk(path):
-        for f in files:
-            with open(os.path.join(root, f), "rb") as fh:
-                os.fsync(fh.fileno())
-        fsync_dir(Path(root))
-
-
-@contextlib.contextmanager
-def atomic_dir(final: Path | str) -> Iterator[Path]:
-    """Write a directory atomically: yields a temp dir next to ``final``, renamed into place on success.
-
-    If ``final`` already exists when the block ends (another process won the race), the temp dir
-    is dropped and the existing one kept. On an exception the temp dir is removed.
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        fsync_tree(tmp)
-        if final.exists():
-            shutil.rmtree(tmp)
-        else:
-            os.rename(tmp, final)
-            fsync_dir(final.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

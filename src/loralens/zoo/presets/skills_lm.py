@@ -37,11 +37,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from loralens.atomic import atomic_dir
 from loralens.zoo.batched_lora import BatchedAdamW, wrap_targets
 from loralens.zoo.preset import (
     OnDone,
     Preset,
-    atomic_dir,
     cache_path,
     derive_seed,
     index_rng,
