@@ -27,6 +27,15 @@ TINY = {"size": "tiny", "group": 3, "sample_steps": 4}
 KW = {"options": TINY, "ranks": (2, 4), "progress": False, "threads": 1}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One torch thread, as the zoo builder and CLI use: threads thrash on a busy 2-core CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _rows(zoo):
     with open(zoo / "labels.csv") as fh:
         return list(csv.DictReader(fh))
@@ -189,8 +198,8 @@ def test_batched_finetuning_equals_plain_peft(preset):
             torch.testing.assert_close(mods[name].A[k, : ranks[k]], A, atol=2e-5, rtol=1e-3)
             torch.testing.assert_close(mods[name].B[k, :, : ranks[k]], B, atol=2e-5, rtol=1e-3)
             # zero padding of the smaller rank stays exactly zero
-            assert float(mods[name].A[k, ranks[k] :].abs().sum()) == 0.0
-            assert float(mods[name].B[k, :, ranks[k] :].abs().sum()) == 0.0
+            assert float(mods[name].A[k, ranks[k] :].detach().abs().sum()) == 0.0
+            assert float(mods[name].B[k, :, ranks[k] :].detach().abs().sum()) == 0.0
 
 
 def test_zoo_samples_writes_png(dream, tmp_path):
@@ -222,7 +231,7 @@ def test_kill9_then_resume(dream, tmp_path):
     opts = {**TINY, "group": 2}
     code = (
         "from loralens.zoo.builder import build_zoo; "
-        f"build_zoo('digits-dreambooth', 6, {str(out)!r}, options={opts!r}, ranks=(2, 4), progress=False, threads=1)"
+        f"build_zoo('digits-dreambooth', 4, {str(out)!r}, options={opts!r}, ranks=(2, 4), progress=False, threads=1)"
     )
     proc = subprocess.Popen(
         [sys.executable, "-c", code], env=dict(os.environ), stderr=subprocess.DEVNULL
@@ -241,13 +250,13 @@ def test_kill9_then_resume(dream, tmp_path):
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert (out / "zoo.json").exists()
-    build_zoo("digits-dreambooth", 6, out, **{**KW, "options": opts})
-    assert _adapters(out) == [f"{i:06d}" for i in range(6)]
+    build_zoo("digits-dreambooth", 4, out, **{**KW, "options": opts})
+    assert _adapters(out) == [f"{i:06d}" for i in range(4)]
     rows = _rows(out)
     assert sorted(r["adapter"] for r in rows) == _adapters(out)
     assert all(r["clip_score"] and r["subject_score"] for r in rows)
     # LoRA i is the same whoever built it: compare with the uninterrupted zoo's first five
     ref = {r["adapter"]: r for r in _rows(dream)}
-    for r in rows[:5]:
+    for r in rows:
         assert r["instance_prompt"] == ref[r["adapter"]]["instance_prompt"]
         assert abs(float(r["clip_score"]) - float(ref[r["adapter"]]["clip_score"])) < 2e-3

@@ -702,7 +702,13 @@ class PeftSaver:
                 raise RuntimeError(
                     f"LoRA {out_dir.name}: batched forward differs from PEFT's by {err:.3g}"
                 )
-        pm.save_pretrained(str(out_dir))
+        import warnings
+
+        with warnings.catch_warnings():
+            # the base is a local folder (``base/unet``) PEFT cannot look up: nothing to check
+            warnings.filterwarnings("ignore", message=".*config.*base/unet.*")
+            warnings.filterwarnings("ignore", message=".*Could not find a config file.*")
+            pm.save_pretrained(str(out_dir))
 
 
 def load_adapter(unet: nn.Module, adapter_dir: Path):

@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from loralens.atomic import atomic_dir
 from loralens.zoo import diffusion as D
-from loralens.zoo.preset import OnDone, Preset, atomic_dir, cache_path
+from loralens.zoo.preset import OnDone, Preset, cache_path
 from loralens.zoo.scorer import DigitScorer, class_accuracy, scorer_report, train_scorer
 
 #: sampling seed of the score prompts' starting noise (the same for every LoRA and the base)

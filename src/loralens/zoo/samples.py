@@ -139,8 +139,14 @@ def register(zoo_app) -> None:
         seeds: int = typer.Option(6, help="Sampling seeds (grid columns)."),
         steps: int = typer.Option(None, help="DDIM steps (default: the zoo's sample_steps)."),
         guidance: float = typer.Option(None, help="Classifier-free guidance (default: the zoo's)."),
+        threads: int = typer.Option(
+            1, help="Torch threads (1 is fastest for this small model on a busy CPU)."
+        ),
     ) -> None:
         """A PNG grid of images generated with and without one LoRA from the same seeds."""
+        import torch
+
+        torch.set_num_threads(max(1, threads))
         try:
             info = render_samples(
                 zoo, adapter, out, prompts=prompt, seeds=seeds, steps=steps, guidance=guidance

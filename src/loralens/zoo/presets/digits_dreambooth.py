@@ -44,8 +44,8 @@ class DigitsDreambooth(DigitsPreset):
         **COMMON_OPTIONS,
         "lr_min": 1e-4,
         "lr_max": 1e-2,
-        "steps_min": 20,
-        "steps_max": 120,
+        "steps_min": 10,
+        "steps_max": 80,
         "images_min": 10,
         "images_max": 20,
     }

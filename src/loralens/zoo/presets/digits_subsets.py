@@ -37,7 +37,7 @@ class DigitsSubsets(DigitsPreset):
     default_options: ClassVar[dict[str, Any]] = {
         **COMMON_OPTIONS,
         "lr": 2e-3,
-        "steps": 60,
+        "steps": 40,
         "micro": 8,
     }
 
