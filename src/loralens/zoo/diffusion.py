@@ -19,7 +19,7 @@ prompts drop the class or are empty, so classifier-free guidance works). Samplin
 ``DDIMScheduler`` with classifier-free guidance. Deterministic from the seed.
 
 LoRA finetuning: K LoRAs train at once over one shared frozen UNet. Every target linear layer
-(``to_q``/``to_v`` by default) becomes a :class:`BatchedLoRALinear` that runs the base matmul
+(``to_q``/``to_v`` by default) becomes a :class:`~loralens.zoo.batched_lora.BatchedLoRALinear` that runs the base matmul
 once for all LoRAs and each LoRA's low-rank path with a batched matmul; each LoRA has its own
 data stream, learning rate, step count, gradient accumulation, AdamW state and init seed. A LoRA
 that has finished its steps drops out of the batch. Before saving, every LoRA is loaded into a
@@ -41,6 +41,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from loralens.zoo.batched_lora import BatchedAdamW, BatchedLoRALinear, set_active
 
 CLASS_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 #: (positive word, negative word); the label column is ``attr_<positive word>``
@@ -472,40 +474,6 @@ def sample(
 # batched LoRA finetuning
 
 
-class BatchedLoRALinear(nn.Module):
-    """K LoRAs on one frozen ``nn.Linear``: y_k = W x_k + s_k B_k A_k x_k.
-
-    The input's batch axis holds the examples of the LoRAs in ``active`` (LoRA-major: the first
-    N/len(active) rows belong to LoRA active[0], ...). ``A`` is (K, r, in) and ``B`` (K, out, r),
-    as PEFT's lora_A/lora_B weights; ranks below r are zero-padded (zero rows of A and zero
-    columns of B stay zero under training, exactly). ``active=None`` means all K.
-    """
-
-    def __init__(self, base: nn.Linear, K: int, r: int):
-        super().__init__()
-        self.base = base
-        self.A = nn.Parameter(torch.zeros(K, r, base.in_features))
-        self.B = nn.Parameter(torch.zeros(K, base.out_features, r))
-        self.register_buffer("scale", torch.ones(K))
-        self.active: torch.Tensor | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
-        if self.active is None:
-            A, B, s = self.A, self.B, self.scale
-        else:
-            A, B, s = self.A[self.active], self.B[self.active], self.scale[self.active]
-        G = A.shape[0]
-        xk = x.reshape(G, -1, x.shape[-1])
-        d = torch.bmm(torch.bmm(xk, A.transpose(1, 2)), B.transpose(1, 2)) * s.view(G, 1, 1)
-        return y + d.reshape(y.shape)
-
-
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
 def target_names(unet: nn.Module, targets: Sequence[str]) -> list[str]:
     """Full names of the UNet's linear layers whose last name part is in ``targets``."""
     wanted = set(targets)
@@ -514,75 +482,6 @@ def target_names(unet: nn.Module, targets: Sequence[str]) -> list[str]:
         for n, m in unet.named_modules()
         if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in wanted
     ]
-
-
-def batched_unet(
-    unet: nn.Module,
-    targets: Sequence[str],
-    ranks: Sequence[int],
-    alphas: Sequence[float],
-    init_seeds: Sequence[int],
-) -> tuple[nn.Module, dict[str, BatchedLoRALinear]]:
-    """A copy of ``unet`` sharing its frozen weights, with K LoRAs on every target layer.
-
-    A is initialized as PEFT does (kaiming-uniform, a=sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in)))
-    from each LoRA's init seed; B is zero.
-    """
-    from loralens.zoo.preset import derive_seed
-
-    K, r = len(ranks), max(ranks)
-    memo = {id(p): p for p in unet.parameters()}
-    model = copy.deepcopy(unet, memo)
-    mods: dict[str, BatchedLoRALinear] = {}
-    for name in target_names(model, targets):
-        base = model.get_submodule(name)
-        bl = BatchedLoRALinear(base, K, r)
-        bound = 1.0 / math.sqrt(base.in_features)
-        for k in range(K):
-            g = torch.Generator().manual_seed(derive_seed(init_seeds[k], name))
-            bl.A.data[k, : ranks[k]] = (
-                torch.rand(ranks[k], base.in_features, generator=g) * 2 - 1
-            ) * bound
-            bl.scale[k] = alphas[k] / ranks[k]
-        _set_module(model, name, bl)
-        mods[name] = bl
-    if not mods:
-        raise ValueError(f"no linear layer named {sorted(targets)} in the UNet")
-    return model, mods
-
-
-def set_active(mods: Mapping[str, BatchedLoRALinear], active: torch.Tensor | None) -> None:
-    for m in mods.values():
-        m.active = active
-
-
-class BatchedAdamW:
-    """AdamW (as ``torch.optim.AdamW``) over K-stacked LoRA factors, per-LoRA lr and step count."""
-
-    def __init__(self, params: list[nn.Parameter], betas=(0.9, 0.999), eps=1e-8):
-        self.params = params
-        self.b1, self.b2, self.eps = betas[0], betas[1], eps
-        self.m = [torch.zeros_like(p) for p in params]
-        self.v = [torch.zeros_like(p) for p in params]
-
-    @torch.no_grad()
-    def step(self, update: torch.Tensor, lr: torch.Tensor, wd: torch.Tensor, count: torch.Tensor):
-        """Update the LoRAs where ``update`` (K,) is true; ``count`` is their new step count."""
-        K = update.shape[0]
-        c1 = (1 - self.b1 ** count.clamp(min=1).double()).float().view(K, 1, 1)
-        c2 = (1 - self.b2 ** count.clamp(min=1).double()).float().view(K, 1, 1)
-        sel = update.view(K, 1, 1)
-        lr3 = lr.view(K, 1, 1)
-        for p, m, v in zip(self.params, self.m, self.v):
-            g = p.grad if p.grad is not None else torch.zeros_like(p)
-            decayed = p * (1 - lr3 * wd.view(K, 1, 1))
-            m.copy_(torch.where(sel, m * self.b1 + g * (1 - self.b1), m))
-            v.copy_(torch.where(sel, v * self.b2 + g * g * (1 - self.b2), v))
-            denom = (v.sqrt() / c2.sqrt()) + self.eps
-            new = decayed - (lr3 / c1) * m / denom
-            p.copy_(torch.where(sel, new, p))
-            if p.grad is not None:
-                p.grad.masked_fill_(sel, 0.0)
 
 
 @dataclass

@@ -22,6 +22,7 @@ import torch
 
 from loralens.atomic import atomic_dir
 from loralens.zoo import diffusion as D
+from loralens.zoo.batched_lora import wrap_targets
 from loralens.zoo.preset import OnDone, Preset, cache_path
 from loralens.zoo.scorer import DigitScorer, class_accuracy, scorer_report, train_scorer
 
@@ -149,7 +150,7 @@ class DigitsPreset(Preset):
         K = len(configs)
         ranks = [int(c["rank"]) for c in configs]
         alphas = [float(c["lora_alpha"]) for c in configs]
-        model, mods = D.batched_unet(
+        model, mods = wrap_targets(
             self.base.unet, self.targets(), ranks, alphas, [int(c["init_seed"]) for c in configs]
         )
         jobs = [self.job(c) for c in configs]
