@@ -211,6 +211,19 @@ def index_rng(seed: int, index: int, salt: str = "") -> random.Random:
     return random.Random(int.from_bytes(digest[:8], "little"))
 
 
+#: The label columns :func:`sample_lora_hparams` fills, in order.
+HPARAM_COLUMNS = (
+    "lr",
+    "weight_decay",
+    "epochs",
+    "batch_size",
+    "lora_dropout",
+    "init_seed",
+    "rank",
+    "lora_alpha",
+)
+
+
 def sample_lora_hparams(
     rng: random.Random,
     opts: Mapping[str, Any],

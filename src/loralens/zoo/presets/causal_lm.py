@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from loralens.zoo.preset import (
+    HPARAM_COLUMNS,
     OnDone,
     Preset,
     derive_seed,
@@ -141,16 +142,7 @@ class CausalLM(Preset):
         return cfg
 
     def label_columns(self, options: Mapping[str, Any]) -> list[str]:
-        hyper = [
-            "lr",
-            "weight_decay",
-            "epochs",
-            "batch_size",
-            "lora_dropout",
-            "init_seed",
-            "rank",
-            "lora_alpha",
-        ]
+        hyper = list(HPARAM_COLUMNS)
         parts = [f"part_{j}" for j in range(int(options["parts"]))]
         return [*hyper, *parts, "train_loss", "eval_loss"]
 

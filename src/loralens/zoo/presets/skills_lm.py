@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from loralens.atomic import atomic_dir
 from loralens.zoo.batched_lora import BatchedAdamW, wrap_targets
 from loralens.zoo.preset import (
+    HPARAM_COLUMNS,
     OnDone,
     Preset,
     cache_path,
@@ -265,18 +266,7 @@ class SkillsLM(Preset):
         return cfg
 
     def label_columns(self, options: Mapping[str, Any]) -> list[str]:
-        hyper = [
-            "lr",
-            "weight_decay",
-            "epochs",
-            "batch_size",
-            "lora_dropout",
-            "init_seed",
-            "rank",
-            "lora_alpha",
-            "n_train",
-            "steps",
-        ]
+        hyper = [*HPARAM_COLUMNS, "n_train", "steps"]
         return [
             *hyper,
             *(f"src_{n}" for n in data.SOURCE_NAMES),
