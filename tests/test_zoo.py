@@ -5,11 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -184,28 +179,9 @@ def test_shards_merge_and_refuse_conflicts(zoo16, tmp_path):
     assert res.exit_code == 1 and "refusing" in res.output
 
 
-def test_kill9_then_resume(zoo16, tmp_path):
+def test_kill9_then_resume(zoo16, tmp_path, kill9_build):
     out = tmp_path / "killed"
-    code = (
-        "import sys, torch; from loralens.zoo.builder import build_zoo; "
-        f"build_zoo('skills-lm', 12, {str(out)!r}, options={TINY!r}, ranks=(2, 4), progress=False, threads=1)"
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code], env=dict(os.environ), stderr=subprocess.DEVNULL
-    )
-    deadline = time.time() + 120
-    try:
-        while time.time() < deadline:
-            adir = out / "adapters"
-            done = (
-                [p for p in adir.iterdir() if not p.name.startswith(".")] if adir.is_dir() else []
-            )
-            if len(done) >= 2 or proc.poll() is not None:
-                break
-            time.sleep(0.05)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    kill9_build("skills-lm", 12, out, after=2, timeout=120, options=TINY, ranks=(2, 4))
     assert (out / "zoo.json").exists()
     # also what a kill can leave behind: a half-written row and an unfinished temp folder
     with open(out / "labels.csv", "a") as fh:

@@ -7,17 +7,13 @@ from __future__ import annotations
 import copy
 import csv
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 
 import loralens as ll
 from loralens.zoo import diffusion as D
+from loralens.zoo.batched_lora import wrap_targets
 from loralens.zoo.builder import build_zoo
 from loralens.zoo.preset import get_preset, preset_names
 
@@ -184,7 +180,7 @@ def test_batched_finetuning_equals_plain_peft(preset):
         c["steps"], c["grad_accum"] = steps, 2  # short, with accumulation and unequal lengths
     jobs = [preset.job(c) for c in cfgs]
     ranks = [c["rank"] for c in cfgs]
-    model, mods = D.batched_unet(
+    model, mods = wrap_targets(
         unet, ["to_q", "to_v"], ranks, [float(r) for r in ranks], [c["init_seed"] for c in cfgs]
     )
     init = {n: m.A.detach().clone() for n, m in mods.items()}
@@ -226,29 +222,10 @@ def test_zoo_samples_writes_png(dream, tmp_path):
     assert bad.exit_code == 2 and "no adapter" in bad.output
 
 
-def test_kill9_then_resume(dream, tmp_path):
+def test_kill9_then_resume(dream, tmp_path, kill9_build):
     out = tmp_path / "killed"
     opts = {**TINY, "group": 2}
-    code = (
-        "from loralens.zoo.builder import build_zoo; "
-        f"build_zoo('digits-dreambooth', 4, {str(out)!r}, options={opts!r}, ranks=(2, 4), progress=False, threads=1)"
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code], env=dict(os.environ), stderr=subprocess.DEVNULL
-    )
-    deadline = time.time() + 150
-    try:
-        while time.time() < deadline:
-            adir = out / "adapters"
-            done = (
-                [p for p in adir.iterdir() if not p.name.startswith(".")] if adir.is_dir() else []
-            )
-            if len(done) >= 1 or proc.poll() is not None:
-                break
-            time.sleep(0.05)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    kill9_build("digits-dreambooth", 4, out, after=1, timeout=150, options=opts, ranks=(2, 4))
     assert (out / "zoo.json").exists()
     build_zoo("digits-dreambooth", 4, out, **{**KW, "options": opts})
     assert _adapters(out) == [f"{i:06d}" for i in range(4)]
