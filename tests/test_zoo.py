@@ -179,6 +179,32 @@ def test_shards_merge_and_refuse_conflicts(zoo16, tmp_path):
     assert res.exit_code == 1 and "refusing" in res.output
 
 
+def test_first_builds_held_out_recipes_and_spares_live_builders(zoo16, tmp_path):
+    import subprocess
+
+    out = tmp_path / "held-out"
+    (out / "adapters").mkdir(parents=True)
+    other = subprocess.Popen(["sleep", "60"])  # a live builder sharing the folder
+    try:
+        live = out / "adapters" / f".tmp-000009-{other.pid}"
+        live.mkdir()
+        build_zoo("skills-lm", 5, out, first=3, **KW)
+        assert live.is_dir()  # its unfinished work was left alone
+    finally:
+        other.kill()
+        other.wait()
+    assert [a for a in _adapters(out) if not a.startswith(".")] == ["000003", "000004"]
+    rows16 = {r["adapter"]: r for r in _rows(zoo16)}
+    for r in _rows(out):  # the same recipes as LoRAs 3 and 4 of the full zoo
+        assert (r["lr"], r["init_seed"]) == (
+            rows16[r["adapter"]]["lr"],
+            rows16[r["adapter"]]["init_seed"],
+        )
+    assert read_manifest(out)["first"] == 3
+    with pytest.raises(ValueError, match="first"):
+        build_zoo("skills-lm", 5, tmp_path / "bad", first=5, **KW)
+
+
 def test_kill9_then_resume(zoo16, tmp_path, kill9_build):
     out = tmp_path / "killed"
     kill9_build("skills-lm", 12, out, after=2, timeout=120, options=TINY, ranks=(2, 4))
@@ -186,7 +212,7 @@ def test_kill9_then_resume(zoo16, tmp_path, kill9_build):
     # also what a kill can leave behind: a half-written row and an unfinished temp folder
     with open(out / "labels.csv", "a") as fh:
         fh.write("000011,0.001,0.0")
-    (out / "adapters" / ".tmp-000011-999").mkdir(exist_ok=True)
+    (out / "adapters" / ".tmp-000011-4194305").mkdir(exist_ok=True)  # pid above any pid_max
     build_zoo("skills-lm", 12, out, **KW)
     assert _adapters(out) == [f"{i:06d}" for i in range(12)]
     rows = _rows(out)

@@ -140,14 +140,29 @@ def finished_adapters(zoo: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _drop_temp_dirs(zoo: Path) -> int:
+    """Remove unfinished adapter folders, sparing those of live builders sharing this zoo."""
     adir = zoo / ADAPTERS
     n = 0
     if adir.is_dir():
         for d in adir.iterdir():
-            if d.name.startswith(".tmp-"):
-                shutil.rmtree(d, ignore_errors=True)
-                n += 1
+            if not d.name.startswith(".tmp-"):
+                continue
+            pid = d.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)):
+                continue
+            shutil.rmtree(d, ignore_errors=True)
+            n += 1
     return n
 
 
@@ -307,18 +322,20 @@ def build_zoo(
     seed: int = 0,
     ranks: Sequence[int] = (4,),
     shard: str | tuple[int, int] | None = None,
+    first: int = 0,
     cache_dir: Path | str | None = None,
     options: Mapping[str, Any] | None = None,
     threads: int | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Build (or resume, or extend) a zoo of ``num`` LoRAs of ``preset`` in ``out``.
+    """Build (or resume, or extend) a zoo of the LoRAs ``first .. num-1`` of ``preset`` in ``out``.
 
     Returns the manifest, with ``summary`` (label spreads, see :func:`summarize_labels`) added.
     ``shard="i/k"`` builds only the LoRAs with ``index % k == i``; merge shard folders with
-    :func:`merge_zoos`. Rerunning the same call after a crash (kill -9 included) completes the
-    zoo; a larger ``num`` with the same seed extends it.
+    :func:`merge_zoos`. ``first > 0`` makes a held-out zoo: its recipes are those no zoo of
+    ``num=first`` with the same seed has (e.g. other ranks, unseen recipes). Rerunning the same
+    call after a crash (kill -9 included) completes the zoo; a larger ``num`` extends it.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     if threads:
@@ -334,6 +351,7 @@ def build_zoo(
                 seed=seed,
                 ranks=ranks,
                 shard=shard,
+                first=first,
                 cache_dir=cache_dir,
                 options=options,
                 progress=progress,
@@ -346,6 +364,8 @@ def build_zoo(
     ranks = sorted({int(r) for r in ranks})
     if not ranks or min(ranks) < 1:
         raise ValueError(f"ranks must be positive integers, got {ranks}")
+    if not 0 <= int(first) < int(num):
+        raise ValueError(f"first must be in [0, num), got first={first}, num={num}")
     shard_t = parse_shard(shard)
     out = Path(out)
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
@@ -371,6 +391,7 @@ def build_zoo(
         "format_version": FORMAT_VERSION,
         **identity,
         "num": max(int(num), int(old.get("num", 0)) if old else 0),
+        "first": min(int(first), int(old.get("first", 0)) if old else int(first)),
         "shard": f"{shard_t[0]}/{shard_t[1]}" if shard_t else None,
         "base_hash": base_hash,
         "label_columns": columns,
@@ -386,7 +407,7 @@ def build_zoo(
     done = rewrite_labels(out, columns)
     todo = [
         i
-        for i in range(int(num))
+        for i in range(int(first), int(num))
         if (shard_t is None or i % shard_t[1] == shard_t[0]) and adapter_id(i) not in done
     ]
     log(
@@ -510,6 +531,7 @@ def merge_zoos(
     manifest = {k: v for k, v in ref.items() if k != "summary"}
     manifest.update(
         num=max(int(m.get("num", 0)) for m in [ref, *manifests]),
+        first=min(int(m.get("first", 0)) for m in [ref, *manifests]),
         shard=None,
         base_hash=base_hash,
         merged_from=sorted({*ref.get("merged_from", []), *(str(s.resolve()) for s in srcs)}),
@@ -517,11 +539,10 @@ def merge_zoos(
     write_file_atomic(out / MANIFEST, json.dumps(manifest, indent=2, default=str) + "\n")
     done = rewrite_labels(out, manifest["label_columns"])
     log(f"merged {len(srcs)} shard(s) into {out}: {copied} adapters copied, {len(done)} in all")
-    missing = [adapter_id(i) for i in range(manifest["num"]) if adapter_id(i) not in done]
+    wanted = range(manifest["first"], manifest["num"])
+    missing = [adapter_id(i) for i in wanted if adapter_id(i) not in done]
     if missing:
-        log(
-            f"note: {len(missing)} of {manifest['num']} LoRAs are still missing (e.g. {missing[:3]})"
-        )
+        log(f"note: {len(missing)} of {len(wanted)} LoRAs are still missing (e.g. {missing[:3]})")
     manifest["summary"] = summarize_labels(
         list(done.values()),
         manifest["label_columns"],

@@ -20,7 +20,8 @@ def register(zoo_app: typer.Typer) -> None:
         "build",
         epilog="Examples:\n\n"
         "  loralens zoo build --preset skills-lm --num 500 --out zoos/skills-lm-500\n\n"
-        "  loralens zoo build --preset skills-lm --num 200 --ranks 1,2,4,8,16 --out zoos/ranks\n\n"
+        "  loralens zoo build --preset skills-lm --num 2200 --first 2000 --ranks 1,2,4,8,16 "
+        "--out zoos/ranks  (200 recipes unseen by a 2,000-LoRA zoo)\n\n"
         "  loralens zoo build --preset skills-lm --num 2000 --shard 0/2 --out zoos/s0 &  "
         "(and --shard 1/2 --out zoos/s1; then loralens zoo merge zoos/all zoos/s0 zoos/s1)\n\n"
         "  loralens zoo build --base-model gpt2 --text-file corpus.txt --num 100 --out zoos/gpt2",
@@ -38,6 +39,11 @@ def register(zoo_app: typer.Typer) -> None:
             "4", help="Comma-separated LoRA ranks to draw from, e.g. 1,2,4,8."
         ),
         shard: str = typer.Option(None, help="i/k: build only the LoRAs with index % k == i."),
+        first: int = typer.Option(
+            0,
+            help="Build LoRAs first..num-1 only: a held-out zoo whose recipes a zoo of "
+            "--num FIRST (same seed) never saw.",
+        ),
         cache_dir: str = typer.Option(
             None, help="Base model cache (default $LORALENS_CACHE or ~/.cache/loralens)."
         ),
@@ -84,6 +90,7 @@ def register(zoo_app: typer.Typer) -> None:
                 seed=seed,
                 ranks=rank_list,
                 shard=shard,
+                first=first,
                 cache_dir=cache_dir,
                 options=opts,
                 threads=threads,
