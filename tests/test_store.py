@@ -1,6 +1,7 @@
 """The packed store: exact round trip, batches equal to collate, atomic writes and appends."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -126,3 +127,31 @@ def test_labels_csv_keeps_adapter_names_as_text(tmp_path):
 
     (tmp_path / "labels.csv").write_text("adapter,y\n000017,1.5\n000002,2.0\n")
     assert read_labels(tmp_path / "labels.csv")["adapter"].tolist() == ["000017", "000002"]
+
+
+def test_factors_are_rank_major_in_stores_and_collate(tmp_path):
+    items = _items(4, ranks=lambda k: [2, 2, 2])
+    store = write_store(tmp_path / "s", items)
+    for batch in (store.batch([0, 1, 2]), ll.collate([it[1] for it in items])):
+        for f in batch.U + batch.V:
+            assert f.stride(1) == 1 and f.stride(2) == f.shape[1]  # U^T contiguous per LoRA
+    assert json.loads((tmp_path / "s" / "store.json").read_text())["version"] == 2
+
+
+def test_version1_row_major_store_reads_and_appends(tmp_path):
+    """tests/data/store-v1 was written by the store before factors went rank-major (5 LoRAs of
+    _items(5)); it must still read exactly, and an append must keep its layout."""
+    import shutil
+
+    old = tmp_path / "v1"
+    shutil.copytree(Path(__file__).parent / "data" / "store-v1", old)
+    items = _items(7)
+    store = LoRAStore(old)
+    for k in range(5):
+        for a, b in zip(store[k].layers, items[k][1].layers):
+            assert torch.equal(a.U, b.U) and torch.equal(a.V, b.V)
+    store = write_store(old, items[5:], append=True)
+    assert json.loads((old / "store.json").read_text())["version"] == 1
+    batch, ref = store.batch(list(range(7))), ll.collate([it[1] for it in items])
+    for a, b in zip(batch.U + batch.V, ref.U + ref.V):
+        assert torch.equal(a, b)

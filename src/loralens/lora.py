@@ -173,7 +173,9 @@ class LoRABatch:
 
     ``U[i]`` is (B, out_i, r_i) and ``V[i]`` is (B, in_i, r_i), where r_i is the largest rank of
     layer i in the batch; smaller ranks are zero-padded on the rank axis, which changes no
-    U @ V.T. ``ranks`` (B x L) holds each LoRA's true rank per layer.
+    U @ V.T. ``ranks`` (B x L) holds each LoRA's true rank per layer. :func:`collate` and the
+    store lay factors out rank-major (``U[i].mT`` contiguous, see :func:`factor_zeros`); any
+    layout works, but the skinny products on wide layers run several times faster on this one.
     """
 
     names: list[str]
@@ -246,6 +248,18 @@ def spec_of(lora: LoRA) -> LayerSpec:
     return LayerSpec(names=tuple(lora.names), shapes=tuple(lora.shapes), ranks=tuple(lora.ranks))
 
 
+def factor_zeros(
+    batch: int, n: int, r: int, *, dtype: torch.dtype | None = None, device: Any = None
+) -> torch.Tensor:
+    """A (batch, n, r) zero factor stored rank-major (its ``.mT`` is contiguous).
+
+    On this layout ``Phi @ U``, ``U^T U`` and QR of a tall n x r factor map onto BLAS/LAPACK
+    without a transposing copy: 3-5x faster than row-major at n = 12288, r = 4
+    (benchmarks/skinny_gemm.py).
+    """
+    return torch.zeros(batch, r, n, dtype=dtype, device=device).mT
+
+
 def collate(loras: Sequence[LoRA], *, dtype: torch.dtype | None = None) -> LoRABatch:
     """Stack LoRAs with the same layers into a batch, zero-padding each layer to its largest rank.
 
@@ -267,8 +281,8 @@ def collate(loras: Sequence[LoRA], *, dtype: torch.dtype | None = None) -> LoRAB
     U, V = [], []
     for i, (out_f, in_f) in enumerate(first.shapes):
         r = int(width[i])
-        u = torch.zeros(len(loras), out_f, r, dtype=dtype)
-        v = torch.zeros(len(loras), in_f, r, dtype=dtype)
+        u = factor_zeros(len(loras), out_f, r, dtype=dtype)
+        v = factor_zeros(len(loras), in_f, r, dtype=dtype)
         for b, lora in enumerate(loras):
             layer = lora.layers[i]
             u[b, :, : layer.rank] = layer.U

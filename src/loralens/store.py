@@ -8,8 +8,10 @@ Layout of a store directory::
     weights-00000.safetensors   U and V of every layer, contiguous per LoRA
 
 Inside a shard, LoRAs with the same per-layer ranks share one 2-D tensor ``g<k>`` of shape
-(count, row_length); a row is one LoRA: for each layer in order, U (out x r, row-major) then
-V (in x r). A batch of rows from one group is a single numpy gather from the memory map, and
+(count, row_length); a row is one LoRA: for each layer in order, U^T (r x out) then V^T
+(r x in), row-major ("rank-major" factors, format version 2; version-1 stores hold U and V
+row-major and are still read). Rank-major is the layout the skinny products of GL-net and the
+featurizers run fastest on (``ll.LoRABatch``). A batch of rows from one group is a single numpy gather from the memory map, and
 each layer's U and V are views into it, so iterating a store costs a memory copy per batch,
 not a file parse per adapter. Mixed ranks are zero-padded per batch (exact: padding changes no
 U @ V.T).
@@ -40,10 +42,10 @@ import pandas as pd
 import torch
 
 from loralens.atomic import fsync_dir, write_file_atomic
-from loralens.lora import LayerSpec, LoRA, LoRABatch, spec_of
+from loralens.lora import LayerSpec, LoRA, LoRABatch, factor_zeros, spec_of
 
 FORMAT = "loralens-store"
-VERSION = 1
+VERSION = 2  # 2: rank-major factors; 1: row-major (read and appended to as such)
 INDEX = "index.parquet"
 INFO = "store.json"
 SHARD_PATTERN = "weights-{:05d}.safetensors"
@@ -119,12 +121,18 @@ def _map_safetensors(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def _flatten(lora: LoRA, dtype: np.dtype) -> np.ndarray:
+def _flatten(lora: LoRA, dtype: np.dtype, rank_major: bool) -> np.ndarray:
     parts = []
     for layer in lora.layers:
-        parts.append(layer.U.detach().to(torch.float32).cpu().numpy().reshape(-1))
-        parts.append(layer.V.detach().to(torch.float32).cpu().numpy().reshape(-1))
+        for f in (layer.U, layer.V):
+            f = f.detach().to(torch.float32).cpu()
+            parts.append((f.T if rank_major else f).numpy().reshape(-1))
     return np.concatenate(parts).astype(dtype, copy=False)
+
+
+def _factor_view(flat: torch.Tensor, n: int, r: int, rank_major: bool) -> torch.Tensor:
+    """(B, n, r) factors from (B, n * r) rows stored rank-major (U^T) or row-major (U)."""
+    return flat.view(-1, r, n).mT if rank_major else flat.view(-1, n, r)
 
 
 class LoRAStore:
@@ -145,6 +153,7 @@ class LoRAStore:
         if self.info.get("format") != FORMAT or int(self.info.get("version", 0)) > VERSION:
             raise StoreError(f"{self.path}: unsupported store format {self.info.get('format')!r}")
         self.index: pd.DataFrame = pd.read_parquet(index_path).reset_index(drop=True)
+        self._rank_major = int(self.info.get("version", 1)) >= 2
         self.names: list[str] = [la["name"] for la in self.info["layers"]]
         self.shapes: list[tuple[int, int]] = [
             (int(la["out"]), int(la["in"])) for la in self.info["layers"]
@@ -274,23 +283,22 @@ class LoRAStore:
             ((_, data),) = parts
             t = torch.from_numpy(data)
             for (o, i), (us, vs, ve, r) in zip(self.shapes, self._layout(width)):
-                U.append(t[:, us:vs].view(B, o, r))
-                V.append(t[:, vs:ve].view(B, i, r))
+                U.append(_factor_view(t[:, us:vs], o, r, self._rank_major))
+                V.append(_factor_view(t[:, vs:ve], i, r, self._rank_major))
         else:
             out_dtype = torch.from_numpy(parts[0][1][:0]).dtype  # every part has one dtype
             for (o, i), w in zip(self.shapes, width.tolist()):
-                U.append(torch.zeros(B, o, int(w), dtype=out_dtype))
-                V.append(torch.zeros(B, i, int(w), dtype=out_dtype))
+                U.append(factor_zeros(B, o, int(w), dtype=out_dtype))
+                V.append(factor_zeros(B, i, int(w), dtype=out_dtype))
             for pos, data in parts:
                 t = torch.from_numpy(data)
                 p = torch.from_numpy(pos)
-                n = len(pos)
                 layout = self._layout(ranks[pos[0]])
                 for li, ((o, i), (us, vs, ve, r)) in enumerate(zip(self.shapes, layout)):
                     if r == 0:
                         continue
-                    U[li][p, :, :r] = t[:, us:vs].view(n, o, r)
-                    V[li][p, :, :r] = t[:, vs:ve].view(n, i, r)
+                    U[li][p, :, :r] = _factor_view(t[:, us:vs], o, r, self._rank_major)
+                    V[li][p, :, :r] = _factor_view(t[:, vs:ve], i, r, self._rank_major)
         if self.dtype != U[0].dtype:
             U = [u.to(self.dtype) for u in U]
             V = [v.to(self.dtype) for v in V]
@@ -383,6 +391,7 @@ class StoreWriter:
             existing = [int(p.name[8:13]) for p in self.path.glob("weights-*.safetensors")]
             self._next_shard = max(existing, default=-1) + 1
             self._info = info
+            self._rank_major = int(info.get("version", 1)) >= 2
             self._workdir = self.path
         else:
             if dtype not in _NP_DTYPES:
@@ -393,6 +402,7 @@ class StoreWriter:
             self._old_index = None
             self._next_shard = 0
             self._info = None
+            self._rank_major = True
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._workdir = Path(
                 tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent)
@@ -429,7 +439,7 @@ class StoreWriter:
         if problem:
             raise StoreError(f"{id}: layers do not fit the store: {problem}")
         ranks = tuple(int(r) for r in lora.ranks)
-        row = _flatten(lora, self._np_dtype)
+        row = _flatten(lora, self._np_dtype, self._rank_major)
         self._buffer.setdefault(ranks, []).append(row)
         self._buffer_bytes += row.nbytes
         self._ids.add(id)
@@ -529,7 +539,7 @@ class StoreWriter:
                 "layers": layers,
                 "shapes_key": shapes_key(self.names, self.shapes),
                 "layout": "per shard, LoRAs of equal ranks share a 2-D tensor g<k>; a row is "
-                "[U_0 (out x r), V_0 (in x r), U_1, V_1, ...] flattened row-major",
+                "[U_0^T (r x out), V_0^T (r x in), U_1^T, V_1^T, ...] flattened row-major",
                 "history": [history_entry],
             }
         else:

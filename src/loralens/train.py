@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from loralens.lora import LayerSpec, LoRA, LoRABatch, collate, spec_of
+from loralens.lora import LayerSpec, LoRA, LoRABatch, collate, factor_zeros, spec_of
 from loralens.store import LoRAStore, StoreError
 from loralens.tasks import CLASSIFICATION, Task, baseline_metrics, split_rows
 
@@ -486,10 +486,16 @@ class Run:
 
 def _pad_batch(batch: LoRABatch, ranks: Sequence[int]) -> LoRABatch:
     """Zero-pad each layer's rank axis up to ``ranks`` (exact; never truncates)."""
-    from torch.nn.functional import pad
 
-    U = [pad(u, (0, max(0, int(r) - u.shape[2]))) for u, r in zip(batch.U, ranks)]
-    V = [pad(v, (0, max(0, int(r) - v.shape[2]))) for v, r in zip(batch.V, ranks)]
+    def pad(f: torch.Tensor, r: int) -> torch.Tensor:
+        if f.shape[2] >= r:
+            return f
+        out = factor_zeros(f.shape[0], f.shape[1], r, dtype=f.dtype, device=f.device)
+        out[:, :, : f.shape[2]] = f
+        return out
+
+    U = [pad(u, int(r)) for u, r in zip(batch.U, ranks)]
+    V = [pad(v, int(r)) for v, r in zip(batch.V, ranks)]
     return LoRABatch(names=list(batch.names), U=U, V=V, ranks=batch.ranks)
 
 

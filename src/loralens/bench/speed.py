@@ -259,8 +259,9 @@ def synthetic_batch(
     g = torch.Generator().manual_seed(seed)
     U, V = [], []
     for _ in range(layers):
-        u = torch.randn(batch_size, width, rank, generator=g).mul_(1e-2)
-        v = torch.randn(batch_size, width, rank, generator=g).mul_(width**-0.5)
+        # rank-major, as collate() and the store lay factors out
+        u = torch.randn(batch_size, rank, width, generator=g).mul_(1e-2).mT
+        v = torch.randn(batch_size, rank, width, generator=g).mul_(width**-0.5).mT
         U.append(u.to(device=device, dtype=dtype))
         V.append(v.to(device=device, dtype=dtype))
     names = [f"h.{i}.attn.q_proj" for i in range(layers)]
