@@ -3,52 +3,47 @@
 #
 #   bash benchmarks/paper_tables.sh [ZOOS_DIR] [OUT_DIR] [SEEDS] [EPOCHS]
 #
-# ZOOS_DIR holds the zoos (skills-lm-500, skills-lm-ranks, skills-lm-variant, digits-dreambooth-500,
-# digits-subsets-500); missing ones are skipped, partial ones are packed as they are. Every
-# training uses one torch thread (small models; fastest on a shared CPU).
+# ZOOS_DIR holds the zoos, built by the commands in BENCHMARKS.md:
+#   skills-lm-2000           LoRAs 0..1999, rank 4                      (training zoo)
+#   skills-lm-ranks-heldout  LoRAs 2000..2399, ranks 1,2,4,8,16 (--first 2000: unseen recipes)
+#   skills-lm-variant        LoRAs 0..499 of the base variant (--base-variant 1)
+#   digits-dreambooth-1000, digits-subsets-1000
+# Missing zoos are skipped. Each training uses one torch thread; the zoos' benchmarks run
+# side by side, one per core.
 set -uo pipefail
 ZOOS=${1:-/work/zoos}
 OUT=${2:-runs/paper}
 SEEDS=${3:-3}
 EPOCHS=${4:-60}
 mkdir -p "$OUT"
-T="--threads 1"
+B="--seeds $SEEDS --epochs $EPOCHS --threads 1"
 
 have() { [ -f "$ZOOS/$1/labels.csv" ] && [ "$(wc -l <"$ZOOS/$1/labels.csv")" -gt 20 ]; }
-pack() { loralens pack "$ZOOS/$1" --out "$OUT/$1.store" --overwrite --skip-bad --json >"$OUT/$1.pack.json"; }
+pack() { have "$1" && loralens pack "$ZOOS/$1" --out "$OUT/$2.store" --overwrite --skip-bad --json >"$OUT/$2.pack.json"; }
+
+pack skills-lm-2000 skills-lm
+pack skills-lm-ranks-heldout ranks
+pack skills-lm-variant variant
+pack digits-dreambooth-1000 dreambooth
+pack digits-subsets-1000 subsets
 
 # 1. The paper's tables: all five models on every label family.
-if have skills-lm-500; then
-  pack skills-lm-500
-  loralens benchmark --data "$OUT/skills-lm-500.store" --targets eval_loss --targets task_acc \
-    --targets 'src_*' --seeds "$SEEDS" --epochs "$EPOCHS" $T --out "$OUT/bench-skills-lm" \
-    >"$OUT/bench-skills-lm.log" 2>&1 &
-fi
-if have digits-dreambooth-500; then
-  pack digits-dreambooth-500
-  loralens benchmark --data "$OUT/digits-dreambooth-500.store" --targets clip_score \
-    --targets 'attr_*' --seeds "$SEEDS" --epochs "$EPOCHS" $T --out "$OUT/bench-dreambooth" \
-    >"$OUT/bench-dreambooth.log" 2>&1 &
-fi
-if have digits-subsets-500; then
-  pack digits-subsets-500
-  loralens benchmark --data "$OUT/digits-subsets-500.store" --targets 'class_*' \
-    --targets dataset_size --seeds "$SEEDS" --epochs "$EPOCHS" $T --out "$OUT/bench-subsets" \
-    >"$OUT/bench-subsets.log" 2>&1 &
-fi
+bench() {
+  local name=$1; shift
+  [ -d "$OUT/$name.store" ] || return 0
+  loralens benchmark --data "$OUT/$name.store" "$@" $B --out "$OUT/bench-$name" >"$OUT/bench-$name.log" 2>&1
+}
+bench skills-lm --targets eval_loss --targets task_acc --targets 'src_*' &
+{ bench dreambooth --targets clip_score --targets 'attr_*'
+  bench subsets --targets 'class_*' --targets dataset_size; } &
 wait
 
 # 2.+3. Rank generalization and transfer: the eval_loss runs above (trained on rank-4 LoRAs of
-#    the base model) are evaluated by summarize_paper.py on the skills-lm-ranks LoRAs of every
-#    rank and on the LoRAs of the base variant (same family: continued pretraining on a shifted
-#    mix), next to a hyperparameters-only reference.
-have skills-lm-ranks && pack skills-lm-ranks
-have skills-lm-variant && pack skills-lm-variant
-
+#    the base model) evaluated on the held-out ranks zoo and on the base variant's LoRAs.
 # 4. Predict vs evaluate speed.
-if have skills-lm-500; then
-  python3 benchmarks/predict_vs_eval.py --zoo "$ZOOS/skills-lm-500" \
-    --run "$OUT/bench-skills-lm/runs/eval_loss/glnet/seed0" --store "$OUT/skills-lm-500.store" \
+if [ -d "$OUT/skills-lm.store" ]; then
+  python3 benchmarks/predict_vs_eval.py --zoo "$ZOOS/skills-lm-2000" \
+    --run "$OUT/bench-skills-lm/runs/eval_loss/glnet/seed0" --store "$OUT/skills-lm.store" \
     --num 64 --eval-num 8 --out "$OUT/predict_vs_eval.json" >/dev/null 2>&1
 fi
 python3 benchmarks/summarize_paper.py "$OUT" >"$OUT/summary.md"

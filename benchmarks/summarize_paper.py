@@ -3,11 +3,12 @@
     python benchmarks/summarize_paper.py OUT > OUT/summary.md
 
 Reads OUT/bench-*/ (tables), evaluates every ``eval_loss`` run of OUT/bench-skills-lm (trained on
-rank-4 LoRAs of the base model) on OUT/skills-lm-ranks.store per rank (rank generalization) and
-on OUT/skills-lm-variant.store (transfer to the base variant), and adds a "hyperparameters only"
-reference fitted on the same training LoRAs: the zoos share a seed, so LoRA i of every skills-lm
-zoo has the same recipe (learning rate, data sources, ...); that reference shows how much of a
-score a recipe alone explains. Writes OUT/extra.json.
+rank-4 LoRAs of the base model) on OUT/ranks.store per rank (rank generalization; that zoo's
+recipes are held out by construction) and on OUT/variant.store (transfer to the base variant),
+and adds a "hyperparameters only" reference fitted on the same training LoRAs. The zoos share a
+seed, so LoRA i of the variant zoo has the recipe (learning rate, data sources, ...) of LoRA i of
+the training zoo; the variant table also scores the LoRAs whose recipe the run did not train on.
+Writes OUT/extra.json.
 """
 
 from __future__ import annotations
@@ -60,13 +61,13 @@ def _unseen(src: LoRAStore, seed: int) -> str:
 
 def extra(out: Path) -> dict:
     runs_dir = out / "bench-skills-lm" / "runs" / "eval_loss"
-    src_path = out / "skills-lm-500.store"
+    src_path = out / "skills-lm.store"
     if not runs_dir.is_dir() or not src_path.exists():
         return {}
     src = LoRAStore(src_path)
     result: dict = {"ranks": {}, "transfer": {}}
-    ranks_store = out / "skills-lm-ranks.store"
-    variant_store = out / "skills-lm-variant.store"
+    ranks_store = out / "ranks.store"
+    variant_store = out / "variant.store"
     ranks = LoRAStore(ranks_store) if ranks_store.exists() else None
     variant = LoRAStore(variant_store) if variant_store.exists() else None
     for model_dir in sorted(p for p in runs_dir.iterdir() if p.is_dir()):
@@ -76,17 +77,13 @@ def extra(out: Path) -> dict:
             key = f"{model_dir.name}/{seed_dir.name}"
             unseen = _unseen(src, int(seed_dir.name[4:]))
             if ranks is not None:
-                per, per_unseen = {}, {}
-                for r in RANKS:
-                    if (ranks.index["rank"] == r).sum() >= 3:
-                        per[r] = evaluate(run, ranks, where=f"rank == {r}")["metrics"]
-                        q = f"rank == {r} and {unseen}"
-                        if len(select_rows(ranks, q)) >= 3:
-                            per_unseen[r] = evaluate(run, ranks, where=q)["metrics"]
                 result["ranks"][key] = {
                     "same_zoo_test": same,
-                    "per_rank": per,
-                    "per_rank_unseen_recipes": per_unseen,
+                    "per_rank": {
+                        r: evaluate(run, ranks, where=f"rank == {r}")["metrics"]
+                        for r in RANKS
+                        if (ranks.index["rank"] == r).sum() >= 3
+                    },
                 }
             if variant is not None:
                 result["transfer"][key] = {
@@ -103,11 +100,6 @@ def extra(out: Path) -> dict:
                     ref["ranks"].setdefault(r, []).append(
                         _hparams_reference(src, ranks, seed, f"rank == {r}")
                     )
-                    q = f"rank == {r} and {_unseen(src, seed)}"
-                    if len(select_rows(ranks, q)) >= 3:
-                        ref.setdefault("ranks_unseen", {}).setdefault(r, []).append(
-                            _hparams_reference(src, ranks, seed, q)
-                        )
         if variant is not None:
             ref["transfer"].append(_hparams_reference(src, variant, seed, None))
             ref.setdefault("transfer_unseen", []).append(
@@ -138,8 +130,8 @@ def main(out: Path) -> None:
     if ex.get("ranks"):
         sizes = ex["sizes"]["ranks"]
         lines.append(
-            "### Rank generalization: trained on rank-4 LoRAs (skills-lm-500), eval_loss R² / τ "
-            f"on skills-lm-ranks LoRAs of each rank (n per rank: {sizes})\n"
+            "### Rank generalization: trained on rank-4 LoRAs, eval_loss R² / τ on the held-out "
+            f"ranks zoo, per rank (n per rank: {sizes})\n"
         )
         lines.append(
             "| model | own test split (r=4) | " + " | ".join(f"r={r}" for r in RANKS) + " |"
@@ -156,28 +148,6 @@ def main(out: Path) -> None:
             "| hyperparameters only | | "
             + " | ".join(cell(refs.get(r, [])) for r in RANKS)
             + " |\n"
-        )
-        lines.append(
-            "Only LoRAs whose recipe (zoo index) was not among the training LoRAs of that seed:\n"
-        )
-        lines.append("| model | " + " | ".join(f"r={r}" for r in RANKS) + " |")
-        lines.append("|---|" + "---|" * len(RANKS))
-        for m in models:
-            runs = [v for k, v in ex["ranks"].items() if k.startswith(m + "/")]
-            cells = [
-                cell(
-                    [
-                        v["per_rank_unseen_recipes"][r]
-                        for v in runs
-                        if r in v["per_rank_unseen_recipes"]
-                    ]
-                )
-                for r in RANKS
-            ]
-            lines.append(f"| {m} | " + " | ".join(cells) + " |")
-        refs = ex["hparams_reference"].get("ranks_unseen", {})
-        lines.append(
-            "| hyperparameters only | " + " | ".join(cell(refs.get(r, [])) for r in RANKS) + " |\n"
         )
     if ex.get("transfer"):
         lines.append(
