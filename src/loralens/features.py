@@ -95,24 +95,75 @@ def delta_norms(batch: LoRABatch) -> torch.Tensor:
     return torch.stack(out, dim=1)
 
 
-def _layer_svals(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """(B, min(out, in, r)) singular values of U V^T, descending, via QR of U and V."""
-    w = _linalg_dtype(u.dtype)
-    ru = torch.linalg.qr(u.to(w), mode="r").R  # (B, min(n, r), r)
-    rv = torch.linalg.qr(v.to(w), mode="r").R  # (B, min(m, r), r)
+#: A layer of a LoRA takes the Gram route in :func:`svals` when both factors' condition numbers
+#: are at most this. The Gram route's relative error grows as eps * kappa^2 (float32, 12288-wide
+#: factors: 4e-6 at kappa 1, 8e-5 at 10), QR's as eps * kappa; trained LoRAs sit at kappa 1.5-5.
+GRAM_MAX_COND = 8.0
+
+
+def _qr_svals(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    ru = torch.linalg.qr(u, mode="r").R  # (B, min(n, r), r)
+    rv = torch.linalg.qr(v, mode="r").R  # (B, min(m, r), r)
     return torch.linalg.svdvals(ru @ rv.transpose(1, 2))
+
+
+def _gram_svals(
+    u: torch.Tensor, v: torch.Tensor, rank: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Singular values of U V^T from the r x r Grams (float64 past the products), and the larger
+    condition number of U and V over their ``rank`` true columns (the rest is zero padding)."""
+    lu, qu = torch.linalg.eigh((u.mT @ u).double())  # ascending
+    gv = (v.mT @ v).double()
+    lv = torch.linalg.eigvalsh(gv)
+    r = u.shape[2]
+    low = (r - rank.to(lu.device).long()).clamp(0, r - 1)[:, None]
+
+    def cond(lam: torch.Tensor) -> torch.Tensor:
+        small = lam.gather(1, low)[:, 0].clamp_min(0)
+        return (lam[:, -1].clamp_min(0) / small).sqrt().nan_to_num(nan=1.0, posinf=math.inf)
+
+    half = (qu * lu.clamp_min(0).sqrt()[:, None, :]) @ qu.mT  # (U^T U)^(1/2)
+    s2 = torch.linalg.eigvalsh(half @ gv @ half)
+    return s2.clamp_min(0).sqrt().flip(-1), torch.maximum(cond(lu), cond(lv))
+
+
+def _layer_svals(
+    u: torch.Tensor, v: torch.Tensor, rank: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(B, min(out, in, r)) singular values of U V^T, descending, from the small factors only.
+
+    Both routes reduce U V^T to an r x r problem, O((m+n) r^2): the Gram route (one pass over
+    each factor, a GEMM) where U and V are well conditioned, QR of U and V (slower, accurate at
+    any conditioning) for the LoRAs where they are not. ``rank`` (B,) are the true ranks.
+    """
+    w = _linalg_dtype(u.dtype)
+    u, v = u.to(w), v.to(w)
+    k = min(u.shape[1], v.shape[1], u.shape[2])
+    if k == 0:
+        return u.new_zeros(u.shape[0], 0)
+    if rank is None:
+        rank = torch.full((u.shape[0],), u.shape[2])
+    s, c = _gram_svals(u, v, rank)
+    s = s[:, :k].to(w)
+    bad = c > GRAM_MAX_COND
+    if bool(bad.any()):
+        s[bad] = _qr_svals(u[bad], v[bad])
+    return s
 
 
 def svals(batch: LoRABatch, k: int | None = None) -> torch.Tensor:
     """(B, L, k) top-k singular values of every delta W, descending, zero-padded past the rank.
 
-    U = Q_U R_U and V = Q_V R_V (reduced QR), so U V^T = Q_U (R_U R_V^T) Q_V^T and the singular
-    values are those of the r x r matrix R_U R_V^T: O((m+n) r^2), U V^T is never formed.
-    ``k`` defaults to the largest rank in the batch.
+    From the r x r Grams U^T U and V^T V where both are well conditioned (``GRAM_MAX_COND``),
+    else from R_U R_V^T with U = Q_U R_U, V = Q_V R_V: O((m+n) r^2) either way, U V^T is never
+    formed. ``k`` defaults to the largest rank in the batch.
     """
     if k is None:
         k = max(int(u.shape[2]) for u in batch.U)
-    cols = [pad_rank(_layer_svals(u, v), k) for u, v in zip(batch.U, batch.V)]
+    cols = [
+        pad_rank(_layer_svals(u, v, batch.ranks[:, i]), k)
+        for i, (u, v) in enumerate(zip(batch.U, batch.V))
+    ]
     return torch.stack(cols, dim=1).to(batch.dtype)
 
 
@@ -215,7 +266,11 @@ def describe_layers(lora: LoRA, k: int = 4) -> list[dict[str, Any]]:
         finite = bool(torch.isfinite(layer.U).all() and torch.isfinite(layer.V).all())
         b = collate([type(lora)(layers=[layer])])
         norm = float(delta_norms(b)[0, 0]) if finite else math.nan
-        s = _layer_svals(b.U[0], b.V[0])[0] if finite and layer.rank > 0 else torch.zeros(0)
+        s = (
+            _layer_svals(b.U[0], b.V[0], b.ranks[:, 0])[0]
+            if finite and layer.rank > 0
+            else torch.zeros(0)
+        )
         er = float(effective_rank(s)) if s.numel() else (0.0 if finite else math.nan)
         scale = layer.meta.get("scale")
         rows.append(
