@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch.nn import functional as F
 
 from loralens.lora import LoRA, LoRABatch, collate
 
@@ -80,19 +81,33 @@ def dense(batch: LoRABatch) -> list[torch.Tensor]:
     return [u @ v.transpose(1, 2) for u, v in zip(batch.U, batch.V)]
 
 
+def _grams(batch: LoRABatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L, R, R) float64 stacks of U_i^T U_i and V_i^T V_i, zero-padded to the widest rank R.
+
+    One GEMM per factor (computed in float32 at least); all later r x r work is batched over
+    layers, so wide, deep LoRAs pay per layer only for reading their factors.
+    """
+    R = max([int(u.shape[2]) for u in batch.U] + [1])
+    w = _linalg_dtype(batch.dtype)
+
+    def gram(f: torch.Tensor) -> torch.Tensor:
+        f = f.to(w)
+        g = f.mT @ f
+        return g if g.shape[-1] == R else F.pad(g, (0, R - g.shape[-1], 0, R - g.shape[-1]))
+
+    gu = torch.stack([gram(u) for u in batch.U], dim=1).double()
+    gv = torch.stack([gram(v) for v in batch.V], dim=1).double()
+    return gu, gv
+
+
 def delta_norms(batch: LoRABatch) -> torch.Tensor:
     """(B, L) Frobenius norms of every delta W, from the small factors: tr((U^T U)(V^T V))^1/2.
 
     Computed in float32 at least; never forms U @ V.T.
     """
-    out = []
-    for u, v in zip(batch.U, batch.V):
-        w = _linalg_dtype(u.dtype)
-        u, v = u.to(w), v.to(w)
-        gu = u.transpose(1, 2) @ u
-        gv = v.transpose(1, 2) @ v
-        out.append((gu * gv).sum(dim=(1, 2)).clamp_min(0).sqrt())
-    return torch.stack(out, dim=1)
+    gu, gv = _grams(batch)
+    out = (gu * gv).sum(dim=(-1, -2)).clamp_min(0).sqrt()
+    return out.to(_linalg_dtype(batch.dtype))
 
 
 #: A layer of a LoRA takes the Gram route in :func:`svals` when both factors' condition numbers
@@ -102,68 +117,54 @@ GRAM_MAX_COND = 8.0
 
 
 def _qr_svals(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """(B, min(out, in, r)) singular values of U V^T from R_U R_V^T (U = Q_U R_U, V = Q_V R_V)."""
     ru = torch.linalg.qr(u, mode="r").R  # (B, min(n, r), r)
     rv = torch.linalg.qr(v, mode="r").R  # (B, min(m, r), r)
     return torch.linalg.svdvals(ru @ rv.transpose(1, 2))
 
 
 def _gram_svals(
-    u: torch.Tensor, v: torch.Tensor, rank: torch.Tensor
+    gu: torch.Tensor, gv: torch.Tensor, rank: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Singular values of U V^T from the r x r Grams (float64 past the products), and the larger
-    condition number of U and V over their ``rank`` true columns (the rest is zero padding)."""
-    lu, qu = torch.linalg.eigh((u.mT @ u).double())  # ascending
-    gv = (v.mT @ v).double()
+    """Descending singular values of U V^T from the Grams (..., R, R), and the larger condition
+    number of U and V over their ``rank`` (...) true columns (the rest is zero padding)."""
+    lu, qu = torch.linalg.eigh(gu)  # ascending
     lv = torch.linalg.eigvalsh(gv)
-    r = u.shape[2]
-    low = (r - rank.to(lu.device).long()).clamp(0, r - 1)[:, None]
+    R = gu.shape[-1]
+    low = (R - rank.to(lu.device).long()).clamp(0, R - 1)[..., None]
 
     def cond(lam: torch.Tensor) -> torch.Tensor:
-        small = lam.gather(1, low)[:, 0].clamp_min(0)
-        return (lam[:, -1].clamp_min(0) / small).sqrt().nan_to_num(nan=1.0, posinf=math.inf)
+        small = lam.gather(-1, low)[..., 0].clamp_min(0)
+        return (lam[..., -1].clamp_min(0) / small).sqrt().nan_to_num(nan=1.0, posinf=math.inf)
 
-    half = (qu * lu.clamp_min(0).sqrt()[:, None, :]) @ qu.mT  # (U^T U)^(1/2)
+    half = (qu * lu.clamp_min(0).sqrt()[..., None, :]) @ qu.mT  # (U^T U)^(1/2)
     s2 = torch.linalg.eigvalsh(half @ gv @ half)
     return s2.clamp_min(0).sqrt().flip(-1), torch.maximum(cond(lu), cond(lv))
-
-
-def _layer_svals(
-    u: torch.Tensor, v: torch.Tensor, rank: torch.Tensor | None = None
-) -> torch.Tensor:
-    """(B, min(out, in, r)) singular values of U V^T, descending, from the small factors only.
-
-    Both routes reduce U V^T to an r x r problem, O((m+n) r^2): the Gram route (one pass over
-    each factor, a GEMM) where U and V are well conditioned, QR of U and V (slower, accurate at
-    any conditioning) for the LoRAs where they are not. ``rank`` (B,) are the true ranks.
-    """
-    w = _linalg_dtype(u.dtype)
-    u, v = u.to(w), v.to(w)
-    k = min(u.shape[1], v.shape[1], u.shape[2])
-    if k == 0:
-        return u.new_zeros(u.shape[0], 0)
-    if rank is None:
-        rank = torch.full((u.shape[0],), u.shape[2])
-    s, c = _gram_svals(u, v, rank)
-    s = s[:, :k].to(w)
-    bad = c > GRAM_MAX_COND
-    if bool(bad.any()):
-        s[bad] = _qr_svals(u[bad], v[bad])
-    return s
 
 
 def svals(batch: LoRABatch, k: int | None = None) -> torch.Tensor:
     """(B, L, k) top-k singular values of every delta W, descending, zero-padded past the rank.
 
-    From the r x r Grams U^T U and V^T V where both are well conditioned (``GRAM_MAX_COND``),
-    else from R_U R_V^T with U = Q_U R_U, V = Q_V R_V: O((m+n) r^2) either way, U V^T is never
-    formed. ``k`` defaults to the largest rank in the batch.
+    U V^T is never formed: its singular values are those of an r x r problem, O((m+n) r^2).
+    From the Grams U^T U and V^T V where both factors are well conditioned (``GRAM_MAX_COND``:
+    one GEMM pass per factor), else from QR of U and V (slower, accurate at any conditioning),
+    chosen per LoRA and layer. ``k`` defaults to the largest rank in the batch.
     """
     if k is None:
         k = max(int(u.shape[2]) for u in batch.U)
-    cols = [
-        pad_rank(_layer_svals(u, v, batch.ranks[:, i]), k)
-        for i, (u, v) in enumerate(zip(batch.U, batch.V))
-    ]
+    w = _linalg_dtype(batch.dtype)
+    gu, gv = _grams(batch)
+    s, cond = _gram_svals(gu, gv, batch.ranks)
+    s = s.to(w)
+    cols = []
+    bad = (cond > GRAM_MAX_COND).any(dim=0).tolist()
+    for i, (u, v) in enumerate(zip(batch.U, batch.V)):
+        col = s[:, i, : min(u.shape[1], v.shape[1], u.shape[2])]
+        if bad[i]:
+            rows = cond[:, i] > GRAM_MAX_COND
+            col = col.clone()
+            col[rows] = _qr_svals(u[rows].to(w), v[rows].to(w))
+        cols.append(pad_rank(col, k))
     return torch.stack(cols, dim=1).to(batch.dtype)
 
 
@@ -267,7 +268,7 @@ def describe_layers(lora: LoRA, k: int = 4) -> list[dict[str, Any]]:
         b = collate([type(lora)(layers=[layer])])
         norm = float(delta_norms(b)[0, 0]) if finite else math.nan
         s = (
-            _layer_svals(b.U[0], b.V[0], b.ranks[:, 0])[0]
+            svals(b)[0, 0, : min(*layer.shape, layer.rank)]
             if finite and layer.rank > 0
             else torch.zeros(0)
         )
