@@ -106,8 +106,7 @@ def delta_norms(batch: LoRABatch) -> torch.Tensor:
     Computed in float32 at least; never forms U @ V.T.
     """
     gu, gv = _grams(batch)
-    out = (gu * gv).sum(dim=(-1, -2)).clamp_min(0).sqrt()
-    return out.to(_linalg_dtype(batch.dtype))
+    return (gu * gv).sum(dim=(-1, -2)).clamp_min(0).sqrt().to(_linalg_dtype(batch.dtype))
 
 
 #: A layer of a LoRA takes the Gram route in :func:`svals` when both factors' condition numbers
@@ -150,10 +149,16 @@ def svals(batch: LoRABatch, k: int | None = None) -> torch.Tensor:
     one GEMM pass per factor), else from QR of U and V (slower, accurate at any conditioning),
     chosen per LoRA and layer. ``k`` defaults to the largest rank in the batch.
     """
+    return svals_and_norms(batch, k)[0]
+
+
+def svals_and_norms(batch: LoRABatch, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`svals` and :func:`delta_norms` from one pass over the factors."""
     if k is None:
         k = max(int(u.shape[2]) for u in batch.U)
     w = _linalg_dtype(batch.dtype)
     gu, gv = _grams(batch)
+    norms = (gu * gv).sum(dim=(-1, -2)).clamp_min(0).sqrt().to(w)
     s, cond = _gram_svals(gu, gv, batch.ranks)
     s = s.to(w)
     cols = []
@@ -165,7 +170,7 @@ def svals(batch: LoRABatch, k: int | None = None) -> torch.Tensor:
             col = col.clone()
             col[rows] = _qr_svals(u[rows].to(w), v[rows].to(w))
         cols.append(pad_rank(col, k))
-    return torch.stack(cols, dim=1).to(batch.dtype)
+    return torch.stack(cols, dim=1).to(batch.dtype), norms
 
 
 def effective_rank(s: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:

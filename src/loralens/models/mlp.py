@@ -161,8 +161,8 @@ class SVDMLP(LoLModel):
 
     def forward(self, batch: LoRABatch) -> torch.Tensor:
         batch = self.prepare(batch)
-        s = F.svals(batch, self.hparams["k"])  # (B, L, k)
-        norm = F.delta_norms(batch).to(s.dtype)  # (B, L): |sigma| over all r, not just top-k
+        s, norm = F.svals_and_norms(batch, self.hparams["k"])  # (B, L, k), (B, L)
+        norm = norm.to(s.dtype)  # |sigma| over all r, not just top-k
         x = torch.cat([(s / norm.clamp_min(EPS)[..., None]).flatten(1), log_scale(norm)], dim=1)
         return self.head(self.norm(x))
 
