@@ -9,7 +9,8 @@
 #   skills-lm-variant        LoRAs 0..499 of the base variant (--base-variant 1)
 #   digits-dreambooth-1000, digits-subsets-1000
 # Missing zoos are skipped. Each training uses one torch thread; the zoos' benchmarks run
-# side by side, one per core.
+# side by side, one per core. Stores and benchmark tables already in OUT_DIR are kept (delete
+# them to redo a step), so a rerun resumes.
 set -uo pipefail
 ZOOS=${1:-/work/zoos}
 OUT=${2:-runs/paper}
@@ -19,7 +20,7 @@ mkdir -p "$OUT"
 B="--seeds $SEEDS --epochs $EPOCHS --threads 1"
 
 have() { [ -f "$ZOOS/$1/labels.csv" ] && [ "$(wc -l <"$ZOOS/$1/labels.csv")" -gt 20 ]; }
-pack() { have "$1" && loralens pack "$ZOOS/$1" --out "$OUT/$2.store" --overwrite --skip-bad --json >"$OUT/$2.pack.json"; }
+pack() { [ -d "$OUT/$2.store" ] || ! have "$1" || loralens pack "$ZOOS/$1" --out "$OUT/$2.store" --overwrite --skip-bad --json >"$OUT/$2.pack.json"; }
 
 pack skills-lm-2000 skills-lm
 pack skills-lm-ranks-heldout ranks
@@ -30,7 +31,7 @@ pack digits-subsets-1000 subsets
 # 1. The paper's tables: all five models on every label family.
 bench() {
   local name=$1; shift
-  [ -d "$OUT/$name.store" ] || return 0
+  [ -d "$OUT/$name.store" ] && [ ! -f "$OUT/bench-$name/benchmark.json" ] || return 0
   loralens benchmark --data "$OUT/$name.store" "$@" $B --out "$OUT/bench-$name" >"$OUT/bench-$name.log" 2>&1
 }
 bench skills-lm --targets eval_loss --targets task_acc --targets 'src_*' &
