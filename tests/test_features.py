@@ -11,14 +11,16 @@ import loralens as ll
 from loralens import features as F
 
 
-def _lora(ranks, shapes, seed=0, dtype=torch.float64, scale=1e-2):
+def _lora(ranks, shapes, seed=0, dtype=torch.float64, scale=1e-2, v_scale=None):
+    """A random LoRA: U ~ scale N(0, 1), V ~ v_scale N(0, 1) (default: scale)."""
     g = torch.Generator().manual_seed(seed)
+    v_scale = scale if v_scale is None else v_scale
     return ll.LoRA(
         layers=[
             ll.LoRALayer(
                 f"l{i}",
                 torch.randn(o, r, generator=g, dtype=dtype) * scale,
-                torch.randn(n, r, generator=g, dtype=dtype) * scale,
+                torch.randn(n, r, generator=g, dtype=dtype) * v_scale,
             )
             for i, ((o, n), r) in enumerate(zip(shapes, ranks))
         ]

@@ -11,20 +11,11 @@ import loralens as ll
 from loralens.models import GLNonlinearity, example_batch
 from loralens.models.glnet import EquivariantLinear
 from loralens.symmetry import gl_equivariance_error
+from test_features import _lora as random_lora
 
 
 def _lora(ranks, shapes, seed=0, dtype=torch.float64, scale=1e-2):
-    g = torch.Generator().manual_seed(seed)
-    return ll.LoRA(
-        layers=[
-            ll.LoRALayer(
-                f"l{i}",
-                torch.randn(o, r, generator=g, dtype=dtype) * scale,
-                torch.randn(n, r, generator=g, dtype=dtype) * scale * 10,
-            )
-            for i, ((o, n), r) in enumerate(zip(shapes, ranks))
-        ]
-    )
+    return random_lora(ranks, shapes, seed, dtype, scale, v_scale=scale * 10)
 
 
 SHAPES = ((6, 5), (4, 7), (9, 3))
