@@ -4,8 +4,9 @@
 
 Times (best CPU time of many calls, 1 thread) the per-layer operations of GL-net's forward and
 of the svals featurizer on one rank-r factor of one LoRA, next to a plain sum over the same
-bytes (the memory floor) and the same products through numpy's BLAS, to show how far torch's
-CPU BLAS is from the floor on these shapes.
+bytes (the memory floor) and the same products through numpy's BLAS, on both layouts of the
+factor: row-major U (n x r, how PEFT stores lora_B) and rank-major U (U^T contiguous, how
+``ll.collate`` and the store lay factors out since format v2).
 """
 
 from __future__ import annotations
@@ -37,15 +38,19 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     g = torch.Generator().manual_seed(0)
     u = torch.randn(1, a.width, a.rank, generator=g)
+    ur = u.mT.contiguous().mT  # the same values, rank-major
     phi = torch.randn(a.hidden, a.width, generator=g)
     un, pn = u[0].numpy(), phi.numpy()
     rows = {
         "sum over U (memory floor, data in cache)": lambda: u.sum(),
-        "U^T U, torch (delta_norms' Gram)": lambda: u.transpose(1, 2) @ u,
-        "U^T U, numpy": lambda: un.T @ un,
-        "Phi U, torch.matmul (GL-net's layer)": lambda: torch.matmul(phi, u),
-        "Phi U, numpy": lambda: pn @ un,
-        "QR of U, R only (svals)": lambda: torch.linalg.qr(u, mode="r"),
+        "U^T U, torch, row-major": lambda: u.transpose(1, 2) @ u,
+        "U^T U, torch, rank-major (delta_norms, svals)": lambda: ur.transpose(1, 2) @ ur,
+        "U^T U, numpy, row-major": lambda: un.T @ un,
+        "Phi U, torch, row-major": lambda: torch.matmul(phi, u),
+        "Phi U, torch, rank-major (GL-net's layer)": lambda: torch.matmul(phi, ur),
+        "Phi U, numpy, row-major": lambda: pn @ un,
+        "QR of U, R only, row-major": lambda: torch.linalg.qr(u, mode="r"),
+        "QR of U, R only, rank-major (svals fallback)": lambda: torch.linalg.qr(ur, mode="r"),
         "U transposed to column-major (inside QR)": lambda: u.mT.contiguous(),
     }
     nbytes = u.numel() * 4
