@@ -34,6 +34,8 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--hidden", type=int, default=8, help="GL-net's equivariant width")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--cold-layers", type=int, default=48, help="layers of the cold-data part")
+    p.add_argument("--batch", type=int, default=32, help="LoRAs per layer in the cold-data part")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     g = torch.Generator().manual_seed(0)
@@ -61,6 +63,43 @@ def main() -> None:
     for name, fn in rows.items():
         t = best_cpu(fn)
         print(f"{name:45s} {t * 1e6:8.1f} us CPU")
+    cold(a)
+
+
+def cold(a: argparse.Namespace) -> None:
+    """GL-net's first layer as it meets a batch: many layers' rank-major factors, cold in DRAM."""
+    B, r, d = a.batch, a.rank, a.width
+    g = torch.Generator().manual_seed(1)
+    U = [torch.randn(B, r, d, generator=g).mT for _ in range(a.cold_layers)]
+    P = [torch.randn(a.hidden, d, generator=g) for _ in range(a.cold_layers)]
+
+    def per_layer(*ops):
+        def run():
+            for p, u in zip(P, U):
+                for op in ops:
+                    op(p, u)
+
+        return run
+
+    gram = lambda p, u: u.mT @ u  # noqa: E731
+    rows = {
+        "read (sum)": per_layer(lambda p, u: u.sum()),
+        "U^T U": per_layer(gram),
+        "Phi U, matmul": per_layer(lambda p, u: torch.matmul(p, u)),
+        "Phi U, bmm with Phi broadcast": per_layer(lambda p, u: torch.bmm(p.expand(B, -1, -1), u)),
+        "Phi U as Phi @ (U^T)^T, one GEMM": per_layer(lambda p, u: p @ u.mT.reshape(B * r, d).T),
+        "Phi U then U^T U, per layer": per_layer(lambda p, u: torch.matmul(p, u), gram),
+        "[Phi; U^T] U, one bmm per layer": per_layer(
+            lambda p, u: torch.bmm(torch.cat([p.expand(B, -1, -1), u.mT], 1), u)
+        ),
+    }
+    print(
+        f"\ncold: {a.cold_layers} layers x {B} LoRAs of {d} x {r} rank-major factors "
+        f"({a.cold_layers * B * d * r * 4 / 2**20:.0f} MiB), CPU us per LoRA-factor, best of 3"
+    )
+    for name, fn in rows.items():
+        t = best_cpu(fn, repeats=3)
+        print(f"{name:45s} {t * 1e6 / (B * a.cold_layers):8.1f} us CPU")
 
 
 if __name__ == "__main__":
