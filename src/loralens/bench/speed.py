@@ -1,5 +1,5 @@
 """Speed benchmarks: featurizers and models at GPT-3 shapes against the machine's own floor,
-the QR vs dense route for singular values, packed-store throughput vs PEFT folders, and
+the factor route (Gram or QR) vs the dense route for singular values, packed-store throughput vs PEFT folders, and
 training throughput.
 
 Everything here is measurement, never an assertion: ``benchmarks/speed.py`` (or
@@ -502,7 +502,7 @@ def bench_models_for_shape(
     return rows
 
 
-# --------------------------------------------------------------------------- svals: QR vs dense
+# --------------------------------------------------------------------------- svals: factor route vs dense
 
 
 @dataclass
@@ -546,7 +546,7 @@ def bench_svals(
     dense_budget_s: float = 60.0,
     max_dense_bytes: int = 2 * 2**30,
 ) -> SvalsRow:
-    """svals by the QR route (the featurizer) vs ``torch.linalg.svdvals`` of the dense U V^T.
+    """svals by the factor route (the featurizer: Grams, QR where ill-conditioned) vs ``torch.linalg.svdvals`` of the dense U V^T.
 
     One LoRA (batch size 1). The dense route is timed on as many layers as fit in
     ``dense_budget_s`` (all layers have the same shape) and scaled to all layers; it is skipped
@@ -1182,10 +1182,10 @@ def to_markdown(res: dict[str, Any]) -> str:
             lines.append("")
     if "svals" in res:
         lines += [
-            "Singular values of every delta W of one LoRA: the featurizer's QR route vs "
+            "Singular values of every delta W of one LoRA: the featurizer's factor route (Grams, QR where ill-conditioned) vs "
             "torch.linalg.svdvals of the dense U V^T.",
             "",
-            "| shape | QR route wall / CPU | x floor wall / CPU | dense svdvals wall / CPU "
+            "| shape | factor route wall / CPU | x floor wall / CPU | dense svdvals wall / CPU "
             "| dense / QR wall / CPU | max rel. diff | note |",
             "|---|---|---|---|---|---|---|",
         ]
