@@ -90,7 +90,7 @@ def test_store_and_train(result):
 
 def test_markdown_and_json_are_written(result, tmp_path):
     md = speed.to_markdown(result)
-    for heading in ("Floors measured", "Batch size 1:", "QR route", "page cache", "LoRAs/s"):
+    for heading in ("Floors measured", "Batch size 1:", "factor route", "page cache", "LoRAs/s"):
         assert heading in md
     json.dumps(result)  # JSON-able as it stands
 
