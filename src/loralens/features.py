@@ -105,8 +105,12 @@ def delta_norms(batch: LoRABatch) -> torch.Tensor:
 
     Computed in float32 at least; never forms U @ V.T.
     """
-    gu, gv = _grams(batch)
-    return (gu * gv).sum(dim=(-1, -2)).clamp_min(0).sqrt().to(_linalg_dtype(batch.dtype))
+    return _norms(*_grams(batch)).to(_linalg_dtype(batch.dtype))
+
+
+def _norms(gu: torch.Tensor, gv: torch.Tensor) -> torch.Tensor:
+    """|U V^T|_F = tr((U^T U)(V^T V))^1/2 from stacked Grams."""
+    return (gu * gv).sum(dim=(-1, -2)).clamp_min(0).sqrt()
 
 
 #: A layer of a LoRA takes the Gram route in :func:`svals` when both factors' condition numbers
@@ -158,7 +162,7 @@ def svals_and_norms(batch: LoRABatch, k: int | None = None) -> tuple[torch.Tenso
         k = max(int(u.shape[2]) for u in batch.U)
     w = _linalg_dtype(batch.dtype)
     gu, gv = _grams(batch)
-    norms = (gu * gv).sum(dim=(-1, -2)).clamp_min(0).sqrt().to(w)
+    norms = _norms(gu, gv).to(w)
     s, cond = _gram_svals(gu, gv, batch.ranks)
     s = s.to(w)
     cols = []
@@ -271,12 +275,11 @@ def describe_layers(lora: LoRA, k: int = 4) -> list[dict[str, Any]]:
     for layer in lora.layers:
         finite = bool(torch.isfinite(layer.U).all() and torch.isfinite(layer.V).all())
         b = collate([type(lora)(layers=[layer])])
-        norm = float(delta_norms(b)[0, 0]) if finite else math.nan
-        s = (
-            svals(b)[0, 0, : min(*layer.shape, layer.rank)]
-            if finite and layer.rank > 0
-            else torch.zeros(0)
-        )
+        norm, s = math.nan, torch.zeros(0)
+        if finite:
+            s_all, norms = svals_and_norms(b)
+            norm = float(norms[0, 0])
+            s = s_all[0, 0, : min(*layer.shape, layer.rank)]
         er = float(effective_rank(s)) if s.numel() else (0.0 if finite else math.nan)
         scale = layer.meta.get("scale")
         rows.append(

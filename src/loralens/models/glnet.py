@@ -166,11 +166,11 @@ class GLNet(LoLModel):
             # L small heads at once instead of 2 L factor blocks one by one.
             rms = layer_rms(batch).to(batch.dtype)
             Us, Vs = self.equivariant[0](batch.U, batch.V)
-            heads = torch.stack([u @ v.transpose(1, 2) for u, v in zip(Us, Vs)], dim=1)
-            heads = heads / rms.clamp_min(EPS)[..., None, None]
+            div = rms.clamp_min(EPS)[..., None, None]
         else:
             Us, Vs, rms = self._equivariant(batch)
-            heads = torch.stack([u @ v.transpose(1, 2) for u, v in zip(Us, Vs)], dim=1)
+            div = 1.0
+        heads = torch.stack([u @ v.transpose(1, 2) for u, v in zip(Us, Vs)], dim=1) / div
         scales = self.scale_norm(log_scale(rms)[..., None])  # (B, L, 1)
         tokens = torch.cat([heads.flatten(2), scales], dim=2)  # (B, L, d*d + 1)
         skip = self.scale_skip(scales.flatten(1))
