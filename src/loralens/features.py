@@ -18,8 +18,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch.nn import functional as F
 
+from loralens.fused import grams
 from loralens.lora import LoRA, LoRABatch, collate
 
 __all__ = [
@@ -84,20 +84,10 @@ def dense(batch: LoRABatch) -> list[torch.Tensor]:
 def _grams(batch: LoRABatch) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, L, R, R) float64 stacks of U_i^T U_i and V_i^T V_i, zero-padded to the widest rank R.
 
-    One GEMM per factor (computed in float32 at least); all later r x r work is batched over
-    layers, so wide, deep LoRAs pay per layer only for reading their factors.
+    One pass over each factor (:func:`loralens.fused.grams`); all later r x r work is batched
+    over layers, so wide, deep LoRAs pay per layer only for reading their factors.
     """
-    R = max([int(u.shape[2]) for u in batch.U] + [1])
-    w = _linalg_dtype(batch.dtype)
-
-    def gram(f: torch.Tensor) -> torch.Tensor:
-        f = f.to(w)
-        g = f.mT @ f
-        return g if g.shape[-1] == R else F.pad(g, (0, R - g.shape[-1], 0, R - g.shape[-1]))
-
-    gu = torch.stack([gram(u) for u in batch.U], dim=1).double()
-    gv = torch.stack([gram(v) for v in batch.V], dim=1).double()
-    return gu, gv
+    return grams(batch.U), grams(batch.V)
 
 
 def delta_norms(batch: LoRABatch) -> torch.Tensor:
@@ -105,10 +95,10 @@ def delta_norms(batch: LoRABatch) -> torch.Tensor:
 
     Computed in float32 at least; never forms U @ V.T.
     """
-    return _norms(*_grams(batch)).to(_linalg_dtype(batch.dtype))
+    return norms_from_grams(*_grams(batch)).to(_linalg_dtype(batch.dtype))
 
 
-def _norms(gu: torch.Tensor, gv: torch.Tensor) -> torch.Tensor:
+def norms_from_grams(gu: torch.Tensor, gv: torch.Tensor) -> torch.Tensor:
     """|U V^T|_F = tr((U^T U)(V^T V))^1/2 from stacked Grams."""
     return (gu * gv).sum(dim=(-1, -2)).clamp_min(0).sqrt()
 
@@ -162,7 +152,7 @@ def svals_and_norms(batch: LoRABatch, k: int | None = None) -> tuple[torch.Tenso
         k = max(int(u.shape[2]) for u in batch.U)
     w = _linalg_dtype(batch.dtype)
     gu, gv = _grams(batch)
-    norms = _norms(gu, gv).to(w)
+    norms = norms_from_grams(gu, gv).to(w)
     s, cond = _gram_svals(gu, gv, batch.ranks)
     s = s.to(w)
     cols = []

@@ -127,12 +127,15 @@ class LoLModel(nn.Module):
         return batch
 
 
-def layer_rms(batch: LoRABatch) -> torch.Tensor:
-    """(B, L) RMS entry of every delta W, |U V^T|_F / sqrt(out * in), from the small factors."""
-    from loralens.features import delta_norms
+def layer_rms(
+    batch: LoRABatch, grams: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> torch.Tensor:
+    """(B, L) RMS entry of every delta W, |U V^T|_F / sqrt(out * in), from the small factors
+    (or from their stacked Grams U^T U, V^T V where the caller has them already)."""
+    from loralens.features import delta_norms, norms_from_grams
 
     n = torch.tensor(
         [math.sqrt(o * i) for o, i in batch.shapes], dtype=torch.float64, device=batch.device
     )
-    norms = delta_norms(batch)
+    norms = delta_norms(batch) if grams is None else norms_from_grams(*grams)
     return norms / n.to(norms.dtype)

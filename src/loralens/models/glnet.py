@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from loralens.fused import grams_and_projections
 from loralens.lora import LayerSpec, LoRABatch
 from loralens.models.base import EPS, LoLModel, RunningStandardize, layer_rms, log_scale, mlp
 
@@ -38,10 +39,10 @@ class EquivariantLinear(nn.Module):
         super().__init__()
         out_v = out_u if out_v is None else out_v
         self.phi = nn.ParameterList(
-            nn.Parameter(torch.randn(out_u, o) / math.sqrt(o)) for o, _ in in_shapes
+            nn.Parameter(torch.randn(out_u, o).div_(math.sqrt(o))) for o, _ in in_shapes
         )
         self.psi = nn.ParameterList(
-            nn.Parameter(torch.randn(out_v, i) / math.sqrt(i)) for _, i in in_shapes
+            nn.Parameter(torch.randn(out_v, i).div_(math.sqrt(i))) for _, i in in_shapes
         )
 
     def forward(self, Us: Sequence[torch.Tensor], Vs: Sequence[torch.Tensor]) -> Factors:
@@ -49,6 +50,15 @@ class EquivariantLinear(nn.Module):
             [torch.matmul(p, u) for p, u in zip(self.phi, Us)],
             [torch.matmul(p, v) for p, v in zip(self.psi, Vs)],
         )
+
+    def forward_with_grams(
+        self, Us: Sequence[torch.Tensor], Vs: Sequence[torch.Tensor]
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        """:meth:`forward` and the stacked Grams (U_i^T U_i, V_i^T V_i) of its inputs, from one
+        read of each input factor (:func:`loralens.fused.grams_and_projections`)."""
+        gu, Us = grams_and_projections(Us, list(self.phi))
+        gv, Vs = grams_and_projections(Vs, list(self.psi))
+        return Us, Vs, (gu, gv)
 
 
 class GLNonlinearity(nn.Module):
@@ -145,14 +155,21 @@ class GLNet(LoLModel):
         Us, Vs, _ = self._equivariant(batch)
         return LoRABatch(names=list(batch.names), U=Us, V=Vs, ranks=batch.ranks)
 
+    def _first(
+        self, batch: LoRABatch
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+        """The first equivariant linear layer on the raw factors and the (B, L) RMS of every
+        delta W (an invariant), both from one read of each factor."""
+        Us, Vs, grams = self.equivariant[0].forward_with_grams(batch.U, batch.V)
+        return Us, Vs, layer_rms(batch, grams).to(batch.dtype)
+
     def _equivariant(
         self, batch: LoRABatch
     ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
-        rms = layer_rms(batch).to(batch.dtype)  # (B, L), invariant
+        Us, Vs, rms = self._first(batch)
         s = rms.clamp_min(EPS).sqrt()
         # The first layer is linear, Phi (U / s) = (Phi U) / s: scaling its small outputs rather
         # than the inputs saves a copy (a read and a write) of every U and V.
-        Us, Vs = self.equivariant[0](batch.U, batch.V)
         Us = [u / s[:, k, None, None] for k, u in enumerate(Us)]
         Vs = [v / s[:, k, None, None] for k, v in enumerate(Vs)]
         for layer in self.equivariant[1:]:
@@ -164,8 +181,7 @@ class GLNet(LoLModel):
         if len(self.equivariant) == 1:
             # One linear layer: (Phi U / s)(Psi V / s)^T = (Phi U)(Psi V)^T / rms, so scale the
             # L small heads at once instead of 2 L factor blocks one by one.
-            rms = layer_rms(batch).to(batch.dtype)
-            Us, Vs = self.equivariant[0](batch.U, batch.V)
+            Us, Vs, rms = self._first(batch)
             div = rms.clamp_min(EPS)[..., None, None]
         else:
             Us, Vs, rms = self._equivariant(batch)

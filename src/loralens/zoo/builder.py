@@ -32,11 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from loralens.atomic import atomic_dir, fsync_dir, fsync_tree, write_file_atomic
-from loralens.zoo.preset import (
-    Preset,
-    default_cache_dir,
-    get_preset,
-)
+from loralens.cache import default_cache_dir
+from loralens.zoo.preset import Preset, get_preset
 
 MANIFEST = "zoo.json"
 LABELS = "labels.csv"

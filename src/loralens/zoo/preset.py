@@ -48,7 +48,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import random
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
@@ -252,12 +251,6 @@ def derive_seed(*parts: Any) -> int:
     """A 31-bit seed derived from any parts (for torch.Generator.manual_seed and friends)."""
     digest = hashlib.sha256("|".join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
-
-
-def default_cache_dir() -> Path:
-    """$LORALENS_CACHE, else ~/.cache/loralens."""
-    env = os.environ.get("LORALENS_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "loralens"
 
 
 def cache_path(cache_dir: Path | str, name: str, seed: int, key_options: Mapping[str, Any]) -> Path:
