@@ -91,8 +91,10 @@ def test_dense_and_flatten():
     assert torch.equal(one[:, :6], batch.U[0][:, :, 0])
     four = F.flatten(batch, [4, 4, 4])
     assert four.shape == (2, 4 * sum(o + i for o, i in SHAPES))
-    assert torch.equal(four[:, : 6 * 4].reshape(2, 6, 4)[:, :, :2], batch.U[0])
-    assert not four[:, : 6 * 4].reshape(2, 6, 4)[:, :, 2:].any()
+    # rank-major: U_0's first column, then its second, ...; padded columns are zero
+    assert torch.equal(four[:, : 6 * 4].reshape(2, 4, 6)[:, :2], batch.U[0].mT)
+    assert not four[:, : 6 * 4].reshape(2, 4, 6)[:, 2:].any()
+    assert torch.equal(flat[:, 6 * 2 : 6 * 2 + SHAPES[0][1]], batch.V[0][:, :, 0])
     with pytest.raises(ValueError, match="widths"):
         F.flatten(batch, [1, 2])
 

@@ -5,13 +5,14 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import loralens as ll
-from loralens.store import write_store
+from loralens.store import LoRAStore, write_store
 from loralens.train import TrainConfig, evaluate, load_run, train
 
 SHAPES = ((12, 10), (6, 10))
@@ -67,3 +68,33 @@ def test_two_process_accelerate_run(tmp_path):
     assert metrics["n"]["test"] == 4 and np.isfinite(metrics["test"]["r2"])
     assert (tmp_path / "run" / "model.safetensors").is_file()
     _ = sys.executable
+
+
+@pytest.mark.parametrize("name", ["mlp", "mlp-oalign"])
+def test_runs_saved_before_rank_major_flattening_predict_as_they_did(name, tmp_path):
+    """tests/data/runs-rowmajor holds runs written by the code before mlp/mlp-oalign flattened
+    factors rank-major; their configs lack ``layout``, so they must rebuild row-major."""
+    data = Path(__file__).parent / "data"
+    shutil.copytree(data / "store-v1", tmp_path / "store")
+    store = LoRAStore(tmp_path / "store")
+    run = load_run(data / "runs-rowmajor" / name)
+    assert run.model.hparams["layout"] == "row-major"
+    want = json.loads((data / "runs-rowmajor" / "expected.json").read_text())["predictions"][name]
+    got = run.predict_loras([store[i] for i in range(len(store))])
+    np.testing.assert_allclose(got, np.array(want), rtol=1e-5, atol=1e-6)
+    # the same weights read rank-major see other inputs: the marker is what keeps them right
+    cfg = json.loads((data / "runs-rowmajor" / name / "config.json").read_text())
+    cfg["model"]["hparams"]["layout"] = "rank-major"
+    moved = tmp_path / "moved"
+    shutil.copytree(data / "runs-rowmajor" / name, moved)
+    (moved / "config.json").write_text(json.dumps(cfg))
+    other = load_run(moved).predict_loras([store[i] for i in range(len(store))])
+    assert not np.allclose(other, np.array(want), rtol=1e-3)
+
+
+def test_new_runs_flatten_rank_major_and_reload_so(tmp_path):
+    store = _store(tmp_path / "s", n=12)
+    train(store, TrainConfig(model="mlp", targets=["y"], epochs=1, plots=False), tmp_path / "r")
+    cfg = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert cfg["model"]["hparams"]["layout"] == "rank-major"
+    assert load_run(tmp_path / "r").model.hparams["layout"] == "rank-major"

@@ -62,7 +62,8 @@ def _widths(batch: LoRABatch, ranks: int | Sequence[int] | None) -> list[int]:
 
 
 def flatten(batch: LoRABatch, ranks: int | Sequence[int] | None = None) -> torch.Tensor:
-    """(B, sum_i (out_i + in_i) * r_i): every U_i and V_i, rank axis padded/truncated to ``ranks``.
+    """(B, sum_i (out_i + in_i) * r_i): every U_i and V_i, rank axis padded/truncated to ``ranks``,
+    each factor rank-major (column by column: U_i^T row by row, the order factors are stored in).
 
     ``ranks`` is one width for all layers or one per layer (default: the batch's own widths).
     Fixed widths let a model trained on rank 4 take rank 8 (extra columns are dropped) or rank 2
@@ -71,8 +72,8 @@ def flatten(batch: LoRABatch, ranks: int | Sequence[int] | None = None) -> torch
     widths = _widths(batch, ranks)
     parts = []
     for u, v, r in zip(batch.U, batch.V, widths):
-        parts.append(pad_rank(u, r).flatten(1))
-        parts.append(pad_rank(v, r).flatten(1))
+        parts.append(pad_rank(u, r).mT.flatten(1))
+        parts.append(pad_rank(v, r).mT.flatten(1))
     return torch.cat(parts, dim=1)
 
 
@@ -220,14 +221,15 @@ def oalign(
         uu, vv = u.to(w), v.to(w)
         ut = ut.to(device=u.device, dtype=w)
         vt = vt.to(device=u.device, dtype=w)
-        nu = uu.flatten(1).norm(dim=1).clamp_min(eps)[:, None, None]
-        nv = vv.flatten(1).norm(dim=1).clamp_min(eps)[:, None, None]
+        nu = torch.linalg.vector_norm(uu, dim=(1, 2)).clamp_min(eps)[:, None, None]
+        nv = torch.linalg.vector_norm(vv, dim=(1, 2)).clamp_min(eps)[:, None, None]
         m = uu.transpose(1, 2) @ ut / (nu * ut.norm().clamp_min(eps))
         m = m + vv.transpose(1, 2) @ vt / (nv * vt.norm().clamp_min(eps))
         W, _, Zh = torch.linalg.svd(m, full_matrices=False)
         q = W @ Zh  # (B, r, r_t)
-        outU.append((uu @ q).to(u.dtype))
-        outV.append((vv @ q).to(v.dtype))
+        # Q^T U^T keeps the output rank-major like the input (free to flatten column by column).
+        outU.append((q.mT @ uu.mT).mT.to(u.dtype))
+        outV.append((q.mT @ vv.mT).mT.to(v.dtype))
     return outU, outV
 
 

@@ -503,13 +503,15 @@ def load_run(run_dir: str | os.PathLike, *, device: str | torch.device = "cpu") 
     """Load a run directory written by :func:`train`."""
     from safetensors.torch import load_file
 
+    from loralens.models.registry import rebuild_model
+
     path = Path(run_dir)
     if not (path / CONFIG).is_file() or not (path / CHECKPOINT).is_file():
         raise FileNotFoundError(f"{path} is not a loralens run (no {CONFIG} / {CHECKPOINT})")
     cfg = json.loads((path / CONFIG).read_text())
     m = cfg["model"]
     spec = LayerSpec.from_dict(m["spec"])
-    model = _build(m["name"], spec, int(m["out_dim"]), m["hparams"])
+    model = rebuild_model(m["name"], spec, int(m["out_dim"]), m["hparams"])
     state = load_file(path / CHECKPOINT)
     model.load_state_dict(state)
     model.to(device).eval()

@@ -85,6 +85,9 @@ class LoLModel(nn.Module):
 
     name: ClassVar[str] = ""
     defaults: ClassVar[dict[str, Any]] = {}
+    #: Hyperparameters added after runs were saved, with the value older code used: a saved
+    #: config that lacks one rebuilds with this, not with today's default.
+    saved_defaults: ClassVar[dict[str, Any]] = {}
     #: True where the output is provably unchanged by per-layer GL(r) / O(r) transforms.
     gl_invariant: ClassVar[bool] = False
     o_invariant: ClassVar[bool] = False

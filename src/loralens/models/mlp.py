@@ -23,19 +23,33 @@ _HEAD = {"hidden": 128, "depth": 2, "dropout": 0.0}
 
 
 def _rms(t: torch.Tensor) -> torch.Tensor:
-    """(B,) RMS of each sample's block."""
-    flat = t.flatten(1)
-    return flat.float().norm(dim=1).to(t.dtype) / math.sqrt(max(flat.shape[1], 1))
+    """(B,) RMS of each sample's (n, r) block (no copy of a strided block)."""
+    n = t.shape[1] * t.shape[2]
+    norm = torch.linalg.vector_norm(
+        t, dim=(1, 2), dtype=torch.promote_types(t.dtype, torch.float32)
+    )
+    return norm.to(t.dtype) / math.sqrt(max(n, 1))
 
 
 class FlatMLP(LoLModel):
-    """``mlp``: every U_i and V_i flattened (rank axis padded/truncated to ``ranks``). Not invariant."""
+    """``mlp``: every U_i and V_i flattened (rank axis padded/truncated to ``ranks``). Not invariant.
+
+    ``layout`` is the order of the flattened entries: ``"rank-major"`` (column by column, the
+    order factors are stored in, so flattening is free) or ``"row-major"`` (runs saved before
+    rank-major storage; a transposing copy of every factor).
+    """
 
     name = "mlp"
-    defaults: ClassVar[dict[str, Any]] = {**_HEAD, "ranks": None}
+    defaults: ClassVar[dict[str, Any]] = {**_HEAD, "ranks": None, "layout": "rank-major"}
+    saved_defaults: ClassVar[dict[str, Any]] = {"layout": "row-major"}
+    LAYOUTS = ("rank-major", "row-major")
 
     def __init__(self, spec: LayerSpec, out_dim: int, *, like: Any = None, **hparams: Any):
         super().__init__(spec, out_dim, hparams)
+        if self.hparams["layout"] not in self.LAYOUTS:
+            raise ValueError(
+                f"layout must be one of {self.LAYOUTS}, got {self.hparams['layout']!r}"
+            )
         if self.hparams["ranks"] is None:
             self.hparams["ranks"] = list(spec.ranks)
         self.hparams["ranks"] = [int(r) for r in self.hparams["ranks"]]
@@ -60,14 +74,18 @@ class FlatMLP(LoLModel):
             [F.pad_rank(v, r) for v, r in zip(batch.V, widths)],
         )
 
+    def _flat(self, f: torch.Tensor) -> torch.Tensor:
+        """(B, n, r) -> (B, n r) in the model's ``layout`` (a view for rank-major factors)."""
+        return f.mT.flatten(1) if self.hparams["layout"] == "rank-major" else f.flatten(1)
+
     def forward(self, batch: LoRABatch) -> torch.Tensor:
         batch = self.prepare(batch)
         Us, Vs = self.factors(batch)
         parts, scales = [], []
         for u, v in zip(Us, Vs):
             ru, rv = _rms(u), _rms(v)
-            parts += [(u / ru.clamp_min(EPS)[:, None, None]).flatten(1)]
-            parts += [(v / rv.clamp_min(EPS)[:, None, None]).flatten(1)]
+            parts += [self._flat(u / ru.clamp_min(EPS)[:, None, None])]
+            parts += [self._flat(v / rv.clamp_min(EPS)[:, None, None])]
             scales += [log_scale(ru), log_scale(rv)]
         x = self.norm(torch.cat([*parts, torch.stack(scales, dim=1)], dim=1))
         return self.head(x) + self.scale_skip(x[:, -len(scales) :])

@@ -39,6 +39,16 @@ def build_model(
     return cls(as_spec(like), out_dim, like=like, **hparams)
 
 
+def rebuild_model(
+    name: str, like: LoRABatch | LoRA | LayerSpec, out_dim: int, hparams: dict[str, Any]
+) -> LoLModel:
+    """:func:`build_model` from saved hyperparameters: any the save predates take the value the
+    code of that time used (``saved_defaults``), so older runs keep their meaning."""
+    cls = _REGISTRY.get(name)
+    saved = cls.saved_defaults if cls is not None else {}
+    return build_model(name, like, out_dim, **{**saved, **hparams})
+
+
 def example_batch(
     like: LoRABatch | LoRA | LayerSpec,
     *,
