@@ -55,8 +55,8 @@ static const micro_fn MICROS[3][3] = {
     {micro_4_1, micro_4_2, micro_4_3},
 };
 
-/* Columns per pass: 12 rows of 8 KiB stay in L2 while every tile reads them. */
-#define CHUNK 2048
+/* Columns per pass: a tile's rows (2 KiB each) stay in L1 while the next tiles reread them. */
+#define CHUNK 512
 
 /* One block of work: for b < B, gram[b] (r x r, float64, at gram + b * gram_sb, row stride
  * gram_ld) = X_b X_b^T and, when p is not NULL, proj[b] (h x r, float32, contiguous) = P X_b^T,

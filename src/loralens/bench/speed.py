@@ -223,6 +223,9 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         info["loadavg_at_start"] = Path("/proc/loadavg").read_text().split()[:3]
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
+    from loralens import fused
+
+    info["fused_kernel"] = fused.available()
     return info
 
 
@@ -1119,7 +1122,8 @@ def to_markdown(res: dict[str, Any]) -> str:
     lines = [
         f"Machine: {m.get('cpu')}, {m.get('cores')} cores, {m.get('threads')} torch threads, "
         f"{m.get('ram_gib')} GiB RAM{', ' + m['gpu'] if 'gpu' in m else ''}; Python "
-        f"{m.get('python')}, torch {m.get('torch')}; device {cfg['device']}, {cfg['dtype']}; "
+        f"{m.get('python')}, torch {m.get('torch')}; fused C kernel "
+        f"{'on' if m.get('fused_kernel') else 'off (BLAS)'}; device {cfg['device']}, {cfg['dtype']}; "
         f"load average at start {' '.join(m.get('loadavg_at_start', []))}; started "
         f"{res.get('started')}, took {res.get('seconds', 0):.0f} s.",
         "",
