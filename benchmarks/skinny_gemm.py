@@ -17,6 +17,8 @@ import time
 import numpy as np
 import torch
 
+from loralens import fused
+
 
 def best_cpu(fn, repeats: int = 50) -> float:
     fn()
@@ -92,7 +94,11 @@ def cold(a: argparse.Namespace) -> None:
         "[Phi; U^T] U, one bmm per layer": per_layer(
             lambda p, u: torch.bmm(torch.cat([p.expand(B, -1, -1), u.mT], 1), u)
         ),
+        # loralens.fused: what features.svals and GL-net's first layer run, all layers in one call
+        "fused kernel: U^T U": lambda: fused.grams(U),
+        "fused kernel: U^T U and Phi U, one read": lambda: fused.grams_and_projections(U, P),
     }
+    print(f"fused C kernel available: {fused.available()}")
     print(
         f"\ncold: {a.cold_layers} layers x {B} LoRAs of {d} x {r} rank-major factors "
         f"({a.cold_layers * B * d * r * 4 / 2**20:.0f} MiB), CPU us per LoRA-factor, best of 3"

@@ -1190,7 +1190,7 @@ def to_markdown(res: dict[str, Any]) -> str:
             "torch.linalg.svdvals of the dense U V^T.",
             "",
             "| shape | factor route wall / CPU | x floor wall / CPU | dense svdvals wall / CPU "
-            "| dense / QR wall / CPU | max rel. diff | note |",
+            "| dense / factor route wall / CPU | max rel. diff | note |",
             "|---|---|---|---|---|---|---|",
         ]
         for r in res["svals"]:
