@@ -374,27 +374,24 @@ class ModelRow:
 
     @property
     def forward_x_floor(self) -> float | None:
-        if self.forward_s is None or not self.forward_floor_s:
-            return None
-        return self.forward_s / self.forward_floor_s
+        return _times_floor(self.forward_s, self.forward_floor_s)
 
     @property
     def featurize_x_floor(self) -> float | None:
-        if self.featurize_s is None or not self.featurize_floor_s:
-            return None
-        return self.featurize_s / self.featurize_floor_s
+        return _times_floor(self.featurize_s, self.featurize_floor_s)
 
     @property
     def forward_cpu_x_floor(self) -> float | None:
-        if self.forward_cpu_s is None or not self.forward_cpu_floor_s:
-            return None
-        return self.forward_cpu_s / self.forward_cpu_floor_s
+        return _times_floor(self.forward_cpu_s, self.forward_cpu_floor_s)
 
     @property
     def featurize_cpu_x_floor(self) -> float | None:
-        if self.featurize_cpu_s is None or not self.featurize_cpu_floor_s:
-            return None
-        return self.featurize_cpu_s / self.featurize_cpu_floor_s
+        return _times_floor(self.featurize_cpu_s, self.featurize_cpu_floor_s)
+
+
+def _times_floor(seconds: float | None, floor_s: float | None) -> float | None:
+    """seconds / floor, or None where either is missing."""
+    return None if seconds is None or not floor_s else seconds / floor_s
 
 
 def _build(name: str, batch: LoRABatch, hparams: dict[str, Any]) -> torch.nn.Module:
