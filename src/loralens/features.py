@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from loralens.fused import grams
+from loralens.fused import grams, linalg_dtype
 from loralens.lora import LoRA, LoRABatch, collate
 
 __all__ = [
@@ -34,10 +34,6 @@ __all__ = [
     "svals",
     "template_factors",
 ]
-
-
-def _linalg_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def pad_rank(t: torch.Tensor, r: int) -> torch.Tensor:
@@ -96,7 +92,7 @@ def delta_norms(batch: LoRABatch) -> torch.Tensor:
 
     Computed in float32 at least; never forms U @ V.T.
     """
-    return norms_from_grams(*_grams(batch)).to(_linalg_dtype(batch.dtype))
+    return norms_from_grams(*_grams(batch)).to(linalg_dtype(batch.dtype))
 
 
 def norms_from_grams(gu: torch.Tensor, gv: torch.Tensor) -> torch.Tensor:
@@ -151,7 +147,7 @@ def svals_and_norms(batch: LoRABatch, k: int | None = None) -> tuple[torch.Tenso
     """:func:`svals` and :func:`delta_norms` from one pass over the factors."""
     if k is None:
         k = max(int(u.shape[2]) for u in batch.U)
-    w = _linalg_dtype(batch.dtype)
+    w = linalg_dtype(batch.dtype)
     gu, gv = _grams(batch)
     norms = norms_from_grams(gu, gv).to(w)
     s, cond = _gram_svals(gu, gv, batch.ranks)
@@ -217,7 +213,7 @@ def oalign(
         raise ValueError(f"template has {len(tU)} layers, batch has {batch.num_layers}")
     outU, outV = [], []
     for u, v, ut, vt in zip(batch.U, batch.V, tU, tV):
-        w = _linalg_dtype(u.dtype)
+        w = linalg_dtype(u.dtype)
         uu, vv = u.to(w), v.to(w)
         ut = ut.to(device=u.device, dtype=w)
         vt = vt.to(device=u.device, dtype=w)

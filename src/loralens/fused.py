@@ -109,6 +109,11 @@ def available() -> bool:
     return _load() is not None
 
 
+def linalg_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype linear algebra on factors runs in: float64 for float64 input, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _fits(f: torch.Tensor, p: torch.Tensor | None) -> bool:
     """Whether the kernel takes the (B, K, r) factor ``f`` (and (h, K) matrix ``p``): float32 on
     CPU, each of the r columns contiguous (rank-major storage), no gradient through ``f``."""
@@ -204,7 +209,7 @@ def _compute(
         fast = []
     for i in sorted(set(range(len(factors))) - set(fast)):
         f, p = factors[i], mats[i]
-        fw = f.float() if f.dtype in (torch.float16, torch.bfloat16) else f
+        fw = f.to(linalg_dtype(f.dtype))
         r = f.shape[2]
         grams[:, i, :r, :r] = fw.mT @ fw
         projs[i] = None if p is None else torch.matmul(p, f)
