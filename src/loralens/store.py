@@ -132,7 +132,8 @@ def _flatten(lora: LoRA, dtype: np.dtype, rank_major: bool) -> np.ndarray:
 
 def _factor_view(flat: torch.Tensor, n: int, r: int, rank_major: bool) -> torch.Tensor:
     """(B, n, r) factors from (B, n * r) rows stored rank-major (U^T) or row-major (U)."""
-    return flat.view(-1, r, n).mT if rank_major else flat.view(-1, n, r)
+    B = flat.shape[0]  # explicit: a rank-0 factor has no elements to infer it from
+    return flat.view(B, r, n).mT if rank_major else flat.view(B, n, r)
 
 
 class LoRAStore:
