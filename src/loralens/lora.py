@@ -56,6 +56,9 @@ class LoRALayer:
         """delta W = U @ V.T in the math orientation (out x in)."""
         return self.U @ self.V.T
 
+    def __repr__(self) -> str:
+        return f"LoRALayer({self.name!r}, {self.out_features}x{self.in_features}, rank {self.rank})"
+
     def with_factors(self, U: torch.Tensor, V: torch.Tensor) -> LoRALayer:
         """A copy of this layer with other factors and the same name and metadata."""
         return replace(self, U=U, V=V, meta=dict(self.meta))
@@ -81,6 +84,17 @@ class LoRA:
 
     def __len__(self) -> int:
         return len(self.layers)
+
+    def __repr__(self) -> str:
+        dtype = str(self.layers[0].U.dtype).removeprefix("torch.") if self.layers else "empty"
+        fmt = self.metadata.get("format")
+        source = self.metadata.get("source")
+        return (
+            f"LoRA({len(self.layers)} layers, {_rank_text(self.ranks)}, {dtype}"
+            + (f", {fmt}" if fmt else "")
+            + (f", source={str(source)!r}" if source else "")
+            + ")"
+        )
 
     def __iter__(self) -> Iterator[LoRALayer]:
         return iter(self.layers)
@@ -162,6 +176,12 @@ class LayerSpec:
         return "; ".join(problems)
 
 
+def _rank_text(ranks: Sequence[int]) -> str:
+    """ "rank 4" when every layer has rank 4, else "ranks 2-8" (smallest to largest)."""
+    lo, hi = (min(ranks), max(ranks)) if ranks else (0, 0)
+    return f"rank {hi}" if lo == hi else f"ranks {lo}-{hi}"
+
+
 def _clip(items: Sequence[str], k: int = 8) -> str:
     shown = ", ".join(items[:k])
     return shown + (f", ... ({len(items) - k} more)" if len(items) > k else "")
@@ -173,9 +193,10 @@ class LoRABatch:
 
     ``U[i]`` is (B, out_i, r_i) and ``V[i]`` is (B, in_i, r_i), where r_i is the largest rank of
     layer i in the batch; smaller ranks are zero-padded on the rank axis, which changes no
-    U @ V.T. ``ranks`` (B x L) holds each LoRA's true rank per layer. :func:`collate` and the
-    store lay factors out rank-major (``U[i].mT`` contiguous, see :func:`factor_zeros`); any
-    layout works, but the skinny products on wide layers run several times faster on this one.
+    U @ V.T (:meth:`pad_to` widens further, e.g. to a model's ranks). ``ranks`` (B x L) holds
+    each LoRA's true rank per layer. :func:`collate` and the store lay factors out rank-major
+    (``U[i].mT`` contiguous, see :func:`factor_zeros`); any layout works, but the skinny
+    products on wide layers run several times faster on this one.
     """
 
     names: list[str]
@@ -185,6 +206,13 @@ class LoRABatch:
 
     def __len__(self) -> int:
         return int(self.U[0].shape[0]) if self.U else 0
+
+    def __repr__(self) -> str:
+        widths = [int(u.shape[2]) for u in self.U]
+        where = f", {self.dtype}, {self.device}".replace("torch.", "") if self.U else ""
+        return (
+            f"LoRABatch({len(self)} LoRAs, {self.num_layers} layers, {_rank_text(widths)}{where})"
+        )
 
     @property
     def num_layers(self) -> int:
@@ -226,6 +254,32 @@ class LoRABatch:
             V=[v[index] for v in self.V],
             ranks=self.ranks[index],
         )
+
+    def pad_to(self, ranks: Sequence[int]) -> LoRABatch:
+        """This batch with layer i's rank axis zero-padded to width ``ranks[i]`` (exact: zero
+        columns change no U @ V.T). Layers already that wide are shared, not copied; a width
+        below the batch's own is refused (padding never truncates)."""
+        widths = [int(r) for r in ranks]
+        if len(widths) != self.num_layers:
+            raise ValueError(f"got {len(widths)} rank widths for {self.num_layers} layers")
+        narrow = [
+            f"{name}: {w} < {u.shape[2]}"
+            for name, u, w in zip(self.names, self.U, widths)
+            if w < u.shape[2]
+        ]
+        if narrow:
+            raise ValueError(f"cannot pad to a width below the batch's own: {_clip(narrow)}")
+
+        def pad(f: torch.Tensor, r: int) -> torch.Tensor:
+            if f.shape[2] == r:
+                return f
+            out = factor_zeros(f.shape[0], f.shape[1], r, dtype=f.dtype, device=f.device)
+            out[:, :, : f.shape[2]] = f
+            return out
+
+        U = [pad(u, r) for u, r in zip(self.U, widths)]
+        V = [pad(v, r) for v, r in zip(self.V, widths)]
+        return LoRABatch(names=list(self.names), U=U, V=V, ranks=self.ranks)
 
     def delta_weights(self) -> list[torch.Tensor]:
         """Per layer, the (B, out, in) stack of delta W."""
