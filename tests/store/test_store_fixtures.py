@@ -1,10 +1,15 @@
 """Stores written by earlier versions of loralens still read with identical values."""
 
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from loralens.store import LoRAStore
+import loralens as ll
+from helpers import store_items
+from loralens.store import LoRAStore, write_store
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 
@@ -43,3 +48,20 @@ def test_version2_store_reads_exact_values():
             np.testing.assert_array_equal(batch.U[i][b, :, :r].numpy(), U)
             np.testing.assert_array_equal(batch.V[i][b, :, :r].numpy(), V)
             assert not batch.U[i][b, :, r:].any() and not batch.V[i][b, :, r:].any()
+
+
+def test_version1_row_major_store_reads_and_appends(tmp_path):
+    """tests/data/store-v1 was written by the store before factors went rank-major (5 LoRAs of
+    store_items(5)); it must still read exactly, and an append must keep its layout."""
+    old = tmp_path / "v1"
+    shutil.copytree(DATA / "store-v1", old)
+    items = store_items(7)
+    store = LoRAStore(old)
+    for k in range(5):
+        for a, b in zip(store[k].layers, items[k][1].layers):
+            assert torch.equal(a.U, b.U) and torch.equal(a.V, b.V)
+    store = write_store(old, items[5:], append=True)
+    assert json.loads((old / "store.json").read_text())["version"] == 1
+    batch, ref = store.batch(list(range(7))), ll.collate([it[1] for it in items])
+    for a, b in zip(batch.U + batch.V, ref.U + ref.V):
+        assert torch.equal(a, b)

@@ -1,0 +1,22 @@
+"""The packed store: many LoRAs of one layer layout in a directory, memory-mapped, batched fast.
+
+``format`` defines the files (see its docstring for the layout), ``reader`` opens a store
+(:class:`LoRAStore`), ``writer`` writes one atomically (:class:`StoreWriter`,
+:func:`write_store`), ``pack`` turns a folder of adapters plus a labels CSV into one.
+"""
+
+from loralens.store.format import StoreError, shapes_key
+from loralens.store.pack import PackError, pack, read_labels
+from loralens.store.reader import LoRAStore
+from loralens.store.writer import StoreWriter, write_store
+
+__all__ = [
+    "LoRAStore",
+    "PackError",
+    "StoreError",
+    "StoreWriter",
+    "pack",
+    "read_labels",
+    "shapes_key",
+    "write_store",
+]
