@@ -299,26 +299,13 @@ def _store_for(zoo: str | None, data: str | None, out: str, log) -> str:
     """A store path: ``data`` as is, or ``zoo`` packed into OUT/store (reused when up to date)."""
     from pathlib import Path
 
-    from loralens.store import LoRAStore
-    from loralens.store import pack as pack_store
+    from loralens.store import pack_zoo_cached
 
     if data:
         return data
     if not zoo:
         _fail("give --zoo DIR or --data STORE")
-    target = Path(out) / "store"
-    labels = Path(zoo) / "labels.csv"
-    if (target / "store.json").exists():
-        store = LoRAStore(target)
-        n_labels = sum(1 for _ in labels.open()) - 1 if labels.exists() else -1
-        if len(store) == n_labels:
-            return str(target)
-    log(f"packing {zoo} into {target}")
-    store, refused = pack_store(zoo, target, overwrite=True, skip_bad=True)
-    for name, why in refused:
-        log(f"skipped {name}: {why}")
-    log(f"packed {len(store)} LoRAs")
-    return str(target)
+    return str(pack_zoo_cached(zoo, Path(out) / "store", log))
 
 
 @app.command(

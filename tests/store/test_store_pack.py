@@ -1,5 +1,6 @@
-"""Packing a folder of adapters plus labels: labels joined by name."""
+"""Packing a folder of adapters plus labels: labels joined by name, refusals, zoo re-packing."""
 
+import json
 import random
 import shutil
 
@@ -7,7 +8,7 @@ import pytest
 
 import loralens as ll
 from helpers import random_lora
-from loralens.store import StoreError, pack, read_labels
+from loralens.store import LoRAStore, StoreError, is_packed_from, pack, pack_zoo_cached, read_labels
 
 
 def _signature(lora: ll.LoRA) -> float:
@@ -57,3 +58,46 @@ def test_labels_csv_keeps_adapter_names_as_text(tmp_path):
     (tmp_path / "twice.csv").write_text("adapter,y\na,1\na,2\n")
     with pytest.raises(StoreError, match="listed twice"):
         read_labels(tmp_path / "twice.csv")
+
+
+def _zoo(root, n=5):
+    """A zoo folder (adapters/ + labels.csv + zoo.json) with one unreadable adapter, 'junk'."""
+    labels = _folder(root / "adapters", n, single_files=False)
+    shutil.move(labels, root / "labels.csv")
+    (root / "adapters" / "junk").mkdir()
+    (root / "adapters" / "junk" / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    with open(root / "labels.csv", "a") as f:
+        f.write("junk,0.0,99\n")
+    (root / "zoo.json").write_text(json.dumps({"preset": "test", "num": n}))
+    return root
+
+
+def test_pack_zoo_cached_reuses_a_current_store_even_after_a_refusal(tmp_path):
+    zoo, target = _zoo(tmp_path / "zoo"), tmp_path / "run" / "store"
+    log: list[str] = []
+    assert pack_zoo_cached(zoo, target, log.append) == target
+    assert log[0].startswith("packing") and log[1].startswith("skipped junk: unreadable")
+    store = LoRAStore(target)
+    assert len(store) == 5 and store.info["history"][-1]["refused"] == ["junk"]
+    assert store.info["history"][-1]["zoo"] == {"preset": "test", "num": 5}
+    assert is_packed_from(target, zoo / "labels.csv")
+    stamp = (target / "store.json").stat().st_mtime_ns
+
+    log.clear()
+    assert pack_zoo_cached(zoo, target, log.append) == target
+    assert log == [] and (target / "store.json").stat().st_mtime_ns == stamp  # not re-packed
+
+    # a new adapter in labels.csv: packed anew
+    ll.save_lora(random_lora([2, 2, 2], 7), zoo / "adapters" / "new")
+    with open(zoo / "labels.csv", "a") as f:
+        f.write("new,1.0,50\n")
+    pack_zoo_cached(zoo, target, log.append)
+    assert log[0].startswith("packing") and "new" in LoRAStore(target).ids
+
+    # same number of rows, another adapter named: packed anew too
+    text = (zoo / "labels.csv").read_text().replace("new,", "004x,")
+    shutil.move(zoo / "adapters" / "new", zoo / "adapters" / "004x")
+    (zoo / "labels.csv").write_text(text)
+    assert not is_packed_from(target, zoo / "labels.csv")
+    pack_zoo_cached(zoo, target)
+    assert "004x" in LoRAStore(target).ids and "new" not in LoRAStore(target).ids

@@ -6,7 +6,7 @@
 """
 
 from loralens.store.format import StoreError, shapes_key
-from loralens.store.pack import PackError, pack, read_labels
+from loralens.store.pack import PackError, is_packed_from, pack, pack_zoo_cached, read_labels
 from loralens.store.reader import LoRAStore
 from loralens.store.writer import StoreWriter, write_store
 
@@ -15,7 +15,9 @@ __all__ = [
     "PackError",
     "StoreError",
     "StoreWriter",
+    "is_packed_from",
     "pack",
+    "pack_zoo_cached",
     "read_labels",
     "shapes_key",
     "write_store",

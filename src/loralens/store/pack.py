@@ -1,4 +1,4 @@
-"""Packing a folder of adapters plus a labels CSV into a store.
+"""Packing a folder of adapters plus a labels CSV into a store, and keeping a zoo's store current.
 
 Labels are joined to adapters by name (the CSV's first column names a sub-folder or file of
 the folder, extension optional), never by position. Adapters that cannot be read or do not fit
@@ -17,7 +17,7 @@ from typing import Any
 import pandas as pd
 
 from loralens.lora import LoRA
-from loralens.store.format import StoreError
+from loralens.store.format import INFO, StoreError
 from loralens.store.reader import LoRAStore
 from loralens.store.writer import StoreWriter
 from loralens.zoo.builder import ADAPTERS, LABELS, MANIFEST
@@ -112,7 +112,8 @@ def pack(
     folder is packed. ``adapters_dir`` may also be a zoo folder holding ``adapters/`` and
     ``labels.csv``. The layer layout is the store's own when appending, else the most common
     one among the first adapters. Adapters that cannot be read or whose layers do not fit are
-    refused: with ``skip_bad`` they are left out and returned as (name, reason); otherwise a :class:`PackError` lists them all and nothing
+    refused: with ``skip_bad`` they are left out, recorded by name in ``store.json``'s history
+    and returned as (name, reason); otherwise a :class:`PackError` lists them all and nothing
     is written. ``progress(i, n, name)`` is called after each adapter.
     """
     from loralens.formats import load_lora
@@ -193,4 +194,39 @@ def pack(
             )
         if not len(writer) and not writer.appending:
             raise PackError("no adapter could be packed", refused)
+        if refused:
+            writer.made_by["refused"] = [name for name, _ in refused]
     return LoRAStore(out), refused
+
+
+def is_packed_from(store_path: str | os.PathLike, labels_csv: str | os.PathLike) -> bool:
+    """Whether the store at ``store_path`` holds, or refused when packed, exactly the adapters
+    ``labels_csv`` names (False when either is missing or unreadable)."""
+    store_path, labels_csv = Path(store_path), Path(labels_csv)
+    if not (store_path / INFO).is_file() or not labels_csv.is_file():
+        return False
+    try:
+        store = LoRAStore(store_path)
+        wanted = set(read_labels(labels_csv)["adapter"])
+    except (StoreError, ValueError, OSError):
+        return False
+    refused = {str(n) for e in store.info.get("history", []) for n in e.get("refused", [])}
+    return wanted == set(store.ids) | refused
+
+
+def pack_zoo_cached(
+    zoo: str | os.PathLike,
+    target: str | os.PathLike,
+    log: Callable[[str], Any] = lambda _: None,
+) -> Path:
+    """The zoo folder packed into a store at ``target``: reused when it is up to date with the
+    zoo's labels.csv (:func:`is_packed_from`), else packed anew, skipping bad adapters."""
+    zoo, target = Path(zoo), Path(target)
+    if is_packed_from(target, zoo / LABELS):
+        return target
+    log(f"packing {zoo} into {target}")
+    store, refused = pack(zoo, target, overwrite=True, skip_bad=True)
+    for name, why in refused:
+        log(f"skipped {name}: {why}")
+    log(f"packed {len(store)} LoRAs")
+    return target
