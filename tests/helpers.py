@@ -22,3 +22,14 @@ def random_lora(ranks, shapes, seed=0, dtype=torch.float64, scale=1e-2, v_scale=
             for i, ((o, n), r) in enumerate(zip(shapes, ranks))
         ]
     )
+
+
+def seeded_randn(*shape, seed=0, dtype=torch.float32) -> torch.Tensor:
+    """N(0, 1) entries drawn in float32 from ``seed``, then cast to ``dtype``."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(dtype)
+
+
+def assert_close_f32(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Equal to float32 round-off (rtol 1e-5, atol 1e-6)."""
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

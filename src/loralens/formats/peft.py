@@ -27,14 +27,10 @@ from typing import Any
 
 import torch
 
-from loralens.formats._build import (
-    ModuleParts,
-    alpha_scale,
-    build_layers,
-    parse_keys,
-)
-from loralens.formats._io import read_tensor_file
 from loralens.formats.errors import LoRAFormatError
+from loralens.formats.keys import ModuleParts, parse_keys
+from loralens.formats.layers import alpha_scale, build_layers
+from loralens.formats.tensor_file import read_tensor_file
 from loralens.lora import LoRA
 
 CONFIG_NAME = "adapter_config.json"
