@@ -128,3 +128,13 @@ def parse_keys(
             f"keys carry several adapter names {sorted(adapters)}; save one adapter per file",
         )
     return modules, unparsed
+
+
+def refuse_unknown(keys: list[str], path: Path, expected: str) -> None:
+    """Raise naming the first few ``keys`` (if any) as not being ``expected``."""
+    if keys:
+        shown = ", ".join(repr(k) for k in keys[:5])
+        raise LoRAFormatError(
+            path,
+            f"{len(keys)} key(s) are not {expected}: {shown}{' ...' if len(keys) > 5 else ''}",
+        )

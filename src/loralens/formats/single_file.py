@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from loralens.formats.errors import LoRAFormatError
-from loralens.formats.keys import ModuleParts, parse_keys
+from loralens.formats.keys import ModuleParts, parse_keys, refuse_unknown
 from loralens.formats.layers import alpha_scale, build_layers
 from loralens.formats.peft import config_scale
 from loralens.formats.tensor_file import read_tensor_file
@@ -36,13 +36,7 @@ def load_single_file(
     """
     tensors, st_meta = read_tensor_file(path)
     modules, unparsed = parse_keys(tensors, path)
-    if unparsed:
-        shown = ", ".join(repr(k) for k in unparsed[:5])
-        raise LoRAFormatError(
-            path,
-            f"{len(unparsed)} key(s) are not LoRA factors or alphas: {shown}"
-            f"{' ...' if len(unparsed) > 5 else ''}",
-        )
+    refuse_unknown(unparsed, path, "LoRA factors or alphas")
     configs = component_configs(st_meta, path) if component_configs else {}
 
     def scale_for(name: str, rank: int, parts: ModuleParts):
