@@ -16,9 +16,9 @@ import time
 import torch
 
 import loralens as ll
-from loralens.bench import speed
 from loralens.models.base import EPS, layer_rms
 from loralens.models.glnet import GLNet
+from speedbench.shapes import parse_shape, synthetic_batch
 
 
 def scale_inputs(self: GLNet, batch: ll.LoRABatch):
@@ -43,9 +43,9 @@ def main() -> None:
     current = GLNet._equivariant
     variants = {"inputs scaled (before)": scale_inputs, "outputs scaled (now)": current}
     for label in a.shapes.split(","):
-        _, layers, width = speed.parse_shape(label)
+        _, layers, width = parse_shape(label)
         for B in (int(b) for b in a.batch_sizes.split(",")):
-            batch = speed.synthetic_batch(layers, width, batch_size=B)
+            batch = synthetic_batch(layers, width, batch_size=B)
             torch.manual_seed(0)
             model = ll.build_model("glnet", like=batch, out_dim=1).eval()
             wall: dict[str, float] = {}

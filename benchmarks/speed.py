@@ -7,7 +7,7 @@
     python benchmarks/speed.py --quick               # tiny shapes: the CI smoke test
 
 Writes ``<out>.md`` (the tables) and ``<out>.json`` (every number, medians too). The harness
-lives in ``loralens.bench.speed``; see its docstring for what each number measures.
+lives in ``benchmarks/speedbench/``; its package docstring says what each number measures.
 """
 
 from __future__ import annotations
@@ -17,7 +17,10 @@ import json
 import sys
 from pathlib import Path
 
-from loralens.bench import speed
+from speedbench.harness import DTYPES, PARTS, Config, run
+from speedbench.models import MODELS
+from speedbench.report import to_markdown
+from speedbench.shapes import parse_shape
 
 
 def _csv(text: str) -> list[str]:
@@ -26,12 +29,12 @@ def _csv(text: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--parts", default=",".join(speed.PARTS), help="comma list of %(default)s")
+    p.add_argument("--parts", default=",".join(PARTS), help="comma list of %(default)s")
     p.add_argument("--shapes", default=None, help="labels (125M,...,175B) or LxW, e.g. 12x768")
-    p.add_argument("--models", default=",".join(speed.MODELS))
+    p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--batch-sizes", default="1,32")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=sorted(speed.DTYPES))
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--budget", type=float, default=1.0, help="seconds of repeats per cell")
     p.add_argument("--dense-budget", type=float, default=60.0, help="seconds for dense svdvals")
     p.add_argument("--dense-max-gib", type=float, default=6.0, help="mlp-dense memory cap")
@@ -54,13 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     if a.threads:
         kw["threads"] = a.threads
-    unknown = set(kw["parts"]) - set(speed.PARTS)
+    unknown = set(kw["parts"]) - set(PARTS)
     if unknown:
-        p.error(f"unknown parts {sorted(unknown)}; choose from {speed.PARTS}")
+        p.error(f"unknown parts {sorted(unknown)}; choose from {PARTS}")
     if a.quick:
-        cfg = speed.Config.quick(**kw)
+        cfg = Config.quick(**kw)
     else:
-        cfg = speed.Config(
+        cfg = Config(
             **kw,
             batch_sizes=tuple(int(b) for b in _csv(a.batch_sizes)),
             budget_s=a.budget,
@@ -71,10 +74,10 @@ def main(argv: list[str] | None = None) -> int:
             isolate=not a.no_isolate,
         )
     if a.shapes:
-        cfg.shapes = tuple(speed.parse_shape(s) for s in _csv(a.shapes))
+        cfg.shapes = tuple(parse_shape(s) for s in _csv(a.shapes))
 
-    res = speed.run(cfg, log=lambda s: print(s, file=sys.stderr, flush=True))
-    md = speed.to_markdown(res)
+    res = run(cfg, log=lambda s: print(s, file=sys.stderr, flush=True))
+    md = to_markdown(res)
     stem = a.out or f"benchmarks/results/speed-{a.device}-{a.dtype}{'-quick' if a.quick else ''}"
     out = Path(stem)
     out.parent.mkdir(parents=True, exist_ok=True)

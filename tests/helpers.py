@@ -13,15 +13,29 @@ STORE_SHAPES = ((6, 5), (4, 7), (6, 5))
 
 
 def random_lora(
+    ranks, shapes, seed=0, dtype=torch.float64, scale=1e-2, v_scale=None, prefix="l"
+) -> ll.LoRA:
+    """A random LoRA with layers <prefix>0, <prefix>1, ...: U ~ scale N(0, 1), V ~ v_scale N(0, 1)
+    (default: scale), drawn from ``seed`` layer by layer (U, then V)."""
+    g = torch.Generator().manual_seed(seed)
+    v_scale = scale if v_scale is None else v_scale
+    return ll.LoRA(
+        layers=[
+            ll.LoRALayer(
+                f"{prefix}{i}",
+                torch.randn(o, r, generator=g, dtype=dtype) * scale,
+                torch.randn(n, r, generator=g, dtype=dtype) * v_scale,
+            )
+            for i, ((o, n), r) in enumerate(zip(shapes, ranks))
+        ]
+    )
+
+
+def store_lora(
     ranks: Sequence[int], seed: int, shapes: Sequence[tuple[int, int]] = STORE_SHAPES
 ) -> ll.LoRA:
-    """A LoRA with layers ``blk.<i>`` of these shapes and ranks, factors drawn from ``seed``."""
-    g = torch.Generator().manual_seed(seed)
-    layers = [
-        ll.LoRALayer(f"blk.{i}", torch.randn(o, r, generator=g), torch.randn(n, r, generator=g))
-        for i, ((o, n), r) in enumerate(zip(shapes, ranks))
-    ]
-    return ll.LoRA(layers=layers)
+    """A float32 LoRA with layers ``blk.<i>`` of these shapes, unit-scale factors from ``seed``."""
+    return random_lora(ranks, shapes, seed, dtype=torch.float32, scale=1.0, prefix="blk.")
 
 
 def store_items(
@@ -30,4 +44,15 @@ def store_items(
     """``n`` (id, LoRA, labels) items for ``write_store``: ids a<k>, labels y = k/2, flag = k%2.
 
     tests/data/store-v1 holds the first five of these: keep the draws as they are."""
-    return [(f"a{k}", random_lora(ranks(k), k), {"y": k * 0.5, "flag": k % 2}) for k in range(n)]
+    return [(f"a{k}", store_lora(ranks(k), k), {"y": k * 0.5, "flag": k % 2}) for k in range(n)]
+
+
+def seeded_randn(*shape, seed=0, dtype=torch.float32) -> torch.Tensor:
+    """N(0, 1) entries drawn in float32 from ``seed``, then cast to ``dtype``."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(dtype)
+
+
+def assert_close_f32(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Equal to float32 round-off (rtol 1e-5, atol 1e-6)."""
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

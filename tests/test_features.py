@@ -8,24 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import loralens as ll
-from loralens import features as F
-
-
-def _lora(ranks, shapes, seed=0, dtype=torch.float64, scale=1e-2, v_scale=None):
-    """A random LoRA: U ~ scale N(0, 1), V ~ v_scale N(0, 1) (default: scale)."""
-    g = torch.Generator().manual_seed(seed)
-    v_scale = scale if v_scale is None else v_scale
-    return ll.LoRA(
-        layers=[
-            ll.LoRALayer(
-                f"l{i}",
-                torch.randn(o, r, generator=g, dtype=dtype) * scale,
-                torch.randn(n, r, generator=g, dtype=dtype) * v_scale,
-            )
-            for i, ((o, n), r) in enumerate(zip(shapes, ranks))
-        ]
-    )
-
+from helpers import random_lora
+from loralens import features
 
 SHAPES = ((6, 5), (4, 7), (9, 3))
 
@@ -40,14 +24,14 @@ SHAPES = ((6, 5), (4, 7), (9, 3))
 def test_svals_match_svdvals_of_the_dense_product(shapes, ranks, k, seed):
     ranks = ranks[: len(shapes)]
     other = [max(r - 1, 0) for r in ranks]
-    batch = ll.collate([_lora(ranks, shapes, seed), _lora(other, shapes, seed + 1)])
-    s = F.svals(batch, k)
+    batch = ll.collate([random_lora(ranks, shapes, seed), random_lora(other, shapes, seed + 1)])
+    s = features.svals(batch, k)
     assert s.shape == (2, len(shapes), k)
     for i, d in enumerate(batch.delta_weights()):
         gold = torch.linalg.svdvals(d)  # (2, min(out, in))
-        gold = F.pad_rank(gold, k)
+        gold = features.pad_rank(gold, k)
         assert torch.allclose(s[:, i], gold, rtol=1e-8, atol=1e-15)
-    norms = F.delta_norms(batch)
+    norms = features.delta_norms(batch)
     for i, d in enumerate(batch.delta_weights()):
         assert torch.allclose(norms[:, i], d.flatten(1).norm(dim=1), rtol=1e-8, atol=1e-15)
 
@@ -58,84 +42,86 @@ def test_svals_and_norms_never_form_the_dense_product():
     u, v = torch.randn(100_000, 2, generator=g), torch.randn(100_000, 2, generator=g)
     lora = ll.LoRA(layers=[ll.LoRALayer("huge", u, v)])
     batch = ll.collate([lora])
-    s = F.svals(batch, 4)
+    s = features.svals(batch, 4)
     gram = (u.T @ u).double() @ (v.T @ v).double()
     gold = torch.linalg.eigvals(gram).real.clamp_min(0).sqrt().sort(descending=True).values
     assert torch.allclose(s[0, 0, :2].double(), gold, rtol=1e-4)
     assert s[0, 0, 2:].abs().max() == 0
-    assert math.isclose(float(F.delta_norms(batch)[0, 0]), float(gold.norm()), rel_tol=1e-4)
-    row = F.describe_layers(lora)[0]
+    assert math.isclose(float(features.delta_norms(batch)[0, 0]), float(gold.norm()), rel_tol=1e-4)
+    row = features.describe_layers(lora)[0]
     assert row["shape"] == [100_000, 100_000] and row["rank"] == 2
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_featurizers_keep_the_input_dtype(dtype):
-    batch = ll.collate([_lora([2, 3, 1], SHAPES, dtype=dtype)])
-    assert F.svals(batch).dtype == dtype
-    assert F.flatten(batch).dtype == dtype
-    assert all(d.dtype == dtype for d in F.dense(batch))
-    template = _lora([2, 3, 1], SHAPES, seed=5, dtype=dtype)
-    U, _ = F.oalign(batch, template)
+    batch = ll.collate([random_lora([2, 3, 1], SHAPES, dtype=dtype)])
+    assert features.svals(batch).dtype == dtype
+    assert features.flatten(batch).dtype == dtype
+    assert all(d.dtype == dtype for d in features.dense(batch))
+    template = random_lora([2, 3, 1], SHAPES, seed=5, dtype=dtype)
+    U, _ = features.oalign(batch, template)
     assert U[0].dtype == dtype and U[0].shape == (1, 6, 2)
 
 
 def test_dense_and_flatten():
-    batch = ll.collate([_lora([2, 3, 1], SHAPES, 1), _lora([1, 1, 1], SHAPES, 2)])
-    for d, u, v in zip(F.dense(batch), batch.U, batch.V):
+    batch = ll.collate([random_lora([2, 3, 1], SHAPES, 1), random_lora([1, 1, 1], SHAPES, 2)])
+    for d, u, v in zip(features.dense(batch), batch.U, batch.V):
         assert torch.allclose(d, u @ v.transpose(1, 2))
-    flat = F.flatten(batch)
+    flat = features.flatten(batch)
     assert flat.shape == (2, sum((o + i) * r for (o, i), r in zip(SHAPES, [2, 3, 1])))
     # fixed widths: truncate to 1, pad to 4
-    one = F.flatten(batch, 1)
+    one = features.flatten(batch, 1)
     assert one.shape == (2, sum(o + i for o, i in SHAPES))
     assert torch.equal(one[:, :6], batch.U[0][:, :, 0])
-    four = F.flatten(batch, [4, 4, 4])
+    four = features.flatten(batch, [4, 4, 4])
     assert four.shape == (2, 4 * sum(o + i for o, i in SHAPES))
     # rank-major: U_0's first column, then its second, ...; padded columns are zero
     assert torch.equal(four[:, : 6 * 4].reshape(2, 4, 6)[:, :2], batch.U[0].mT)
     assert not four[:, : 6 * 4].reshape(2, 4, 6)[:, 2:].any()
     assert torch.equal(flat[:, 6 * 2 : 6 * 2 + SHAPES[0][1]], batch.V[0][:, :, 0])
     with pytest.raises(ValueError, match="widths"):
-        F.flatten(batch, [1, 2])
+        features.flatten(batch, [1, 2])
 
 
 def test_oalign_is_o_invariant_not_gl_invariant_and_padding_safe():
-    template = _lora([3, 2, 4], SHAPES, seed=9)
-    loras = [_lora([3, 2, 4], SHAPES, seed=1), _lora([2, 1, 3], SHAPES, seed=2)]
+    template = random_lora([3, 2, 4], SHAPES, seed=9)
+    loras = [random_lora([3, 2, 4], SHAPES, seed=1), random_lora([2, 1, 3], SHAPES, seed=2)]
     batch = ll.collate(loras)
-    U0, V0 = F.oalign(batch, template)
+    U0, V0 = features.oalign(batch, template)
     assert [u.shape[2] for u in U0] == [3, 2, 4]  # the template's widths
-    U1, V1 = F.oalign(ll.o_transform(batch, 3), template)
+    U1, V1 = features.oalign(ll.o_transform(batch, 3), template)
     for a, b in zip(U0 + V0, U1 + V1):
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-13)
-    U2, _ = F.oalign(ll.gl_transform(batch, 3), template)
+    U2, _ = features.oalign(ll.gl_transform(batch, 3), template)
     assert max(float((a - b).abs().max() / a.abs().max()) for a, b in zip(U0, U2)) > 1e-2
     # each LoRA alone gives what it gets in the padded batch
     for k, lora in enumerate(loras):
-        Ua, Va = F.oalign(ll.collate([lora]), template)
+        Ua, Va = features.oalign(ll.collate([lora]), template)
         for a, b in zip(Ua + Va, U0 + V0):
             assert torch.allclose(a[0], b[k], rtol=1e-9, atol=1e-13)
     # the template aligned to itself is itself
-    Ut, _ = F.oalign(ll.collate([template]), template)
+    Ut, _ = features.oalign(ll.collate([template]), template)
     for a, layer in zip(Ut, template.layers):
         assert torch.allclose(a[0], layer.U, atol=1e-12)
 
 
 def test_pick_template_takes_a_full_rank_lora_of_median_size():
-    loras = [_lora([2, 2, 2], SHAPES, seed=s, scale=sc) for s, sc in enumerate([1, 3, 2, 5])]
-    loras.append(_lora([1, 2, 2], SHAPES, seed=7, scale=2.5))  # not full rank
-    t = F.pick_template(loras)
+    loras = [random_lora([2, 2, 2], SHAPES, seed=s, scale=sc) for s, sc in enumerate([1, 3, 2, 5])]
+    loras.append(random_lora([1, 2, 2], SHAPES, seed=7, scale=2.5))  # not full rank
+    t = features.pick_template(loras)
     assert torch.equal(t.layers[0].U, loras[2].layers[0].U)
-    assert F.pick_template(ll.collate(loras)).ranks == [2, 2, 2]
+    assert features.pick_template(ll.collate(loras)).ranks == [2, 2, 2]
 
 
 def test_effective_rank_and_describe_layers():
-    assert math.isclose(float(F.effective_rank(torch.tensor([1.0, 1.0, 1.0]))), 3.0, rel_tol=1e-9)
-    assert math.isclose(float(F.effective_rank(torch.tensor([2.0, 0.0]))), 1.0, rel_tol=1e-9)
-    assert float(F.effective_rank(torch.zeros(3))) == 0.0
-    lora = _lora([2, 3, 1], SHAPES)
+    assert math.isclose(
+        float(features.effective_rank(torch.tensor([1.0, 1.0, 1.0]))), 3.0, rel_tol=1e-9
+    )
+    assert math.isclose(float(features.effective_rank(torch.tensor([2.0, 0.0]))), 1.0, rel_tol=1e-9)
+    assert float(features.effective_rank(torch.zeros(3))) == 0.0
+    lora = random_lora([2, 3, 1], SHAPES)
     lora.layers[0].meta["scale"] = 2.0
-    rows = F.describe_layers(lora, k=2)
+    rows = features.describe_layers(lora, k=2)
     for row, layer in zip(rows, lora.layers):
         d = layer.delta_weight()
         assert math.isclose(row["fro_norm"], float(d.norm()), rel_tol=1e-9)
@@ -147,14 +133,14 @@ def test_effective_rank_and_describe_layers():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_featurizers_on_cuda():
-    batch = ll.collate([_lora([2, 3, 1], SHAPES, 1), _lora([1, 1, 1], SHAPES, 2)])
-    cpu = F.svals(batch)
+    batch = ll.collate([random_lora([2, 3, 1], SHAPES, 1), random_lora([1, 1, 1], SHAPES, 2)])
+    cpu = features.svals(batch)
     for dtype in (torch.float32, torch.bfloat16):
         gpu = batch.to(device="cuda", dtype=dtype)
-        s = F.svals(gpu)
+        s = features.svals(gpu)
         assert s.device.type == "cuda" and s.dtype == dtype
         assert torch.allclose(s.double().cpu(), cpu, rtol=2e-2, atol=1e-4)
-        U, _ = F.oalign(gpu, _lora([2, 3, 1], SHAPES, 5))
+        U, _ = features.oalign(gpu, random_lora([2, 3, 1], SHAPES, 5))
         assert U[0].device.type == "cuda"
 
 
@@ -165,7 +151,7 @@ def test_inspect_command(tmp_path):
 
     from loralens.cli import app
 
-    lora = _lora([2, 3], ((12, 10), (8, 6)), dtype=torch.float32)
+    lora = random_lora([2, 3], ((12, 10), (8, 6)), dtype=torch.float32)
     lora = ll.LoRA(
         [ll.LoRALayer(f"model.layers.{i}.q_proj", la.U, la.V) for i, la in enumerate(lora)]
     )
@@ -201,7 +187,7 @@ def test_svals_stay_accurate_in_float32_at_any_conditioning(kappa):
         layers.append(ll.LoRALayer(f"l{i}", (qu * spread * 0.01 @ mix).float(), qv.float()))
     well = ll.LoRA(layers=[ll.LoRALayer(la.name, la.V * 0.01, la.V) for la in layers])
     batch = ll.collate([ll.LoRA(layers=layers), well])
-    s = F.svals(batch)
+    s = features.svals(batch)
     assert s.dtype == torch.float32
     for i, (u, v) in enumerate(zip(batch.U, batch.V)):
         gold = torch.linalg.svdvals(u.double() @ v.double().mT)[:, :r]

@@ -4,15 +4,11 @@ import pytest
 import torch
 
 import loralens as ll
+from helpers import random_lora
 
 
 def _lora(ranks, shapes=((6, 5), (4, 7)), seed=0):
-    g = torch.Generator().manual_seed(seed)
-    layers = [
-        ll.LoRALayer(f"l{i}", torch.randn(o, r, generator=g), torch.randn(n, r, generator=g))
-        for i, ((o, n), r) in enumerate(zip(shapes, ranks))
-    ]
-    return ll.LoRA(layers=layers)
+    return random_lora(ranks, shapes, seed, dtype=torch.float32, scale=1.0)
 
 
 def test_delta_weights_is_U_times_V_transpose():

@@ -6,27 +6,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import loralens as ll
+from helpers import random_lora
 from loralens.symmetry import (
     assert_gl_equivariant,
     gl_equivariance_error,
     random_gl,
     random_orthogonal,
 )
-
-
-def _lora(ranks, shapes, seed=0, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    return ll.LoRA(
-        layers=[
-            ll.LoRALayer(
-                f"l{i}",
-                torch.randn(o, r, generator=g, dtype=dtype) * 1e-2,
-                torch.randn(n, r, generator=g, dtype=dtype) * 1e-2,
-            )
-            for i, ((o, n), r) in enumerate(zip(shapes, ranks))
-        ]
-    )
-
 
 SHAPES = ((6, 5), (4, 7), (9, 3))
 
@@ -43,7 +29,7 @@ structures = st.integers(1, 3).flatmap(
 @given(structures)
 def test_gl_transform_keeps_every_delta_and_padding(structure):
     shapes, rank_rows, seed = structure
-    loras = [_lora(r, shapes, seed + k) for k, r in enumerate(rank_rows)]
+    loras = [random_lora(r, shapes, seed + k) for k, r in enumerate(rank_rows)]
     batch = ll.collate(loras)
     moved = ll.gl_transform(batch, seed)
     assert torch.equal(moved.ranks, batch.ranks)
@@ -65,7 +51,7 @@ def test_gl_transform_keeps_every_delta_and_padding(structure):
 
 
 def test_transforms_really_move_the_factors_and_are_seeded():
-    lora = _lora([3, 2, 4], SHAPES)
+    lora = random_lora([3, 2, 4], SHAPES)
     a, b, c = ll.gl_transform(lora, 1), ll.gl_transform(lora, 1), ll.gl_transform(lora, 2)
     assert torch.equal(a.layers[0].U, b.layers[0].U)
     assert not torch.allclose(a.layers[0].U, c.layers[0].U)
@@ -87,7 +73,7 @@ def test_random_group_elements_are_well_conditioned_and_orthogonal():
 
 
 def test_transform_keeps_dtype_and_works_in_low_precision():
-    lora = _lora([2, 2, 2], SHAPES, dtype=torch.bfloat16)
+    lora = random_lora([2, 2, 2], SHAPES, dtype=torch.bfloat16)
     moved = ll.gl_transform(ll.collate([lora]), 0)
     assert moved.dtype == torch.bfloat16
     assert moved.U[0].shape == (1, 6, 2)
@@ -102,7 +88,7 @@ def _u_sum_model(batch):
 
 
 def test_invariance_checks_pass_and_fail_when_they_should():
-    batch = ll.collate([_lora([3, 2, 1], SHAPES, 1), _lora([1, 2, 3], SHAPES, 2)])
+    batch = ll.collate([random_lora([3, 2, 1], SHAPES, 1), random_lora([1, 2, 3], SHAPES, 2)])
     assert ll.gl_invariance_error(_delta_norm_model, batch) < 1e-12
     assert ll.assert_gl_invariant(_delta_norm_model, batch) < 1e-12
     assert ll.assert_o_invariant(_delta_norm_model, batch) < 1e-12
@@ -123,7 +109,7 @@ def test_invariance_checks_pass_and_fail_when_they_should():
 
 
 def test_invariance_check_leaves_a_module_untouched():
-    batch = ll.collate([_lora([2, 2, 2], SHAPES)])
+    batch = ll.collate([random_lora([2, 2, 2], SHAPES)])
     model = ll.build_model("mlp-svd", like=batch, out_dim=2)
     model.train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -135,7 +121,7 @@ def test_invariance_check_leaves_a_module_untouched():
 
 
 def test_equivariance_check():
-    batch = ll.collate([_lora([3, 2, 1], SHAPES, 1), _lora([1, 2, 3], SHAPES, 2)])
+    batch = ll.collate([random_lora([3, 2, 1], SHAPES, 1), random_lora([1, 2, 3], SHAPES, 2)])
     mats = [torch.randn(7, o, dtype=torch.float64) for o, _ in batch.shapes]
 
     def left_multiply(b):  # U -> M U, V -> V: equivariant

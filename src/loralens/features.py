@@ -75,7 +75,7 @@ def flatten(batch: LoRABatch, ranks: int | Sequence[int] | None = None) -> torch
 
 def dense(batch: LoRABatch) -> list[torch.Tensor]:
     """Per layer, the (B, out, in) stack of delta W = U @ V.T."""
-    return [u @ v.transpose(1, 2) for u, v in zip(batch.U, batch.V)]
+    return batch.delta_weights()
 
 
 def _grams(batch: LoRABatch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,6 +9,11 @@ from typing import Any
 import torch
 
 
+def delta_weight(U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """delta W = U @ V.T (out x in) of one layer's factors, or of stacks of them (..., out, r)."""
+    return U @ V.mT
+
+
 @dataclass
 class LoRALayer:
     """One adapted weight matrix: delta W = U @ V.T, U (out x r), V (in x r), scale folded into U.
@@ -54,7 +59,7 @@ class LoRALayer:
 
     def delta_weight(self) -> torch.Tensor:
         """delta W = U @ V.T in the math orientation (out x in)."""
-        return self.U @ self.V.T
+        return delta_weight(self.U, self.V)
 
     def __repr__(self) -> str:
         return f"LoRALayer({self.name!r}, {self.out_features}x{self.in_features}, rank {self.rank})"
@@ -283,7 +288,7 @@ class LoRABatch:
 
     def delta_weights(self) -> list[torch.Tensor]:
         """Per layer, the (B, out, in) stack of delta W."""
-        return [u @ v.transpose(1, 2) for u, v in zip(self.U, self.V)]
+        return [delta_weight(u, v) for u, v in zip(self.U, self.V)]
 
     def unbatch(self) -> list[LoRA]:
         """The LoRAs of this batch, padding removed."""

@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 import torch
 
+from loralens.fused import linalg_dtype
 from loralens.lora import LoRA, LoRABatch
 
 Group = Literal["gl", "o"]
@@ -75,10 +76,6 @@ def random_gl(r: int, generator: torch.Generator, *, cond: float = 10.0) -> torc
     return (q1 * s) @ q2
 
 
-def _work_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _act(
     x: LoRA | LoRABatch,
     seed: int | torch.Generator,
@@ -90,7 +87,7 @@ def _act(
 
         def fn(_: int, layer: Any) -> tuple[torch.Tensor, torch.Tensor]:
             a, b = draw(layer.rank, g)
-            w = _work_dtype(layer.U.dtype)
+            w = linalg_dtype(layer.U.dtype)
             dev = layer.U.device
             u = (layer.U.to(w) @ a.to(w).to(dev)).to(layer.U.dtype)
             v = (layer.V.to(w) @ b.to(w).to(dev)).to(layer.V.dtype)
@@ -110,7 +107,7 @@ def _act(
                     a, bb = draw(k, g)
                     A[b, :k, :k] = a
                     B[b, :k, :k] = bb
-            w = _work_dtype(u.dtype)
+            w = linalg_dtype(u.dtype)
             U.append((u.to(w) @ A.to(w).to(u.device)).to(u.dtype))
             V.append((v.to(w) @ B.to(w).to(v.device)).to(v.dtype))
         return LoRABatch(names=list(x.names), U=U, V=V, ranks=x.ranks.clone())

@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 import loralens as ll
-from helpers import random_lora
+from helpers import store_lora
 from loralens.store import LoRAStore, StoreError, is_packed_from, pack, pack_zoo_cached, read_labels
 
 
@@ -22,7 +22,7 @@ def _folder(root, n, *, single_files, seed=0):
     root.mkdir(parents=True)
     rows = []
     for k in range(n):
-        lora = random_lora([2, 3, 1] if k % 2 else [4, 1, 2], 100 + k)
+        lora = store_lora([2, 3, 1] if k % 2 else [4, 1, 2], 100 + k)
         name = f"{k:03d}"
         ll.save_lora(lora, root / name)
         if single_files:  # a bare adapter file; the CSV names it without its suffix
@@ -88,7 +88,7 @@ def test_pack_zoo_cached_reuses_a_current_store_even_after_a_refusal(tmp_path):
     assert log == [] and (target / "store.json").stat().st_mtime_ns == stamp  # not re-packed
 
     # a new adapter in labels.csv: packed anew
-    ll.save_lora(random_lora([2, 2, 2], 7), zoo / "adapters" / "new")
+    ll.save_lora(store_lora([2, 2, 2], 7), zoo / "adapters" / "new")
     with open(zoo / "labels.csv", "a") as f:
         f.write("new,1.0,50\n")
     pack_zoo_cached(zoo, target, log.append)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import loralens as ll
-from helpers import random_lora, store_items
+from helpers import store_items, store_lora
 from loralens.store import LoRAStore, StoreError, write_store
 
 
@@ -91,7 +91,7 @@ def test_factors_are_rank_major_in_stores_and_collate(tmp_path):
 
 
 def test_a_rank_zero_layer_reads_alone_and_in_a_batch(tmp_path):
-    items = [("z", random_lora([0, 2, 1], 3), {}), ("a", random_lora([1, 2, 1], 4), {})]
+    items = [("z", store_lora([0, 2, 1], 3), {}), ("a", store_lora([1, 2, 1], 4), {})]
     store = write_store(tmp_path / "s", items)
     assert store[0].ranks == [0, 2, 1]
     batch = store.batch([0, 1])

@@ -3,23 +3,23 @@
 import numpy as np
 import pytest
 
-from helpers import random_lora, store_items
+from helpers import store_items, store_lora
 from loralens.store import LoRAStore, StoreError, StoreWriter, write_store
 
 
 def test_append_and_mismatch_refused(tmp_path):
     write_store(tmp_path / "s", store_items(4))
     store = write_store(
-        tmp_path / "s", [("b0", random_lora([1, 1, 1], 99), {"y": 9.0})], append=True
+        tmp_path / "s", [("b0", store_lora([1, 1, 1], 99), {"y": 9.0})], append=True
     )
     assert len(store) == 5 and store.ids[-1] == "b0"
     assert np.isnan(store.labels("flag")[-1, 0])
-    other = random_lora([1, 1], 5, shapes=((6, 5), (3, 3)))
+    other = store_lora([1, 1], 5, shapes=((6, 5), (3, 3)))
     with pytest.raises(StoreError, match="do not fit"):
         write_store(tmp_path / "s", [("bad", other, {})], append=True)
     assert len(LoRAStore(tmp_path / "s")) == 5
     with pytest.raises(StoreError, match="duplicate"):
-        write_store(tmp_path / "s", [("a1", random_lora([1, 1, 1], 1), {})], append=True)
+        write_store(tmp_path / "s", [("a1", store_lora([1, 1, 1], 1), {})], append=True)
 
 
 def test_failed_writes_leave_nothing_and_keep_the_old_store(tmp_path):
@@ -40,7 +40,7 @@ def test_failed_writes_leave_nothing_and_keep_the_old_store(tmp_path):
         StoreWriter.append_to(tmp_path / "s", shard_bytes=100) as w,
     ):
         for k in range(3):
-            w.add(random_lora([1, 1, 1], 50 + k), id=f"new{k}")
+            w.add(store_lora([1, 1, 1], 50 + k), id=f"new{k}")
         raise RuntimeError("killed")
     assert sorted(p.name for p in (tmp_path / "s").iterdir() if p.name != ".lock") == before
     assert (tmp_path / "s" / "index.parquet").read_bytes() == index_bytes
@@ -61,13 +61,13 @@ def test_create_append_and_open_modes(tmp_path):
 
     with StoreWriter.open(tmp_path / "s", append=True, dtype="float16") as w:  # no store yet
         assert not w.appending and w.names is None
-        w.add(random_lora([2, 2, 2], 0), id="a")
+        w.add(store_lora([2, 2, 2], 0), id="a")
         assert w.names == ["blk.0", "blk.1", "blk.2"] and len(w) == 1
     with StoreWriter.open(tmp_path / "s", append=True) as w:
         assert w.appending and w.dtype == "float16" and w.shapes == [(6, 5), (4, 7), (6, 5)]
         with pytest.raises(StoreError, match="already fixed"):
             w.set_layout(["x"], [(1, 1)])
-        w.add(random_lora([1, 1, 1], 1), id="b")
+        w.add(store_lora([1, 1, 1], 1), id="b")
     store = LoRAStore(tmp_path / "s")
     assert store.ids == ["a", "b"] and len(store.info["history"]) == 2
 
@@ -78,8 +78,8 @@ def test_create_append_and_open_modes(tmp_path):
 def test_layout_set_before_adding_refuses_other_layers(tmp_path):
     w = StoreWriter.create(tmp_path / "s")
     w.set_layout(["blk.0"], [(6, 5)])
-    assert "unexpected layers: blk.1, blk.2" in w.mismatch(random_lora([1, 1, 1], 0))
+    assert "unexpected layers: blk.1, blk.2" in w.mismatch(store_lora([1, 1, 1], 0))
     with pytest.raises(StoreError, match="do not fit"):
-        w.add(random_lora([1, 1, 1], 0), id="a")
+        w.add(store_lora([1, 1, 1], 0), id="a")
     w.abort()
     assert list(tmp_path.iterdir()) == []

@@ -5,14 +5,22 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from loralens.formats._build import DIFFUSERS_KEY, KOHYA_KEY, PEFT_KEY
-from loralens.formats._io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, read_tensor_keys
+from loralens.formats.diffusers import ADAPTER_METADATA_KEY, COMPONENTS, load_diffusers
 from loralens.formats.errors import LoRAFormatError
-from loralens.formats.peft import CONFIG_NAME, PREFIX, WEIGHT_NAMES, is_peft_dir
+from loralens.formats.keys import DIFFUSERS_KEY, KOHYA_KEY, PEFT_KEY
+from loralens.formats.kohya import load_kohya
+from loralens.formats.peft import (
+    CONFIG_NAME,
+    PREFIX,
+    WEIGHT_NAMES,
+    is_peft_dir,
+    load_peft,
+    load_peft_weights_only,
+)
+from loralens.formats.tensor_file import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, read_tensor_keys
 from loralens.lora import LoRA
 
 FORMATS = ("peft", "kohya", "diffusers")
-DIFFUSERS_COMPONENTS = ("unet.", "text_encoder.", "text_encoder_2.", "transformer.", "prior.")
 EXPECTED = (
     "expected a PEFT adapter folder (adapter_config.json + adapter_model.safetensors or "
     "adapter_model.bin), or a LoRA .safetensors/.bin file in PEFT (*.lora_A.weight), kohya "
@@ -64,9 +72,7 @@ def _file_format(path: Path) -> str:
     if any(PEFT_KEY.match(k) for k in keys):
         if any(k.startswith(PREFIX) for k in keys) or (path.parent / CONFIG_NAME).is_file():
             return "peft"
-        if "lora_adapter_metadata" in st_meta or any(
-            k.startswith(DIFFUSERS_COMPONENTS) for k in keys
-        ):
+        if ADAPTER_METADATA_KEY in st_meta or any(k.startswith(COMPONENTS) for k in keys):
             return "diffusers"
         return "peft"
     shown = ", ".join(repr(k) for k in keys[:3])
@@ -90,9 +96,6 @@ def load_lora(path: str | os.PathLike[str], *, allow_nonfinite: bool = False) ->
     ``.bin`` files are read with ``torch.load(weights_only=True)`` only. NaN/inf weights raise
     ``LoRAFormatError`` naming the file and layer unless ``allow_nonfinite=True``.
     """
-    from loralens.formats.kohya import load_single_file
-    from loralens.formats.peft import load_peft, load_peft_weights_only
-
     path = Path(path)
     fmt, where = _resolve(path)
     if fmt == "peft":
@@ -101,4 +104,6 @@ def load_lora(path: str | os.PathLike[str], *, allow_nonfinite: bool = False) ->
         if (where.parent / CONFIG_NAME).is_file():
             return load_peft(where, allow_nonfinite=allow_nonfinite, weights=where)
         return load_peft_weights_only(where, allow_nonfinite=allow_nonfinite)
-    return load_single_file(where, fmt, allow_nonfinite=allow_nonfinite)
+    if fmt == "kohya":
+        return load_kohya(where, allow_nonfinite=allow_nonfinite)
+    return load_diffusers(where, allow_nonfinite=allow_nonfinite)

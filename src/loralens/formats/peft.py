@@ -27,14 +27,10 @@ from typing import Any
 
 import torch
 
-from loralens.formats._build import (
-    ModuleParts,
-    alpha_scale,
-    build_layers,
-    parse_keys,
-)
-from loralens.formats._io import read_tensor_file
 from loralens.formats.errors import LoRAFormatError
+from loralens.formats.keys import ModuleParts, parse_keys, refuse_unknown
+from loralens.formats.layers import alpha_scale, build_layers
+from loralens.formats.tensor_file import read_tensor_file
 from loralens.lora import LoRA
 
 CONFIG_NAME = "adapter_config.json"
@@ -144,13 +140,9 @@ def parse_peft_tensors(
     modules, unparsed = parse_keys(tensors, path, strip_prefix=strip_prefix)
     extras = [k for k in unparsed if _allowed_extra(k, cfg)]
     unknown = [k for k in unparsed if k not in extras]
-    if unknown:
-        shown = ", ".join(repr(k) for k in unknown[:5])
-        raise LoRAFormatError(
-            path,
-            f"{len(unknown)} key(s) are not LoRA factors (lora_A/lora_B/lora_embedding_A/B/"
-            f"lora_magnitude_vector): {shown}{' ...' if len(unknown) > 5 else ''}",
-        )
+    refuse_unknown(
+        unknown, path, "LoRA factors (lora_A/lora_B/lora_embedding_A/B/lora_magnitude_vector)"
+    )
 
     def scale_for(name: str, rank: int, parts: ModuleParts):
         if cfg is None:

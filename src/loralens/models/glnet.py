@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from loralens.fused import grams_and_projections
-from loralens.lora import LayerSpec, LoRABatch
+from loralens.lora import LayerSpec, LoRABatch, delta_weight
 from loralens.models.base import EPS, LoLModel, RunningStandardize, layer_rms, log_scale, mlp
 
 Factors = tuple[list[torch.Tensor], list[torch.Tensor]]
@@ -186,7 +186,7 @@ class GLNet(LoLModel):
         else:
             Us, Vs, rms = self._equivariant(batch)
             div = 1.0
-        heads = torch.stack([u @ v.transpose(1, 2) for u, v in zip(Us, Vs)], dim=1) / div
+        heads = torch.stack([delta_weight(u, v) for u, v in zip(Us, Vs)], dim=1) / div
         scales = self.scale_norm(log_scale(rms)[..., None])  # (B, L, 1)
         tokens = torch.cat([heads.flatten(2), scales], dim=2)  # (B, L, d*d + 1)
         skip = self.scale_skip(scales.flatten(1))

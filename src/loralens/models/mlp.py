@@ -15,8 +15,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from loralens import features as F
-from loralens.lora import LayerSpec, LoRA, LoRABatch
+from loralens import features
+from loralens.lora import LayerSpec, LoRA, LoRABatch, delta_weight
 from loralens.models.base import EPS, LoLModel, RunningStandardize, layer_rms, log_scale, mlp
 
 _HEAD = {"hidden": 128, "depth": 2, "dropout": 0.0}
@@ -70,8 +70,8 @@ class FlatMLP(LoLModel):
     def factors(self, batch: LoRABatch) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         widths = self.hparams["ranks"]
         return (
-            [F.pad_rank(u, r) for u, r in zip(batch.U, widths)],
-            [F.pad_rank(v, r) for v, r in zip(batch.V, widths)],
+            [features.pad_rank(u, r) for u, r in zip(batch.U, widths)],
+            [features.pad_rank(v, r) for v, r in zip(batch.V, widths)],
         )
 
     def _flat(self, f: torch.Tensor) -> torch.Tensor:
@@ -113,9 +113,9 @@ class OAlignMLP(FlatMLP):
         **hparams: Any,
     ):
         if template is None and isinstance(like, LoRABatch):
-            template = F.pick_template(like)
+            template = features.pick_template(like)
         if template is not None:
-            tU, _ = F.template_factors(template)
+            tU, _ = features.template_factors(template)
             hparams["ranks"] = [int(u.shape[1]) for u in tU]
         super().__init__(spec, out_dim, **hparams)
         for k, ((o, i), r) in enumerate(zip(spec.shapes, self.hparams["ranks"])):
@@ -135,7 +135,7 @@ class OAlignMLP(FlatMLP):
 
     def set_template(self, template: LoRA | LoRABatch) -> None:
         """Use ``template`` (one LoRA with the model's layers and the model's ``ranks``)."""
-        tU, tV = F.template_factors(template)
+        tU, tV = features.template_factors(template)
         mU, mV = self.template
         if len(tU) != len(mU):
             raise ValueError(f"template has {len(tU)} layers, the model {len(mU)}")
@@ -156,7 +156,7 @@ class OAlignMLP(FlatMLP):
                 "mlp-oalign has no template yet: build it with like=<a batch of training "
                 "LoRAs> or template=<a LoRA>, call set_template(), or load_state_dict()"
             )
-        return F.oalign(batch, (tU, tV))
+        return features.oalign(batch, (tU, tV))
 
 
 class SVDMLP(LoLModel):
@@ -179,7 +179,7 @@ class SVDMLP(LoLModel):
 
     def forward(self, batch: LoRABatch) -> torch.Tensor:
         batch = self.prepare(batch)
-        s, norm = F.svals_and_norms(batch, self.hparams["k"])  # (B, L, k), (B, L)
+        s, norm = features.svals_and_norms(batch, self.hparams["k"])  # (B, L, k), (B, L)
         norm = norm.to(s.dtype)  # |sigma| over all r, not just top-k
         x = torch.cat([(s / norm.clamp_min(EPS)[..., None]).flatten(1), log_scale(norm)], dim=1)
         return self.head(self.norm(x))
@@ -250,6 +250,6 @@ class DenseMLP(LoLModel):
         scales = self.scale_norm(log_scale(rms))
         z = self.first_scale(scales)
         for k, (u, v) in enumerate(zip(batch.U, batch.V)):
-            d = (u @ v.transpose(1, 2)).flatten(1) / rms[:, k, None].clamp_min(EPS)
+            d = delta_weight(u, v).flatten(1) / rms[:, k, None].clamp_min(EPS)
             z = z + self.norms[k](d) @ self.first[k].T
         return self.head(z) + self.scale_skip(scales)

@@ -8,10 +8,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import loralens as ll
+from helpers import random_lora
 from loralens.models import GLNonlinearity, example_batch
 from loralens.models.glnet import EquivariantLinear
 from loralens.symmetry import gl_equivariance_error
-from test_features import _lora as random_lora
 
 
 def _lora(ranks, shapes, seed=0, dtype=torch.float64, scale=1e-2):

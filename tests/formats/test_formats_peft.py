@@ -12,9 +12,11 @@ import math
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 import loralens as ll
+from helpers import seeded_randn
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -299,3 +301,20 @@ def test_lora_bias_is_kept_scaled_and_round_trips(tmp_path):
         bias_delta = merged[f"{name}.bias"] - base.get_submodule(name).bias.detach()
         _assert_close(lora[name].meta["lora_bias"], bias_delta)
     _assert_same_merge(base, folder, ll.save_lora(lora, tmp_path / "saved"))
+
+
+def test_peft_style_file_without_config_warns_and_assumes_scale_one(tmp_path):
+    sd = {
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": seeded_randn(
+            2, 8, seed=1
+        ),
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": seeded_randn(
+            8, 2, seed=2
+        ),
+    }
+    path = tmp_path / "adapter.safetensors"
+    save_file(sd, path)
+    assert ll.detect_format(path) == "peft"
+    with pytest.warns(UserWarning, match="lora_alpha is unknown"):
+        lora = ll.load_lora(path)
+    assert lora.names == ["model.layers.0.self_attn.q_proj"] and lora.metadata["scale_assumed"]

@@ -10,16 +10,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from loralens.bench import speed
+from speedbench.harness import Config, run
+from speedbench.measure import Floors
+from speedbench.models import MODELS, bench_model
+from speedbench.report import to_markdown
+from speedbench.shapes import synthetic_batch
 
-ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = Path(__file__).resolve().with_name("speed.py")
 
 
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
     work = tmp_path_factory.mktemp("bench")
     threads = torch.get_num_threads()
-    res = speed.run(speed.Config.quick(work_dir=str(work)), log=lambda s: None)
+    res = run(Config.quick(work_dir=str(work)), log=lambda s: None)
     assert torch.get_num_threads() == threads  # the harness restores what it changed
     return res
 
@@ -36,9 +40,9 @@ def test_floors_and_machine(result):
 
 def test_every_model_shape_and_batch_size_has_a_row(result):
     rows = result["models"]
-    cfg = speed.Config.quick()
+    cfg = Config.quick()
     got = {(r["shape"], r["batch_size"], r["model"]) for r in rows}
-    want = {(s[0], b, m) for s in cfg.shapes for b in cfg.batch_sizes for m in speed.MODELS}
+    want = {(s[0], b, m) for s in cfg.shapes for b in cfg.batch_sizes for m in MODELS}
     assert got == want
     for r in rows:
         assert r["status"] == "ok", r
@@ -51,9 +55,9 @@ def test_every_model_shape_and_batch_size_has_a_row(result):
 
 
 def test_mlp_dense_refusal_is_a_row_not_a_crash():
-    batch = speed.synthetic_batch(2, 48, batch_size=1)
-    floors = speed.Floors(10.0, 10.0, 100.0, 1, 1)
-    row = speed.bench_model(
+    batch = synthetic_batch(2, 48, batch_size=1)
+    floors = Floors(10.0, 10.0, 100.0, 1, 1)
+    row = bench_model(
         "mlp-dense",
         batch,
         floors,
@@ -83,13 +87,13 @@ def test_store_and_train(result):
         assert r["loras"] == 40 and _pos(r["loras_per_s"]) and _pos(r["gb_per_s"])
     assert all(_pos(r["speedup"]) for r in rows if r["source"].startswith("packed"))
     train = result["train"]
-    assert [r["model"] for r in train] == list(speed.MODELS)
+    assert [r["model"] for r in train] == list(MODELS)
     for r in train:
         assert r["status"] == "ok" and _pos(r["loras_per_s"]) and r["loader_share"] > 0
 
 
 def test_markdown_and_json_are_written(result, tmp_path):
-    md = speed.to_markdown(result)
+    md = to_markdown(result)
     for heading in ("Floors measured", "Batch size 1:", "factor route", "page cache", "LoRAs/s"):
         assert heading in md
     json.dumps(result)  # JSON-able as it stands
@@ -98,7 +102,7 @@ def test_markdown_and_json_are_written(result, tmp_path):
 def test_script_help_runs(capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["speed.py", "--help"])
     with pytest.raises(SystemExit) as done:
-        runpy.run_path(str(ROOT / "benchmarks" / "speed.py"), run_name="__main__")
+        runpy.run_path(str(SCRIPT), run_name="__main__")
     assert done.value.code == 0
     out = capsys.readouterr().out
     assert "--quick" in out and "--device" in out and "--parts" in out

@@ -1,0 +1,62 @@
+"""Single-file LoRAs (kohya and diffusers): every key is a LoRA factor or an alpha.
+
+The reading both formats share: pair the factors by module path, take each module's scale from
+its ``alpha`` key (alpha / rank; alpha 0 or missing means scale 1) or, where it has none, from
+the PEFT-style config of its component (``unet``, ``text_encoder``, ...) if the file carries one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from loralens.formats.errors import LoRAFormatError
+from loralens.formats.keys import ModuleParts, parse_keys, refuse_unknown
+from loralens.formats.layers import alpha_scale, build_layers
+from loralens.formats.peft import config_scale
+from loralens.formats.tensor_file import read_tensor_file
+from loralens.lora import LoRA
+
+#: Reads per-component PEFT configs from a file's safetensors header metadata.
+ConfigReader = Callable[[dict[str, str], Path], dict[str, dict[str, Any]]]
+
+
+def load_single_file(
+    path: Path,
+    fmt: str,
+    *,
+    component_configs: ConfigReader | None = None,
+    allow_nonfinite: bool = False,
+) -> LoRA:
+    """Read a .safetensors (or weights-only .bin) file of LoRA factors and alphas as ``fmt``.
+
+    ``component_configs`` (diffusers) reads per-component configs from the header metadata;
+    they give the scale of modules without an alpha key.
+    """
+    tensors, st_meta = read_tensor_file(path)
+    modules, unparsed = parse_keys(tensors, path)
+    refuse_unknown(unparsed, path, "LoRA factors or alphas")
+    configs = component_configs(st_meta, path) if component_configs else {}
+
+    def scale_for(name: str, rank: int, parts: ModuleParts):
+        component, _, inner = name.partition(".")
+        if "alpha" not in parts.tensors and component in configs:
+            scale, r = config_scale(configs[component], inner)
+            return scale, r, {}
+        return alpha_scale(path, name, rank, parts), None, {}
+
+    layers = build_layers(modules, path, scale_for, allow_nonfinite=allow_nonfinite)
+    if not layers:
+        raise LoRAFormatError(path, "holds no LoRA factors")
+    metadata: dict[str, Any] = {
+        "format": fmt,
+        "source": str(path),
+        "safetensors_metadata": st_meta,
+    }
+    if configs:
+        metadata["adapter_configs"] = configs
+    base = st_meta.get("ss_sd_model_name") or st_meta.get("ss_base_model_version")
+    if base:
+        metadata["base_model"] = base
+    return LoRA(layers=layers, metadata=metadata)
