@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import loralens as ll
-from loralens.zoo.builder import ZooConflictError, build_zoo, merge_zoos, read_manifest
+from loralens.zoo import ZooConflictError, build_zoo, merge_zoos, read_manifest
 from loralens.zoo.preset import get_preset, index_rng, preset_names
 
 pytestmark = pytest.mark.slow
