@@ -1,6 +1,6 @@
 """Preset ``skills-lm``: LoRAs of a small character-level Llama, mirroring Qwen2-ARC-LoRA.
 
-Base model: a transformers ``LlamaForCausalLM`` built from a config (character vocabulary, a few
+Base model (``skills_model``): a transformers ``LlamaForCausalLM`` built from a config (character vocabulary, a few
 layers), pretrained here on a mixture of 14 procedurally generated skill sources
 (``skills_data.SOURCES``), deterministic from the seed and cached. ``variant=1`` (CLI
 ``--base-variant``) derives a second base of the same family: the base further pretrained on a
@@ -18,9 +18,7 @@ is loaded into a PEFT model and its forward is checked against the batched forwa
 Labels: the hyperparameters; ``src_<name>`` (1 = source used); ``eval_loss`` (held-out, full
 mixture, mean over sources); ``loss_<name>`` per source; ``eval_acc`` (greedy exact match on the
 held-out mixture) and ``task_acc`` (greedy exact match on the harder "challenge" set, the
-ARC-Challenge analogue). Greedy decoding is exact-matched by teacher forcing: greedy decoding
-produces the answer (and then stops) iff the argmax at every answer position, given the correct
-prefix, is the correct token; one forward pass gives that for a whole batch.
+ARC-Challenge analogue), exact-matched by teacher forcing (see ``skills_model``).
 """
 
 from __future__ import annotations
@@ -32,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from loralens.atomic import atomic_dir
 from loralens.zoo.batched_lora import BatchedAdamW, PeftSaver, wrap_targets
@@ -47,86 +44,21 @@ from loralens.zoo.preset import (
     sample_lora_hparams,
 )
 from loralens.zoo.presets import skills_data as data
+from loralens.zoo.presets.skills_model import (
+    SIZES,
+    build_base_config,
+    losses_and_match,
+    pretrain,
+    token_losses,
+    trim_padding,
+)
 from loralens.zoo.progress import log_stderr
-from loralens.zoo.schedule import warmup_cosine
 
-SIZES: dict[str, dict[str, int]] = {
-    # hidden, layers, heads, ffn, pretraining steps, pretraining batch
-    "small": {"hidden": 64, "layers": 3, "heads": 4, "ffn": 192, "steps": 2500, "batch": 64},
-    "tiny": {"hidden": 32, "layers": 2, "heads": 2, "ffn": 64, "steps": 150, "batch": 32},
-}
 MICRO = 8  # examples per LoRA per micro-step; batch_size = MICRO * accumulation
 BATCH_SIZES = (8, 16, 32)
 EPOCHS = (1, 2, 3)
 #: the label columns that are finetuning hyperparameters
 HYPERPARAMETERS = (*HPARAM_COLUMNS, "n_train", "steps")
-
-
-def build_base_config(size: str):
-    from transformers import LlamaConfig
-
-    s = SIZES[size]
-    return LlamaConfig(
-        vocab_size=len(data.VOCAB),
-        hidden_size=s["hidden"],
-        intermediate_size=s["ffn"],
-        num_hidden_layers=s["layers"],
-        num_attention_heads=s["heads"],
-        num_key_value_heads=s["heads"],
-        max_position_embeddings=64,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=True,
-        pad_token_id=data.PAD_ID,
-        bos_token_id=data.STOI[data.EOS],
-        eos_token_id=data.STOI[data.EOS],
-    )
-
-
-def _trim(ids: torch.Tensor, mask: torch.Tensor):
-    t = int((ids != data.PAD_ID).sum(1).max())
-    return ids[:, :t], mask[:, :t]
-
-
-def _token_losses(model, ids: torch.Tensor, mask: torch.Tensor):
-    """Next-token losses (N, T-1), their answer mask, logits and targets, padding trimmed."""
-    ids, mask = _trim(ids, mask)
-    logits = model(input_ids=ids).logits[:, :-1]
-    target = ids[:, 1:]
-    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
-    return ce.view_as(target), mask[:, :-1], logits, target
-
-
-def _losses_and_match(model, ids, mask):
-    """Per example: mean answer-token loss, and 1.0 where greedy decoding gives the exact answer."""
-    ce, m, logits, target = _token_losses(model, ids, mask)
-    loss = (ce * m).sum(1) / m.sum(1)
-    hit = (logits.argmax(-1) == target) | (m == 0)
-    return loss, hit.all(1).float()
-
-
-def pretrain(
-    model, seed: int, steps: int, batch: int, lr: float, weights=None, salt="pretrain", log=None
-):
-    """AdamW with warmup and cosine decay on answer tokens of the source mixture."""
-    torch.manual_seed(derive_seed(seed, salt, "init"))
-    stream = data.mixture_stream(seed, salt, steps * batch, weights)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps))
-    model.train()
-    t0 = time.time()
-    for t in range(steps):
-        part = stream.select(slice(t * batch, (t + 1) * batch))
-        ce, m, _, _ = _token_losses(model, part.ids, part.mask)
-        loss = (ce * m).sum() / m.sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if log and (t % 250 == 0 or t == steps - 1):
-            log(f"  pretrain step {t}/{steps} loss {loss.item():.3f} ({time.time() - t0:.0f}s)")
-    model.eval()
-    return model
 
 
 @register_preset
@@ -354,7 +286,7 @@ class SkillsLM(Preset):
                     for s, a in zip(streams, active)
                 ]
             ).flatten()
-            ce, m, _, _ = _token_losses(model, pool.ids[rows], pool.mask[rows])
+            ce, m, _, _ = token_losses(model, pool.ids[rows], pool.mask[rows])
             m = m.reshape(K, -1)
             per_lora = (ce.reshape(K, -1) * m).sum(1) / m.sum(1)
             (per_lora * active / accum).sum().backward()
@@ -374,7 +306,7 @@ class SkillsLM(Preset):
                 for s in range(0, n, chunk):
                     part = ex.select(slice(s, s + chunk))
                     b = len(part)
-                    loss, ok = _losses_and_match(
+                    loss, ok = losses_and_match(
                         model, part.ids.repeat(K, 1), part.mask.repeat(K, 1)
                     )
                     per_loss.append(loss.view(K, b))
@@ -388,7 +320,7 @@ class SkillsLM(Preset):
     def _batched_logits(self, model, K: int):
         """Logits of every LoRA of the group on a few held-out examples (for the PEFT check)."""
         ex = self._eval.select(slice(0, len(self._eval), max(1, len(self._eval) // 16)))
-        ids, _ = _trim(ex.ids, ex.mask)
+        ids, _ = trim_padding(ex.ids, ex.mask)
         with torch.no_grad():
             logits = model(input_ids=ids.repeat(K, 1)).logits
         return ids, logits.view(K, *ids.shape, -1)
