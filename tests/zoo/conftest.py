@@ -40,3 +40,25 @@ def kill9_build():
             proc.wait()
 
     return run
+
+
+@pytest.fixture
+def file_snapshot():
+    """``snap(root, under=None)``: (inode, mtime_ns, sha256) of every file below ``root`` (or
+    below ``root/adapters/<id>`` for the ids in ``under``), so that a file rewritten, even with
+    the same bytes, shows."""
+    import hashlib
+    from pathlib import Path
+
+    def snap(root: Path, under: list[str] | None = None) -> dict[str, tuple[int, int, str]]:
+        dirs = [root] if under is None else [root / "adapters" / a for a in under]
+        out = {}
+        for d in dirs:
+            for p in sorted(d.rglob("*")):
+                if p.is_file():
+                    st = p.stat()
+                    digest = hashlib.sha256(p.read_bytes()).hexdigest()
+                    out[str(p.relative_to(root))] = (st.st_ino, st.st_mtime_ns, digest)
+        return out
+
+    return snap

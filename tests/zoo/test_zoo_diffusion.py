@@ -108,6 +108,18 @@ def test_dreambooth_zoo_labels(dream):
     rows = _rows(dream)
     assert sorted(r["adapter"] for r in rows) == _adapters(dream) == [f"{i:06d}" for i in range(5)]
     assert list(rows[0]) == ["adapter", *man["label_columns"]]
+    assert man["binary_columns"] == [f"attr_{n}" for n in ATTR_NAMES]
+    assert man["hyperparameter_columns"] == [
+        "n_images",
+        "lr",
+        "steps",
+        "grad_accum",
+        "batch_size",
+        "rank",
+        "lora_alpha",
+        "init_seed",
+        "data_seed",
+    ]
     for r in rows:
         assert all(r[f"attr_{n}"] in {"0", "1"} for n in ATTR_NAMES)
         assert 0 <= float(r["clip_score"]) <= 1 and 0 <= float(r["subject_score"]) <= 1
@@ -116,6 +128,11 @@ def test_dreambooth_zoo_labels(dream):
 
 
 def test_subsets_zoo_labels(subsets):
+    man = json.loads((subsets / "zoo.json").read_text())
+    assert man["binary_columns"] == [f"class_{c}" for c in range(10)]
+    hyper = ["rank", "lora_alpha", "lr", "steps", "batch_size", "init_seed", "data_seed"]
+    assert man["hyperparameter_columns"] == hyper
+    assert set(hyper) <= set(man["label_columns"])
     rows = _rows(subsets)
     assert len(rows) == 4
     for r in rows:
