@@ -32,19 +32,11 @@ TEMPLATES = ("a {id} {cls}", "a {id} digit", "a {id}")
 MICRO = 4  # images per LoRA per micro-step; batch size = MICRO x accumulation
 ACCUM = (1, 2, 4)
 SUBJECT_SAMPLES = 4
-#: the numeric label columns that are finetuning hyperparameters (in label order)
-HYPERPARAMETERS = (
-    "n_images",
-    "lr",
-    "steps",
-    "grad_accum",
-    "batch_size",
-    "rank",
-    "lora_alpha",
-    "init_seed",
-    "data_seed",
-)
 MIN_GROUP = 10
+#: the optimizer and LoRA settings and the seeds, in label order
+RECIPE = ("lr", "steps", "grad_accum", "batch_size", "rank", "lora_alpha", "init_seed", "data_seed")
+#: the numeric label columns that are finetuning hyperparameters (``instance_prompt`` is text)
+HYPERPARAMETERS = ("n_images", *RECIPE)
 
 
 @register_preset
@@ -150,14 +142,7 @@ class DigitsDreambooth(DigitsPreset):
             *(f"attr_{n}" for n in ATTR_NAMES),
             "n_images",
             "instance_prompt",
-            "lr",
-            "steps",
-            "grad_accum",
-            "batch_size",
-            "rank",
-            "lora_alpha",
-            "init_seed",
-            "data_seed",
+            *RECIPE,
             "clip_score",
             "subject_score",
             "train_loss",
