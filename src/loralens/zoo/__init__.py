@@ -1,13 +1,9 @@
-"""Zoos of real LoRA finetunes: the generic builder (`builder`) and its presets (`presets/`)."""
+"""Zoos of real LoRA finetunes: the generic builder (`builder`), its folder format (`folder`),
+shard merging (`merge`) and the presets (`preset`, `presets/`, `digits/`)."""
 
-from loralens.zoo.builder import (
-    ZooConflictError,
-    build_small_zoo,
-    build_zoo,
-    merge_zoos,
-    read_manifest,
-    zoo_summary,
-)
+from loralens.zoo.builder import build_small_zoo, build_zoo
+from loralens.zoo.folder import ZooConflictError, read_manifest
+from loralens.zoo.merge import merge_zoos
 from loralens.zoo.preset import Preset, get_preset, preset_names, register_preset
 
 __all__ = [
@@ -20,5 +16,4 @@ __all__ = [
     "preset_names",
     "read_manifest",
     "register_preset",
-    "zoo_summary",
 ]

@@ -3,15 +3,19 @@
 Each target ``nn.Linear`` is wrapped in a :class:`BatchedLoRALinear` holding K stacked LoRAs;
 the input's batch axis carries the K LoRAs' examples, LoRA-major, so one forward and backward
 pass trains all of them. :class:`BatchedAdamW` gives each LoRA its own AdamW state, learning
-rate, weight decay and step count. Presets check the result against PEFT's own forward before
-saving each LoRA with PEFT.
+rate, weight decay and step count. :class:`PeftSaver` copies each trained LoRA into a PEFT
+model, checks PEFT's forward against the batched one and saves it with PEFT's ``save_pretrained``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -66,6 +70,16 @@ class BatchedLoRALinear(nn.Module):
         return y + d.reshape(y.shape)
 
 
+def target_names(model: nn.Module, targets: Sequence[str]) -> list[str]:
+    """Full names of the linear layers of ``model`` whose last name part is in ``targets``."""
+    wanted = set(targets)
+    return [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in wanted
+    ]
+
+
 def wrap_targets(
     model: nn.Module,
     targets: Sequence[str],
@@ -84,11 +98,9 @@ def wrap_targets(
     K, r = len(ranks), max(ranks)
     memo = {id(p): p for p in model.parameters()}  # deep-copy the module tree, not the weights
     model = copy.deepcopy(model, memo)
-    wanted = set(targets)
     mods: dict[str, BatchedLoRALinear] = {}
-    for name, mod in list(model.named_modules()):
-        if not (isinstance(mod, nn.Linear) and name.rsplit(".", 1)[-1] in wanted):
-            continue
+    for name in target_names(model, targets):
+        mod = model.get_submodule(name)
         bl = BatchedLoRALinear(mod, K, r)
         bound = 1.0 / math.sqrt(mod.in_features)
         for k in range(K):
@@ -107,7 +119,7 @@ def wrap_targets(
         setattr(model.get_submodule(parent) if parent else model, child, bl)
         mods[name] = bl
     if not mods:
-        raise ValueError(f"no linear layer named {sorted(wanted)} in the base model")
+        raise ValueError(f"no linear layer named {sorted(set(targets))} in the base model")
     return model, mods
 
 
@@ -143,3 +155,83 @@ class BatchedAdamW:
             p.copy_(torch.where(sel, new, p))
             if p.grad is not None:
                 p.grad.masked_fill_(sel, 0.0)
+
+
+def peft_config(rank: int, alpha: float, targets: Sequence[str]) -> Any:
+    """The ``peft.LoraConfig`` of one zoo LoRA (no dropout: it is set on the saved config only)."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=int(rank), lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, bias="none"
+    )
+
+
+@contextlib.contextmanager
+def _quiet_peft():
+    """Silence PEFT's warnings that say nothing about our adapters."""
+    with warnings.catch_warnings():
+        # PEFT reads a deprecated transformers attribute
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        # a base saved in a local folder (e.g. ``base/unet``) PEFT cannot look up: nothing to check
+        warnings.filterwarnings("ignore", message=".*config.*base/unet.*")
+        warnings.filterwarnings("ignore", message=".*Could not find a config file.*")
+        yield
+
+
+class PeftSaver:
+    """Saves LoRA ``k`` of a batched model as a PEFT adapter, after checking that PEFT's forward
+    equals the batched one (so the saved file is the LoRA that was trained and labelled).
+
+    One PEFT model of ``base`` is kept per (rank, alpha); ``base_name``, when given, is written as
+    the adapter's ``base_model_name_or_path``.
+    """
+
+    def __init__(self, base: nn.Module, targets: Sequence[str], base_name: str | None = None):
+        self.base = base
+        self.targets = list(targets)
+        self.base_name = base_name
+        self._models: dict[tuple[int, float], Any] = {}
+
+    def peft_model(self, rank: int, alpha: float) -> Any:
+        """The cached PEFT model of the base for LoRAs of this rank and alpha."""
+        key = (int(rank), float(alpha))
+        if key not in self._models:
+            from peft import get_peft_model
+
+            with _quiet_peft():
+                pm = get_peft_model(
+                    copy.deepcopy(self.base), peft_config(rank, alpha, self.targets)
+                )
+            if self.base_name is not None:
+                pm.peft_config["default"].base_model_name_or_path = self.base_name
+            self._models[key] = pm.eval()
+        return self._models[key]
+
+    @torch.no_grad()
+    def save(
+        self,
+        mods: Mapping[str, BatchedLoRALinear],
+        k: int,
+        rank: int,
+        alpha: float,
+        out_dir: Path,
+        forward: Callable[[nn.Module], torch.Tensor],
+        want: torch.Tensor,
+        dropout: float = 0.0,
+    ) -> None:
+        """Copy LoRA ``k`` of ``mods`` into PEFT, require ``forward(peft_model)`` to equal ``want``
+        (LoRA k's batched output on the same input), then ``save_pretrained(out_dir)``."""
+        pm = self.peft_model(rank, alpha)
+        pm.peft_config["default"].lora_dropout = float(dropout)
+        inner = pm.base_model.model
+        for name, bl in mods.items():
+            layer = inner.get_submodule(name)
+            layer.lora_A["default"].weight.copy_(bl.A[k, :rank])
+            layer.lora_B["default"].weight.copy_(bl.B[k, :, :rank])
+        err = float((forward(pm) - want).abs().max())
+        if not err <= 1e-4 * max(1.0, float(want.abs().max())):
+            raise RuntimeError(
+                f"LoRA {Path(out_dir).name}: batched forward differs from PEFT's by {err:.3g}"
+            )
+        with _quiet_peft():
+            pm.save_pretrained(str(out_dir))

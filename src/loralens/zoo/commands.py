@@ -68,7 +68,8 @@ def register(zoo_app: typer.Typer) -> None:
         quiet: bool = typer.Option(False, help="No progress bar or summary."),
     ) -> None:
         """Build (or resume, or extend) a zoo of real PEFT LoRA finetunes with measured labels."""
-        from loralens.zoo.builder import ZooConflictError, build_zoo
+        from loralens.zoo.builder import build_zoo
+        from loralens.zoo.folder import ZooConflictError
 
         opts: dict[str, str] = _parse_options(option)
         name = preset or ("causal-lm" if base_model else "skills-lm")
@@ -109,7 +110,8 @@ def register(zoo_app: typer.Typer) -> None:
         shards: list[str] = typer.Argument(..., help="Shard folders built with --shard."),
     ) -> None:
         """Join zoo shards; refuses shards with another preset, seed, options, ranks or base model."""
-        from loralens.zoo.builder import ZooConflictError, merge_zoos
+        from loralens.zoo.folder import ZooConflictError
+        from loralens.zoo.merge import merge_zoos
 
         try:
             merge_zoos(out, shards)

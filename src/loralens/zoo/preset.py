@@ -23,7 +23,8 @@ kill -9, sharding, merging, progress and the label summary. The contract:
    which other LoRAs are built or in which order: this is what makes ``--num`` extend a zoo and
    shards agree. Use :func:`index_rng` for its random numbers. Every key becomes a label column.
 5. ``preset.train(configs, out_dirs, on_done=None)`` finetunes the LoRAs (any number at once;
-   ``preset.group_size`` says how many the builder should hand over per call), saves each with
+   ``preset.group_size`` says how many the builder should hand over per call; a preset that
+   finetunes several LoRAs at once calls that number its ``slots``), saves each with
    PEFT's ``save_pretrained`` into ``out_dirs[k]`` (an empty temp folder the builder made) and
    returns one labels dict per config, in the order of ``configs``. The labels dict holds the
    measured labels (the config's hyperparameters are added by the builder; keys may repeat
@@ -32,7 +33,11 @@ kill -9, sharding, merging, progress and the label summary. The contract:
    committed when ``train`` returns.
 6. ``preset.label_columns(options)`` lists the columns of labels.csv after ``adapter`` (the
    hyperparameters first, then measured labels), in a fixed order, before anything is trained.
-   ``preset.binary_columns(options)`` names the 0/1 columns (reported as rates in the summary).
+   ``preset.binary_columns(options)`` names the 0/1 columns (reported as rates in the summary);
+   ``preset.hyperparameter_columns(options)`` the numeric columns that are finetuning
+   hyperparameters (what a hyperparameters-only baseline may learn from). The builder writes
+   all three lists into zoo.json (``label_columns``, ``binary_columns``,
+   ``hyperparameter_columns``).
 7. ``preset.base_labels()`` gives the measured labels of the base model itself (no LoRA), printed
    beside the zoo's spread; ``{}`` if not meaningful. ``preset.manifest_info()`` adds free-form
    facts to zoo.json (architecture, dataset sizes, timings).
@@ -107,6 +112,11 @@ class Preset(ABC):
     def binary_columns(self, options: Mapping[str, Any]) -> list[str]:
         """The 0/1 columns among ``label_columns`` (summarized as rates)."""
         return []
+
+    def hyperparameter_columns(self, options: Mapping[str, Any]) -> list[str]:
+        """The numeric columns among ``label_columns`` that are finetuning hyperparameters;
+        by default those of :data:`HPARAM_COLUMNS` (the recipe of :func:`sample_lora_hparams`)."""
+        return [c for c in self.label_columns(options) if c in HPARAM_COLUMNS]
 
     def base_labels(self) -> dict[str, Any]:
         """Labels measured on the base model alone (no LoRA), for the summary."""

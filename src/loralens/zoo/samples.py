@@ -14,7 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from loralens.zoo import diffusion as D
+from loralens.zoo.digits.data import IMAGE, prompt_for
+from loralens.zoo.digits.model import DiffusionBase, load_adapter
+from loralens.zoo.digits.sampling import fixed_noise, sample
+from loralens.zoo.folder import MANIFEST, read_manifest
 
 
 def default_prompts(row: dict | None) -> list[str]:
@@ -24,7 +27,7 @@ def default_prompts(row: dict | None) -> list[str]:
     if row.get("instance_prompt"):
         prompts.append(str(row["instance_prompt"]))
     present = [c for c in range(10) if str(row.get(f"class_{c}", "")) in {"1", "1.0", "True"}]
-    prompts += [D.prompt_for(c) for c in present[:4]]
+    prompts += [prompt_for(c) for c in present[:4]]
     for p in ("a zero", "a three", "a bold seven", "a slanted four"):
         if p not in prompts and len(prompts) < 6:
             prompts.append(p)
@@ -54,7 +57,7 @@ def render_samples(
 ) -> dict:
     """Write the grid PNG to ``out``; returns what was drawn (prompts, seeds, rows, size)."""
     zoo = Path(zoo)
-    manifest = json.loads((zoo / "zoo.json").read_text()) if (zoo / "zoo.json").exists() else {}
+    manifest = read_manifest(zoo) if (zoo / MANIFEST).exists() else {}
     opts = manifest.get("options", {})
     if not (zoo / "base" / "unet").is_dir():
         raise ValueError(
@@ -68,26 +71,50 @@ def render_samples(
     prompts = list(prompts) if prompts else default_prompts(row)
     steps = int(steps or opts.get("sample_steps", 8))
     guidance = float(guidance if guidance is not None else opts.get("guidance", 3.0))
-    base = D.DiffusionBase.load(zoo / "base")
-    lora_unet = D.load_adapter(base.unet, adir)
-    noise = D.fixed_noise(seeds, 0)
+    base = DiffusionBase.load(zoo / "base")
+    lora_unet = load_adapter(base.unet, adir)
+    noise = fixed_noise(seeds, 0)
     uncond = base.encode([""])
     rows, labels = [], []
     for p in prompts:
         cond = base.encode([p]).expand(seeds, -1, -1)
         for tag, unet in (("base", base.unet), ("LoRA", lora_unet)):
             rows.append(
-                D.sample(
+                sample(
                     unet, base.scheduler, cond, noise, uncond=uncond, steps=steps, guidance=guidance
                 )
             )
             labels.append(f"{tag}: {p}")
-    grid = D.image_grid(rows, scale=scale)
-    grid = _with_row_labels(grid, labels, cell=D.IMAGE * scale + 2)
+    grid = image_grid(rows, scale=scale)
+    grid = _with_row_labels(grid, labels, cell=IMAGE * scale + 2)
     title = f"{adir.name}: rows = base model / with LoRA, columns = seeds 0..{seeds - 1}"
     grid = _with_title(grid, title)
-    D.save_png(grid, Path(out))
+    save_png(grid, Path(out))
     return {"adapter": str(adir), "prompts": prompts, "seeds": seeds, "size": list(grid.shape[:2])}
+
+
+def image_grid(rows: Sequence[torch.Tensor], scale: int = 6, pad: int = 2) -> np.ndarray:
+    """Rows of (n, 1, 8, 8) images in [-1, 1] -> an RGB uint8 array (white gaps between cells)."""
+    n = max(r.shape[0] for r in rows)
+    cell = IMAGE * scale
+    h = len(rows) * (cell + pad) + pad
+    w = n * (cell + pad) + pad
+    out = np.full((h, w), 255, dtype=np.uint8)
+    for i, r in enumerate(rows):
+        for j in range(r.shape[0]):
+            img = ((1 - (r[j, 0].clamp(-1, 1) + 1) / 2) * 255).round().to(torch.uint8).numpy()
+            img = np.kron(img, np.ones((scale, scale), dtype=np.uint8))
+            y0, x0 = pad + i * (cell + pad), pad + j * (cell + pad)
+            out[y0 : y0 + cell, x0 : x0 + cell] = img
+    return np.stack([out] * 3, axis=-1)
+
+
+def save_png(array: np.ndarray, path: Path) -> None:
+    """Write an RGB uint8 array as a PNG file (folders made as needed)."""
+    from PIL import Image
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path, format="PNG")
 
 
 def _with_row_labels(grid: np.ndarray, labels: Sequence[str], cell: int) -> np.ndarray:

@@ -3,7 +3,7 @@
 Each LoRA is a PEFT LoRA (``to_q``/``to_v`` of every attention layer by default, rank from
 ``--ranks``, lora_alpha = rank) finetuned on 10-20 images of one *subject*: images of one class
 that share all six pixel-measured attributes (heavy, bold, slanted, wide, tall, high; see
-:mod:`loralens.zoo.diffusion`), captioned with a DreamBooth instance prompt built from a rare
+:mod:`loralens.zoo.digits.data`), captioned with a DreamBooth instance prompt built from a rare
 identifier ("a sks seven", "a zwx digit", "a qlo"). As in the paper, the learning rate
 (log-uniform), steps, gradient accumulation, instance prompt and init seed are random.
 
@@ -23,8 +23,9 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from loralens.zoo import diffusion as D
-from loralens.zoo.digits import COMMON_OPTIONS, DigitsPreset
+from loralens.zoo.digits.data import ATTR_NAMES, CLASS_WORDS, IDENTIFIERS, prompt_for
+from loralens.zoo.digits.finetune import FinetuneJob
+from loralens.zoo.digits.preset import COMMON_OPTIONS, DigitsPreset
 from loralens.zoo.preset import derive_seed, index_rng, register_preset
 
 TEMPLATES = ("a {id} {cls}", "a {id} digit", "a {id}")
@@ -32,6 +33,10 @@ MICRO = 4  # images per LoRA per micro-step; batch size = MICRO x accumulation
 ACCUM = (1, 2, 4)
 SUBJECT_SAMPLES = 4
 MIN_GROUP = 10
+#: the optimizer and LoRA settings and the seeds, in label order
+RECIPE = ("lr", "steps", "grad_accum", "batch_size", "rank", "lora_alpha", "init_seed", "data_seed")
+#: the numeric label columns that are finetuning hyperparameters (``instance_prompt`` is text)
+HYPERPARAMETERS = ("n_images", *RECIPE)
 
 
 @register_preset
@@ -75,15 +80,15 @@ class DigitsDreambooth(DigitsPreset):
         cls = rng.randrange(10)
         attrs, members = self.subjects[cls][rng.randrange(len(self.subjects[cls]))]
         n_images = min(len(members), rng.randint(int(o["images_min"]), int(o["images_max"])))
-        ident = D.IDENTIFIERS[rng.randrange(len(D.IDENTIFIERS))]
+        ident = IDENTIFIERS[rng.randrange(len(IDENTIFIERS))]
         template = TEMPLATES[rng.randrange(len(TEMPLATES))]
         rank = int(ranks[rng.randrange(len(ranks))])
         lr = math.exp(rng.uniform(math.log(float(o["lr_min"])), math.log(float(o["lr_max"]))))
         cfg = {
             "subject_class": cls,
-            **{f"attr_{name}": int(v) for name, v in zip(D.ATTR_NAMES, attrs)},
+            **{f"attr_{name}": int(v) for name, v in zip(ATTR_NAMES, attrs)},
             "n_images": n_images,
-            "instance_prompt": template.format(id=ident, cls=D.CLASS_WORDS[cls]),
+            "instance_prompt": template.format(id=ident, cls=CLASS_WORDS[cls]),
             "lr": round(lr, 8),
             "steps": rng.randint(int(o["steps_min"]), int(o["steps_max"])),
             "grad_accum": ACCUM[rng.randrange(len(ACCUM))],
@@ -98,16 +103,16 @@ class DigitsDreambooth(DigitsPreset):
 
     def _subject_images(self, cfg: Mapping[str, Any]) -> torch.Tensor:
         assert self.data is not None
-        key = tuple(int(cfg[f"attr_{n}"]) for n in D.ATTR_NAMES)
+        key = tuple(int(cfg[f"attr_{n}"]) for n in ATTR_NAMES)
         members = dict(self.subjects[int(cfg["subject_class"])])[key]
         g = torch.Generator().manual_seed(derive_seed(cfg["data_seed"], "subject"))
         pick = torch.randperm(len(members), generator=g)[: int(cfg["n_images"])]
         return self.data.images[torch.tensor(members)[pick]]
 
-    def job(self, cfg: Mapping[str, Any]) -> D.FinetuneJob:
+    def job(self, cfg: Mapping[str, Any]) -> FinetuneJob:
         images = self._subject_images(cfg)
         cond = self.encode([cfg["instance_prompt"]]).expand(len(images), -1, -1)
-        return D.FinetuneJob(
+        return FinetuneJob(
             images=images,
             cond=cond,
             lr=float(cfg["lr"]),
@@ -118,8 +123,8 @@ class DigitsDreambooth(DigitsPreset):
         )
 
     def _subject_prompt(self, cfg: Mapping[str, Any]) -> str:
-        attrs = {j: int(cfg[f"attr_{n}"]) for j, n in enumerate(D.ATTR_NAMES)}
-        return D.prompt_for(int(cfg["subject_class"]), attrs)
+        attrs = {j: int(cfg[f"attr_{n}"]) for j, n in enumerate(ATTR_NAMES)}
+        return prompt_for(int(cfg["subject_class"]), attrs)
 
     def extra_prompts(self, cfg: Mapping[str, Any]) -> list[tuple[str, str]]:
         return [(str(cfg["instance_prompt"]), self._subject_prompt(cfg))] * SUBJECT_SAMPLES
@@ -134,21 +139,17 @@ class DigitsDreambooth(DigitsPreset):
     def label_columns(self, options: Mapping[str, Any]) -> list[str]:
         return [
             "subject_class",
-            *(f"attr_{n}" for n in D.ATTR_NAMES),
+            *(f"attr_{n}" for n in ATTR_NAMES),
             "n_images",
             "instance_prompt",
-            "lr",
-            "steps",
-            "grad_accum",
-            "batch_size",
-            "rank",
-            "lora_alpha",
-            "init_seed",
-            "data_seed",
+            *RECIPE,
             "clip_score",
             "subject_score",
             "train_loss",
         ]
 
+    def hyperparameter_columns(self, options: Mapping[str, Any]) -> list[str]:
+        return list(HYPERPARAMETERS)
+
     def binary_columns(self, options: Mapping[str, Any]) -> list[str]:
-        return [f"attr_{n}" for n in D.ATTR_NAMES]
+        return [f"attr_{n}" for n in ATTR_NAMES]

@@ -1,6 +1,6 @@
 """Preset ``skills-lm``: LoRAs of a small character-level Llama, mirroring Qwen2-ARC-LoRA.
 
-Base model: a transformers ``LlamaForCausalLM`` built from a config (character vocabulary, a few
+Base model (``skills_model``): a transformers ``LlamaForCausalLM`` built from a config (character vocabulary, a few
 layers), pretrained here on a mixture of 14 procedurally generated skill sources
 (``skills_data.SOURCES``), deterministic from the seed and cached. ``variant=1`` (CLI
 ``--base-variant``) derives a second base of the same family: the base further pretrained on a
@@ -18,27 +18,21 @@ is loaded into a PEFT model and its forward is checked against the batched forwa
 Labels: the hyperparameters; ``src_<name>`` (1 = source used); ``eval_loss`` (held-out, full
 mixture, mean over sources); ``loss_<name>`` per source; ``eval_acc`` (greedy exact match on the
 held-out mixture) and ``task_acc`` (greedy exact match on the harder "challenge" set, the
-ARC-Challenge analogue). Greedy decoding is exact-matched by teacher forcing: greedy decoding
-produces the answer (and then stops) iff the argmax at every answer position, given the correct
-prefix, is the correct token; one forward pass gives that for a whole batch.
+ARC-Challenge analogue), exact-matched by teacher forcing (see ``skills_model``).
 """
 
 from __future__ import annotations
 
-import copy
 import json
-import math
 import time
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from loralens.atomic import atomic_dir
-from loralens.zoo.batched_lora import BatchedAdamW, wrap_targets
+from loralens.zoo.batched_lora import BatchedAdamW, PeftSaver, wrap_targets
 from loralens.zoo.preset import (
     HPARAM_COLUMNS,
     OnDone,
@@ -50,86 +44,21 @@ from loralens.zoo.preset import (
     sample_lora_hparams,
 )
 from loralens.zoo.presets import skills_data as data
+from loralens.zoo.presets.skills_model import (
+    SIZES,
+    build_base_config,
+    losses_and_match,
+    pretrain,
+    token_losses,
+    trim_padding,
+)
+from loralens.zoo.progress import log_stderr
 
-SIZES: dict[str, dict[str, int]] = {
-    # hidden, layers, heads, ffn, pretraining steps, pretraining batch
-    "small": {"hidden": 64, "layers": 3, "heads": 4, "ffn": 192, "steps": 2500, "batch": 64},
-    "tiny": {"hidden": 32, "layers": 2, "heads": 2, "ffn": 64, "steps": 150, "batch": 32},
-}
 MICRO = 8  # examples per LoRA per micro-step; batch_size = MICRO * accumulation
 BATCH_SIZES = (8, 16, 32)
 EPOCHS = (1, 2, 3)
-
-
-def build_base_config(size: str):
-    from transformers import LlamaConfig
-
-    s = SIZES[size]
-    return LlamaConfig(
-        vocab_size=len(data.VOCAB),
-        hidden_size=s["hidden"],
-        intermediate_size=s["ffn"],
-        num_hidden_layers=s["layers"],
-        num_attention_heads=s["heads"],
-        num_key_value_heads=s["heads"],
-        max_position_embeddings=64,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=True,
-        pad_token_id=data.PAD_ID,
-        bos_token_id=data.STOI[data.EOS],
-        eos_token_id=data.STOI[data.EOS],
-    )
-
-
-def _trim(ids: torch.Tensor, mask: torch.Tensor):
-    t = int((ids != data.PAD_ID).sum(1).max())
-    return ids[:, :t], mask[:, :t]
-
-
-def _token_losses(model, ids: torch.Tensor, mask: torch.Tensor):
-    """Next-token losses (N, T-1), their answer mask, logits and targets, padding trimmed."""
-    ids, mask = _trim(ids, mask)
-    logits = model(input_ids=ids).logits[:, :-1]
-    target = ids[:, 1:]
-    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
-    return ce.view_as(target), mask[:, :-1], logits, target
-
-
-def _losses_and_match(model, ids, mask):
-    """Per example: mean answer-token loss, and 1.0 where greedy decoding gives the exact answer."""
-    ce, m, logits, target = _token_losses(model, ids, mask)
-    loss = (ce * m).sum(1) / m.sum(1)
-    hit = (logits.argmax(-1) == target) | (m == 0)
-    return loss, hit.all(1).float()
-
-
-def pretrain(
-    model, seed: int, steps: int, batch: int, lr: float, weights=None, salt="pretrain", log=None
-):
-    """AdamW with warmup and cosine decay on answer tokens of the source mixture."""
-    torch.manual_seed(derive_seed(seed, salt, "init"))
-    stream = data.mixture_stream(seed, salt, steps * batch, weights)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
-    warm = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        lambda t: min(1.0, (t + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(t, steps) / steps)),
-    )
-    model.train()
-    t0 = time.time()
-    for t in range(steps):
-        part = stream.select(slice(t * batch, (t + 1) * batch))
-        ce, m, _, _ = _token_losses(model, part.ids, part.mask)
-        loss = (ce * m).sum() / m.sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if log and (t % 250 == 0 or t == steps - 1):
-            log(f"  pretrain step {t}/{steps} loss {loss.item():.3f} ({time.time() - t0:.0f}s)")
-    model.eval()
-    return model
+#: the label columns that are finetuning hyperparameters
+HYPERPARAMETERS = (*HPARAM_COLUMNS, "n_train", "steps")
 
 
 @register_preset
@@ -146,17 +75,18 @@ class SkillsLM(Preset):
         "challenge_per_source": 16,  # held-out hard examples per source (task_acc)
         "lr_min": 1e-4,
         "lr_max": 3e-2,
-        "slots": 8,  # LoRAs finetuned at once
+        "slots": 8,  # LoRAs finetuned at once (the key is part of zoo identity)
     }
 
     def __init__(self) -> None:
         self.model = None
         self.opts: dict[str, Any] = {}
         self.seed = 0
-        self.group_size = 32
+        self.slots = 8  # LoRAs finetuned at once (option ``slots``)
+        self.group_size = 4 * self.slots
         self._base_labels: dict[str, Any] = {}
         self._info: dict[str, Any] = {}
-        self._peft_models: dict[int, Any] = {}
+        self._saver: PeftSaver | None = None
 
     # ---- base model ------------------------------------------------------------------------
 
@@ -166,7 +96,8 @@ class SkillsLM(Preset):
         self.opts, self.seed = dict(options), int(seed)
         if self.opts["size"] not in SIZES:
             raise ValueError(f"skills-lm: size must be one of {sorted(SIZES)}")
-        self.group_size = 4 * int(self.opts["slots"])
+        self.slots = int(self.opts["slots"])
+        self.group_size = 4 * self.slots  # the builder hands over a few batches per train call
         path = self._ensure_base(Path(cache_dir), int(self.opts["variant"]))
         self.model = LlamaForCausalLM.from_pretrained(path).eval()
         for p in self.model.parameters():
@@ -178,6 +109,7 @@ class SkillsLM(Preset):
         )
         self._ft_pool = data.make_examples(seed, "finetune", int(self.opts["ft_per_source"]))
         self._base_labels = self._evaluate(self.model, 1)
+        self._saver = PeftSaver(self.model, self._targets())
 
     def _ensure_base(self, cache_dir: Path, variant: int) -> Path:
         from transformers import LlamaForCausalLM
@@ -195,7 +127,7 @@ class SkillsLM(Preset):
         if variant == 0:
             torch.manual_seed(derive_seed(self.seed, "base-init"))
             model = LlamaForCausalLM(build_base_config(self.opts["size"]))
-            pretrain(model, self.seed, size["steps"], size["batch"], lr=3e-3, log=_log)
+            pretrain(model, self.seed, size["steps"], size["batch"], lr=3e-3, log=log_stderr)
             info = {"derived_from": None, "pretrain_steps": size["steps"]}
         else:
             parent = self._ensure_base(cache_dir, 0)
@@ -211,7 +143,7 @@ class SkillsLM(Preset):
                 lr=1e-3,
                 weights=weights,
                 salt=f"variant{variant}",
-                log=_log,
+                log=log_stderr,
             )
             info = {
                 "derived_from": f"variant 0 (continued pretraining for {steps} steps on a shifted mix)",
@@ -228,7 +160,7 @@ class SkillsLM(Preset):
             model.save_pretrained(tmp)
             (tmp / "vocab.json").write_text(json.dumps(data.VOCAB))
             (tmp / "preset_info.json").write_text(json.dumps(info, indent=2))
-        _log(
+        log_stderr(
             f"skills-lm base (variant {variant}) pretrained in {info['pretrain_seconds']}s -> {path}"
         )
         return path
@@ -266,15 +198,17 @@ class SkillsLM(Preset):
         return cfg
 
     def label_columns(self, options: Mapping[str, Any]) -> list[str]:
-        hyper = [*HPARAM_COLUMNS, "n_train", "steps"]
         return [
-            *hyper,
+            *HYPERPARAMETERS,
             *(f"src_{n}" for n in data.SOURCE_NAMES),
             "eval_loss",
             "eval_acc",
             "task_acc",
             *(f"loss_{n}" for n in data.SOURCE_NAMES),
         ]
+
+    def hyperparameter_columns(self, options: Mapping[str, Any]) -> list[str]:
+        return list(HYPERPARAMETERS)
 
     def binary_columns(self, options: Mapping[str, Any]) -> list[str]:
         return [f"src_{n}" for n in data.SOURCE_NAMES]
@@ -286,16 +220,24 @@ class SkillsLM(Preset):
             range(len(configs)), key=lambda k: (configs[k]["steps"] * configs[k]["batch_size"], k)
         )
         results: dict[int, dict[str, Any]] = {}
-        slots = int(self.opts["slots"])
-        for s in range(0, len(order), slots):
-            idx = order[s : s + slots]
+        for s in range(0, len(order), self.slots):
+            idx = order[s : s + self.slots]
             group = [configs[k] for k in idx]
             model, mods = self._batched_model(group)
             self._finetune(model, mods, group)
             labels = self._evaluate(model, len(group))
             check_ids, check_logits = self._batched_logits(model, len(group))
             for j, k in enumerate(idx):
-                self._save(mods, j, configs[k], out_dirs[k], check_ids, check_logits[j])
+                self._saver.save(
+                    mods,
+                    j,
+                    configs[k]["rank"],
+                    configs[k]["lora_alpha"],
+                    out_dirs[k],
+                    forward=lambda pm, ids=check_ids: pm(input_ids=ids).logits,
+                    want=check_logits[j],
+                    dropout=configs[k]["lora_dropout"],
+                )
                 results[k] = labels[j]
                 if on_done:
                     on_done(k, labels[j])
@@ -344,7 +286,7 @@ class SkillsLM(Preset):
                     for s, a in zip(streams, active)
                 ]
             ).flatten()
-            ce, m, _, _ = _token_losses(model, pool.ids[rows], pool.mask[rows])
+            ce, m, _, _ = token_losses(model, pool.ids[rows], pool.mask[rows])
             m = m.reshape(K, -1)
             per_lora = (ce.reshape(K, -1) * m).sum(1) / m.sum(1)
             (per_lora * active / accum).sum().backward()
@@ -364,7 +306,7 @@ class SkillsLM(Preset):
                 for s in range(0, n, chunk):
                     part = ex.select(slice(s, s + chunk))
                     b = len(part)
-                    loss, ok = _losses_and_match(
+                    loss, ok = losses_and_match(
                         model, part.ids.repeat(K, 1), part.mask.repeat(K, 1)
                     )
                     per_loss.append(loss.view(K, b))
@@ -375,48 +317,13 @@ class SkillsLM(Preset):
                 ch_oks = torch.cat(per_ok, 1)
         return _labels_from(losses, oks, ch_oks, self._eval.source)
 
-    def _peft_model(self, rank: int):
-        if rank not in self._peft_models:
-            from peft import LoraConfig, get_peft_model
-
-            cfg = LoraConfig(
-                r=rank,
-                lora_alpha=2 * rank,
-                target_modules=self._targets(),
-                lora_dropout=0.0,
-                bias="none",
-            )
-            with warnings.catch_warnings():  # PEFT reads a deprecated transformers attribute
-                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-                self._peft_models[rank] = get_peft_model(copy.deepcopy(self.model), cfg).eval()
-        return self._peft_models[rank]
-
     def _batched_logits(self, model, K: int):
         """Logits of every LoRA of the group on a few held-out examples (for the PEFT check)."""
         ex = self._eval.select(slice(0, len(self._eval), max(1, len(self._eval) // 16)))
-        ids, _ = _trim(ex.ids, ex.mask)
+        ids, _ = trim_padding(ex.ids, ex.mask)
         with torch.no_grad():
             logits = model(input_ids=ids.repeat(K, 1)).logits
         return ids, logits.view(K, *ids.shape, -1)
-
-    def _save(self, mods, j: int, cfg: dict[str, Any], out_dir: Path, ids, logits) -> None:
-        """Load LoRA j into a PEFT model, check its forward equals the batched one, save it."""
-        r = cfg["rank"]
-        pm = self._peft_model(r)
-        pm.peft_config["default"].lora_alpha = cfg["lora_alpha"]
-        pm.peft_config["default"].lora_dropout = float(cfg["lora_dropout"])
-        with torch.no_grad():
-            for name, bl in mods.items():
-                layer = pm.base_model.model.get_submodule(name)
-                layer.lora_A["default"].weight.copy_(bl.A[j, :r])
-                layer.lora_B["default"].weight.copy_(bl.B[j, :, :r])
-            ref = pm(input_ids=ids).logits
-        err = float((ref - logits).abs().max())
-        if not err <= 1e-4 * max(1.0, float(ref.abs().max())):
-            raise RuntimeError(
-                f"LoRA {out_dir.name}: batched forward differs from PEFT's by {err:.3g}"
-            )
-        pm.save_pretrained(str(out_dir))
 
 
 def _labels_from(loss, ok, ch_ok, source) -> list[dict[str, Any]]:
@@ -436,9 +343,3 @@ def _labels_from(loss, ok, ch_ok, source) -> list[dict[str, Any]]:
             }
         )
     return out
-
-
-def _log(msg: str) -> None:
-    import sys
-
-    print(msg, file=sys.stderr, flush=True)

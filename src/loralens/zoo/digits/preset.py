@@ -1,10 +1,11 @@
 """What the two digits presets share: the cached base model, scorer and data, and the LoRA loop.
 
 ``DigitsPreset.prepare`` builds (once per seed and size, cached under the builder's cache dir)
-the image pool, the scorer and the base diffusion model (:mod:`loralens.zoo.diffusion`), and
-measures the base model's own labels. ``DigitsPreset.train`` finetunes a group of LoRAs at once,
-samples every LoRA's images for the fixed score prompts from the same starting noise, rates them
-with the scorer, checks each LoRA against PEFT and saves it with PEFT's ``save_pretrained``.
+the image pool (:mod:`~loralens.zoo.digits.data`), the scorer (:mod:`~loralens.zoo.digits.scorer`)
+and the base diffusion model (:mod:`~loralens.zoo.digits.model`), and measures the base model's
+own labels. ``DigitsPreset.train`` finetunes a group of LoRAs at once, samples every LoRA's
+images for the fixed score prompts from the same starting noise, rates them with the scorer,
+checks each LoRA against PEFT and saves it with PEFT's ``save_pretrained``.
 Subclasses say what each LoRA is trained on (:meth:`DigitsPreset.job`) and which labels it gets
 (:meth:`DigitsPreset.labels`).
 """
@@ -21,10 +22,23 @@ import numpy as np
 import torch
 
 from loralens.atomic import atomic_dir
-from loralens.zoo import diffusion as D
-from loralens.zoo.batched_lora import wrap_targets
+from loralens.zoo.batched_lora import PeftSaver, target_names, wrap_targets
+from loralens.zoo.digits.data import (
+    ATTRIBUTES,
+    CLASS_WORDS,
+    IDENTIFIERS,
+    IMAGE,
+    DigitsData,
+    load_digits_data,
+    prompt_for,
+    score_prompts,
+)
+from loralens.zoo.digits.finetune import FinetuneJob, finetune
+from loralens.zoo.digits.model import SIZES, DiffusionBase, pretrain_base
+from loralens.zoo.digits.sampling import fixed_noise, sample
+from loralens.zoo.digits.scorer import DigitScorer, class_accuracy, scorer_report, train_scorer
 from loralens.zoo.preset import OnDone, Preset, cache_path
-from loralens.zoo.scorer import DigitScorer, class_accuracy, scorer_report, train_scorer
+from loralens.zoo.progress import log_stderr
 
 #: sampling seed of the score prompts' starting noise (the same for every LoRA and the base)
 SCORE_SEED = 1234
@@ -32,16 +46,10 @@ COMMON_OPTIONS: dict[str, Any] = {
     "size": "small",  # base model size: small (default) or tiny (tests)
     "base_steps": 0,  # pretraining steps of the base model (0: the size's default)
     "targets": "to_q,to_v",  # adapted linear layers (last name part), as in SD LoRAs
-    "group": 16,  # LoRAs finetuned at once
+    "group": 16,  # LoRAs finetuned at once ("slots" in code; the key is part of zoo identity)
     "sample_steps": 8,  # DDIM steps when sampling for the score
     "guidance": 3.0,  # classifier-free guidance scale when sampling
 }
-
-
-def _log(msg: str) -> None:
-    import sys
-
-    print(msg, file=sys.stderr, flush=True)
 
 
 class DigitsPreset(Preset):
@@ -49,36 +57,38 @@ class DigitsPreset(Preset):
 
     def __init__(self) -> None:
         self.opts: dict[str, Any] = {}
-        self.base: D.DiffusionBase | None = None
+        self.base: DiffusionBase | None = None
         self.scorer: DigitScorer | None = None
-        self.data: D.DigitsData | None = None
+        self.data: DigitsData | None = None
         self.info: dict[str, Any] = {}
-        self._saver: D.PeftSaver | None = None
+        self.slots = 1  # LoRAs finetuned at once (option ``group``)
+        self._saver: PeftSaver | None = None
         self._prompt_cache: dict[str, torch.Tensor] = {}
 
     # -- preparation ---------------------------------------------------------------------------
 
     def targets(self) -> list[str]:
+        """The adapted linear layers' last name parts (option ``targets``)."""
         return [t.strip() for t in str(self.opts["targets"]).split(",") if t.strip()]
 
     def prepare(self, cache_dir: Path, seed: int, options: Mapping[str, Any]) -> None:
         self.opts = dict(options)
         size = str(self.opts["size"])
-        if size not in D.SIZES:
-            raise ValueError(f"option size: unknown size {size!r}; known: {', '.join(D.SIZES)}")
-        self.group_size = max(1, int(self.opts["group"]))
-        steps = int(self.opts["base_steps"]) or int(D.SIZES[size]["steps"])
+        if size not in SIZES:
+            raise ValueError(f"option size: unknown size {size!r}; known: {', '.join(SIZES)}")
+        self.slots = max(1, int(self.opts["group"]))
+        self.group_size = self.slots  # the builder hands over one batch of LoRAs per train call
+        steps = int(self.opts["base_steps"]) or int(SIZES[size]["steps"])
         key = {"size": size, "base_steps": steps, "version": 1}
         entry = cache_path(cache_dir, "digits-base", seed, key)
         if not (entry / "info.json").exists():
             with atomic_dir(entry) as tmp:
                 build_base_entry(tmp, seed, size, steps)
-        self.base = D.DiffusionBase.load(entry / "base")
+        self.base = DiffusionBase.load(entry / "base")
         self.scorer = DigitScorer.load(entry / "scorer")
         self.data = _load_data(entry / "data.pt")
         self.info = json.loads((entry / "info.json").read_text())
-        self._entry = entry
-        self._saver = D.PeftSaver(self.base.unet, self.targets())
+        self._saver = PeftSaver(self.base.unet, self.targets(), base_name="base/unet")
         self.after_prepare(seed)
 
     def after_prepare(self, seed: int) -> None:
@@ -91,10 +101,10 @@ class DigitsPreset(Preset):
         (out_dir / "digits.json").write_text(
             json.dumps(
                 {
-                    "attributes": [list(a) for a in D.ATTRIBUTES],
-                    "classes": list(D.CLASS_WORDS),
-                    "identifiers": list(D.IDENTIFIERS),
-                    "score_prompts": D.score_prompts(),
+                    "attributes": [list(a) for a in ATTRIBUTES],
+                    "classes": list(CLASS_WORDS),
+                    "identifiers": list(IDENTIFIERS),
+                    "score_prompts": score_prompts(),
                     "score_seed": SCORE_SEED,
                     "thresholds": self.data.thresholds.tolist() if self.data is not None else None,
                 },
@@ -109,12 +119,12 @@ class DigitsPreset(Preset):
     def manifest_info(self) -> dict[str, Any]:
         return {
             "data": "sklearn.datasets.load_digits (8x8), augmented; attributes measured from pixels",
-            "attributes": [a[0] for a in D.ATTRIBUTES],
+            "attributes": [a[0] for a in ATTRIBUTES],
             "unet": self.info.get("unet"),
             "base_pretrain_s": self.info.get("pretrain_s"),
             "scorer": self.info.get("scorer"),
             "base_sample_class_acc": self.info.get("base_sample_class_acc"),
-            "score_prompts": D.score_prompts(),
+            "score_prompts": score_prompts(),
         }
 
     # -- prompts -------------------------------------------------------------------------------
@@ -130,7 +140,7 @@ class DigitsPreset(Preset):
 
     # -- what subclasses provide -----------------------------------------------------------------
 
-    def job(self, cfg: Mapping[str, Any]) -> D.FinetuneJob:
+    def job(self, cfg: Mapping[str, Any]) -> FinetuneJob:
         raise NotImplementedError
 
     def extra_prompts(self, cfg: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -154,20 +164,20 @@ class DigitsPreset(Preset):
             self.base.unet, self.targets(), ranks, alphas, [int(c["init_seed"]) for c in configs]
         )
         jobs = [self.job(c) for c in configs]
-        losses = D.finetune(model, mods, self.base.scheduler, jobs)
+        losses = finetune(model, mods, self.base.scheduler, jobs)
 
-        prompts = D.score_prompts()
+        prompts = score_prompts()
         extras = [self.extra_prompts(c) for c in configs]
         n_extra = max((len(e) for e in extras), default=0)
         n = len(prompts) + n_extra
-        noise = D.fixed_noise(n, SCORE_SEED)
+        noise = fixed_noise(n, SCORE_SEED)
         gen_prompts, rate_prompts = [], []
         for e in extras:
             e = e + [(prompts[0], prompts[0])] * (n_extra - len(e))
             gen_prompts += prompts + [g for g, _ in e]
             rate_prompts += prompts + [r for _, r in e]
         cond = self.encode(gen_prompts)
-        images = D.sample(
+        images = sample(
             model,
             self.base.scheduler,
             cond,
@@ -181,13 +191,13 @@ class DigitsPreset(Preset):
 
         # a PEFT check input: a few noisy images and prompts, the batched output of every LoRA
         g = torch.Generator().manual_seed(7)
-        cx = torch.randn(2, 1, D.IMAGE, D.IMAGE, generator=g)
+        cx = torch.randn(2, 1, IMAGE, IMAGE, generator=g)
         ccond = self.encode(prompts[:2])
         with torch.no_grad():
             want = model(
                 cx.repeat(K, 1, 1, 1), 500, encoder_hidden_states=ccond.repeat(K, 1, 1)
             ).sample
-        want = want.view(K, 2, 1, D.IMAGE, D.IMAGE)
+        want = want.view(K, 2, 1, IMAGE, IMAGE)
 
         results = []
         for k, cfg in enumerate(configs):
@@ -198,41 +208,48 @@ class DigitsPreset(Preset):
                 losses[k],
             )
             self._saver.save(
-                mods, k, ranks[k], alphas[k], Path(out_dirs[k]), check=(cx, 500, ccond, want[k])
+                mods,
+                k,
+                ranks[k],
+                alphas[k],
+                Path(out_dirs[k]),
+                forward=lambda pm: pm(cx, 500, encoder_hidden_states=ccond).sample,
+                want=want[k],
             )
             results.append(lab)
             if on_done:
                 on_done(k, lab)
         return results
 
-    # -- pictures ------------------------------------------------------------------------------
 
-
-def _load_data(path: Path) -> D.DigitsData:
+def _load_data(path: Path) -> DigitsData:
+    """The cached image pool. ``data.pt`` is a pickle (a numpy array inside): do not copy this."""
     d = torch.load(path, weights_only=False)
-    return D.DigitsData(**d)
+    return DigitsData(**d)
 
 
 def build_base_entry(out: Path, seed: int, size: str, steps: int) -> None:
     """Data, scorer, base model and the base model's own labels into the cache entry ``out``."""
     t0 = time.time()
-    s = D.SIZES[size]
-    data = D.load_digits_data(int(s["variants"]), seed=0)
+    s = SIZES[size]
+    data = load_digits_data(int(s["variants"]), seed=0)
     t_data = time.time() - t0
     torch.save({k: getattr(data, k) for k in data.__dataclass_fields__}, out / "data.pt")
     t1 = time.time()
     scorer = train_scorer(data, seed, steps=int(s["scorer_steps"]))
     t_scorer = time.time() - t1
     scorer.save(out / "scorer")
-    _log(f"digits: data in {t_data:.0f}s, scorer in {t_scorer:.0f}s: {scorer_report(scorer, data)}")
+    log_stderr(
+        f"digits: data in {t_data:.0f}s, scorer in {t_scorer:.0f}s: {scorer_report(scorer, data)}"
+    )
     t2 = time.time()
-    base = D.pretrain_base(data, size, seed, steps, log=_log)
+    base = pretrain_base(data, size, seed, steps, log=log_stderr)
     t_base = time.time() - t2
     base.save(out / "base")
     # the base model's own score and how often its samples show the prompted class
-    prompts = D.score_prompts()
-    noise = D.fixed_noise(len(prompts), SCORE_SEED)
-    images = D.sample(
+    prompts = score_prompts()
+    noise = fixed_noise(len(prompts), SCORE_SEED)
+    images = sample(
         base.unet,
         base.scheduler,
         base.encode(prompts),
@@ -243,12 +260,12 @@ def build_base_entry(out: Path, seed: int, size: str, steps: int) -> None:
     )
     ratings = scorer.rate(images, prompts).numpy()
     # a larger check of prompt following: 100 class prompts
-    cls_prompts = [D.prompt_for(c) for c in range(10) for _ in range(10)]
-    imgs2 = D.sample(
+    cls_prompts = [prompt_for(c) for c in range(10) for _ in range(10)]
+    imgs2 = sample(
         base.unet,
         base.scheduler,
         base.encode(cls_prompts),
-        D.fixed_noise(len(cls_prompts), SCORE_SEED + 1),
+        fixed_noise(len(cls_prompts), SCORE_SEED + 1),
         uncond=base.encode([""]),
         steps=COMMON_OPTIONS["sample_steps"],
         guidance=COMMON_OPTIONS["guidance"],
@@ -261,7 +278,7 @@ def build_base_entry(out: Path, seed: int, size: str, steps: int) -> None:
         "unet": {
             "params": sum(p.numel() for p in base.unet.parameters()),
             "block_out_channels": list(s["channels"]),
-            "lora_targets_to_q_to_v": len(D.target_names(base.unet, ["to_q", "to_v"])),
+            "lora_targets_to_q_to_v": len(target_names(base.unet, ["to_q", "to_v"])),
         },
         "data_s": round(t_data, 1),
         "scorer_s": round(t_scorer, 1),
@@ -271,4 +288,4 @@ def build_base_entry(out: Path, seed: int, size: str, steps: int) -> None:
         "base_labels": {"clip_score": round(float(ratings.mean()), 5)},
     }
     (out / "info.json").write_text(json.dumps(info, indent=2) + "\n")
-    _log(f"digits: base pretrained in {t_base:.0f}s; {json.dumps(info)}")
+    log_stderr(f"digits: base pretrained in {t_base:.0f}s; {json.dumps(info)}")

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import loralens as ll
-from loralens.zoo.builder import ZooConflictError, build_zoo, merge_zoos, read_manifest
-from loralens.zoo.preset import get_preset, index_rng, preset_names
+from loralens.zoo import ZooConflictError, build_zoo, merge_zoos, read_manifest
+from loralens.zoo.preset import HPARAM_COLUMNS, get_preset, index_rng, preset_names
 
 pytestmark = pytest.mark.slow
 
@@ -89,6 +89,9 @@ def test_zoo_layout_labels_and_spread(zoo16):
     ):
         assert col in header
     assert len([c for c in header if c.startswith("src_")]) >= 12
+    # what the learning side reads from zoo.json: the hyperparameters and the 0/1 columns
+    assert man["hyperparameter_columns"] == [*HPARAM_COLUMNS, "n_train", "steps"]
+    assert man["binary_columns"] == [c for c in header if c.startswith("src_")]
     assert sorted(r["adapter"] for r in rows) == _adapters(zoo16)
     assert all(r["eval_loss"] and float(r["eval_loss"]) > 0 for r in rows)
     assert {r["rank"] for r in rows} == {"2", "4"}
@@ -205,10 +208,13 @@ def test_first_builds_held_out_recipes_and_spares_live_builders(zoo16, tmp_path)
         build_zoo("skills-lm", 5, tmp_path / "bad", first=5, **KW)
 
 
-def test_kill9_then_resume(zoo16, tmp_path, kill9_build):
+def test_kill9_then_resume(zoo16, tmp_path, kill9_build, file_snapshot):
     out = tmp_path / "killed"
     kill9_build("skills-lm", 12, out, after=2, timeout=120, options=TINY, ranks=(2, 4))
     assert (out / "zoo.json").exists()
+    finished = [a for a in _adapters(out) if not a.startswith(".")]
+    assert 2 <= len(finished) < 12
+    before = file_snapshot(out, finished)
     # also what a kill can leave behind: a half-written row and an unfinished temp folder
     with open(out / "labels.csv", "a") as fh:
         fh.write("000011,0.001,0.0")
@@ -220,6 +226,7 @@ def test_kill9_then_resume(zoo16, tmp_path, kill9_build):
     assert all(r["eval_loss"] and r["task_acc"] for r in rows)  # no half-written row
     for a in _adapters(out):
         assert ll.load_lora(out / "adapters" / a).ranks
+    assert file_snapshot(out, finished) == before  # what was finished before the kill is kept
 
 
 def test_generic_mode_tiny_model(tmp_path):
@@ -270,6 +277,8 @@ def test_generic_mode_tiny_model(tmp_path):
     assert man["preset"] == "causal-lm" and man["preset_info"]["tokenizer"].startswith("bytes")
     rows = _rows(out)
     assert len(rows) == 3 and {"part_0", "part_3", "eval_loss", "train_loss", "lr"} <= set(rows[0])
+    assert man["hyperparameter_columns"] == list(HPARAM_COLUMNS)
+    assert man["binary_columns"] == ["part_0", "part_1", "part_2", "part_3"]
     base = AutoModelForCausalLM.from_pretrained(out / "base")
     pm = PeftModel.from_pretrained(base, out / "adapters" / "000001")
     lora = ll.load_lora(out / "adapters" / "000001")

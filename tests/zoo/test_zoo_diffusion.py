@@ -12,9 +12,11 @@ import pytest
 import torch
 
 import loralens as ll
-from loralens.zoo import diffusion as D
-from loralens.zoo.batched_lora import wrap_targets
+from loralens.zoo.batched_lora import peft_config, target_names, wrap_targets
 from loralens.zoo.builder import build_zoo
+from loralens.zoo.digits.data import ATTR_NAMES, IDENTIFIERS, prompt_for
+from loralens.zoo.digits.finetune import finetune
+from loralens.zoo.digits.model import diffusion_loss
 from loralens.zoo.preset import get_preset, preset_names
 
 pytestmark = pytest.mark.slow
@@ -71,9 +73,9 @@ def test_registry_and_configs(preset):
         c = preset.sample_config(0, i, [2, 4])
         assert 10 <= c["n_images"] <= 20 and c["rank"] in (2, 4)
         assert 1e-4 <= c["lr"] <= 1e-2 and c["batch_size"] == 4 * c["grad_accum"]
-        assert any(w in c["instance_prompt"] for w in D.IDENTIFIERS)
+        assert any(w in c["instance_prompt"] for w in IDENTIFIERS)
         # the subject: all its images have its class and its six attributes
-        key = [c[f"attr_{n}"] for n in D.ATTR_NAMES]
+        key = [c[f"attr_{n}"] for n in ATTR_NAMES]
         images = preset._subject_images(c)
         assert len(images) == c["n_images"]
         idx = [int(torch.nonzero((preset.data.images == im).flatten(1).all(1))[0]) for im in images]
@@ -91,10 +93,10 @@ def test_scorer_recognises_heldout_real_digits(preset, dream):
     assert rep["attr_acc_mean"] > 0.6  # chance is 0.5
     # the same through the API on the real held-out images
     sel = preset.data.heldout & preset.data.real
-    prompts = [D.prompt_for(int(c)) for c in preset.data.labels[sel]]
+    prompts = [prompt_for(int(c)) for c in preset.data.labels[sel]]
     right = preset.scorer.rate(preset.data.images[sel], prompts)
     wrong = preset.scorer.rate(
-        preset.data.images[sel], [D.prompt_for((int(c) + 1) % 10) for c in preset.data.labels[sel]]
+        preset.data.images[sel], [prompt_for((int(c) + 1) % 10) for c in preset.data.labels[sel]]
     )
     assert float(right.mean()) > float(wrong.mean()) + 0.3
 
@@ -106,14 +108,31 @@ def test_dreambooth_zoo_labels(dream):
     rows = _rows(dream)
     assert sorted(r["adapter"] for r in rows) == _adapters(dream) == [f"{i:06d}" for i in range(5)]
     assert list(rows[0]) == ["adapter", *man["label_columns"]]
+    assert man["binary_columns"] == [f"attr_{n}" for n in ATTR_NAMES]
+    assert man["hyperparameter_columns"] == [
+        "n_images",
+        "lr",
+        "steps",
+        "grad_accum",
+        "batch_size",
+        "rank",
+        "lora_alpha",
+        "init_seed",
+        "data_seed",
+    ]
     for r in rows:
-        assert all(r[f"attr_{n}"] in {"0", "1"} for n in D.ATTR_NAMES)
+        assert all(r[f"attr_{n}"] in {"0", "1"} for n in ATTR_NAMES)
         assert 0 <= float(r["clip_score"]) <= 1 and 0 <= float(r["subject_score"]) <= 1
         assert float(r["train_loss"]) > 0
-    assert len(D.ATTR_NAMES) >= 5
+    assert len(ATTR_NAMES) >= 5
 
 
 def test_subsets_zoo_labels(subsets):
+    man = json.loads((subsets / "zoo.json").read_text())
+    assert man["binary_columns"] == [f"class_{c}" for c in range(10)]
+    hyper = ["rank", "lora_alpha", "lr", "steps", "batch_size", "init_seed", "data_seed"]
+    assert man["hyperparameter_columns"] == hyper
+    assert set(hyper) <= set(man["label_columns"])
     rows = _rows(subsets)
     assert len(rows) == 4
     for r in rows:
@@ -134,7 +153,7 @@ def test_adapters_are_peft_and_match_loralens(dream, subsets):
         pm = PeftModel.from_pretrained(copy.deepcopy(unet), str(adir))
         merged = pm.merge_and_unload().state_dict()
         lora = ll.load_lora(adir)
-        assert len(lora.layers) == len(D.target_names(unet, ["to_q", "to_v"]))
+        assert len(lora.layers) == len(target_names(unet, ["to_q", "to_v"]))
         row = json.loads((adir / "labels.json").read_text())
         assert set(lora.ranks) == {int(row["rank"])}
         moved = 0.0
@@ -146,10 +165,10 @@ def test_adapters_are_peft_and_match_loralens(dream, subsets):
 
 
 def _reference_peft_finetune(unet, scheduler, job, rank, init_A):
-    """Plain PEFT + torch.optim.AdamW, drawing data as `D.finetune` does."""
+    """Plain PEFT + torch.optim.AdamW, drawing data as `finetune` does."""
     from peft import get_peft_model
 
-    pm = get_peft_model(copy.deepcopy(unet), D.peft_config(rank, float(rank), ["to_q", "to_v"]))
+    pm = get_peft_model(copy.deepcopy(unet), peft_config(rank, float(rank), ["to_q", "to_v"]))
     for name, A in init_A.items():
         pm.base_model.model.get_submodule(name).lora_A["default"].weight.data.copy_(A)
     params = [p for p in pm.parameters() if p.requires_grad]
@@ -161,7 +180,7 @@ def _reference_peft_finetune(unet, scheduler, job, rank, init_A):
         x = job.images[idx]
         noise = torch.randn(x.shape, generator=g)
         ts = torch.randint(0, scheduler.config.num_train_timesteps, (job.micro,), generator=g)
-        loss = D.diffusion_loss(pm, scheduler, x, job.cond[idx], noise, ts).mean() / job.accum
+        loss = diffusion_loss(pm, scheduler, x, job.cond[idx], noise, ts).mean() / job.accum
         loss.backward()
         if (t + 1) % job.accum == 0:
             opt.step()
@@ -184,7 +203,7 @@ def test_batched_finetuning_equals_plain_peft(preset):
         unet, ["to_q", "to_v"], ranks, [float(r) for r in ranks], [c["init_seed"] for c in cfgs]
     )
     init = {n: m.A.detach().clone() for n, m in mods.items()}
-    D.finetune(model, mods, sched, jobs)
+    finetune(model, mods, sched, jobs)
     for k in (0, 1):
         ref = _reference_peft_finetune(
             unet, sched, jobs[k], ranks[k], {n: A[k, : ranks[k]] for n, A in init.items()}

@@ -3,7 +3,7 @@
 A small CNN with two heads, trained on the training pool of real and augmented digits (with
 Gaussian pixel noise, so it also reads the slightly noisy images a diffusion model makes):
 ``class`` (10-way softmax) and ``attrs`` (one sigmoid per attribute of
-:data:`loralens.zoo.diffusion.ATTRIBUTES`). The rating of an image for a prompt is
+:data:`loralens.zoo.digits.data.ATTRIBUTES`). The rating of an image for a prompt is
 
     p(prompted class | image) x mean over prompted attributes of p(attribute as prompted | image)
 
@@ -23,10 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loralens.zoo.diffusion import ATTRIBUTES, DigitsData, parse_prompt
+from loralens.zoo.digits.data import ATTRIBUTES, DigitsData, parse_prompt
 
 
 class DigitScorer(nn.Module):
+    """A small CNN with a class head and an attribute head; :meth:`rate` scores image-prompt pairs."""
+
     def __init__(self, width: int = 16):
         super().__init__()
         w = width
@@ -142,5 +144,6 @@ def scorer_report(scorer: DigitScorer, data: DigitsData) -> dict[str, Any]:
 
 
 def class_accuracy(scorer: DigitScorer, images: torch.Tensor, labels: Sequence[int]) -> float:
+    """The share of ``images`` whose most likely class is the one in ``labels``."""
     pc, _ = scorer.probs(images)
     return float((pc.argmax(-1) == torch.as_tensor(np.asarray(labels))).float().mean())
