@@ -20,7 +20,7 @@ from loralens.lora import LoRA
 from loralens.store.format import INFO, StoreError
 from loralens.store.reader import LoRAStore
 from loralens.store.writer import StoreWriter
-from loralens.zoo.builder import ADAPTERS, LABELS, MANIFEST
+from loralens.zoo.folder import ADAPTERS, LABELS, MANIFEST
 
 #: File suffixes of single-file adapters (anything else in the folder that is not a folder is
 #: not an adapter).
