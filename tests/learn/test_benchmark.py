@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from loralens.bench.quality import hparam_columns
 from loralens.cli import app
+from loralens.learn.data import hparam_columns
 from loralens.models import MODEL_NAMES
 from loralens.store import LoRAStore
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
+import pytest
 from typer.testing import CliRunner
 
 from loralens.cli import app
+from loralens.learn.data import split_rows
 
 runner = CliRunner()
 
@@ -64,3 +67,15 @@ def test_split_column_decides_the_split(make_store, tmp_path):
     assert metrics["n"] == {"train": 12, "val": 6, "test": 6}
     ids = pd.read_csv(tmp_path / "run" / "predictions.csv", dtype={"id": str})["id"]
     assert sorted(ids) == [f"x{k:03d}" for k in range(0, 24, 4)]
+
+
+def test_splits_are_deterministic_and_disjoint():
+    a, b = split_rows(100, seed=3), split_rows(100, seed=3)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert [len(a[k]) for k in ("train", "val", "test")] == [80, 10, 10]
+    assert len(np.unique(np.concatenate(list(a.values())))) == 100
+    assert not np.array_equal(split_rows(100, seed=4)["test"], a["test"])
+    s = split_rows(0, split_column=["train", "test", "valid", "train"])
+    assert s["val"].tolist() == [2] and s["test"].tolist() == [1]
+    with pytest.raises(ValueError):
+        split_rows(0, split_column=["train", "holdout"])

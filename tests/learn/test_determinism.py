@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from loralens.learn.loop import TrainConfig, train
 from loralens.models import MODEL_NAMES
-from loralens.train import TrainConfig, train
 
 TIMING = ("seconds", "train_loras_per_s")  # wall-clock measurements, the only keys allowed to vary
 

@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 
 import loralens as ll
 from loralens.cli import app
+from loralens.learn.runs import load_run
 from loralens.store import LoRAStore
-from loralens.train import load_run
 
 runner = CliRunner()
 N = 48

@@ -16,8 +16,9 @@ from typer.testing import CliRunner
 
 import loralens as ll
 from loralens.cli import app
+from loralens.learn.loop import TrainConfig, train
+from loralens.learn.runs import evaluate, load_run
 from loralens.store import LoRAStore
-from loralens.train import TrainConfig, evaluate, load_run, train
 
 runner = CliRunner()
 

@@ -1,4 +1,4 @@
-"""Task inference, scaling, metrics (checked against hand-computed values) and splits."""
+"""Task inference, scaling, losses and metrics (checked against hand-computed values)."""
 
 import math
 
@@ -6,14 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from loralens.tasks import (
-    Task,
-    baseline_metrics,
-    infer_task,
-    kendall_tau,
-    spearman_rho,
-    split_rows,
-)
+from loralens.learn.tasks import Task, baseline_metrics, infer_task, kendall_tau, spearman_rho
 
 
 def test_infer_task():
@@ -63,18 +56,6 @@ def test_regression_and_classification_metrics():
     assert m["accuracy"] == pytest.approx((1.0 + 0.75) / 2)
     assert m["auroc"] == pytest.approx((1.0 + 0.875) / 2)  # one tied pair in q
     assert baseline_metrics(ctask, yc, yc)["auroc"] == 0.5
-
-
-def test_splits_are_deterministic_and_disjoint():
-    a, b = split_rows(100, seed=3), split_rows(100, seed=3)
-    assert all(np.array_equal(a[k], b[k]) for k in a)
-    assert [len(a[k]) for k in ("train", "val", "test")] == [80, 10, 10]
-    assert len(np.unique(np.concatenate(list(a.values())))) == 100
-    assert not np.array_equal(split_rows(100, seed=4)["test"], a["test"])
-    s = split_rows(0, split_column=["train", "test", "valid", "train"])
-    assert s["val"].tolist() == [2] and s["test"].tolist() == [1]
-    with pytest.raises(ValueError):
-        split_rows(0, split_column=["train", "holdout"])
 
 
 def test_loss_is_the_mean_over_labelled_entries_only():

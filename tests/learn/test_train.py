@@ -12,8 +12,9 @@ import pytest
 import torch
 
 import loralens as ll
+from loralens.learn.loop import TrainConfig, train
+from loralens.learn.runs import evaluate, load_run
 from loralens.store import LoRAStore, write_store
-from loralens.train import TrainConfig, evaluate, load_run, train
 
 SHAPES = ((12, 10), (6, 10))
 

@@ -842,7 +842,8 @@ def bench_train(
     spent in its DataLoader (the same loader timed alone over the same training rows)."""
     import numpy as np
 
-    from loralens import train as T
+    from loralens.learn import loop as T
+    from loralens.learn.data import make_loader
     from loralens.store import LoRAStore
 
     store = LoRAStore(store_path)
@@ -867,7 +868,7 @@ def bench_train(
         like = store.batch([0], pad_ranks=store.spec.ranks)
         pad = [int(r) for r in like.spec.ranks]
         y = np.zeros((len(store), 1), dtype=np.float32)
-        loader = T._loader(store, y, np.arange(n_train), bs, pad, shuffle=True, seed=0)
+        loader = make_loader(store, y, np.arange(n_train), bs, pad, shuffle=True, seed=0)
         t0 = time.perf_counter()
         for _ in loader:
             pass
