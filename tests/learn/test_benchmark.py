@@ -64,7 +64,7 @@ def test_benchmark_no_weights_row_is_the_train_mean(make_store, tmp_path):
 
 def test_hyperparameter_columns_come_from_the_zoo_manifest(make_peft_zoo, tmp_path):
     """A zoo whose zoo.json lists ``hyperparameter_columns`` names them (even under names the
-    fallback does not know); an older zoo without the key falls back to known names."""
+    fallback does not know, or none); an older zoo without the key falls back to known names."""
     zoo = make_peft_zoo(tmp_path / "zoo", n=12)
     labels = pd.read_csv(zoo / "labels.csv", dtype={"adapter": str})
     labels["knob"] = np.arange(12) % 3
@@ -81,6 +81,11 @@ def test_hyperparameter_columns_come_from_the_zoo_manifest(make_peft_zoo, tmp_pa
     store = LoRAStore(tmp_path / "new")
     assert hparam_columns(store) == ["knob"]
     assert hparam_columns(store, exclude=["knob"]) == []
+
+    # a zoo that records no hyperparameters says so: no guess from column names
+    (zoo / "zoo.json").write_text(json.dumps({"hyperparameter_columns": []}))
+    _ok(runner.invoke(app, ["pack", str(zoo), "--out", str(tmp_path / "none")]))
+    assert hparam_columns(LoRAStore(tmp_path / "none")) == []
 
 
 @pytest.mark.slow

@@ -64,14 +64,16 @@ def hparam_columns(store: LoRAStore, exclude: Sequence[str] = ()) -> list[str]:
 
     They are the list ``hyperparameter_columns`` of the zoo manifest (``zoo.json``), which
     ``pack`` copies into the store's history (``store.json``: ``history[i]["zoo"]``; the last
-    entry that has one counts); a store packed from an older zoo without that list falls back
-    to the columns named in ``KNOWN_HPARAMS``.
+    entry that has a zoo counts), even when empty; a store packed from an older zoo without
+    that key, or from no zoo, falls back to the columns named in ``KNOWN_HPARAMS``.
     """
     zoo = {}
     for entry in store.info.get("history", []):
         zoo = entry.get("zoo") or zoo
     listed = zoo.get("hyperparameter_columns") if isinstance(zoo, dict) else None
-    cols = list(listed) if listed else [c for c in KNOWN_HPARAMS if c in store.index.columns]
+    if listed is None:
+        listed = [c for c in KNOWN_HPARAMS if c in store.index.columns]
+    cols = list(listed)
     out = []
     for c in cols:
         if c in exclude or c not in store.index.columns:
