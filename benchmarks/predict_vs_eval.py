@@ -25,8 +25,8 @@ import pandas as pd
 import torch
 
 import loralens as ll
+from loralens.learn.runs import load_run
 from loralens.store import LoRAStore
-from loralens.train import load_run
 
 
 def main() -> None:

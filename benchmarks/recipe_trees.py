@@ -15,9 +15,8 @@ import numpy as np
 from sklearn.ensemble import HistGradientBoostingRegressor
 from sklearn.metrics import r2_score
 
-from loralens.bench.quality import hparam_columns
+from loralens.learn.data import hparam_columns, make_split, select_rows
 from loralens.store import LoRAStore
-from loralens.train import make_split, select_rows
 
 
 def main() -> None:

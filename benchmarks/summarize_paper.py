@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from loralens.bench.quality import hparam_columns
+from loralens.learn.data import hparam_columns, make_split, select_rows
+from loralens.learn.runs import evaluate, load_run
+from loralens.learn.tasks import Task
 from loralens.store import LoRAStore
-from loralens.tasks import Task
-from loralens.train import evaluate, load_run, make_split, select_rows
 
 RANKS = (1, 2, 4, 8, 16)
 

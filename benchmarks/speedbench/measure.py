@@ -20,7 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from loralens import fused
 from loralens.lora import LoRABatch
-from loralens.models.registry import _custom_flops
+from loralens.models.registry import custom_flops
 
 
 def sync(device: torch.device) -> None:
@@ -140,7 +140,7 @@ def tensor_bytes(obj: Any) -> int:
 def count_flops(fn: Callable[[], Any]) -> int:
     """FLOPs of one call of ``fn``: torch's FlopCounterMode (matmuls), plus QR and SVD at the
     textbook estimates that ``ll.model_cost`` uses (FlopCounterMode alone does not see them)."""
-    with FlopCounterMode(display=False, custom_mapping=_custom_flops()) as counter:
+    with FlopCounterMode(display=False, custom_mapping=custom_flops()) as counter:
         fn()
     return int(counter.get_total_flops())
 

@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from loralens import train as T
+from loralens.learn import loop as T
+from loralens.learn.data import make_loader
 from loralens.store import LoRAStore
 
 
@@ -37,7 +38,7 @@ def bench_train(
     epochs: int = 2,
     hparams: dict[str, dict[str, Any]] | None = None,
 ) -> list[TrainRow]:
-    """LoRAs/s per epoch of ``loralens.train.train`` for each model, and the share of each epoch
+    """LoRAs/s per epoch of ``loralens.learn.loop.train`` for each model, and the share of each epoch
     spent in its DataLoader (the same loader timed alone over the same training rows)."""
     store = LoRAStore(store_path)
     rows_out = []
@@ -61,7 +62,7 @@ def bench_train(
         like = store.batch([0], pad_ranks=store.spec.ranks)
         pad = [int(r) for r in like.spec.ranks]
         y = np.zeros((len(store), 1), dtype=np.float32)
-        loader = T._loader(store, y, np.arange(n_train), bs, pad, shuffle=True, seed=0)
+        loader = make_loader(store, y, np.arange(n_train), bs, pad, shuffle=True, seed=0)
         t0 = time.perf_counter()
         for _ in loader:
             pass

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import typer
 
+from loralens.models.registry import MODEL_NAMES
+
 app = typer.Typer(
     help="Learning on LoRAs: read LoRA adapters as data and predict properties of the finetuned model.",
     no_args_is_help=True,
@@ -156,7 +158,7 @@ def _parse_hparams(items: list[str] | None) -> dict:
 def train(
     data: str = typer.Option(..., help="A packed store (see `loralens pack`)."),
     target: str = typer.Option(..., help="Label column(s): COL[,COL...] or a glob like 'src_*'."),
-    model: str = typer.Option("glnet", help="mlp, mlp-oalign, mlp-svd, mlp-dense or glnet."),
+    model: str = typer.Option("glnet", help=f"One of {', '.join(MODEL_NAMES)}."),
     out: str = typer.Option(..., help="Run directory for checkpoint, metrics.json and plots."),
     seed: int = typer.Option(0, help="Seed of the split, the init and the batch order."),
     epochs: int = typer.Option(None, help="Maximum epochs (default: per model)."),
@@ -178,10 +180,10 @@ def train(
     """
     import json
 
-    from loralens.bench.quality import resolve_targets
+    from loralens.learn.data import resolve_targets
+    from loralens.learn.loop import TrainConfig
+    from loralens.learn.loop import train as train_run
     from loralens.store import LoRAStore, StoreError
-    from loralens.train import TrainConfig
-    from loralens.train import train as train_run
 
     try:
         store = LoRAStore(data)
@@ -225,8 +227,8 @@ def evaluate(
     """Metrics of a trained model on every LoRA of a store."""
     import json
 
+    from loralens.learn.runs import evaluate as evaluate_run
     from loralens.store import StoreError
-    from loralens.train import evaluate as evaluate_run
 
     try:
         result = evaluate_run(run_dir, data, where=where, out_dir=out)
@@ -252,30 +254,19 @@ def predict(
     """Predict label(s) for new adapters in any supported format, without running them."""
     import json
 
-    from loralens.formats import LoRAFormatError, load_lora
-    from loralens.lora import spec_of
-    from loralens.train import load_run
+    from loralens.formats import LoRAFormatError
+    from loralens.learn.runs import load_run
+    from loralens.learn.runs import predict as predict_rows
 
     try:
         run = load_run(run_dir)
     except FileNotFoundError as e:
         _fail(str(e))
-    loras = []
-    for path in adapters:
-        try:
-            lora = load_lora(path)
-            run.check(spec_of(lora), path)
-        except (LoRAFormatError, ValueError, FileNotFoundError) as e:
-            _fail(str(e), code=2)
-        loras.append(lora)
-    pred = run.predict_loras(loras, batch_size=batch_size)
+    try:
+        rows = predict_rows(run, adapters, batch_size=batch_size)
+    except (LoRAFormatError, ValueError, FileNotFoundError) as e:
+        _fail(str(e), code=2)
     task = run.task
-    rows = []
-    for path, p in zip(adapters, pred):
-        row = {"adapter": path, "prediction": {t: float(v) for t, v in zip(task.targets, p)}}
-        if task.kind == "classification":
-            row["label"] = {t: int(v >= 0.5) for t, v in zip(task.targets, p)}
-        rows.append(row)
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
@@ -319,7 +310,9 @@ def benchmark(
     zoo: str = typer.Option(None, help="A zoo folder (adapters/ + labels.csv), packed first."),
     data: str = typer.Option(None, help="A packed store instead of a zoo."),
     targets: list[str] = typer.Option(..., help="Target family (repeatable)."),
-    models: str = typer.Option("all", help="Comma-separated model names, or 'all'."),
+    models: str = typer.Option(
+        "all", help=f"Comma-separated model names ({', '.join(MODEL_NAMES)}), or 'all'."
+    ),
     seeds: int = typer.Option(3, help="Seeds (splits and inits) per cell."),
     epochs: int = typer.Option(None, help="Maximum epochs per run (default: per model)."),
     where: str = typer.Option(None, help="Use only rows matching a query, e.g. 'rank == 4'."),
@@ -334,13 +327,13 @@ def benchmark(
     """
     import json
 
-    from loralens.bench.quality import ALL_MODELS, run_benchmark
+    from loralens.learn.benchmark import run_benchmark
     from loralens.store import StoreError
 
     def log(msg):
         typer.echo(msg, err=True)
 
-    names = list(ALL_MODELS) if models == "all" else [m for m in models.split(",") if m]
+    names = list(MODEL_NAMES) if models == "all" else [m for m in models.split(",") if m]
     try:
         store = _store_for(zoo, data, out, log)
         result = run_benchmark(
@@ -377,62 +370,22 @@ def demo(
         "tiny", help="Base model size: tiny (fits the 10-minute budget) or small (the zoos')."
     ),
 ) -> None:
-    """The end-to-end demo: zoo -> store -> all five models -> table and plots.
+    """The end-to-end demo: zoo -> store -> every model -> table and plots.
 
-    Builds a small skills-lm zoo of real PEFT finetunes, packs it, trains all five models on
+    Builds a small skills-lm zoo of real PEFT finetunes, packs it, trains every model on
     eval_loss and one data-membership label, prints the table and writes plots.
     """
-    import json
-    import time
-    from pathlib import Path
+    from loralens.learn.demo import run_demo
 
-    from loralens.bench.quality import ALL_MODELS, run_benchmark
-    from loralens.store import pack as pack_store
-    from loralens.zoo.builder import build_zoo
-
-    t0 = time.time()
-    root = Path(out)
-    zoo_dir = root / "zoo"
-    typer.echo(
-        f"[1/3] building a {num}-LoRA skills-lm zoo ({size} base) in {zoo_dir} "
-        "(resumes if interrupted)"
-    )
-    manifest = build_zoo("skills-lm", num, zoo_dir, threads=threads, options={"size": size})
-    typer.echo(f"      done in {time.time() - t0:.0f}s")
-    t1 = time.time()
-    store, refused = pack_store(zoo_dir, root / "store", overwrite=True, skip_bad=True)
-    typer.echo(f"[2/3] packed {len(store)} LoRAs into {store.path} ({time.time() - t1:.1f}s)")
-    for name, why in refused:
-        typer.echo(f"      skipped {name}: {why}")
-    binary = [c for c in manifest.get("binary_columns", []) if c in store.label_columns]
-    cls_target = _most_balanced(store, binary) if binary else None
-    targets = ["eval_loss"] + ([cls_target] if cls_target else [])
-    typer.echo(f"[3/3] training {len(ALL_MODELS)} models on {', '.join(targets)}")
-    result = run_benchmark(
-        store,
-        targets,
-        models=ALL_MODELS,
-        seeds=seeds,
-        epochs=epochs,
-        out_dir=root / "benchmark",
-        threads=1,  # small models: one thread is fastest and never oversubscribes the CPU
-        log=lambda m: typer.echo("      " + m),
+    result = run_demo(
+        out, num=num, seeds=seeds, epochs=epochs, threads=threads, size=size, log=typer.echo
     )
     typer.echo("")
     typer.echo(result["markdown"])
-    plots = sorted(str(p) for p in (root / "benchmark" / "runs").rglob("*.png"))
-    typer.echo(f"\nplots: {len(plots)} PNGs under {root / 'benchmark' / 'runs'}")
-    typer.echo(f"table: {root / 'benchmark' / 'benchmark.md'} (+ .json)")
-    typer.echo(f"total {time.time() - t0:.0f}s")
-    (root / "demo.json").write_text(
-        json.dumps({"seconds": time.time() - t0, "targets": targets, "num": len(store)}) + "\n"
-    )
-
-
-def _most_balanced(store, columns: list[str]) -> str:
-    """The binary label column whose positive rate is closest to one half."""
-    rates = {c: float(store.labels([c]).mean()) for c in columns}
-    return min(columns, key=lambda c: (abs(rates[c] - 0.5), c))
+    runs = f"{result['benchmark']}/runs"
+    typer.echo(f"\nplots: {len(result['plots'])} PNGs under {runs}")
+    typer.echo(f"table: {result['benchmark']}/benchmark.md (+ .json)")
+    typer.echo(f"total {result['seconds']:.0f}s")
 
 
 # ---------------------------------------------------------------------------- inspect

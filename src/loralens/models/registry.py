@@ -1,4 +1,4 @@
-"""Model names -> builders, ``build_model`` and ``model_cost``."""
+"""The registry: model names -> classes and training defaults; ``build_model``, ``model_cost``."""
 
 from __future__ import annotations
 
@@ -13,12 +13,52 @@ from loralens.models.base import LoLModel, as_spec
 from loralens.models.glnet import GLNet
 from loralens.models.mlp import SVDMLP, DenseMLP, FlatMLP, OAlignMLP
 
-_REGISTRY: dict[str, type[LoLModel]] = {
-    cls.name: cls for cls in (FlatMLP, OAlignMLP, SVDMLP, DenseMLP, GLNet)
+#: Training defaults shared by every model (``loralens train`` needs no flags); an entry of the
+#: registry overrides what its model trains better with.
+TRAINING_DEFAULTS: dict[str, Any] = {
+    "epochs": 60,
+    "lr": 1e-3,
+    "batch_size": 32,
+    "weight_decay": 1e-4,
+    "patience": 12,
+    "grad_clip": 1.0,
+}
+
+
+def _entry(cls: type[LoLModel], **training: Any) -> tuple[str, type[LoLModel], dict[str, Any]]:
+    unknown = sorted(set(training) - set(TRAINING_DEFAULTS))
+    if unknown:
+        raise ValueError(f"{cls.name}: no training setting(s) {unknown}")
+    return cls.name, cls, {**TRAINING_DEFAULTS, **training}
+
+
+# name -> (class, training defaults), in the order models are listed and benchmarked
+_REGISTRY: dict[str, tuple[type[LoLModel], dict[str, Any]]] = {
+    name: (cls, training)
+    for name, cls, training in (
+        _entry(FlatMLP, weight_decay=1e-3),
+        _entry(OAlignMLP, weight_decay=1e-3),
+        _entry(SVDMLP, lr=3e-3),
+        _entry(DenseMLP, weight_decay=1e-3),
+        _entry(GLNet),
+    )
 }
 
 #: Every model name accepted by :func:`build_model` (and ``loralens train --model``).
 MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+
+
+def _model_class(name: str) -> type[LoLModel]:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+    return _REGISTRY[name][0]
+
+
+def training_defaults(name: str) -> dict[str, Any]:
+    """The training settings (epochs, lr, batch_size, weight_decay, patience, grad_clip) that
+    model ``name`` trains with unless told otherwise."""
+    _model_class(name)
+    return dict(_REGISTRY[name][1])
 
 
 def build_model(
@@ -33,10 +73,7 @@ def build_model(
     ``load_state_dict``. ``mlp-oalign`` takes ``template=`` (a LoRA); without it the template is
     picked from ``like`` when that is a batch, else left zero for ``load_state_dict`` to fill.
     """
-    cls = _REGISTRY.get(name)
-    if cls is None:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
-    return cls(as_spec(like), out_dim, like=like, **hparams)
+    return _model_class(name)(as_spec(like), out_dim, like=like, **hparams)
 
 
 def rebuild_model(
@@ -44,8 +81,7 @@ def rebuild_model(
 ) -> LoLModel:
     """:func:`build_model` from saved hyperparameters: any the save predates take the value the
     code of that time used (``saved_defaults``), so older runs keep their meaning."""
-    cls = _REGISTRY.get(name)
-    saved = cls.saved_defaults if cls is not None else {}
+    saved = _model_class(name).saved_defaults
     return build_model(name, like, out_dim, **{**saved, **hparams})
 
 
@@ -96,7 +132,7 @@ def _svd_flops(a_shape, *args, out_shape=None, **kwargs) -> int:
     return b * 14 * max(m, n) * k * k  # Golub-Van Loan estimate for a thin SVD
 
 
-def _custom_flops() -> dict[Any, Any]:
+def custom_flops() -> dict[Any, Any]:
     aten = torch.ops.aten
     out = {}
     for name, fn in (("linalg_qr", _qr_flops), ("_linalg_svd", _svd_flops)):
@@ -121,7 +157,7 @@ def model_cost(
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_custom_flops()) as fc:
+        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=custom_flops()) as fc:
             model(batch)
     finally:
         model.train(was_training)

@@ -12,7 +12,6 @@ at the best validation epoch. Two rows need no LoRA weights at all and say what 
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import math
 import os
@@ -23,72 +22,16 @@ from typing import Any
 
 import numpy as np
 
-from loralens.store import LoRAStore, StoreError
-from loralens.tasks import CLASSIFICATION, Task
-from loralens.train import TrainConfig, make_split, select_rows, train
+from loralens.learn.data import hparam_columns, make_split, resolve_targets, select_rows
+from loralens.learn.loop import TrainConfig, train
+from loralens.learn.tasks import CLASSIFICATION, Task
+from loralens.models.registry import MODEL_NAMES
+from loralens.store import LoRAStore
 
-ALL_MODELS = ("mlp", "mlp-oalign", "mlp-svd", "mlp-dense", "glnet")
 NO_WEIGHTS = "no weights"
 HPARAMS_ONLY = "hyperparameters only"
 PRIMARY = {"regression": "r2", CLASSIFICATION: "accuracy"}
 SECONDARY = {"regression": "kendall_tau", CLASSIFICATION: "auroc"}
-
-#: Finetuning hyperparameter columns recognized when the zoo's manifest does not list them.
-KNOWN_HPARAMS = (
-    "lr",
-    "learning_rate",
-    "weight_decay",
-    "epochs",
-    "batch_size",
-    "grad_accum",
-    "gradient_accumulation",
-    "lora_dropout",
-    "rank",
-    "rank_label",
-    "lora_alpha",
-    "n_train",
-    "steps",
-    "max_steps",
-    "num_images",
-    "n_images",
-    "data_seed",
-    "prompt_id",
-    "init_seed",
-)
-
-
-def resolve_targets(store: LoRAStore, spec: str) -> list[str]:
-    """``"a,b"`` or a glob (``"src_*"``) -> label columns of ``store``."""
-    cols = []
-    for part in (p.strip() for p in spec.split(",")):
-        if not part:
-            continue
-        hits = (
-            [c for c in store.label_columns if fnmatch.fnmatchcase(c, part)]
-            if any(ch in part for ch in "*?[")
-            else [part] * (part in store.index.columns)
-        )
-        if not hits:
-            raise StoreError(f"target {part!r} matches no column; labels: {store.label_columns}")
-        cols += [c for c in hits if c not in cols]
-    return cols
-
-
-def hparam_columns(store: LoRAStore, exclude: Sequence[str] = ()) -> list[str]:
-    """The zoo's hyperparameter columns (manifest ``hyperparameter_columns`` or known names)."""
-    zoo = {}
-    for entry in store.info.get("history", []):
-        zoo = entry.get("zoo") or zoo
-    listed = zoo.get("hyperparameter_columns") if isinstance(zoo, dict) else None
-    cols = list(listed) if listed else [c for c in KNOWN_HPARAMS if c in store.index.columns]
-    out = []
-    for c in cols:
-        if c in exclude or c not in store.index.columns:
-            continue
-        v = store.labels([c]).ravel()
-        if np.isfinite(v).any() and np.nanstd(v) > 0:
-            out.append(c)
-    return out
 
 
 def hparams_only_metrics(
@@ -135,7 +78,7 @@ def run_benchmark(
     store: LoRAStore | str | os.PathLike,
     targets: Sequence[str],
     *,
-    models: Sequence[str] = ALL_MODELS,
+    models: Sequence[str] = MODEL_NAMES,
     seeds: int | Sequence[int] = 3,
     out_dir: str | os.PathLike | None = None,
     epochs: int | None = None,
@@ -274,12 +217,9 @@ def to_markdown(result: dict[str, Any]) -> str:
 
 
 __all__ = [
-    "ALL_MODELS",
     "HPARAMS_ONLY",
     "NO_WEIGHTS",
-    "hparam_columns",
     "hparams_only_metrics",
-    "resolve_targets",
     "run_benchmark",
     "to_markdown",
 ]

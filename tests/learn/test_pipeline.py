@@ -1,8 +1,8 @@
 """End to end on a tiny zoo of real PEFT adapters: pack -> train -> evaluate -> predict.
 
-The zoo is made with PEFT directly on a tiny random-init model (fast): each adapter is a
-rank-4 LoRA on q_proj/v_proj whose B factor is scaled by a random ``s``; the labels are
-``quality`` = s^2 + noise (regression) and ``big`` = s > 1 (classification).
+The zoo (``peft_zoo`` in conftest.py) is made with PEFT directly on a tiny random-init model
+(fast): each adapter is a rank-4 LoRA on q_proj/v_proj whose B factor is scaled by a random
+``s``; the labels are ``quality`` = s^2 + noise (regression) and ``big`` = s > 1.1.
 """
 
 import json
@@ -11,59 +11,15 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
-from torch import nn
 from typer.testing import CliRunner
 
 import loralens as ll
 from loralens.cli import app
+from loralens.learn.runs import load_run
 from loralens.store import LoRAStore
-from loralens.train import load_run
 
 runner = CliRunner()
 N = 48
-
-
-class _Block(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.q_proj = nn.Linear(16, 16, bias=False)
-        self.v_proj = nn.Linear(16, 8, bias=False)
-
-
-class _Tiny(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.layers = nn.ModuleList([_Block(), _Block()])
-
-    def forward(self, x):
-        return x
-
-
-def _make_zoo(root, n=N, rank=4, seed=0):
-    """n real PEFT adapter folders (one PEFT model, LoRA factors re-drawn per adapter)."""
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"])
-    model = get_peft_model(_Tiny(), cfg)
-    lora_params = [(n_, p) for n_, p in model.named_parameters() if "lora_" in n_]
-    rows = []
-    (root / "adapters").mkdir(parents=True)
-    for k in range(n):
-        s = float(rng.uniform(0.2, 2.0))
-        with torch.no_grad():
-            for name, p in lora_params:
-                p.copy_(torch.randn_like(p) * (0.3 * s if "lora_B" in name else 0.3))
-        model.save_pretrained(root / "adapters" / f"a{k:03d}")
-        rows.append(f"a{k:03d},{s * s + 0.05 * rng.normal():.6f},{int(s > 1.1)}")
-    (root / "labels.csv").write_text("adapter,quality,big\n" + "\n".join(rows) + "\n")
-    return root
-
-
-@pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
-    return _make_zoo(tmp_path_factory.mktemp("zoo"))
 
 
 def _ok(result):
@@ -71,16 +27,16 @@ def _ok(result):
     return result
 
 
-def test_pack_train_evaluate_predict(zoo, tmp_path):
+def test_pack_train_evaluate_predict(peft_zoo, tmp_path):
     store_dir, run = tmp_path / "store", tmp_path / "run"
     out = _ok(
         runner.invoke(
             app,
             [
                 "pack",
-                str(zoo / "adapters"),
+                str(peft_zoo / "adapters"),
                 "--labels",
-                str(zoo / "labels.csv"),
+                str(peft_zoo / "labels.csv"),
                 "--out",
                 str(store_dir),
                 "--json",
@@ -90,7 +46,7 @@ def test_pack_train_evaluate_predict(zoo, tmp_path):
     summary = json.loads(out.stdout)
     assert summary["num_loras"] == N and summary["layers"] == 4 and summary["ranks"] == [4]
     store = LoRAStore(store_dir)
-    first = ll.load_lora(zoo / "adapters" / "a000")
+    first = ll.load_lora(peft_zoo / "adapters" / "a000")
     for a, b in zip(store[0].layers, first.layers):
         assert a.name == b.name and torch.equal(a.U, b.U) and torch.equal(a.V, b.V)
 
@@ -129,8 +85,8 @@ def test_pack_train_evaluate_predict(zoo, tmp_path):
 
     # predict on the PEFT folder and on its weights file alone: same numbers as on the store
     adapters = [
-        str(zoo / "adapters" / "a000"),
-        str(zoo / "adapters" / "a001" / "adapter_model.safetensors"),
+        str(peft_zoo / "adapters" / "a000"),
+        str(peft_zoo / "adapters" / "a001" / "adapter_model.safetensors"),
     ]
     preds = json.loads(_ok(runner.invoke(app, ["predict", str(run), *adapters, "--json"])).stdout)
     assert [p["adapter"] for p in preds] == adapters
@@ -144,9 +100,9 @@ def test_pack_train_evaluate_predict(zoo, tmp_path):
     assert "quality" in table.stdout
 
 
-def test_classification_same_seed_same_metrics_and_rank_padding(zoo, tmp_path):
+def test_classification_same_seed_same_metrics_and_rank_padding(peft_zoo, make_peft_zoo, tmp_path):
     store_dir = tmp_path / "store"
-    _ok(runner.invoke(app, ["pack", str(zoo), "--out", str(store_dir)]))  # zoo folder form
+    _ok(runner.invoke(app, ["pack", str(peft_zoo), "--out", str(store_dir)]))  # zoo folder form
     runs = []
     for k in range(2):
         run = tmp_path / f"run{k}"
@@ -177,7 +133,7 @@ def test_classification_same_seed_same_metrics_and_rank_padding(zoo, tmp_path):
     assert runs[0]["test"] == runs[1]["test"] and runs[0]["val"] == runs[1]["val"]
 
     # a rank-2 zoo with the same layers: evaluate works (GL-invariant models take any rank)
-    other = _make_zoo(tmp_path / "zoo2", n=6, rank=2, seed=1)
+    other = make_peft_zoo(tmp_path / "zoo2", n=6, ranks=(2,), seed=1)
     _ok(runner.invoke(app, ["pack", str(other), "--out", str(tmp_path / "s2")]))
     ev = json.loads(
         _ok(
@@ -204,12 +160,12 @@ def _write_single_file(lora, path, style):
 
 
 @pytest.mark.parametrize("style", ["kohya", "diffusers"])
-def test_single_file_formats_pack_and_predict(zoo, tmp_path, style):
+def test_single_file_formats_pack_and_predict(peft_zoo, tmp_path, style):
     folder = tmp_path / "files"
     folder.mkdir()
     labels = ["adapter,quality"]
     for k in range(12):
-        lora = ll.load_lora(zoo / "adapters" / f"a{k:03d}")
+        lora = ll.load_lora(peft_zoo / "adapters" / f"a{k:03d}")
         _write_single_file(lora, folder / f"l{k}.safetensors", style)
         labels.append(f"l{k},{k}")
     (tmp_path / "labels.csv").write_text("\n".join(labels) + "\n")
@@ -253,15 +209,15 @@ def test_single_file_formats_pack_and_predict(zoo, tmp_path, style):
     )
     assert np.isfinite(preds[0]["prediction"]["quality"])
     # a PEFT adapter has other layer names: a clear error, exit code 2
-    bad = runner.invoke(app, ["predict", str(run), str(zoo / "adapters" / "a000")])
+    bad = runner.invoke(app, ["predict", str(run), str(peft_zoo / "adapters" / "a000")])
     assert bad.exit_code == 2 and "does not fit" in bad.output
 
 
-def test_pack_refuses_mismatched_adapters_and_writes_nothing(zoo, tmp_path):
+def test_pack_refuses_mismatched_adapters_and_writes_nothing(peft_zoo, tmp_path):
     folder = tmp_path / "mixed"
     folder.mkdir()
     for k in range(4):
-        ll.save_lora(ll.load_lora(zoo / "adapters" / f"a{k:03d}"), folder / f"a{k}")
+        ll.save_lora(ll.load_lora(peft_zoo / "adapters" / f"a{k:03d}"), folder / f"a{k}")
     odd = ll.LoRA([ll.LoRALayer("layers.0.q_proj", torch.randn(5, 2), torch.randn(3, 2))])
     ll.save_lora(odd, folder / "odd")
     (folder / "junk.safetensors").write_bytes(b"not a safetensors file")

@@ -1,17 +1,12 @@
-"""Task inference, scaling, metrics (checked against hand-computed values) and splits."""
+"""Task inference, scaling, losses and metrics (checked against hand-computed values)."""
+
+import math
 
 import numpy as np
 import pytest
 import torch
 
-from loralens.tasks import (
-    Task,
-    baseline_metrics,
-    infer_task,
-    kendall_tau,
-    spearman_rho,
-    split_rows,
-)
+from loralens.learn.tasks import Task, baseline_metrics, infer_task, kendall_tau, spearman_rho
 
 
 def test_infer_task():
@@ -63,13 +58,22 @@ def test_regression_and_classification_metrics():
     assert baseline_metrics(ctask, yc, yc)["auroc"] == 0.5
 
 
-def test_splits_are_deterministic_and_disjoint():
-    a, b = split_rows(100, seed=3), split_rows(100, seed=3)
-    assert all(np.array_equal(a[k], b[k]) for k in a)
-    assert [len(a[k]) for k in ("train", "val", "test")] == [80, 10, 10]
-    assert len(np.unique(np.concatenate(list(a.values())))) == 100
-    assert not np.array_equal(split_rows(100, seed=4)["test"], a["test"])
-    s = split_rows(0, split_column=["train", "test", "valid", "train"])
-    assert s["val"].tolist() == [2] and s["test"].tolist() == [1]
-    with pytest.raises(ValueError):
-        split_rows(0, split_column=["train", "holdout"])
+def test_loss_is_the_mean_over_labelled_entries_only():
+    """Missing (NaN) targets add nothing to the loss and do not count in its mean."""
+    out = torch.tensor([[0.5, 1.0], [2.0, -1.0], [0.0, 3.0]])
+    nan = float("nan")
+    y = torch.tensor([[1.0, nan], [0.0, 2.0], [nan, nan]])
+    reg = Task("regression", ["a", "b"], [0.0, 0.0], [1.0, 1.0])
+    # labelled entries: (0.5 - 1)^2, (2 - 0)^2, (-1 - 2)^2
+    assert float(reg.loss(out, y)) == pytest.approx((0.25 + 4.0 + 9.0) / 3)
+    yc = torch.tensor([[1.0, nan], [0.0, 1.0], [nan, nan]])
+    cls = Task("classification", ["a", "b"], [0.0, 0.0], [1.0, 1.0])
+
+    def bce(logit: float, label: float) -> float:
+        p = 1 / (1 + math.exp(-logit))
+        return -(label * math.log(p) + (1 - label) * math.log(1 - p))
+
+    want = (bce(0.5, 1.0) + bce(2.0, 0.0) + bce(-1.0, 1.0)) / 3
+    assert float(cls.loss(out, yc)) == pytest.approx(want, rel=1e-6)
+    # metrics() reports the same loss (on encoded targets; here the identity scaling)
+    assert reg.metrics(out.numpy(), y.numpy())["loss"] == pytest.approx((0.25 + 4.0 + 9.0) / 3)

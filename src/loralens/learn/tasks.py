@@ -1,9 +1,9 @@
-"""Targets, splits, losses and metrics: what a LoL model is trained to predict and how it is scored.
+"""Targets, losses and metrics: what a LoL model is trained to predict and how it is scored.
 
 The task type follows from the label columns: when every value of every target column is 0 or 1
 the task is (binary or multilabel) classification, otherwise regression. Regression targets are
 standardized with the training split's mean and std for training; every reported regression
-metric is on the original scale.
+metric is on the original scale. A predicted probability at or above ``THRESHOLD`` is class 1.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from scipy import stats
 
 REGRESSION = "regression"
 CLASSIFICATION = "classification"
-SPLITS = ("train", "val", "test")
+#: A probability (or a 0/1 label) at or above this is class 1.
+THRESHOLD = 0.5
 
 
 def infer_task(values: np.ndarray) -> str:
@@ -158,7 +159,7 @@ def regression_metrics(pred: np.ndarray, y: np.ndarray, targets: Sequence[str]) 
 
 def roc_auc(score: np.ndarray, label: np.ndarray) -> float:
     """Area under the ROC curve (Mann-Whitney U with tie-averaged ranks); NaN with one class."""
-    pos = label >= 0.5
+    pos = label >= THRESHOLD
     n_pos, n_neg = int(pos.sum()), int((~pos).sum())
     if n_pos == 0 or n_neg == 0:
         return float("nan")
@@ -169,51 +170,19 @@ def roc_auc(score: np.ndarray, label: np.ndarray) -> float:
 def classification_metrics(
     prob: np.ndarray, y: np.ndarray, targets: Sequence[str]
 ) -> dict[str, Any]:
-    """Accuracy at 0.5 (mean over labels) and AUROC (mean over labels with both classes)."""
+    """Accuracy at THRESHOLD (mean over labels) and AUROC (mean over labels with both classes)."""
     per: dict[str, dict[str, float]] = {}
     for j, name in enumerate(targets):
         ok = ~np.isnan(y[:, j])
         p, t = prob[ok, j], y[ok, j]
-        auroc = roc_auc(p, t)
+        hits = (p >= THRESHOLD) == (t >= THRESHOLD)
         per[name] = {
-            "accuracy": float(np.mean((p >= 0.5) == (t >= 0.5))) if len(t) else float("nan"),
-            "auroc": auroc,
+            "accuracy": float(np.mean(hits)) if len(t) else float("nan"),
+            "auroc": roc_auc(p, t),
         }
     out: dict[str, Any] = {k: _nanmean([m[k] for m in per.values()]) for k in ("accuracy", "auroc")}
     out["per_target"] = per
     return out
-
-
-# ------------------------------------------------------------------------------ splits
-
-
-def split_rows(
-    n: int,
-    *,
-    seed: int = 0,
-    fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
-    split_column: Sequence[Any] | None = None,
-) -> dict[str, np.ndarray]:
-    """Deterministic train/val/test row indices: from a ``split`` column if given (values
-    train/val/test; 'valid'/'validation' accepted), else a seeded 80/10/10 permutation."""
-    if split_column is not None:
-        alias = {"valid": "val", "validation": "val", "dev": "val"}
-        values = np.asarray([alias.get(str(v).lower(), str(v).lower()) for v in split_column])
-        bad = sorted(set(values) - set(SPLITS))
-        if bad:
-            raise ValueError(f"split column has values {bad}; expected train/val/test")
-        return {s: np.flatnonzero(values == s) for s in SPLITS}
-    if n < 3:
-        raise ValueError(f"need at least 3 LoRAs to split into train/val/test, got {n}")
-    perm = np.random.default_rng(seed).permutation(n)
-    n_val = max(1, round(n * fractions[1]))
-    n_test = max(1, round(n * fractions[2]))
-    n_train = n - n_val - n_test
-    return {
-        "train": np.sort(perm[:n_train]),
-        "val": np.sort(perm[n_train : n_train + n_val]),
-        "test": np.sort(perm[n_train + n_val :]),
-    }
 
 
 # ------------------------------------------------------------------------------ baselines
@@ -225,7 +194,7 @@ def baseline_metrics(task: Task, y_train: np.ndarray, y_eval: np.ndarray) -> dic
     y_eval = np.asarray(y_eval, dtype=np.float64).reshape(len(y_eval), -1)
     if task.kind == CLASSIFICATION:
         p = np.nanmean(y_train, axis=0)
-        majority = (p >= 0.5).astype(np.float64)
+        majority = (p >= THRESHOLD).astype(np.float64)
         # a constant score: AUROC is 0.5 by definition; accuracy is the majority rate
         prob = np.tile(np.where(majority > 0, 0.75, 0.25), (len(y_eval), 1))
         m = classification_metrics(prob, y_eval, task.targets)
@@ -240,6 +209,7 @@ def baseline_metrics(task: Task, y_train: np.ndarray, y_eval: np.ndarray) -> dic
 __all__ = [
     "CLASSIFICATION",
     "REGRESSION",
+    "THRESHOLD",
     "Task",
     "baseline_metrics",
     "classification_metrics",
@@ -249,5 +219,4 @@ __all__ = [
     "regression_metrics",
     "roc_auc",
     "spearman_rho",
-    "split_rows",
 ]

@@ -1,0 +1,208 @@
+"""What a run learns from: target columns, the rows used (``--where``), their train/val/test
+split, the DataLoader over store rows, and the zoo's finetuning hyperparameter columns."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from loralens.lora import LoRABatch
+from loralens.store import LoRAStore, StoreError
+
+SPLITS = ("train", "val", "test")
+
+#: Finetuning hyperparameter columns guessed by name for zoos whose manifest does not list them.
+KNOWN_HPARAMS = (
+    "lr",
+    "learning_rate",
+    "weight_decay",
+    "epochs",
+    "batch_size",
+    "grad_accum",
+    "gradient_accumulation",
+    "lora_dropout",
+    "rank",
+    "rank_label",
+    "lora_alpha",
+    "n_train",
+    "steps",
+    "max_steps",
+    "num_images",
+    "n_images",
+    "data_seed",
+    "prompt_id",
+    "init_seed",
+)
+
+
+# ---------------------------------------------------------------------------------- columns
+
+
+def resolve_targets(store: LoRAStore, spec: str) -> list[str]:
+    """``"a,b"`` or a glob (``"src_*"``) -> label columns of ``store``."""
+    cols = []
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        hits = (
+            [c for c in store.label_columns if fnmatch.fnmatchcase(c, part)]
+            if any(ch in part for ch in "*?[")
+            else [part] * (part in store.index.columns)
+        )
+        if not hits:
+            raise StoreError(f"target {part!r} matches no column; labels: {store.label_columns}")
+        cols += [c for c in hits if c not in cols]
+    return cols
+
+
+def hparam_columns(store: LoRAStore, exclude: Sequence[str] = ()) -> list[str]:
+    """The zoo's finetuning hyperparameter columns that vary, ``exclude`` left out.
+
+    They are the list ``hyperparameter_columns`` of the zoo manifest (``zoo.json``), which
+    ``pack`` copies into the store's history (``store.json``: ``history[i]["zoo"]``; the last
+    entry that has a zoo counts), even when empty; a store packed from an older zoo without
+    that key, or from no zoo, falls back to the columns named in ``KNOWN_HPARAMS``.
+    """
+    zoo = {}
+    for entry in store.info.get("history", []):
+        zoo = entry.get("zoo") or zoo
+    listed = zoo.get("hyperparameter_columns") if isinstance(zoo, dict) else None
+    if listed is None:
+        listed = [c for c in KNOWN_HPARAMS if c in store.index.columns]
+    cols = list(listed)
+    out = []
+    for c in cols:
+        if c in exclude or c not in store.index.columns:
+            continue
+        v = store.labels([c]).ravel()
+        if np.isfinite(v).any() and np.nanstd(v) > 0:
+            out.append(c)
+    return out
+
+
+# ---------------------------------------------------------------------------------- rows
+
+
+def select_rows(store: LoRAStore, where: str | None) -> np.ndarray:
+    """Row indices of ``store`` matching a pandas query (all rows when ``where`` is empty)."""
+    if not where:
+        return np.arange(len(store))
+    try:
+        sel = store.index.query(where)
+    except Exception as e:
+        raise StoreError(
+            f"--where {where!r} is not a valid query on {store.label_columns}: {e}"
+        ) from e
+    return sel.index.to_numpy(np.int64)
+
+
+def split_rows(
+    n: int,
+    *,
+    seed: int = 0,
+    fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+    split_column: Sequence[Any] | None = None,
+) -> dict[str, np.ndarray]:
+    """Deterministic train/val/test row indices: from a ``split`` column if given (values
+    train/val/test; 'valid'/'validation' accepted), else a seeded 80/10/10 permutation."""
+    if split_column is not None:
+        alias = {"valid": "val", "validation": "val", "dev": "val"}
+        values = np.asarray([alias.get(str(v).lower(), str(v).lower()) for v in split_column])
+        bad = sorted(set(values) - set(SPLITS))
+        if bad:
+            raise ValueError(f"split column has values {bad}; expected train/val/test")
+        return {s: np.flatnonzero(values == s) for s in SPLITS}
+    if n < 3:
+        raise ValueError(f"need at least 3 LoRAs to split into train/val/test, got {n}")
+    perm = np.random.default_rng(seed).permutation(n)
+    n_val = max(1, round(n * fractions[1]))
+    n_test = max(1, round(n * fractions[2]))
+    n_train = n - n_val - n_test
+    return {
+        "train": np.sort(perm[:n_train]),
+        "val": np.sort(perm[n_train : n_train + n_val]),
+        "test": np.sort(perm[n_train + n_val :]),
+    }
+
+
+def make_split(
+    store: LoRAStore,
+    rows: np.ndarray,
+    y_all: np.ndarray,
+    seed: int,
+    *,
+    fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+    split_column: str | None = "auto",
+) -> dict[str, np.ndarray]:
+    """Store rows of the train/val/test splits among ``rows`` that have any target label.
+
+    ``split_column="auto"`` uses the store's ``split`` column when it has one, else a seeded
+    split of ``fractions``; a column name uses that column; ``None`` always splits by seed.
+    """
+    rows = rows[~np.isnan(y_all[rows]).all(axis=1)]
+    if len(rows) < 3:
+        raise StoreError(f"only {len(rows)} LoRAs have these labels: too few to train")
+    if split_column == "auto":
+        split_column = "split" if "split" in store.index.columns else None
+    if split_column:
+        parts = split_rows(0, split_column=store.index[split_column].to_numpy()[rows])
+    else:
+        parts = split_rows(len(rows), seed=seed, fractions=fractions)
+    split = {k: rows[v] for k, v in parts.items()}
+    for k, v in split.items():
+        if len(v) == 0:
+            raise StoreError(f"the {k} split is empty ({len(rows)} labelled LoRAs)")
+    return split
+
+
+# ---------------------------------------------------------------------------------- loading
+
+
+class _Collate:
+    """Turns a list of store rows into (rows, LoRABatch, encoded targets)."""
+
+    def __init__(self, store: LoRAStore, y: np.ndarray, pad_ranks: Sequence[int]):
+        self.store, self.y, self.pad_ranks = store, y, list(pad_ranks)
+
+    def __call__(self, rows: list[int]) -> tuple[torch.Tensor, LoRABatch, torch.Tensor]:
+        idx = np.asarray(rows, dtype=np.int64)
+        batch = self.store.batch(idx, pad_ranks=self.pad_ranks)
+        return torch.from_numpy(idx), batch, torch.from_numpy(self.y[idx]).float()
+
+
+def make_loader(
+    store: LoRAStore,
+    y: np.ndarray,
+    rows: Sequence[int],
+    batch_size: int,
+    pad_ranks: Sequence[int],
+    *,
+    shuffle: bool,
+    seed: int,
+) -> torch.utils.data.DataLoader:
+    """Batches of (rows, LoRABatch padded to ``pad_ranks``, ``y[rows]``) over store ``rows``;
+    shuffled by a generator seeded with ``seed`` when ``shuffle``."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(
+        [int(r) for r in rows],
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=g if shuffle else None,
+        collate_fn=_Collate(store, y, pad_ranks),
+    )
+
+
+__all__ = [
+    "KNOWN_HPARAMS",
+    "SPLITS",
+    "hparam_columns",
+    "make_loader",
+    "make_split",
+    "resolve_targets",
+    "select_rows",
+    "split_rows",
+]

@@ -1,0 +1,337 @@
+"""The training loop: ``train(store, TrainConfig(model="glnet", targets=["eval_loss"]), out_dir)``.
+
+It splits the store deterministically, trains with early stopping on the validation loss, takes
+test metrics at the best epoch, restores that epoch's state and writes a run directory (see
+:mod:`loralens.learn.runs`) holding everything ``predict`` needs.
+
+It runs unchanged in one process or under ``accelerate launch`` (DDP, mixed precision): data
+loading is sharded by accelerate, evaluation outputs are gathered with ``gather_for_metrics``,
+and only the main process writes.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from loralens.learn.data import SPLITS, make_loader, make_split, select_rows
+from loralens.learn.runs import headline, save_run
+from loralens.learn.tasks import Task, baseline_metrics
+from loralens.models.registry import build_model, training_defaults
+from loralens.store import LoRAStore
+
+Progress = bool | Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class TrainConfig:
+    """What to train. ``None`` means the model's default (``models.registry.training_defaults``)."""
+
+    model: str
+    targets: list[str]
+    seed: int = 0
+    epochs: int | None = None
+    lr: float | None = None
+    batch_size: int | None = None
+    weight_decay: float | None = None
+    patience: int | None = None
+    grad_clip: float | None = None
+    hparams: dict[str, Any] = field(default_factory=dict)
+    #: pandas query selecting the rows used at all, e.g. "rank == 4"
+    where: str | None = None
+    #: split fractions when the store has no ``split`` column
+    fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    #: name of a column with train/val/test values; "auto" uses ``split`` when present
+    split_column: str | None = "auto"
+    #: force a task kind ("regression"/"classification"); default: inferred from labels
+    task: str | None = None
+    plots: bool = True
+    #: torch CPU threads (None: torch's default). 1 is fastest for small models on a busy CPU.
+    threads: int | None = None
+
+    def resolved(self) -> dict[str, Any]:
+        """The training settings used: the model's defaults, overridden where set here."""
+        d = training_defaults(self.model)
+        for k in d:
+            v = getattr(self, k)
+            if v is not None:
+                d[k] = v
+        return d
+
+
+@dataclass
+class _Data:
+    """The labels of one run and the rows of its splits."""
+
+    targets: list[str]
+    y_all: np.ndarray  # (N, T) original-scale labels of every store row (NaN where missing)
+    split: dict[str, np.ndarray]  # store rows of train/val/test
+    task: Task
+    y_enc: np.ndarray  # (N, T) float32 targets as the model is trained on them
+
+
+@dataclass
+class _Best:
+    """The epoch with the lowest validation loss so far, and what was measured there."""
+
+    epoch: int = 0
+    val_loss: float = math.inf
+    val: dict[str, Any] = field(default_factory=dict)
+    test: dict[str, Any] = field(default_factory=dict)
+    test_rows: np.ndarray | None = None
+    test_out: np.ndarray | None = None
+    state: dict[str, torch.Tensor] | None = None
+
+
+def train(
+    store: LoRAStore | str | os.PathLike,
+    config: TrainConfig,
+    out_dir: str | os.PathLike | None = None,
+    *,
+    progress: Progress = False,
+    accelerator: Any = None,
+) -> dict[str, Any]:
+    """Train ``config.model`` on ``store``; returns the metrics dict (also written to out_dir).
+
+    ``progress``: True prints a line per epoch; a callable receives each epoch's record.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    t0 = time.time()
+    store = store if isinstance(store, LoRAStore) else LoRAStore(store)
+    acc = accelerator or Accelerator(cpu=_no_accelerator())
+    hp = config.resolved()
+    if config.threads:
+        torch.set_num_threads(int(config.threads))
+    set_seed(config.seed)
+
+    data = _data(store, config)
+    model = _model(store, config, data)
+    pad = [int(r) for r in model.spec.ranks]  # every batch padded to the model's widths
+    loaders = _loaders(store, data, pad, int(hp["batch_size"]), config.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=float(hp["lr"]), weight_decay=float(hp["weight_decay"]))
+    model, opt, *prepared = acc.prepare(model, opt, *(loaders[s] for s in SPLITS))
+    loaders = dict(zip(SPLITS, prepared))
+
+    history, best = _fit(model, opt, params, loaders, data, acc, hp, progress)
+    base = acc.unwrap_model(model)
+    base.load_state_dict(best.state)  # the run's model is the best epoch's, not the last
+    metrics = _summary(store, config, data, history, best, base, hp, acc, t0)
+    if out_dir is not None and acc.is_main_process:
+        save_run(
+            out_dir,
+            model=base,
+            task=data.task,
+            config=config,
+            metrics=metrics,
+            history=history,
+            test=(best.test_rows, best.test_out, store, data.y_all),
+        )
+    acc.wait_for_everyone()
+    return metrics
+
+
+# ---------------------------------------------------------------------------------- steps
+
+
+def _data(store: LoRAStore, config: TrainConfig) -> _Data:
+    """Labels, the split of the selected labelled rows, and the task fitted on the train rows."""
+    targets = list(config.targets)
+    y_all = store.labels(targets)
+    split = make_split(
+        store,
+        select_rows(store, config.where),
+        y_all,
+        config.seed,
+        fractions=config.fractions,
+        split_column=config.split_column,
+    )
+    task = Task.fit(targets, y_all[split["train"]], kind=config.task)
+    return _Data(targets, y_all, split, task, task.encode(y_all).astype(np.float32))
+
+
+def _model(store: LoRAStore, config: TrainConfig, data: _Data) -> torch.nn.Module:
+    """The model, built for the widest ranks among the training LoRAs.
+
+    Every batch is padded to them (wider LoRAs at evaluation: invariant models take any rank,
+    mlp truncates); data-chosen parts (templates, widths) come from up to 256 training LoRAs.
+    """
+    rows = data.split["train"]
+    widths = store.ranks[rows].max(axis=0)
+    like = store.batch(rows[: min(len(rows), 256)], pad_ranks=widths)
+    torch.manual_seed(config.seed)
+    return build_model(config.model, like=like, out_dim=data.task.out_dim, **dict(config.hparams))
+
+
+def _loaders(
+    store: LoRAStore, data: _Data, pad: list[int], batch_size: int, seed: int
+) -> dict[str, torch.utils.data.DataLoader]:
+    """Shuffled (seeded) training batches; validation and test in order, batches of >= 64."""
+    eval_size = max(batch_size, 64)
+    return {
+        split: make_loader(
+            store,
+            data.y_enc,
+            data.split[split],
+            batch_size if split == "train" else eval_size,
+            pad,
+            shuffle=split == "train",
+            seed=seed if split == "train" else 0,
+        )
+        for split in SPLITS
+    }
+
+
+def _fit(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    params: list[torch.nn.Parameter],
+    loaders: dict[str, Any],
+    data: _Data,
+    acc: Any,
+    hp: dict[str, Any],
+    progress: Progress,
+) -> tuple[list[dict[str, Any]], _Best]:
+    """Epochs until ``hp["epochs"]`` or ``hp["patience"]`` epochs without a better validation
+    loss; test metrics and a copy of the state are taken at every new best epoch."""
+    history: list[dict[str, Any]] = []
+    best = _Best()
+    for epoch in range(1, int(hp["epochs"]) + 1):
+        te = time.time()
+        loss_sum, count = _train_epoch(model, opt, params, loaders["train"], data.task, acc, hp)
+        train_time = time.time() - te
+        vrows, vout = _outputs(model, loaders["val"], acc)
+        val = data.task.metrics(vout, data.y_all[vrows])
+        improved = val["loss"] < best.val_loss - 1e-6 or best.state is None
+        if improved:
+            trows, tout = _outputs(model, loaders["test"], acc)
+            best = _Best(
+                epoch=epoch,
+                val_loss=val["loss"],
+                val=val,
+                test=data.task.metrics(tout, data.y_all[trows]),
+                test_rows=trows,
+                test_out=tout,
+                state=copy.deepcopy(acc.unwrap_model(model).state_dict()),
+            )
+        rec = {
+            "epoch": epoch,
+            "train_loss": loss_sum / max(count, 1),
+            "val_loss": val["loss"],
+            "seconds": train_time,
+            "loras_per_s": count * acc.num_processes / max(train_time, 1e-9),
+            "best": improved,
+        }
+        history.append(rec)
+        _report(progress, rec, acc)
+        if epoch - best.epoch >= int(hp["patience"]):
+            break
+    return history, best
+
+
+def _train_epoch(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    params: list[torch.nn.Parameter],
+    loader: Any,
+    task: Task,
+    acc: Any,
+    hp: dict[str, Any],
+) -> tuple[float, int]:
+    """One pass over the training batches: (sum of per-LoRA losses, LoRAs seen)."""
+    model.train()
+    total, count = 0.0, 0
+    for _, batch, y in loader:
+        loss = task.loss(model(batch), y)
+        opt.zero_grad(set_to_none=True)
+        acc.backward(loss)
+        if hp["grad_clip"]:
+            clip = params if acc.num_processes == 1 else model.parameters()
+            acc.clip_grad_norm_(clip, float(hp["grad_clip"]))
+        opt.step()
+        total += float(loss.detach()) * len(y)
+        count += len(y)
+    return total, count
+
+
+@torch.no_grad()
+def _outputs(model: torch.nn.Module, loader: Any, acc: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(store rows, raw outputs) over a loader, gathered over processes under accelerate."""
+    model.eval()
+    rows, outs = [], []
+    for idx, batch, _ in loader:
+        out = model(batch).float()
+        idx, out = acc.gather_for_metrics((idx.to(out.device), out))
+        rows.append(idx.cpu().numpy())
+        outs.append(out.cpu().numpy())
+    return np.concatenate(rows), np.concatenate(outs)
+
+
+def _report(progress: Progress, rec: dict[str, Any], acc: Any) -> None:
+    if callable(progress):
+        progress(rec)
+    elif progress and acc.is_main_process:
+        print(
+            f"epoch {rec['epoch']:3d}  train {rec['train_loss']:.4f}  val {rec['val_loss']:.4f}"
+            + ("  *" if rec["best"] else "")
+        )
+
+
+def _summary(
+    store: LoRAStore,
+    config: TrainConfig,
+    data: _Data,
+    history: list[dict[str, Any]],
+    best: _Best,
+    model: torch.nn.Module,
+    hp: dict[str, Any],
+    acc: Any,
+    t0: float,
+) -> dict[str, Any]:
+    """The metrics dict of a run: test/val at the best epoch beside the no-weights baseline."""
+    kind, y_all, split = data.task.kind, data.y_all, data.split
+    y_tr = y_all[split["train"]]
+    return {
+        "task": kind,
+        "model": config.model,
+        "targets": data.targets,
+        "test": headline(best.test, kind),
+        "val": headline(best.val, kind),
+        "best_epoch": best.epoch,
+        "epochs_run": len(history),
+        "test_detail": best.test,
+        "val_detail": best.val,
+        "baseline": {
+            "test": headline(baseline_metrics(data.task, y_tr, y_all[split["test"]]), kind),
+            "val": headline(baseline_metrics(data.task, y_tr, y_all[split["val"]]), kind),
+        },
+        "n": {k: len(v) for k, v in split.items()},
+        "seed": config.seed,
+        "hyperparameters": hp,
+        "model_hparams": dict(model.hparams),
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "seconds": time.time() - t0,
+        "train_loras_per_s": float(np.median([h["loras_per_s"] for h in history])),
+        "num_processes": acc.num_processes,
+        "store": str(store.path),
+    }
+
+
+def _no_accelerator() -> bool:
+    """True on CPU-only machines: then accelerate runs multi-process CPU (gloo) under a launcher
+    (it only looks for WORLD_SIZE when told the run is on CPU)."""
+    mps = getattr(torch.backends, "mps", None)
+    return not (torch.cuda.is_available() or (mps is not None and mps.is_available()))
+
+
+__all__ = ["TrainConfig", "train"]

@@ -1,0 +1,265 @@
+"""Run directories: writing one after training, loading it back as a :class:`Run`, and using it
+(``evaluate`` on a store, ``predict`` on adapter files).
+
+A run directory holds:
+
+    model.safetensors   the model's state (weights and every buffer chosen from data)
+    config.json         model name/hparams/spec, task (targets, scaling), training config
+    metrics.json        {"task", "test", "val", "best_epoch", "baseline", ...}
+    history.json        per-epoch losses
+    predictions.csv     test-set predictions vs truth
+    pred_vs_true.png, learning_curves.png
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from loralens.learn.data import select_rows
+from loralens.learn.tasks import CLASSIFICATION, THRESHOLD, Task
+from loralens.lora import LayerSpec, LoRA, LoRABatch, collate, spec_of
+from loralens.store import LoRAStore, StoreError
+
+if TYPE_CHECKING:
+    from loralens.learn.loop import TrainConfig
+
+CHECKPOINT = "model.safetensors"
+CONFIG = "config.json"
+METRICS = "metrics.json"
+
+
+def headline(metrics: Mapping[str, Any], kind: str) -> dict[str, Any]:
+    """The metrics a run reports for a task ``kind`` (the per-target detail left out)."""
+    keys = (
+        ("accuracy", "auroc", "loss")
+        if kind == CLASSIFICATION
+        else ("r2", "kendall_tau", "spearman", "mse", "mse_standardized", "loss")
+    )
+    return {k: json_safe(metrics[k]) for k in keys if k in metrics}
+
+
+def json_safe(v: Any) -> Any:
+    """``v`` with NaN/inf floats as None and numpy scalars as Python numbers (dicts recursed)."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: json_safe(x) for k, x in v.items()}
+    if isinstance(v, (np.floating, np.integer)):
+        return json_safe(v.item())
+    return v
+
+
+def _write_json(path: Path, value: Any) -> None:
+    path.write_text(json.dumps(json_safe(value), indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------------------- saving
+
+
+def save_run(
+    out_dir: str | os.PathLike,
+    *,
+    model: torch.nn.Module,
+    task: Task,
+    config: TrainConfig,
+    metrics: Mapping[str, Any],
+    history: Sequence[Mapping[str, Any]],
+    test: tuple[np.ndarray, np.ndarray, LoRAStore, np.ndarray],
+) -> None:
+    """Write a run directory; ``test`` is (store rows, raw outputs, store, all labels)."""
+    from safetensors.torch import save_file
+
+    from loralens.learn.plots import plot_run
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, out / CHECKPOINT, metadata={"format": "loralens-run"})
+    cfg = {
+        "format": "loralens-run",
+        "version": 1,
+        "model": {
+            "name": model.name,
+            "hparams": dict(model.hparams),
+            "spec": model.spec.to_dict(),
+            "out_dim": int(model.out_dim),
+        },
+        "task": task.to_dict(),
+        "train": {**asdict(config), "resolved": config.resolved()},
+    }
+    _write_json(out / CONFIG, cfg)
+    _write_json(out / METRICS, metrics)
+    _write_json(out / "history.json", history)
+    rows, raw, store, y_all = test
+    pred = task.decode(raw)
+    import pandas as pd
+
+    frame = {"id": [store.ids[r] for r in rows]}
+    for j, name in enumerate(task.targets):
+        frame[f"{name}_true"] = y_all[rows, j]
+        frame[f"{name}_pred"] = pred[:, j]
+    pd.DataFrame(frame).to_csv(out / "predictions.csv", index=False)
+    if config.plots:
+        plot_run(out, task, history, y_all[rows], pred, metrics)
+
+
+# ---------------------------------------------------------------------------------- loading
+
+
+@dataclass
+class Run:
+    """A trained model loaded from a run directory."""
+
+    path: Path
+    model: torch.nn.Module
+    task: Task
+    config: dict[str, Any]
+
+    @property
+    def spec(self) -> LayerSpec:
+        return self.model.spec
+
+    def check(self, lora_spec: LayerSpec, what: str = "adapter") -> None:
+        problem = self.spec.describe_mismatch(lora_spec)
+        if problem:
+            raise ValueError(
+                f"{what} does not fit the model in {self.path} "
+                f"({self.config['model']['name']}, {len(self.spec.names)} layers): {problem}"
+            )
+
+    @torch.no_grad()
+    def raw(self, batch: LoRABatch) -> np.ndarray:
+        self.model.eval()
+        return self.model(batch).float().cpu().numpy()
+
+    def predict_loras(self, loras: Sequence[LoRA], batch_size: int = 64) -> np.ndarray:
+        """Original-scale predictions (probabilities for classification), (N, out_dim)."""
+        outs = []
+        for k, lora in enumerate(loras):
+            self.check(spec_of(lora), str(lora.metadata.get("source", f"adapter #{k}")))
+        for s in range(0, len(loras), batch_size):
+            chunk = list(loras[s : s + batch_size])
+            batch = collate(chunk)
+            batch = batch.pad_to(np.maximum(batch.spec.ranks, self.spec.ranks))
+            outs.append(self.raw(batch))
+        return self.task.decode(np.concatenate(outs)) if outs else np.zeros((0, self.task.out_dim))
+
+
+def load_run(run_dir: str | os.PathLike, *, device: str | torch.device = "cpu") -> Run:
+    """Load a run directory written by :func:`loralens.learn.loop.train`."""
+    from safetensors.torch import load_file
+
+    from loralens.models.registry import rebuild_model
+
+    path = Path(run_dir)
+    if not (path / CONFIG).is_file() or not (path / CHECKPOINT).is_file():
+        raise FileNotFoundError(f"{path} is not a loralens run (no {CONFIG} / {CHECKPOINT})")
+    cfg = json.loads((path / CONFIG).read_text())
+    m = cfg["model"]
+    spec = LayerSpec.from_dict(m["spec"])
+    model = rebuild_model(m["name"], spec, int(m["out_dim"]), m["hparams"])
+    state = load_file(path / CHECKPOINT)
+    model.load_state_dict(state)
+    model.to(device).eval()
+    return Run(path=path, model=model, task=Task.from_dict(cfg["task"]), config=cfg)
+
+
+# ---------------------------------------------------------------------------------- using
+
+
+def evaluate(
+    run: Run | str | os.PathLike,
+    store: LoRAStore | str | os.PathLike,
+    *,
+    where: str | None = None,
+    batch_size: int = 256,
+    out_dir: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Metrics of a trained model on every (selected) LoRA of another store."""
+    run = run if isinstance(run, Run) else load_run(run)
+    store = store if isinstance(store, LoRAStore) else LoRAStore(store)
+    store_spec = LayerSpec(tuple(store.names), tuple(store.shapes), tuple(store.spec.ranks))
+    run.check(store_spec, f"store {store.path}")
+    rows = select_rows(store, where)
+    y_all = store.labels(run.task.targets)
+    rows = rows[~np.isnan(y_all[rows]).all(axis=1)]
+    if len(rows) == 0:
+        raise StoreError(f"no LoRA in {store.path} has labels {run.task.targets}")
+    outs = []
+    t0 = time.time()
+    for _, batch in store.iter_batches(batch_size, rows=rows, pad_ranks=run.spec.ranks):
+        outs.append(run.raw(batch))
+    out = np.concatenate(outs)
+    metrics = run.task.metrics(out, y_all[rows])
+    result = json_safe(
+        {
+            "task": run.task.kind,
+            "model": run.config["model"]["name"],
+            "targets": run.task.targets,
+            "store": str(store.path),
+            "where": where,
+            "n": len(rows),
+            "metrics": headline(metrics, run.task.kind),
+            "detail": metrics,
+            "seconds": time.time() - t0,
+        }
+    )
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        _write_json(Path(out_dir) / "evaluate.json", result)
+    return result
+
+
+def predict(
+    run: Run, adapters: Sequence[str | os.PathLike], *, batch_size: int = 64
+) -> list[dict[str, Any]]:
+    """One row per adapter file or folder: ``{"adapter", "prediction": {target: value}}`` on
+    the original scale (probabilities for classification, with ``"label"``: 0/1 at THRESHOLD).
+
+    Every adapter is read and checked against the model before any is predicted: a file that
+    cannot be read (``LoRAFormatError``, ``FileNotFoundError``) or does not fit (``ValueError``)
+    raises, naming it.
+    """
+    from loralens.formats import load_lora
+
+    loras = []
+    for path in adapters:
+        lora = load_lora(path)
+        run.check(spec_of(lora), str(path))
+        loras.append(lora)
+    pred = run.predict_loras(loras, batch_size=batch_size)
+    targets = run.task.targets
+    rows = []
+    for path, p in zip(adapters, pred):
+        row: dict[str, Any] = {
+            "adapter": str(path),
+            "prediction": {t: float(v) for t, v in zip(targets, p)},
+        }
+        if run.task.kind == CLASSIFICATION:
+            row["label"] = {t: int(v >= THRESHOLD) for t, v in zip(targets, p)}
+        rows.append(row)
+    return rows
+
+
+__all__ = [
+    "CHECKPOINT",
+    "CONFIG",
+    "METRICS",
+    "Run",
+    "evaluate",
+    "headline",
+    "json_safe",
+    "load_run",
+    "predict",
+    "save_run",
+]

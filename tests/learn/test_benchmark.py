@@ -1,0 +1,106 @@
+"""``loralens benchmark`` and ``loralens demo``: the table's rows hold the values they name."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from loralens.cli import app
+from loralens.learn.data import hparam_columns
+from loralens.models import MODEL_NAMES
+from loralens.store import LoRAStore
+
+runner = CliRunner()
+
+
+def _ok(result):
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def _split(k: int) -> str:
+    return {3: "val", 4: "test"}.get(k % 5, "train")
+
+
+def test_benchmark_no_weights_row_is_the_train_mean(make_store, tmp_path):
+    """With a ``split`` column every seed has the same split, so the no-weights row is one
+    number: R^2 on the test rows of predicting the train rows' mean."""
+    store = make_store(
+        tmp_path / "s", n=30, extra=lambda k, s: {"split": _split(k), "lr": 10.0 ** -(k % 3)}
+    )
+    out = tmp_path / "bench"
+    cmd = ["benchmark", "--data", str(store.path), "--targets", "y", "--models", "mlp,glnet"]
+    res = _ok(
+        runner.invoke(app, [*cmd, "--seeds", "2", "--epochs", "2", "--out", str(out), "--json"])
+    )
+    table = json.loads(res.stdout)["table"]
+    assert set(table) == {"mlp", "glnet", "no weights", "hyperparameters only"}
+
+    y = store.labels(["y"])[:, 0]
+    split = np.array([_split(k) for k in range(30)])
+    mean = y[split == "train"].mean()
+    y_test = y[split == "test"]
+    r2 = 1 - ((y_test - mean) ** 2).sum() / ((y_test - y_test.mean()) ** 2).sum()
+    cell = table["no weights"]["y"]
+    assert cell["n_seeds"] == 2
+    assert cell["r2"]["mean"] == pytest.approx(r2, rel=1e-9) and cell["r2"]["std"] == 0
+    assert table["hyperparameters only"]["y"]["columns"] == ["lr"]
+    assert table["mlp"]["y"]["n_seeds"] == 2
+
+    # every run used the split column: its test rows are the ``test`` rows
+    test_ids = sorted(f"x{k:03d}" for k in range(30) if _split(k) == "test")
+    for seed in (0, 1):
+        run = out / "runs" / "y" / "glnet" / f"seed{seed}"
+        metrics = json.loads((run / "metrics.json").read_text())
+        assert metrics["n"] == {"train": 18, "val": 6, "test": 6}
+        ids = pd.read_csv(run / "predictions.csv", dtype={"id": str})["id"]
+        assert sorted(ids) == test_ids
+    assert "| no weights |" in (out / "benchmark.md").read_text()
+
+
+def test_hyperparameter_columns_come_from_the_zoo_manifest(make_peft_zoo, tmp_path):
+    """A zoo whose zoo.json lists ``hyperparameter_columns`` names them (even under names the
+    fallback does not know, or none); an older zoo without the key falls back to known names."""
+    zoo = make_peft_zoo(tmp_path / "zoo", n=12)
+    labels = pd.read_csv(zoo / "labels.csv", dtype={"adapter": str})
+    labels["knob"] = np.arange(12) % 3
+    labels["lr"] = 10.0 ** -(np.arange(12) % 4)
+    labels["flat"] = 1.0  # listed but constant: says nothing, left out
+    labels.to_csv(zoo / "labels.csv", index=False)
+
+    (zoo / "zoo.json").write_text(json.dumps({"preset": "x"}))
+    _ok(runner.invoke(app, ["pack", str(zoo), "--out", str(tmp_path / "old")]))
+    assert hparam_columns(LoRAStore(tmp_path / "old")) == ["lr"]
+
+    (zoo / "zoo.json").write_text(json.dumps({"hyperparameter_columns": ["knob", "flat"]}))
+    _ok(runner.invoke(app, ["pack", str(zoo), "--out", str(tmp_path / "new")]))
+    store = LoRAStore(tmp_path / "new")
+    assert hparam_columns(store) == ["knob"]
+    assert hparam_columns(store, exclude=["knob"]) == []
+
+    # a zoo that records no hyperparameters says so: no guess from column names
+    (zoo / "zoo.json").write_text(json.dumps({"hyperparameter_columns": []}))
+    _ok(runner.invoke(app, ["pack", str(zoo), "--out", str(tmp_path / "none")]))
+    assert hparam_columns(LoRAStore(tmp_path / "none")) == []
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_on_a_tiny_zoo(tmp_path):
+    out = tmp_path / "demo"
+    cmd = ["demo", "--out", str(out), "--num", "8", "--seeds", "1", "--epochs", "1"]
+    res = _ok(runner.invoke(app, [*cmd, "--threads", "1"]))
+    demo = json.loads((out / "demo.json").read_text())
+    # the classification target is the zoo's most balanced 0/1 label column
+    manifest = json.loads((out / "zoo" / "zoo.json").read_text())
+    labels = pd.read_csv(out / "zoo" / "labels.csv")
+    rates = {c: labels[c].mean() for c in manifest["binary_columns"]}
+    balanced = min(rates, key=lambda c: (abs(rates[c] - 0.5), c))
+    assert demo["targets"] == ["eval_loss", balanced] and demo["num"] == 8
+    result = json.loads((out / "benchmark" / "benchmark.json").read_text())
+    assert set(MODEL_NAMES) | {"no weights"} <= set(result["table"])
+    assert result["models"] == list(MODEL_NAMES)
+    assert "| no weights |" in res.stdout
