@@ -208,9 +208,9 @@ def test_single_file_formats_pack_and_predict(peft_zoo, tmp_path, style):
         ).stdout
     )
     assert np.isfinite(preds[0]["prediction"]["quality"])
-    # a PEFT adapter has other layer names: a clear error, exit code 2
+    # a PEFT adapter has other layer names: a clear error, exit code 1 (an input that is invalid)
     bad = runner.invoke(app, ["predict", str(run), str(peft_zoo / "adapters" / "a000")])
-    assert bad.exit_code == 2 and "does not fit" in bad.output
+    assert bad.exit_code == 1 and "does not fit" in bad.output
 
 
 def test_pack_refuses_mismatched_adapters_and_writes_nothing(peft_zoo, tmp_path):

@@ -179,7 +179,7 @@ def test_shards_merge_and_refuse_conflicts(zoo16, tmp_path):
     from loralens.cli import app
 
     res = CliRunner().invoke(app, ["zoo", "merge", str(tmp_path / "all3"), str(s0), str(bad)])
-    assert res.exit_code == 1 and "refusing" in res.output
+    assert res.exit_code == 3 and "refusing" in res.output
 
 
 def test_first_builds_held_out_recipes_and_spares_live_builders(zoo16, tmp_path):

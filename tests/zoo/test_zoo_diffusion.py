@@ -238,7 +238,7 @@ def test_zoo_samples_writes_png(dream, tmp_path):
     bad = CliRunner().invoke(
         app, ["zoo", "samples", str(dream), "--adapter", "nope", "--out", str(out)]
     )
-    assert bad.exit_code == 2 and "no adapter" in bad.output
+    assert bad.exit_code == 1 and "no adapter" in bad.output
 
 
 def test_kill9_then_resume(dream, tmp_path, kill9_build):

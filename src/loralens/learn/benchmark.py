@@ -118,7 +118,7 @@ def run_benchmark(
                     plots=seed == 0,
                     threads=threads,
                 )
-                m = train(store, cfg, run_dir)
+                m = train(store, cfg, run_dir, overwrite=True)  # the benchmark's own folder
                 kind = m["task"]
                 rows_by_name.setdefault(name, []).append(m["test"])
                 runs.append(

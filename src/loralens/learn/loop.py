@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from loralens.learn.data import SPLITS, make_loader, make_split, select_rows
-from loralens.learn.runs import headline, save_run
+from loralens.learn.runs import check_run_dir, headline, save_run
 from loralens.learn.tasks import Task, baseline_metrics
 from loralens.models.registry import build_model, training_defaults
 from loralens.store import LoRAStore
@@ -98,15 +98,19 @@ def train(
     *,
     progress: Progress = False,
     accelerator: Any = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Train ``config.model`` on ``store``; returns the metrics dict (also written to out_dir).
 
-    ``progress``: True prints a line per epoch; a callable receives each epoch's record.
+    ``progress``: True prints a line per epoch; a callable receives each epoch's record. A
+    non-empty ``out_dir`` is refused unless ``overwrite`` (checked before any training).
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     t0 = time.time()
+    if out_dir is not None:
+        check_run_dir(out_dir, overwrite=overwrite)
     store = store if isinstance(store, LoRAStore) else LoRAStore(store)
     acc = accelerator or Accelerator(cpu=_no_accelerator())
     hp = config.resolved()

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from loralens.errors import OutputExistsError
 from loralens.learn.data import select_rows
 from loralens.learn.tasks import CLASSIFICATION, THRESHOLD, Task
 from loralens.lora import LayerSpec, LoRA, LoRABatch, collate, spec_of
@@ -64,6 +65,16 @@ def _write_json(path: Path, value: Any) -> None:
 
 
 # ---------------------------------------------------------------------------------- saving
+
+
+def check_run_dir(out_dir: str | os.PathLike, *, overwrite: bool) -> None:
+    """Refuse to write a run into a folder that already holds files, unless ``overwrite``."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"{out} exists and is not a folder")
+    if not overwrite and out.is_dir() and any(out.iterdir()):
+        what = "a run" if (out / CONFIG).exists() else "files"
+        raise OutputExistsError(f"{out} already holds {what} (use --overwrite to replace it)")
 
 
 def save_run(

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from loralens.errors import OutputExistsError
 from loralens.lora import LoRA
 
 FORMAT = "loralens-store"
@@ -52,6 +53,10 @@ _ST_NAMES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16"}
 
 class StoreError(ValueError):
     """A store could not be written or read as asked; the message says why."""
+
+
+class StoreExistsError(StoreError, OutputExistsError):
+    """The store folder already exists (or holds other files) and was not to be replaced."""
 
 
 def shapes_key(names: Sequence[str], shapes: Sequence[Sequence[int]]) -> str:

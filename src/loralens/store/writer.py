@@ -38,6 +38,7 @@ from loralens.store.format import (
     SHARD_PATTERN,
     VERSION,
     StoreError,
+    StoreExistsError,
     flatten_row,
     info_layers,
     is_rank_major,
@@ -119,9 +120,9 @@ class StoreWriter:
         path = Path(path)
         if path.exists() and not overwrite:
             if (path / INFO).exists():
-                raise StoreError(f"{path} is already a store (use --append or --overwrite)")
+                raise StoreExistsError(f"{path} is already a store (use --append or --overwrite)")
             if not path.is_dir() or any(path.iterdir()):
-                raise StoreError(f"{path} exists and is not an empty directory")
+                raise StoreExistsError(f"{path} exists and is not an empty directory")
         if dtype not in NP_DTYPES:
             raise StoreError(f"dtype must be one of {sorted(NP_DTYPES)}, got {dtype!r}")
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from loralens.atomic import fsync_dir, fsync_tree, write_file_atomic
+from loralens.errors import OutputExistsError
 
 MANIFEST = "zoo.json"
 LABELS = "labels.csv"
@@ -40,7 +41,7 @@ FORMAT_VERSION = 1
 IDENTITY_KEYS = ("preset", "seed", "options", "ranks")
 
 
-class ZooConflictError(ValueError):
+class ZooConflictError(OutputExistsError):
     """A zoo folder (or a shard to merge) was made with another preset, seed, options or base model."""
 
 

@@ -1,0 +1,103 @@
+"""What every command shares: exit codes, error reporting, JSON and table output, progress bars."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, NoReturn
+
+import typer
+
+#: Exit codes, the same for every command (listed in `loralens --help`).
+EXIT_INPUT = 1  # an adapter, labels file, store, run or zoo that cannot be read or is invalid
+EXIT_USAGE = 2  # wrong or missing options and arguments (click's own code)
+EXIT_EXISTS = 3  # the output exists or was made with other settings (--overwrite / --append)
+
+EXIT_CODES_HELP = (
+    "Exit codes: 0 success; 1 an input (adapter, labels, store, run, zoo) that cannot be read "
+    "or is invalid; 2 wrong or missing options; 3 the output already exists or was made with "
+    "other settings (see --overwrite / --append)."
+)
+
+
+def fail(message: str, code: int = EXIT_INPUT) -> NoReturn:
+    """Print ``error: message`` to stderr and exit with ``code``."""
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn the library's errors into one line on stderr and the exit code of their kind."""
+    from loralens.errors import OutputExistsError
+    from loralens.formats import LoRAFormatError
+    from loralens.store import StoreError
+
+    try:
+        yield
+    except OutputExistsError as e:
+        fail(str(e), EXIT_EXISTS)
+    except (LoRAFormatError, StoreError, FileNotFoundError, NotADirectoryError, ValueError) as e:
+        fail(str(e) if not isinstance(e, OSError) or not e.filename else _os_message(e))
+
+
+def _os_message(e: OSError) -> str:
+    return f"{e.filename}: {e.strerror or e}"
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with NaN/inf as None and numpy scalars as Python numbers, so it is strict JSON."""
+    import numpy as np
+
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (np.floating, np.integer, np.bool_)):
+        return json_safe(value.item())
+    return value
+
+
+def echo_json(value: Any) -> None:
+    """Print ``value`` as strict JSON (never NaN or Infinity)."""
+    typer.echo(json.dumps(json_safe(value), indent=2, allow_nan=False))
+
+
+def console():
+    """A rich console; when piped, wide enough that tables are not squeezed into 80 columns."""
+    from rich.console import Console
+
+    out = Console()
+    return out if out.is_terminal else Console(width=160)
+
+
+def progress():
+    """A transient progress bar with count, elapsed time and ETA."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        transient=True,
+    )
+
+
+def num(x: Any, fmt: str = ".3g") -> str:
+    """A number for a table cell; '-' where there is none."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return format(x, fmt)

@@ -1,0 +1,270 @@
+"""`loralens train`, `evaluate`, `predict`, `benchmark` and `demo`: learning on a store of LoRAs."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import typer
+
+from loralens.cli.common import console, echo_json, fail, num, user_errors
+from loralens.models.registry import MODEL_NAMES
+
+commands = typer.Typer()
+
+
+def _parse_hparams(items: list[str] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"--hparam takes KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
+def _metrics_table(title: str, columns: dict[str, dict[str, Any]]) -> None:
+    """Print metrics side by side: one column per source (e.g. model vs no-weights baseline)."""
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    table.add_column("metric")
+    for name in columns:
+        table.add_column(name, justify="right")
+    keys = list(dict.fromkeys(k for c in columns.values() for k in c))
+    for k in keys:
+        table.add_row(k, *(num(c.get(k), ".4g") for c in columns.values()))
+    console().print(table)
+
+
+@commands.command(
+    epilog="Examples:\n\n"
+    "  loralens train --data zoo.store --target eval_loss --model glnet --out runs/glnet\n\n"
+    "  loralens train --data zoo.store --target 'src_*' --model mlp-dense --out runs/membership\n\n"
+    "  loralens train --data zoo.store --target task_acc --model glnet --out r --where 'rank == 4'\n\n"
+    "  accelerate launch --multi_gpu --num_processes 2 -m loralens train --data ... (DDP)"
+)
+def train(
+    data: str = typer.Option(..., help="A packed store (see `loralens pack`)."),
+    target: str = typer.Option(..., help="Label column(s): COL[,COL...] or a glob like 'src_*'."),
+    model: str = typer.Option("glnet", help=f"One of {', '.join(MODEL_NAMES)}."),
+    out: str = typer.Option(..., help="Run directory for checkpoint, metrics.json and plots."),
+    seed: int = typer.Option(0, help="Seed of the split, the init and the batch order."),
+    epochs: int = typer.Option(None, help="Maximum epochs (default: per model)."),
+    lr: float = typer.Option(None, help="Learning rate (default: per model)."),
+    batch_size: int = typer.Option(None, help="Batch size (default: per model)."),
+    weight_decay: float = typer.Option(None, help="AdamW weight decay (default: per model)."),
+    patience: int = typer.Option(None, help="Early-stopping patience in epochs."),
+    where: str = typer.Option(
+        None, help="Use only rows matching a filter, e.g. 'rank == 4 and lr < 1e-3'."
+    ),
+    task: str = typer.Option(None, help="Force 'regression' or 'classification'."),
+    hparam: list[str] = typer.Option(None, help="Model hyperparameter KEY=VALUE (repeatable)."),
+    threads: int = typer.Option(None, help="Torch CPU threads (1 is fastest on a busy CPU)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder."),
+    quiet: bool = typer.Option(False, "--quiet", help="No per-epoch lines."),
+    as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
+) -> None:
+    """Train a model to predict label columns from LoRA weights.
+
+    Writes OUT/metrics.json (test metrics at the best validation epoch), OUT/model.safetensors
+    + OUT/config.json (all that `predict` needs), predictions.csv and PNG plots. The task type
+    follows from the labels (all 0/1: classification; else regression).
+    """
+    from loralens.learn.data import resolve_targets
+    from loralens.learn.loop import TrainConfig
+    from loralens.learn.loop import train as train_run
+    from loralens.store import LoRAStore
+
+    hparams = _parse_hparams(hparam)
+    with user_errors():
+        store = LoRAStore(data)
+        config = TrainConfig(
+            model=model,
+            targets=resolve_targets(store, target),
+            seed=seed,
+            epochs=epochs,
+            lr=lr,
+            batch_size=batch_size,
+            weight_decay=weight_decay,
+            patience=patience,
+            where=where,
+            task=task,
+            hparams=hparams,
+            threads=threads,
+        )
+        metrics = train_run(store, config, out, progress=not quiet, overwrite=overwrite)
+    if int(os.environ.get("RANK", "0")) != 0:  # one report under `accelerate launch`
+        return
+    if as_json:
+        echo_json(metrics)
+        return
+    n = metrics["n"]
+    _metrics_table(
+        f"{metrics['model']} on {', '.join(metrics['targets'][:6])}: test split "
+        f"({n['test']} LoRAs; trained on {n['train']}, best epoch {metrics['best_epoch']} "
+        f"of {metrics['epochs_run']} by {n['val']} validation LoRAs)",
+        {"model": metrics["test"], "no weights": metrics["baseline"]["test"]},
+    )
+    typer.echo(f"wrote {out}/metrics.json, model.safetensors, config.json and plots")
+
+
+@commands.command(
+    epilog="Examples:\n\n"
+    "  loralens evaluate runs/glnet --data other-base.store\n\n"
+    "  loralens evaluate runs/glnet --data ranks.store --where 'rank == 16' --json"
+)
+def evaluate(
+    run_dir: str = typer.Argument(..., help="A run directory written by `loralens train`."),
+    data: str = typer.Option(..., help="The store to evaluate on (other ranks, other base)."),
+    where: str = typer.Option(None, help="Evaluate only rows matching a filter."),
+    out: str = typer.Option(None, help="Also write OUT/evaluate.json."),
+    as_json: bool = typer.Option(False, "--json", help="Print the full JSON."),
+) -> None:
+    """Metrics of a trained model on every LoRA of a store."""
+    from loralens.learn.runs import evaluate as evaluate_run
+
+    with user_errors():
+        result = evaluate_run(run_dir, data, where=where, out_dir=out)
+    if as_json:
+        echo_json(result)
+        return
+    columns = {"model": result["metrics"]}
+    if "baseline" in result:
+        columns["no weights"] = result["baseline"]
+    _metrics_table(
+        f"{result['model']} on {', '.join(result['targets'][:6])}: {result['n']} LoRAs of "
+        f"{result['store']}",
+        columns,
+    )
+    for note in result.get("warnings", []):
+        typer.secho(f"warning: {note}", fg=typer.colors.YELLOW, err=True)
+
+
+@commands.command(
+    epilog="Examples:\n\n"
+    "  loralens predict runs/glnet my_adapter/ other_lora.safetensors\n\n"
+    "  loralens predict runs/glnet uploads/*.safetensors --json > predictions.json"
+)
+def predict(
+    run_dir: str = typer.Argument(..., help="A run directory written by `loralens train`."),
+    adapters: list[str] = typer.Argument(..., help="Adapters: PEFT folders or LoRA files."),
+    as_json: bool = typer.Option(False, "--json", help="A JSON list of {adapter, prediction}."),
+    batch_size: int = typer.Option(64, help="Adapters per forward pass."),
+) -> None:
+    """Predict label(s) for new adapters in any supported format, without running them."""
+    from rich.table import Table
+
+    from loralens.learn.runs import load_run
+    from loralens.learn.runs import predict as predict_rows
+
+    with user_errors():
+        run = load_run(run_dir)
+        rows = predict_rows(run, adapters, batch_size=batch_size)
+    if as_json:
+        echo_json(rows)
+        return
+    task = run.task
+    kind = "probability" if task.kind == "classification" else "predicted"
+    table = Table(title=f"{run.config['model']['name']}: {kind} {', '.join(task.targets[:6])}")
+    table.add_column("adapter")
+    for t in task.targets:
+        table.add_column(t, justify="right")
+    for row in rows:
+        table.add_row(row["adapter"], *(num(row["prediction"][t], ".4g") for t in task.targets))
+    console().print(table)
+
+
+@commands.command(
+    epilog="Examples:\n\n"
+    "  loralens benchmark --zoo zoos/skills-lm-500 --targets eval_loss,task_acc --targets 'src_*'\n\n"
+    "  loralens benchmark --data zoo.store --targets eval_loss --models glnet,mlp-svd --seeds 3\n\n"
+    "Each --targets value is one target family (COL[,COL] or a glob); a family of several\n"
+    "columns is one multi-output model (e.g. 'src_*' = data membership)."
+)
+def benchmark(
+    zoo: str = typer.Option(None, help="A zoo folder (adapters/ + labels.csv), packed first."),
+    data: str = typer.Option(None, help="A packed store instead of a zoo."),
+    targets: list[str] = typer.Option(..., help="Target family (repeatable)."),
+    models: str = typer.Option(
+        "all", help=f"Comma-separated model names ({', '.join(MODEL_NAMES)}), or 'all'."
+    ),
+    seeds: int = typer.Option(3, help="Seeds (splits and inits) per cell."),
+    epochs: int = typer.Option(None, help="Maximum epochs per run (default: per model)."),
+    where: str = typer.Option(None, help="Use only rows matching a filter, e.g. 'rank == 4'."),
+    out: str = typer.Option("loralens-benchmark", help="Output folder (tables, runs, store)."),
+    threads: int = typer.Option(None, help="Torch CPU threads (1 is fastest on a busy CPU)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the JSON result."),
+) -> None:
+    """Table of models x targets, mean ± std over seeds, with baseline rows.
+
+    Rows: every model, 'no weights' (train mean / majority class) and 'hyperparameters only'
+    (trees on the zoo's finetuning hyperparameters). Writes OUT/benchmark.md and .json.
+    """
+    from pathlib import Path
+
+    from loralens.learn.benchmark import run_benchmark
+    from loralens.store import pack_zoo_cached
+
+    if bool(zoo) == bool(data):
+        fail("give either --zoo DIR or --data STORE", code=2)
+
+    def log(msg: str) -> None:
+        typer.echo(msg, err=True)
+
+    names = list(MODEL_NAMES) if models == "all" else [m for m in models.split(",") if m]
+    with user_errors():
+        store = data or str(pack_zoo_cached(zoo, Path(out) / "store", log))
+        result = run_benchmark(
+            store,
+            targets,
+            models=names,
+            seeds=seeds,
+            epochs=epochs,
+            where=where,
+            out_dir=out,
+            threads=threads,
+            log=log,
+        )
+    if as_json:
+        echo_json({k: v for k, v in result.items() if k != "runs"})
+    else:
+        typer.echo(result["markdown"])
+        typer.echo(f"\nwrote {out}/benchmark.md and {out}/benchmark.json")
+
+
+@commands.command(
+    epilog="Example:\n\n  loralens demo            (about 2.5 minutes on 2 idle CPU cores)\n\n"
+    "  loralens demo --out /tmp/demo --num 96 --seeds 3"
+)
+def demo(
+    out: str = typer.Option("loralens-demo", help="Where the zoo, store, runs and plots go."),
+    num: int = typer.Option(192, help="LoRAs in the demo zoo (the build is most of the time)."),
+    seeds: int = typer.Option(3, help="Seeds (splits and inits) per model."),
+    epochs: int = typer.Option(40, help="Maximum epochs per model."),
+    threads: int = typer.Option(None, help="Torch threads for the zoo build."),
+    size: str = typer.Option(
+        "tiny", help="Base model size: tiny (a few minutes on 2 CPU cores) or small (the zoos')."
+    ),
+) -> None:
+    """The end-to-end demo: zoo -> store -> every model -> table and plots.
+
+    Builds a small skills-lm zoo of real PEFT finetunes, packs it, trains every model on
+    eval_loss and one data-membership label, prints the table and writes plots.
+    """
+    from loralens.learn.demo import run_demo
+
+    with user_errors():
+        result = run_demo(
+            out, num=num, seeds=seeds, epochs=epochs, threads=threads, size=size, log=typer.echo
+        )
+    typer.echo("")
+    typer.echo(result["markdown"])
+    runs = f"{result['benchmark']}/runs"
+    typer.echo(f"\nplots: {len(result['plots'])} PNGs under {runs}")
+    typer.echo(f"table: {result['benchmark']}/benchmark.md (+ .json)")
+    typer.echo(f"total {result['seconds']:.0f}s")

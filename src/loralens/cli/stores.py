@@ -1,0 +1,74 @@
+"""`loralens pack`: a folder of adapters plus labels becomes a memory-mapped store."""
+
+from __future__ import annotations
+
+import typer
+
+from loralens.cli.common import echo_json, fail, progress, user_errors
+
+commands = typer.Typer()
+
+
+@commands.command(
+    epilog="Examples:\n\n"
+    "  loralens pack zoo/adapters --labels zoo/labels.csv --out zoo.store\n\n"
+    "  loralens pack my_loras/ --labels labels.csv --out s --dtype float16 --skip-bad\n\n"
+    "  loralens pack zoo/ --out zoo.store   (a zoo folder: adapters/ + labels.csv)"
+)
+def pack(
+    adapters_dir: str = typer.Argument(..., help="Folder of adapters: PEFT folders or files."),
+    labels: str = typer.Option(None, help="CSV whose first column `adapter` names each adapter."),
+    out: str = typer.Option(..., help="The store directory to create (or extend with --append)."),
+    dtype: str = typer.Option("float32", help="float32 or float16 weights in the store."),
+    append: bool = typer.Option(False, "--append", help="Add to an existing store."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing store."),
+    skip_bad: bool = typer.Option(
+        False, "--skip-bad", help="Pack the rest when some adapters are unreadable or do not fit."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
+) -> None:
+    """Pack a folder of LoRA adapters plus their labels into a memory-mapped store.
+
+    Adapters that cannot be read or whose layers do not match the others are refused and
+    listed; unless --skip-bad, nothing is written when any is refused.
+    """
+    from loralens.store import PackError
+    from loralens.store import pack as pack_store
+
+    with user_errors():
+        try:
+            with progress() as bar:
+                task = bar.add_task("packing", total=None)
+                store, refused = pack_store(
+                    adapters_dir,
+                    out,
+                    labels=labels,
+                    dtype=dtype,
+                    append=append,
+                    overwrite=overwrite,
+                    skip_bad=skip_bad,
+                    progress=lambda i, n, name: bar.update(task, completed=i, total=n),
+                )
+        except PackError as e:
+            for name, why in e.refused:
+                typer.echo(f"refused {name}: {why}", err=True)
+            fail(str(e))
+    summary = {
+        "store": str(store.path),
+        "num_loras": len(store),
+        "layers": len(store.names),
+        "ranks": sorted({int(r) for r in store.index["rank"]}),
+        "label_columns": store.label_columns,
+        "bytes": store.nbytes,
+        "refused": [{"adapter": n, "reason": r} for n, r in refused],
+    }
+    if as_json:
+        echo_json(summary)
+        return
+    for name, why in refused:
+        typer.echo(f"skipped {name}: {why}", err=True)
+    typer.echo(
+        f"packed {len(store)} LoRAs ({len(store.names)} layers, ranks {summary['ranks']}, "
+        f"{store.nbytes / 2**20:.1f} MiB) into {store.path}"
+    )
+    typer.echo(f"label columns: {', '.join(store.label_columns)}")

@@ -1,0 +1,84 @@
+"""The command line as one tool: version, flags shown as flags, one exit code per kind of
+failure, runs not overwritten by accident, readable summaries and strict JSON."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from helpers import store_items
+from loralens import __version__
+from loralens.cli import app
+from loralens.store import write_store
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def store(tmp_path):
+    return write_store(tmp_path / "s", store_items(24)).path
+
+
+def _train(store, out, *extra):
+    args = ["train", "--data", str(store), "--target", "y", "--model", "mlp-svd"]
+    return runner.invoke(app, [*args, "--out", str(out), "--epochs", "2", "--quiet", *extra])
+
+
+def test_version_flag_and_command_print_the_version():
+    for args in (["--version"], ["version"]):
+        res = runner.invoke(app, args)
+        assert res.exit_code == 0 and res.stdout.strip() == __version__
+
+
+@pytest.mark.parametrize("command", ["pack", "train", "inspect", "predict", "zoo build"])
+def test_help_shows_boolean_options_as_flags(command):
+    res = runner.invoke(app, [*command.split(), "--help"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0
+    assert "<bool>" not in res.stdout and "--no-json" not in res.stdout
+
+
+def test_help_lists_the_exit_codes():
+    res = runner.invoke(app, ["--help"], env={"COLUMNS": "200"})
+    assert "Exit codes" in res.stdout and "3 the output already exists" in res.stdout
+
+
+def test_train_prints_a_table_beside_the_baseline_and_json_on_request(store, tmp_path):
+    res = _train(store, tmp_path / "run")
+    assert res.exit_code == 0, res.output
+    assert "no weights" in res.stdout and "r2" in res.stdout and "{" not in res.stdout
+    res = _train(store, tmp_path / "run2", "--json")
+    metrics = json.loads(res.stdout)
+    saved = json.loads((tmp_path / "run2" / "metrics.json").read_text())
+    assert metrics["test"] == saved["test"] and metrics["baseline"] == saved["baseline"]
+
+
+def test_train_refuses_an_existing_run_unless_overwrite(store, tmp_path):
+    assert _train(store, tmp_path / "run").exit_code == 0
+    before = (tmp_path / "run" / "metrics.json").read_bytes()
+    res = _train(store, tmp_path / "run", "--seed", "1")
+    assert res.exit_code == 3 and "--overwrite" in res.output
+    assert (tmp_path / "run" / "metrics.json").read_bytes() == before
+    res = _train(store, tmp_path / "run", "--seed", "1", "--overwrite")
+    assert res.exit_code == 0
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["seed"] == 1
+
+
+def test_exit_codes_say_the_kind_of_failure(store, tmp_path):
+    missing = runner.invoke(app, ["inspect", str(tmp_path / "nope.safetensors")])
+    assert missing.exit_code == 1 and "nope.safetensors" in missing.output
+    usage = runner.invoke(app, ["train", "--data", str(store)])
+    assert usage.exit_code == 2
+    exists = runner.invoke(app, ["pack", str(tmp_path), "--out", str(store)])
+    assert exists.exit_code == 3 and "--append or --overwrite" in exists.output
+    bad_target = _train(store, tmp_path / "r", "--target", "no_such_column")
+    assert bad_target.exit_code == 1 and "no_such_column" in bad_target.output
+
+
+def test_evaluate_prints_a_table_and_strict_json(store, tmp_path):
+    assert _train(store, tmp_path / "run").exit_code == 0
+    res = runner.invoke(app, ["evaluate", str(tmp_path / "run"), "--data", str(store)])
+    assert res.exit_code == 0 and "model" in res.stdout and "r2" in res.stdout
+    res = runner.invoke(app, ["evaluate", str(tmp_path / "run"), "--data", str(store), "--json"])
+    assert json.loads(res.stdout)["n"] == 24
