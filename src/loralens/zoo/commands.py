@@ -65,7 +65,9 @@ def register(zoo_app: typer.Typer) -> None:
             1,
             help="Torch threads. 1 is fastest per core for these small models; use shards for more cores.",
         ),
-        quiet: bool = typer.Option(False, help="No progress bar or summary."),
+        quiet: bool = typer.Option(
+            False, help="Print nothing but errors: no log lines, progress bars or summary."
+        ),
     ) -> None:
         """Build (or resume, or extend) a zoo of real PEFT LoRA finetunes with measured labels."""
         from loralens.zoo.builder import build_zoo
@@ -95,7 +97,7 @@ def register(zoo_app: typer.Typer) -> None:
                 cache_dir=cache_dir,
                 options=opts,
                 threads=threads,
-                progress=not quiet,
+                quiet=quiet,
             )
         except (ZooConflictError, ValueError, FileNotFoundError) as err:
             typer.secho(f"error: {err}", err=True, fg="red")
