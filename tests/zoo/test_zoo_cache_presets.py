@@ -1,6 +1,6 @@
 """The presets' cache entries through `loralens zoo build`: `--quiet` prints nothing (third-party
-progress bars included), a clean entry is reused, a planted pickle never runs and a changed file
-fails the build (exit 1, the file named), and an old pickled entry is never read."""
+progress bars included), a clean entry is reused, and a planted pickle, a changed file or an old
+pickled entry fails the build (exit 1, the file named) and is never read."""
 
 from __future__ import annotations
 
@@ -69,21 +69,26 @@ def test_digits_cache_entry_is_reused_and_planted_pickles_never_run(
     digits_entry, tmp_path, file_snapshot, plant_pickle
 ):
     cache = tmp_path / "cache"
-    entry = cache / digits_entry.name
+    entry = cache_path(cache, "digits-base", 0, {"size": "tiny", "base_steps": 80, "version": 1})
+    assert entry.name == digits_entry.name  # the path of the entry is the one of old loralens
+    # an entry of an older loralens (a pickled data.pt, no manifest): refused, never read
+    entry.mkdir(parents=True)
+    plant_pickle(entry / "data.pt", tmp_path / "ran")
+    (entry / "info.json").write_text("{}")
+    res = cli_build("digits-subsets", tmp_path / "zoo", cache, DIGITS)
+    assert res.returncode == 1 and not (tmp_path / "ran").exists()
+    assert f"{entry / 'loralens-cache.json'} is missing" in res.stderr
+    assert f"Delete the folder {entry} to rebuild it" in res.stderr
+
+    shutil.rmtree(entry)
     shutil.copytree(digits_entry, entry)
     assert not [p for p in entry.rglob("*") if p.suffix in {".pt", ".bin", ".pkl", ".pth"}]
-    # an old (version 1) entry of the same base: a pickle, never read; a new entry is used instead
-    old = cache_path(cache, "digits-base", 0, {"size": "tiny", "base_steps": 80, "version": 1})
-    old.mkdir()
-    plant_pickle(old / "data.pt", tmp_path / "ran-old")
     before = file_snapshot(entry)
-
     res = cli_build("digits-subsets", tmp_path / "zoo", cache, DIGITS)
     assert res.returncode == 0, res.stderr
     assert (res.stdout, res.stderr) == ("", "")  # no "Loading weights" bars, no log lines
     assert file_snapshot(entry) == before  # reused, not rebuilt or rewritten
-    assert sorted(p.name for p in cache.iterdir()) == sorted([entry.name, old.name])
-    assert not (tmp_path / "ran-old").exists()
+    assert [p.name for p in cache.iterdir()] == [entry.name]
 
     plant_pickle(entry / "data.pt", tmp_path / "ran")
     res = cli_build("digits-subsets", tmp_path / "zoo", cache, DIGITS, num=3)

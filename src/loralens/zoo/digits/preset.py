@@ -78,9 +78,10 @@ class DigitsPreset(Preset):
         self.slots = max(1, int(self.opts["group"]))
         self.group_size = self.slots  # the builder hands over one batch of LoRAs per train call
         steps = int(self.opts["base_steps"]) or int(SIZES[size]["steps"])
-        # version 2: safetensors and JSON with a hash manifest (version 1 entries held a pickle
-        # and are never read: a version-2 entry is built beside them)
-        key = {"size": size, "base_steps": steps, "version": 2}
+        # the key (and so the path) is unchanged since entries held a pickled data.pt: such an
+        # old entry has no manifest and is refused (the error says which folder to delete),
+        # and the adapters keep the same base_model_name_or_path as before
+        key = {"size": size, "base_steps": steps, "version": 1}
         entry = cache_entry(
             cache_path(cache_dir, "digits-base", seed, key),
             lambda tmp: build_base_entry(tmp, seed, size, steps, log=self.log),

@@ -112,8 +112,8 @@ class SkillsLM(Preset):
 
     def _ensure_base(self, cache_dir: Path, variant: int) -> Path:
         """The verified cache entry of base ``variant``, pretrained into it first if absent."""
-        # v: bump when pretraining or the entry's files change (2: a hash manifest)
-        key = {"size": self.opts["size"], "variant": variant, "v": 2}
+        # v: bump when pretraining changes (entries from before the hash manifest are refused)
+        key = {"size": self.opts["size"], "variant": variant, "v": 1}
         path = cache_path(cache_dir, self.name, self.seed, key)
         return cache_entry(path, lambda tmp: self._pretrain_base(cache_dir, variant, tmp, path))
 
