@@ -69,9 +69,8 @@ def verify_entry(path: Path | str) -> None:
     found = _files(path)
     for rel in sorted(set(recorded) - set(found)):
         _refuse(path, path / rel, "is listed in the entry's manifest but missing")
-    for rel, want in sorted(found.items()):
-        if rel not in recorded:
-            _refuse(path, want, "was not written with this entry (not in its manifest)")
+    for rel in sorted(set(found) - set(recorded)):
+        _refuse(path, found[rel], "was not written with this entry (not in its manifest)")
     for rel, file in sorted(found.items()):
         rec = recorded[rel]
         if not isinstance(rec, dict) or file.stat().st_size != rec.get("size"):
