@@ -62,3 +62,25 @@ def file_snapshot():
         return out
 
     return snap
+
+
+class _Payload:
+    """Unpickling this creates the file ``marker``: proof that a loader ran the pickle's code."""
+
+    def __init__(self, marker) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+@pytest.fixture
+def plant_pickle():
+    """``plant(path, marker)``: a torch-zip pickle at ``path`` (like an old cache's ``data.pt``)
+    whose unpickling, by any loader that runs code, creates the file ``marker``."""
+    import torch
+
+    def plant(path, marker) -> None:
+        torch.save({"images": _Payload(marker)}, path)
+
+    return plant

@@ -64,7 +64,9 @@ def build(
         1,
         help="Torch threads. 1 is fastest per core for these small models; use shards for more cores.",
     ),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bar or summary."),
+    quiet: bool = typer.Option(
+        False, "--quiet", help="Print nothing but errors: no log lines, progress bars or summary."
+    ),
 ) -> None:
     """Build (or resume, or extend) a zoo of real PEFT LoRA finetunes with measured labels."""
     from loralens.zoo.builder import build_zoo
@@ -96,7 +98,7 @@ def build(
             cache_dir=cache_dir,
             options=opts,
             threads=threads,
-            progress=not quiet,
+            quiet=quiet,
         )
 
 

@@ -9,9 +9,10 @@ agree; :func:`loralens.zoo.merge.merge_zoos` joins shards.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ from loralens.zoo.folder import (
     write_manifest,
 )
 from loralens.zoo.preset import Preset, get_preset
-from loralens.zoo.progress import ProgressBar, log_stderr
+from loralens.zoo.progress import ProgressBar, log_stderr, silence_libraries
 from loralens.zoo.summary import format_summary, summarize_labels
 
 
@@ -65,6 +66,7 @@ def build_zoo(
     options: Mapping[str, Any] | None = None,
     threads: int | None = None,
     progress: bool = True,
+    quiet: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Build (or resume, or extend) a zoo of the LoRAs ``first .. num-1`` of ``preset`` in ``out``.
@@ -74,29 +76,59 @@ def build_zoo(
     :func:`~loralens.zoo.merge.merge_zoos`. ``first > 0`` makes a held-out zoo: its recipes are those no zoo of
     ``num=first`` with the same seed has (e.g. other ranks, unseen recipes). Rerunning the same
     call after a crash (kill -9 included) completes the zoo; a larger ``num`` extends it.
+    ``progress=False`` drops the bar and the summary; ``quiet=True`` prints nothing at all (no
+    log lines, and no progress bars or logs of transformers/diffusers/huggingface_hub either).
     """
-    log = log or log_stderr
-    if threads:
-        import torch
+    with contextlib.ExitStack() as stack:
+        if threads:
+            stack.enter_context(_torch_threads(int(threads)))
+        if quiet:
+            stack.enter_context(silence_libraries())
+        return _build(
+            preset,
+            num,
+            Path(out),
+            seed=seed,
+            ranks=ranks,
+            shard=shard,
+            first=first,
+            cache_dir=Path(cache_dir) if cache_dir else default_cache_dir(),
+            options=options,
+            progress=progress and not quiet,
+            log=_silent if quiet else (log or log_stderr),
+        )
 
-        before = torch.get_num_threads()
-        torch.set_num_threads(int(threads))
-        try:
-            return build_zoo(
-                preset,
-                num,
-                out,
-                seed=seed,
-                ranks=ranks,
-                shard=shard,
-                first=first,
-                cache_dir=cache_dir,
-                options=options,
-                progress=progress,
-                log=log,
-            )
-        finally:
-            torch.set_num_threads(before)
+
+@contextlib.contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _silent(msg: str) -> None:
+    """The log of a quiet build."""
+
+
+def _build(
+    preset: str | Preset,
+    num: int,
+    out: Path,
+    *,
+    seed: int,
+    ranks: Sequence[int],
+    shard: str | tuple[int, int] | None,
+    first: int,
+    cache_dir: Path,
+    options: Mapping[str, Any] | None,
+    progress: bool,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
     preset_obj = get_preset(preset) if isinstance(preset, str) else preset
     opts = preset_obj.options(options)
     ranks = sorted({int(r) for r in ranks})
@@ -105,8 +137,7 @@ def build_zoo(
     if not 0 <= int(first) < int(num):
         raise ValueError(f"first must be in [0, num), got first={first}, num={num}")
     shard_t = parse_shard(shard)
-    out = Path(out)
-    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    preset_obj.log = log
     identity = {"preset": preset_obj.name, "seed": int(seed), "options": opts, "ranks": ranks}
     old = read_manifest(out) if (out / MANIFEST).exists() else None
     if old is not None:
@@ -156,9 +187,9 @@ def build_zoo(
         + f" (base ready in {prepare_s:.1f}s)"
     )
 
-    bar = ProgressBar(len(todo), enabled=progress)
-    header = ["adapter", *columns]
     group = max(1, int(preset_obj.group_size))
+    bar = ProgressBar(len(todo), enabled=progress, eta_after=group)
+    header = ["adapter", *columns]
     for start in range(0, len(todo), group):
         chunk = todo[start : start + group]
         configs = [preset_obj.sample_config(int(seed), i, ranks) for i in chunk]

@@ -13,7 +13,8 @@ kill -9, sharding, merging, progress and the label summary. The contract:
    model and anything else every LoRA shares (datasets, scorers). Deterministic from
    ``(seed, options)``. ``cache_dir`` is the cache *root*; use
    :func:`cache_path` ``(cache_dir, self.name, seed, key_options)`` for this preset's entry and
-   :func:`loralens.atomic.atomic_dir` to write it, so that two processes (shards) never see a half-written cache.
+   :func:`loralens.cache.cache_entry` to write and verify it, so that two processes (shards)
+   never see a half-written cache and nothing changed since it was written is ever loaded.
 3. ``preset.save_base(dir)`` writes the base model into ``OUT/base`` such that
    ``PeftModel.from_pretrained(<base loaded from dir>, OUT/adapters/<id>)`` works (for
    transformers: ``model.save_pretrained(dir)``). The builder hashes the ``*.safetensors`` files
@@ -42,6 +43,13 @@ kill -9, sharding, merging, progress and the label summary. The contract:
    beside the zoo's spread; ``{}`` if not meaningful. ``preset.manifest_info()`` adds free-form
    facts to zoo.json (architecture, dataset sizes, timings).
 
+A preset prints its own progress (pretraining, say) only through ``self.log``; the builder
+sets it to the build's log, which is silent under ``quiet``.
+
+Cached artefacts live in entries written and verified by :func:`loralens.cache.cache_entry`:
+``.safetensors`` and ``.json`` files only, checked against the sha256 recorded when written;
+load transformers/diffusers models from them with ``from_pretrained(..., use_safetensors=True)``.
+
 Register a preset with :func:`register_preset` (a decorator on the class) in a module under
 ``loralens/zoo/presets/``; ``get_preset(name)`` imports those modules lazily (on first use), so
 importing ``loralens`` stays cheap. Keep heavy imports (diffusers, transformers) inside methods
@@ -59,6 +67,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from loralens.zoo.progress import log_stderr
+
 OnDone = Callable[[int, dict[str, Any]], None]
 
 
@@ -71,6 +81,8 @@ class Preset(ABC):
     group_size: int = 1
     #: default options; ``options()`` fills these in and rejects unknown keys
     default_options: Mapping[str, Any] = {}
+    #: where the preset prints progress lines; the builder sets the build's log (silent if quiet)
+    log: Callable[[str], None] = staticmethod(log_stderr)
 
     def options(self, user: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The complete options: defaults overridden by ``user`` (values coerced to the default's type)."""

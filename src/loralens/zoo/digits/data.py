@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -93,6 +94,28 @@ class DigitsData:
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
+
+    def save(self, path: Path) -> None:
+        """Write every field into one safetensors file (no pickle: the file is read back as data)."""
+        from safetensors.torch import save_file
+
+        tensors = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        tensors["thresholds"] = torch.from_numpy(self.thresholds)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+
+    @classmethod
+    def load(cls, path: Path) -> DigitsData:
+        """The pool written by :meth:`save`; a file without exactly these fields is refused."""
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(path))
+        if set(tensors) != set(cls.__dataclass_fields__):
+            raise ValueError(
+                f"{path}: not a digits data file (fields {sorted(tensors)}, "
+                f"expected {sorted(cls.__dataclass_fields__)})"
+            )
+        tensors["thresholds"] = tensors["thresholds"].numpy()
+        return cls(**tensors)
 
 
 def load_digits_data(variants: int = 10, seed: int = 0, heldout: float = 0.2) -> DigitsData:

@@ -168,8 +168,9 @@ class DiffusionBase:
 
         path = Path(path)
         info = json.loads((path / "model_index.json").read_text())
-        unet = UNet2DConditionModel.from_pretrained(path / "unet").eval()
-        te = CLIPTextModel.from_pretrained(path / "text_encoder").eval()
+        # safetensors only: a pickled checkpoint (a .bin) beside them is never read
+        unet = UNet2DConditionModel.from_pretrained(path / "unet", use_safetensors=True).eval()
+        te = CLIPTextModel.from_pretrained(path / "text_encoder", use_safetensors=True).eval()
         for p in [*unet.parameters(), *te.parameters()]:
             p.requires_grad_(False)
         return cls(
@@ -233,7 +234,13 @@ def pretrain_base(
 
 
 def load_adapter(unet: nn.Module, adapter_dir: Path):
-    """The UNet with a saved PEFT adapter loaded (``peft.PeftModel``), in eval mode."""
+    """The UNet with a saved PEFT adapter loaded (``peft.PeftModel``), in eval mode; only an
+    ``adapter_model.safetensors`` is read (never a pickled ``adapter_model.bin``)."""
     from peft import PeftModel
 
+    weights = Path(adapter_dir) / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(
+            f"{weights}: no such file (adapters are read from safetensors only)"
+        )
     return PeftModel.from_pretrained(copy.deepcopy(unet), str(adapter_dir)).eval()

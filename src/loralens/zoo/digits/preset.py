@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from loralens.atomic import atomic_dir
+from loralens.cache import cache_entry
 from loralens.zoo.batched_lora import PeftSaver, target_names, wrap_targets
 from loralens.zoo.digits.data import (
     ATTRIBUTES,
@@ -38,7 +38,6 @@ from loralens.zoo.digits.model import SIZES, DiffusionBase, pretrain_base
 from loralens.zoo.digits.sampling import fixed_noise, sample
 from loralens.zoo.digits.scorer import DigitScorer, class_accuracy, scorer_report, train_scorer
 from loralens.zoo.preset import OnDone, Preset, cache_path
-from loralens.zoo.progress import log_stderr
 
 #: sampling seed of the score prompts' starting noise (the same for every LoRA and the base)
 SCORE_SEED = 1234
@@ -79,14 +78,17 @@ class DigitsPreset(Preset):
         self.slots = max(1, int(self.opts["group"]))
         self.group_size = self.slots  # the builder hands over one batch of LoRAs per train call
         steps = int(self.opts["base_steps"]) or int(SIZES[size]["steps"])
+        # the key (and so the path) is unchanged since entries held a pickled data.pt: such an
+        # old entry has no manifest and is refused (the error says which folder to delete),
+        # and the adapters keep the same base_model_name_or_path as before
         key = {"size": size, "base_steps": steps, "version": 1}
-        entry = cache_path(cache_dir, "digits-base", seed, key)
-        if not (entry / "info.json").exists():
-            with atomic_dir(entry) as tmp:
-                build_base_entry(tmp, seed, size, steps)
+        entry = cache_entry(
+            cache_path(cache_dir, "digits-base", seed, key),
+            lambda tmp: build_base_entry(tmp, seed, size, steps, log=self.log),
+        )
         self.base = DiffusionBase.load(entry / "base")
         self.scorer = DigitScorer.load(entry / "scorer")
-        self.data = _load_data(entry / "data.pt")
+        self.data = DigitsData.load(entry / "data.safetensors")
         self.info = json.loads((entry / "info.json").read_text())
         self._saver = PeftSaver(self.base.unet, self.targets(), base_name="base/unet")
         self.after_prepare(seed)
@@ -222,28 +224,22 @@ class DigitsPreset(Preset):
         return results
 
 
-def _load_data(path: Path) -> DigitsData:
-    """The cached image pool. ``data.pt`` is a pickle (a numpy array inside): do not copy this."""
-    d = torch.load(path, weights_only=False)
-    return DigitsData(**d)
-
-
-def build_base_entry(out: Path, seed: int, size: str, steps: int) -> None:
+def build_base_entry(
+    out: Path, seed: int, size: str, steps: int, *, log: Callable[[str], None]
+) -> None:
     """Data, scorer, base model and the base model's own labels into the cache entry ``out``."""
     t0 = time.time()
     s = SIZES[size]
     data = load_digits_data(int(s["variants"]), seed=0)
     t_data = time.time() - t0
-    torch.save({k: getattr(data, k) for k in data.__dataclass_fields__}, out / "data.pt")
+    data.save(out / "data.safetensors")
     t1 = time.time()
     scorer = train_scorer(data, seed, steps=int(s["scorer_steps"]))
     t_scorer = time.time() - t1
     scorer.save(out / "scorer")
-    log_stderr(
-        f"digits: data in {t_data:.0f}s, scorer in {t_scorer:.0f}s: {scorer_report(scorer, data)}"
-    )
+    log(f"digits: data in {t_data:.0f}s, scorer in {t_scorer:.0f}s: {scorer_report(scorer, data)}")
     t2 = time.time()
-    base = pretrain_base(data, size, seed, steps, log=log_stderr)
+    base = pretrain_base(data, size, seed, steps, log=log)
     t_base = time.time() - t2
     base.save(out / "base")
     # the base model's own score and how often its samples show the prompted class
@@ -288,4 +284,4 @@ def build_base_entry(out: Path, seed: int, size: str, steps: int) -> None:
         "base_labels": {"clip_score": round(float(ratings.mean()), 5)},
     }
     (out / "info.json").write_text(json.dumps(info, indent=2) + "\n")
-    log_stderr(f"digits: base pretrained in {t_base:.0f}s; {json.dumps(info)}")
+    log(f"digits: base pretrained in {t_base:.0f}s; {json.dumps(info)}")

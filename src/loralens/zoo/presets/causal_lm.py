@@ -68,9 +68,14 @@ class CausalLM(Preset):
             raise ValueError("causal-lm needs --base-model NAME_OR_PATH")
         if bool(self.opts["text_file"]) == bool(self.opts["dataset"]):
             raise ValueError("causal-lm needs exactly one of --text-file FILE or --dataset NAME")
-        self.model = (
-            AutoModelForCausalLM.from_pretrained(self.opts["base_model"]).to(self.device).eval()
-        )
+        # safetensors only: a base model that ships only a pickled pytorch_model.bin is refused
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                self.opts["base_model"], use_safetensors=True
+            )
+        except OSError as err:
+            raise ValueError(f"--base-model {self.opts['base_model']}: {err}") from err
+        self.model = model.to(self.device).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
         blocks = self._blocks(self._text())

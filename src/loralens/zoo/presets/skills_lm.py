@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from loralens.atomic import atomic_dir
+from loralens.cache import cache_entry
 from loralens.zoo.batched_lora import BatchedAdamW, PeftSaver, wrap_targets
 from loralens.zoo.preset import (
     HPARAM_COLUMNS,
@@ -52,7 +52,6 @@ from loralens.zoo.presets.skills_model import (
     token_losses,
     trim_padding,
 )
-from loralens.zoo.progress import log_stderr
 
 MICRO = 8  # examples per LoRA per micro-step; batch_size = MICRO * accumulation
 BATCH_SIZES = (8, 16, 32)
@@ -99,7 +98,7 @@ class SkillsLM(Preset):
         self.slots = int(self.opts["slots"])
         self.group_size = 4 * self.slots  # the builder hands over a few batches per train call
         path = self._ensure_base(Path(cache_dir), int(self.opts["variant"]))
-        self.model = LlamaForCausalLM.from_pretrained(path).eval()
+        self.model = LlamaForCausalLM.from_pretrained(path, use_safetensors=True).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
         self._info = json.loads((path / "preset_info.json").read_text())
@@ -112,26 +111,27 @@ class SkillsLM(Preset):
         self._saver = PeftSaver(self.model, self._targets())
 
     def _ensure_base(self, cache_dir: Path, variant: int) -> Path:
+        """The verified cache entry of base ``variant``, pretrained into it first if absent."""
+        # v: bump when pretraining changes (entries from before the hash manifest are refused)
+        key = {"size": self.opts["size"], "variant": variant, "v": 1}
+        path = cache_path(cache_dir, self.name, self.seed, key)
+        return cache_entry(path, lambda tmp: self._pretrain_base(cache_dir, variant, tmp, path))
+
+    def _pretrain_base(self, cache_dir: Path, variant: int, out: Path, final: Path) -> None:
+        """Pretrain base ``variant`` (n >= 1 continues from variant 0) and save it to ``out``
+        (the temp folder that becomes the cache entry ``final``)."""
         from transformers import LlamaForCausalLM
 
-        key = {
-            "size": self.opts["size"],
-            "variant": variant,
-            "v": 1,
-        }  # v: bump when pretraining changes
-        path = cache_path(cache_dir, self.name, self.seed, key)
-        if (path / "preset_info.json").exists():
-            return path
         size = SIZES[self.opts["size"]]
         t0 = time.time()
         if variant == 0:
             torch.manual_seed(derive_seed(self.seed, "base-init"))
             model = LlamaForCausalLM(build_base_config(self.opts["size"]))
-            pretrain(model, self.seed, size["steps"], size["batch"], lr=3e-3, log=log_stderr)
+            pretrain(model, self.seed, size["steps"], size["batch"], lr=3e-3, log=self.log)
             info = {"derived_from": None, "pretrain_steps": size["steps"]}
         else:
             parent = self._ensure_base(cache_dir, 0)
-            model = LlamaForCausalLM.from_pretrained(parent)
+            model = LlamaForCausalLM.from_pretrained(parent, use_safetensors=True)
             g = torch.Generator().manual_seed(derive_seed(self.seed, "variant-mix", variant))
             weights = torch.exp(1.5 * torch.randn(len(data.SOURCES), generator=g)).tolist()
             steps = max(1, size["steps"] // 3)
@@ -143,7 +143,7 @@ class SkillsLM(Preset):
                 lr=1e-3,
                 weights=weights,
                 salt=f"variant{variant}",
-                log=log_stderr,
+                log=self.log,
             )
             info = {
                 "derived_from": f"variant 0 (continued pretraining for {steps} steps on a shifted mix)",
@@ -156,14 +156,12 @@ class SkillsLM(Preset):
         info["threads"] = torch.get_num_threads()
         info["params"] = sum(p.numel() for p in model.parameters())
         info["sources"] = data.SOURCE_NAMES
-        with atomic_dir(path) as tmp:
-            model.save_pretrained(tmp)
-            (tmp / "vocab.json").write_text(json.dumps(data.VOCAB))
-            (tmp / "preset_info.json").write_text(json.dumps(info, indent=2))
-        log_stderr(
-            f"skills-lm base (variant {variant}) pretrained in {info['pretrain_seconds']}s -> {path}"
+        model.save_pretrained(out)
+        (out / "vocab.json").write_text(json.dumps(data.VOCAB))
+        (out / "preset_info.json").write_text(json.dumps(info, indent=2))
+        self.log(
+            f"skills-lm base (variant {variant}) pretrained in {info['pretrain_seconds']}s -> {final}"
         )
-        return path
 
     def save_base(self, out_dir: Path) -> None:
         self.model.save_pretrained(out_dir)
