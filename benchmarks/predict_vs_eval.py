@@ -77,7 +77,7 @@ def main() -> None:
     preset._challenge = data.make_examples(
         preset.seed, "challenge", int(opts["challenge_per_source"]), level="hard"
     )
-    base = LlamaForCausalLM.from_pretrained(zoo / "base").eval()
+    base = LlamaForCausalLM.from_pretrained(zoo / "base", use_safetensors=True).eval()
     measured, times = [], []
     for n in names[: args.eval_num]:
         t = time.perf_counter()

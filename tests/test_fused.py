@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -177,3 +178,23 @@ def test_without_a_compiler_it_warns_once_and_still_computes(tmp_path):
     assert "no-such-cc" in done.stderr
     quiet = _python(code, LORALENS_NATIVE="0", LORALENS_CACHE=str(tmp_path))
     assert quiet.returncode == 0 and "unavailable" not in quiet.stderr, quiet.stderr
+
+
+def test_a_planted_kernel_in_the_cache_is_never_loaded(tmp_path):
+    """A shared library found in the cache runs code when loaded: one not recorded by our own
+    compile (here: a file that would crash CDLL, with no or a wrong hash) is compiled afresh."""
+    locate = (
+        "from importlib import resources; from loralens import fused\n"
+        "with resources.as_file(resources.files('loralens') / 'fused.c') as p:\n"
+        "    print(fused.kernel_path(p))\n"
+    )
+    so = Path(_python(locate, LORALENS_CACHE=str(tmp_path)).stdout.strip())
+    so.parent.mkdir(parents=True)
+    check = "from loralens import fused; assert fused.available()"
+    for record in (None, "0" * 64):
+        so.write_bytes(b"planted: not a kernel")
+        if record:
+            so.with_suffix(".sha256").write_text(record)
+        done = _python(check, LORALENS_CACHE=str(tmp_path))
+        assert done.returncode == 0 and "unavailable" not in done.stderr, done.stderr
+        assert so.read_bytes()[:4] == b"\x7fELF"

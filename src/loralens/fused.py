@@ -16,6 +16,7 @@ import itertools
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
@@ -28,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from loralens.atomic import write_file_atomic
 from loralens.cache import default_cache_dir
 
 #: Ranks and projection heights the kernel takes (its accumulators live on the C stack).
@@ -71,6 +73,32 @@ def _compile(src: Path, out: Path) -> None:
         raise RuntimeError(f"{cc} failed on {src}:\n{done.stderr.strip()}")
 
 
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _trusted(so: Path) -> bool:
+    """Whether a cached kernel may be loaded: a regular file we own, in a folder we own, neither
+    writable by every user, whose sha256 matches the one recorded when we compiled it. Loading a
+    shared library runs its code, so anything else is compiled afresh, never loaded."""
+    for path in (so.parent, so):
+        st = os.lstat(path)
+        if st.st_uid != os.getuid() or st.st_mode & 0o002:
+            return False
+    if not stat.S_ISREG(os.lstat(so).st_mode):
+        return False
+    record = so.with_suffix(".sha256")
+    return record.is_file() and record.read_text().strip() == _digest(so)
+
+
+def kernel_path(src: Path) -> Path:
+    """Where the kernel compiled from ``src`` for this CPU is cached."""
+    key = hashlib.sha256(
+        src.read_bytes() + _cpu_fingerprint().encode() + platform.machine().encode()
+    ).hexdigest()[:16]
+    return default_cache_dir() / "native" / f"fused-{key}.so"
+
+
 def _load() -> ctypes.CDLL | None:
     """The compiled kernel, or None (no compiler, disabled, or it failed: warned once)."""
     global _lib, _tried
@@ -83,12 +111,12 @@ def _load() -> ctypes.CDLL | None:
         try:
             src = resources.files("loralens") / "fused.c"
             with resources.as_file(src) as path:
-                key = hashlib.sha256(
-                    path.read_bytes() + _cpu_fingerprint().encode() + platform.machine().encode()
-                ).hexdigest()[:16]
-                so = default_cache_dir() / "native" / f"fused-{key}.so"
-                if not so.exists():
+                so = kernel_path(path)
+                if not (so.exists() and _trusted(so)):
                     _compile(path, so)
+                    write_file_atomic(so.with_suffix(".sha256"), _digest(so).encode())
+                    if not _trusted(so):
+                        raise RuntimeError(f"{so.parent} is writable by every user: not loading code from it")
             lib = ctypes.CDLL(str(so))
             fn = lib.loralens_gram_project
             fn.restype = None
