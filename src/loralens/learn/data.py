@@ -10,8 +10,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from loralens.learn.rowfilter import row_mask
 from loralens.lora import LoRABatch
 from loralens.store import LoRAStore, StoreError
+from loralens.store.format import INTERNAL_COLUMNS
 
 SPLITS = ("train", "val", "test")
 
@@ -88,16 +90,15 @@ def hparam_columns(store: LoRAStore, exclude: Sequence[str] = ()) -> list[str]:
 
 
 def select_rows(store: LoRAStore, where: str | None) -> np.ndarray:
-    """Row indices of ``store`` matching a pandas query (all rows when ``where`` is empty)."""
+    """Row indices of ``store`` where the filter ``where`` holds (all rows when it is empty).
+
+    ``where`` is in the filter language of :mod:`loralens.learn.rowfilter` over the store's
+    label and design columns (``id``, ``rank``, ...); a filter outside it raises ``FilterError``.
+    """
     if not where:
         return np.arange(len(store))
-    try:
-        sel = store.index.query(where)
-    except Exception as e:
-        raise StoreError(
-            f"--where {where!r} is not a valid query on {store.label_columns}: {e}"
-        ) from e
-    return sel.index.to_numpy(np.int64)
+    frame = store.index.drop(columns=list(INTERNAL_COLUMNS), errors="ignore")
+    return np.flatnonzero(row_mask(frame, where)).astype(np.int64)
 
 
 def split_rows(
