@@ -182,7 +182,9 @@ def _atoms():
             st.booleans(),
             st.lists(_NUM, min_size=1, max_size=3),
         ),
-        st.builds(lambda o, s: f"s {o} '{s}'", st.sampled_from(["==", "!="]), st.sampled_from("xyz")),
+        st.builds(
+            lambda o, s: f"s {o} '{s}'", st.sampled_from(["==", "!="]), st.sampled_from("xyz")
+        ),
         st.just("flag"),
     )
 
@@ -195,7 +197,9 @@ def _combine(children):
             st.sampled_from(["and", "or", "&", "|"]),
             children,
         ),
-        st.builds(lambda x, op, y: f"{x} {op} {y}", children, st.sampled_from(["and", "or"]), children),
+        st.builds(
+            lambda x, op, y: f"{x} {op} {y}", children, st.sampled_from(["and", "or"]), children
+        ),
         st.builds(lambda x, op: f"{op}({x})", children, st.sampled_from(["not ", "~"])),
     )
 

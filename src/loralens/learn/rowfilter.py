@@ -40,6 +40,10 @@ _HINT = (
 )
 
 
+#: A compiled part of a filter: frame -> a column, a literal or a boolean Series.
+Column = Callable[[pd.DataFrame], Any]
+
+
 class FilterError(StoreError):
     """A ``--where`` filter outside the filter language, too long, or naming unknown columns."""
 
@@ -83,11 +87,8 @@ def _to_python(expr: str) -> tuple[str, dict[str, str]]:
     return "".join(out), quoted
 
 
-def parse_filter(expr: str) -> tuple[ast.expr, dict[str, str]]:
-    """The syntax tree of ``expr`` and the backticked column names; bounded in length and size.
-
-    Only parsing: what the tree may contain is checked when it is applied (:func:`row_mask`).
-    """
+def _parse(expr: str) -> tuple[ast.expr, dict[str, str]]:
+    """The syntax tree of ``expr`` and the backticked column names; bounded in length and size."""
     if not isinstance(expr, str):
         raise FilterError(f"--where must be a string, got {type(expr).__name__}")
     if len(expr) > MAX_LENGTH:
@@ -103,13 +104,11 @@ def parse_filter(expr: str) -> tuple[ast.expr, dict[str, str]]:
     return tree.body, quoted
 
 
-def row_mask(frame: pd.DataFrame, expr: str) -> np.ndarray:
-    """A boolean mask of the rows of ``frame`` for which the filter ``expr`` holds.
-
-    A comparison with a missing value (NaN/None) is false (``!=``: true), as in pandas.
-    """
-    node, quoted = parse_filter(expr)
-    columns = [str(c) for c in frame.columns]
+def compile_filter(expr: str) -> Callable[[pd.DataFrame], pd.Series]:
+    """Check ``expr`` against the filter language and return the function that applies it to
+    a frame (a boolean Series). Everything but the column names is checked here, so a filter
+    can be refused before any data is read; unknown columns are refused when it is applied."""
+    node, quoted = _parse(expr)
 
     def fail(what: str) -> FilterError:
         return FilterError(f"--where {_show(expr)}: {what}; {_HINT}")
@@ -119,6 +118,19 @@ def row_mask(frame: pd.DataFrame, expr: str) -> np.ndarray:
         for key, name in quoted.items():
             text = text.replace(key, f"`{name}`")
         return repr(text if len(text) <= 60 else text[:57] + "...")
+
+    def column(name: str) -> Column:
+        def get(frame: pd.DataFrame) -> pd.Series:
+            if name not in frame.columns:
+                cols = [str(c) for c in frame.columns]
+                shown = ", ".join(cols[:40]) + (", ..." if len(cols) > 40 else "")
+                raise fail(f"no column {name!r} (columns: {shown})")
+            return frame[name]
+
+        return get
+
+    def name_of(n: ast.expr) -> str | None:
+        return quoted.get(n.id, n.id) if isinstance(n, ast.Name) else None
 
     def literal(n: ast.expr) -> Any:
         if (
@@ -132,68 +144,83 @@ def row_mask(frame: pd.DataFrame, expr: str) -> np.ndarray:
             return n.value
         raise fail(f"{show(n)} is not a column name, a number or a string")
 
-    def column(n: ast.expr) -> pd.Series | None:
-        if not isinstance(n, ast.Name):
-            return None
-        name = quoted.get(n.id, n.id)
-        if name not in columns:
-            shown = ", ".join(columns[:40]) + (", ..." if len(columns) > 40 else "")
-            raise fail(f"no column {name!r} (columns: {shown})")
-        return frame[name]
+    def operand(n: ast.expr) -> Column:
+        name = name_of(n)
+        if name is not None:
+            return column(name)
+        value = literal(n)
+        return lambda frame: value
 
-    def operand(n: ast.expr) -> Any:
-        col = column(n)
-        return literal(n) if col is None else col
-
-    def values(n: ast.expr) -> list[Any]:
-        if isinstance(n, (ast.List, ast.Tuple, ast.Set)):
-            return [literal(e) for e in n.elts]
-        return [literal(n)]
-
-    def compare(left: ast.expr, op: ast.cmpop, right: ast.expr) -> pd.Series:
+    def compare(left: ast.expr, op: ast.cmpop, right: ast.expr) -> Column:
         if isinstance(op, (ast.In, ast.NotIn)) or (
             isinstance(op, (ast.Eq, ast.NotEq)) and isinstance(right, (ast.List, ast.Tuple))
         ):
-            col = column(left)
-            if col is None:
+            name = name_of(left)
+            if name is None:
                 raise fail("the left side of 'in' (or of == / != a list) must be a column")
-            part = col.isin(values(right))
-            return ~part if isinstance(op, (ast.NotIn, ast.NotEq)) else part
+            elts = right.elts if isinstance(right, (ast.List, ast.Tuple, ast.Set)) else [right]
+            values, col = [literal(e) for e in elts], column(name)
+            if isinstance(op, (ast.NotIn, ast.NotEq)):
+                return lambda frame: ~col(frame).isin(values)
+            return lambda frame: col(frame).isin(values)
         if type(op) not in _COMPARE:
             raise fail(f"operator {type(op).__name__} is not allowed")
-        a, b = operand(left), operand(right)
-        if not isinstance(a, pd.Series) and not isinstance(b, pd.Series):
+        if name_of(left) is None and name_of(right) is None:
             raise fail(f"{show(left)} vs {show(right)} compares no column")
-        try:
-            return _COMPARE[type(op)](a, b)
-        except (TypeError, ValueError, OverflowError) as e:
-            raise fail(f"cannot compare {show(left)} with {show(right)} ({e})") from None
+        fn, a, b = _COMPARE[type(op)], operand(left), operand(right)
 
-    def boolean(n: ast.expr) -> pd.Series:
+        def apply(frame: pd.DataFrame) -> pd.Series:
+            try:
+                return fn(a(frame), b(frame))
+            except (TypeError, ValueError, OverflowError) as e:
+                raise fail(f"cannot compare {show(left)} with {show(right)} ({e})") from None
+
+        return apply
+
+    def boolean(n: ast.expr) -> Column:
         if isinstance(n, ast.BoolOp):
             combine = operator.and_ if isinstance(n.op, ast.And) else operator.or_
-            out = boolean(n.values[0])
-            for v in n.values[1:]:
-                out = combine(out, boolean(v))
-            return out
+            return _reduce(combine, [boolean(v) for v in n.values])
         if isinstance(n, ast.UnaryOp) and isinstance(n.op, (ast.Not, ast.Invert)):
-            return ~boolean(n.operand)
+            inner = boolean(n.operand)
+            return lambda frame: ~inner(frame)
         if isinstance(n, ast.Compare):
-            out, left = None, n.left
-            for op, right in zip(n.ops, n.comparators):
-                part = compare(left, op, right)
-                out = part if out is None else out & part
-                left = right
-            return out
-        col = column(n)
-        if col is not None:
-            if col.dtype != bool:
-                raise fail(f"column {show(n)} is not true/false: compare it with something")
-            return col
-        raise fail(f"{show(n)} is not allowed")
+            lefts = [n.left, *n.comparators[:-1]]
+            parts = [compare(a, op, b) for a, op, b in zip(lefts, n.ops, n.comparators)]
+            return _reduce(operator.and_, parts)
+        name = name_of(n)
+        if name is None:
+            raise fail(f"{show(n)} is not allowed")
+        col = column(name)
 
-    mask = boolean(node)
+        def flag(frame: pd.DataFrame) -> pd.Series:
+            values = col(frame)
+            if values.dtype != bool:
+                raise fail(f"column {name!r} is not true/false: compare it with something")
+            return values
+
+        return flag
+
+    return boolean(node)
+
+
+def _reduce(combine: Callable[[Any, Any], Any], parts: list[Column]) -> Column:
+    def apply(frame: pd.DataFrame) -> pd.Series:
+        out = parts[0](frame)
+        for part in parts[1:]:
+            out = combine(out, part(frame))
+        return out
+
+    return apply
+
+
+def row_mask(frame: pd.DataFrame, expr: str) -> np.ndarray:
+    """A boolean mask of the rows of ``frame`` for which the filter ``expr`` holds.
+
+    A comparison with a missing value (NaN/None) is false (``!=``: true), as in pandas.
+    """
+    mask = compile_filter(expr)(frame)
     return np.asarray(mask.fillna(False), dtype=bool)
 
 
-__all__ = ["MAX_LENGTH", "MAX_NODES", "FilterError", "parse_filter", "row_mask"]
+__all__ = ["MAX_LENGTH", "MAX_NODES", "FilterError", "compile_filter", "row_mask"]

@@ -9,6 +9,10 @@ A run directory holds:
     history.json        per-epoch losses
     predictions.csv     test-set predictions vs truth
     pred_vs_true.png, learning_curves.png
+
+Every JSON written or returned here is strict JSON: NaN/inf become null (``json_safe``). A model
+whose outputs are not finite is refused, not reported: ``predict``/``evaluate`` (and ``train``)
+raise :class:`NonFiniteOutputError` naming the adapters or the count of LoRAs concerned.
 """
 
 from __future__ import annotations
@@ -25,17 +29,20 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from loralens.learn.data import select_rows
+from loralens.learn.data import check_finite_labels, select_rows
 from loralens.learn.tasks import CLASSIFICATION, THRESHOLD, Task
 from loralens.lora import LayerSpec, LoRA, LoRABatch, collate, spec_of
 from loralens.store import LoRAStore, StoreError
 
 if TYPE_CHECKING:
     from loralens.learn.loop import TrainConfig
-
 CHECKPOINT = "model.safetensors"
 CONFIG = "config.json"
 METRICS = "metrics.json"
+
+
+class NonFiniteOutputError(ValueError):
+    """A model whose outputs are NaN/inf for some inputs (diverged, or inputs far off scale)."""
 
 
 def headline(metrics: Mapping[str, Any], kind: str) -> dict[str, Any]:
@@ -49,18 +56,22 @@ def headline(metrics: Mapping[str, Any], kind: str) -> dict[str, Any]:
 
 
 def json_safe(v: Any) -> Any:
-    """``v`` with NaN/inf floats as None and numpy scalars as Python numbers (dicts recursed)."""
+    """``v`` with NaN/inf floats as None, numpy scalars and arrays as Python numbers and lists
+    (dicts, lists and tuples recursed): what ``json.dumps(..., allow_nan=False)`` takes."""
     if isinstance(v, float) and not math.isfinite(v):
         return None
     if isinstance(v, dict):
         return {k: json_safe(x) for k, x in v.items()}
-    if isinstance(v, (np.floating, np.integer)):
-        return json_safe(v.item())
+    if isinstance(v, (list, tuple)):
+        return [json_safe(x) for x in v]
+    if isinstance(v, (np.floating, np.integer, np.bool_, np.ndarray)):
+        return json_safe(v.tolist())
     return v
 
 
-def _write_json(path: Path, value: Any) -> None:
-    path.write_text(json.dumps(json_safe(value), indent=2) + "\n")
+def write_json(path: str | os.PathLike, value: Any) -> None:
+    """``value`` as strict JSON (NaN/inf as null) in ``path``."""
+    Path(path).write_text(json.dumps(json_safe(value), indent=2, allow_nan=False) + "\n")
 
 
 # ---------------------------------------------------------------------------------- saving
@@ -97,9 +108,9 @@ def save_run(
         "task": task.to_dict(),
         "train": {**asdict(config), "resolved": config.resolved()},
     }
-    _write_json(out / CONFIG, cfg)
-    _write_json(out / METRICS, metrics)
-    _write_json(out / "history.json", history)
+    write_json(out / CONFIG, cfg)
+    write_json(out / METRICS, metrics)
+    write_json(out / "history.json", history)
     rows, raw, store, y_all = test
     pred = task.decode(raw)
     import pandas as pd
@@ -144,15 +155,26 @@ class Run:
 
     def predict_loras(self, loras: Sequence[LoRA], batch_size: int = 64) -> np.ndarray:
         """Original-scale predictions (probabilities for classification), (N, out_dim)."""
+        names = [str(lora.metadata.get("source", f"adapter #{k}")) for k, lora in enumerate(loras)]
         outs = []
-        for k, lora in enumerate(loras):
-            self.check(spec_of(lora), str(lora.metadata.get("source", f"adapter #{k}")))
+        for name, lora in zip(names, loras):
+            self.check(spec_of(lora), name)
         for s in range(0, len(loras), batch_size):
             chunk = list(loras[s : s + batch_size])
             batch = collate(chunk)
             batch = batch.pad_to(np.maximum(batch.spec.ranks, self.spec.ranks))
             outs.append(self.raw(batch))
-        return self.task.decode(np.concatenate(outs)) if outs else np.zeros((0, self.task.out_dim))
+        if not outs:
+            return np.zeros((0, self.task.out_dim))
+        pred = self.task.decode(np.concatenate(outs))
+        bad = [n for n, ok in zip(names, np.isfinite(pred).all(axis=1)) if not ok]
+        if bad:
+            raise NonFiniteOutputError(
+                f"the model in {self.path} gives non-finite (NaN/inf) predictions for "
+                f"{len(bad)} of {len(names)} adapter(s): {', '.join(bad[:5])}"
+                + (", ..." if len(bad) > 5 else "")
+            )
+        return pred
 
 
 def load_run(run_dir: str | os.PathLike, *, device: str | torch.device = "cpu") -> Run:
@@ -192,6 +214,7 @@ def evaluate(
     run.check(store_spec, f"store {store.path}")
     rows = select_rows(store, where)
     y_all = store.labels(run.task.targets)
+    check_finite_labels(store, run.task.targets, y_all, rows)
     rows = rows[~np.isnan(y_all[rows]).all(axis=1)]
     if len(rows) == 0:
         raise StoreError(f"no LoRA in {store.path} has labels {run.task.targets}")
@@ -200,6 +223,14 @@ def evaluate(
     for _, batch in store.iter_batches(batch_size, rows=rows, pad_ranks=run.spec.ranks):
         outs.append(run.raw(batch))
     out = np.concatenate(outs)
+    bad = ~np.isfinite(run.task.decode(out)).all(axis=1)
+    if bad.any():
+        ids = [store.ids[r] for r in rows[bad][:5]]
+        raise NonFiniteOutputError(
+            f"the model in {run.path} gives non-finite (NaN/inf) predictions for {int(bad.sum())} "
+            f"of {len(rows)} LoRAs of {store.path} (ids {', '.join(ids)}"
+            + (", ...)" if bad.sum() > 5 else ")")
+        )
     metrics = run.task.metrics(out, y_all[rows])
     result = json_safe(
         {
@@ -216,7 +247,7 @@ def evaluate(
     )
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        _write_json(Path(out_dir) / "evaluate.json", result)
+        write_json(Path(out_dir) / "evaluate.json", result)
     return result
 
 
@@ -224,11 +255,12 @@ def predict(
     run: Run, adapters: Sequence[str | os.PathLike], *, batch_size: int = 64
 ) -> list[dict[str, Any]]:
     """One row per adapter file or folder: ``{"adapter", "prediction": {target: value}}`` on
-    the original scale (probabilities for classification, with ``"label"``: 0/1 at THRESHOLD).
+    the original scale (probabilities for classification, with ``"label"``: 0/1 at THRESHOLD);
+    strict JSON (``json.dumps(rows, allow_nan=False)`` works).
 
     Every adapter is read and checked against the model before any is predicted: a file that
     cannot be read (``LoRAFormatError``, ``FileNotFoundError``) or does not fit (``ValueError``)
-    raises, naming it.
+    raises, naming it; so does a prediction that is not finite (:class:`NonFiniteOutputError`).
     """
     from loralens.formats import load_lora
 
@@ -248,13 +280,14 @@ def predict(
         if run.task.kind == CLASSIFICATION:
             row["label"] = {t: int(v >= THRESHOLD) for t, v in zip(targets, p)}
         rows.append(row)
-    return rows
+    return json_safe(rows)
 
 
 __all__ = [
     "CHECKPOINT",
     "CONFIG",
     "METRICS",
+    "NonFiniteOutputError",
     "Run",
     "evaluate",
     "headline",
@@ -262,4 +295,5 @@ __all__ = [
     "load_run",
     "predict",
     "save_run",
+    "write_json",
 ]
