@@ -29,6 +29,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from loralens.learn.checkpoint import (
+    CHECKPOINT,
+    CONFIG,
+    METRICS,
+    RunNotFoundError,
+    load_checkpoint,
+    read_config,
+)
 from loralens.learn.data import check_finite_labels, select_rows
 from loralens.learn.tasks import CLASSIFICATION, THRESHOLD, Task
 from loralens.lora import LayerSpec, LoRA, LoRABatch, collate, spec_of
@@ -36,9 +44,6 @@ from loralens.store import LoRAStore, StoreError
 
 if TYPE_CHECKING:
     from loralens.learn.loop import TrainConfig
-CHECKPOINT = "model.safetensors"
-CONFIG = "config.json"
-METRICS = "metrics.json"
 
 
 class NonFiniteOutputError(ValueError):
@@ -178,22 +183,23 @@ class Run:
 
 
 def load_run(run_dir: str | os.PathLike, *, device: str | torch.device = "cpu") -> Run:
-    """Load a run directory written by :func:`loralens.learn.loop.train`."""
-    from safetensors.torch import load_file
+    """Load a run directory written by :func:`loralens.learn.loop.train`.
 
+    The directory is untrusted input: ``config.json`` is checked and the checkpoint's shapes are
+    compared with it before anything is allocated (:mod:`loralens.learn.checkpoint`); any
+    problem is a :class:`~loralens.learn.checkpoint.RunError` naming the file.
+    """
     from loralens.models.registry import rebuild_model
 
     path = Path(run_dir)
-    if not (path / CONFIG).is_file() or not (path / CHECKPOINT).is_file():
-        raise FileNotFoundError(f"{path} is not a loralens run (no {CONFIG} / {CHECKPOINT})")
-    cfg = json.loads((path / CONFIG).read_text())
-    m = cfg["model"]
-    spec = LayerSpec.from_dict(m["spec"])
-    model = rebuild_model(m["name"], spec, int(m["out_dim"]), m["hparams"])
-    state = load_file(path / CHECKPOINT)
+    if not path.is_dir():
+        raise RunNotFoundError(f"{path} is not a loralens run (no such directory)")
+    cfg = read_config(path / CONFIG)
+    state = load_checkpoint(path / CHECKPOINT, cfg)
+    model = rebuild_model(cfg.name, cfg.spec, cfg.out_dim, cfg.hparams)
     model.load_state_dict(state)
     model.to(device).eval()
-    return Run(path=path, model=model, task=Task.from_dict(cfg["task"]), config=cfg)
+    return Run(path=path, model=model, task=cfg.task, config=cfg.raw)
 
 
 # ---------------------------------------------------------------------------------- using
@@ -284,9 +290,6 @@ def predict(
 
 
 __all__ = [
-    "CHECKPOINT",
-    "CONFIG",
-    "METRICS",
     "NonFiniteOutputError",
     "Run",
     "evaluate",
