@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from loralens.cli import app
 from loralens.learn.data import select_rows
 from loralens.learn.loop import TrainConfig, train
-from loralens.learn.rowfilter import MAX_LENGTH, FilterError, row_mask
+from loralens.learn.rowfilter import MAX_DEPTH, MAX_LENGTH, FilterError, row_mask
 from loralens.store import StoreError
 
 runner = CliRunner()
@@ -50,8 +50,9 @@ ESCAPES = [
     "rank == None",
     "`y` == `",  # unbalanced backtick
     "(" * 300 + "rank == 2" + ")" * 300,  # nesting past the parser's limit
-    "not " * 600 + "rank == 2",  # too many terms
-    "rank in [" + ", ".join(["1"] * 600) + "]",
+    "not " * 600 + "rank == 2",  # nesting past ours
+    "- " * 5000 + "1 == rank",
+    "rank in [" + "1," * 120_000 + "]",  # too many terms
     "rank == '" + "x" * (2**20) + "'",  # 1 MB
 ]
 
@@ -100,11 +101,21 @@ def test_hostile_filter_through_the_cli_exits_1_and_creates_nothing(store, empty
     assert os.listdir(empty_cwd) == []
 
 
+def test_long_id_lists_are_fine(store):
+    """What benchmarks/summarize_paper.py asks: ``id not in [...]`` with many ids."""
+    ids = [f"x{k:03d}" for k in range(0, 20, 3)] + [f"other{k:05d}" for k in range(15_000)]
+    assert len(repr(ids)) > 200_000
+    rows = select_rows(store, f"id not in {ids!r}")
+    np.testing.assert_array_equal(rows, [k for k in range(20) if k % 3])
+
+
 def test_unknown_columns_and_long_filters_say_what_is_wrong(store):
     with pytest.raises(FilterError, match=r"no column 'rnak' \(columns: id, source, rank"):
         select_rows(store, "rnak == 2")
     with pytest.raises(FilterError, match=f"at most {MAX_LENGTH:,}"):
         select_rows(store, "rank == 2 " + " " * MAX_LENGTH)
+    with pytest.raises(FilterError, match=f"nested over {MAX_DEPTH} levels"):
+        select_rows(store, "not " * (MAX_DEPTH + 1) + "rank == 2")
     with pytest.raises(FilterError, match="no column '_shard'"):  # the store's own bookkeeping
         select_rows(store, "_shard == 0")
     with pytest.raises(FilterError, match="cannot compare 'group' with '3'"):

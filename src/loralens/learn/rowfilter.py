@@ -22,9 +22,11 @@ import pandas as pd
 
 from loralens.store import StoreError
 
-#: Longest filter accepted, in characters, and most syntax-tree nodes.
-MAX_LENGTH = 2000
-MAX_NODES = 500
+#: Longest filter accepted, in characters (room for ``id in [...]`` with thousands of ids), most
+#: syntax-tree nodes, and deepest nesting (what bounds the recursion applying a filter).
+MAX_LENGTH = 256 * 1024
+MAX_NODES = 100_000
+MAX_DEPTH = 100
 
 _COMPARE: dict[type, Callable[[Any, Any], Any]] = {
     ast.Eq: operator.eq,
@@ -100,7 +102,13 @@ def _parse(expr: str) -> tuple[ast.expr, dict[str, str]]:
         msg = getattr(e, "msg", None) or str(e) or type(e).__name__
         raise FilterError(f"--where {_show(expr)} is not a valid filter ({msg}); {_HINT}") from None
     if sum(1 for _ in ast.walk(tree)) > MAX_NODES:
-        raise FilterError(f"--where {_show(expr)} is too complex (over {MAX_NODES} terms)")
+        raise FilterError(f"--where {_show(expr)} is too complex (over {MAX_NODES:,} terms)")
+    stack = [(tree.body, 1)]
+    while stack:  # no recursion: the depth is what is being bounded
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise FilterError(f"--where {_show(expr)} is nested over {MAX_DEPTH} levels deep")
+        stack.extend((child, depth + 1) for child in ast.iter_child_nodes(node))
     return tree.body, quoted
 
 
@@ -223,4 +231,4 @@ def row_mask(frame: pd.DataFrame, expr: str) -> np.ndarray:
     return np.asarray(mask.fillna(False), dtype=bool)
 
 
-__all__ = ["MAX_LENGTH", "MAX_NODES", "FilterError", "compile_filter", "row_mask"]
+__all__ = ["MAX_DEPTH", "MAX_LENGTH", "MAX_NODES", "FilterError", "compile_filter", "row_mask"]
