@@ -68,7 +68,9 @@ def test_state_shapes_match_a_real_build_and_allocate_nothing(name, hparams):
 
 def test_check_fits_refuses_what_would_not_fit_and_passes_real_models():
     check_fits("glnet", SPEC, 1, {})
-    with pytest.raises(ModelSizeError, match=r"model 'glnet' .* 141,734,287,369 weights, 528.0 GiB"):
+    with pytest.raises(
+        ModelSizeError, match=r"model 'glnet' .* 141,734,287,369 weights, 528.0 GiB"
+    ):
         check_fits("glnet", SPEC, 1, {"hidden": 1024, "head_hidden": 65536})
     rng = torch.random.get_rng_state()
     state_shapes("mlp", SPEC, 1, {})
