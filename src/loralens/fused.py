@@ -116,7 +116,9 @@ def _load() -> ctypes.CDLL | None:
                     _compile(path, so)
                     write_file_atomic(so.with_suffix(".sha256"), _digest(so).encode())
                     if not _trusted(so):
-                        raise RuntimeError(f"{so.parent} is writable by every user: not loading code from it")
+                        raise RuntimeError(
+                            f"{so.parent} is writable by every user: not loading code from it"
+                        )
             lib = ctypes.CDLL(str(so))
             fn = lib.loralens_gram_project
             fn.restype = None

@@ -87,8 +87,10 @@ def fifo_file(root: Path) -> Path:
 
 def alpha_pattern_nan(root: Path) -> Path:
     folder = good_peft(root / "alpha-pattern-nan")
-    cfg = (folder / "adapter_config.json").read_text().replace(
-        '"alpha_pattern": {}', '"alpha_pattern": {"q_proj": NaN}'
+    cfg = (
+        (folder / "adapter_config.json")
+        .read_text()
+        .replace('"alpha_pattern": {}', '"alpha_pattern": {"q_proj": NaN}')
     )
     (folder / "adapter_config.json").write_text(cfg)
     return folder
@@ -108,8 +110,10 @@ def rank_fractional(root: Path) -> Path:
 
 def rank_pattern_inf(root: Path) -> Path:
     folder = good_peft(root / "rank-pattern-inf")
-    cfg = (folder / "adapter_config.json").read_text().replace(
-        '"rank_pattern": {}', '"rank_pattern": {"q_proj": Infinity}'
+    cfg = (
+        (folder / "adapter_config.json")
+        .read_text()
+        .replace('"rank_pattern": {}', '"rank_pattern": {"q_proj": Infinity}')
     )
     (folder / "adapter_config.json").write_text(cfg)
     return folder
@@ -146,7 +150,13 @@ def header_huge(root: Path) -> Path:
 
 def header_offsets(root: Path) -> Path:
     header = json.dumps(
-        {"lora_unet_a.lora_down.weight": {"dtype": "F32", "shape": [2, 4], "data_offsets": [0, 10**12]}}
+        {
+            "lora_unet_a.lora_down.weight": {
+                "dtype": "F32",
+                "shape": [2, 4],
+                "data_offsets": [0, 10**12],
+            }
+        }
     ).encode()
     path = root / "header-offsets.safetensors"
     path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 32)

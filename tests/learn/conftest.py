@@ -36,7 +36,7 @@ def _synthetic_store(
     return write_store(path, items)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def make_store():
     """``make_store(path, n=40, seed=0, ranks=(2,), extra=None)`` -> a synthetic LoRAStore."""
     return _synthetic_store

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -47,24 +46,11 @@ def _os_message(e: OSError) -> str:
     return f"{e.filename}: {e.strerror or e}"
 
 
-def json_safe(value: Any) -> Any:
-    """``value`` with NaN/inf as None and numpy scalars as Python numbers, so it is strict JSON."""
-    import numpy as np
-
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, (np.floating, np.integer, np.bool_)):
-        return json_safe(value.item())
-    return value
-
-
 def echo_json(value: Any) -> None:
     """Print ``value`` as strict JSON (never NaN or Infinity)."""
-    typer.echo(json.dumps(json_safe(value), indent=2, allow_nan=False))
+    from loralens.jsonio import dumps
+
+    typer.echo(dumps(value))
 
 
 def console():

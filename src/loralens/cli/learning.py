@@ -12,6 +12,10 @@ from loralens.cli.common import console, echo_json, fail, num, user_errors
 from loralens.models.registry import MODEL_NAMES
 
 commands = typer.Typer()
+WHERE_HELP = (
+    "Use only rows where FILTER holds: comparisons, in [..], and/or/not over label columns, "
+    "e.g. 'rank == 4 and lr < 1e-3'."
+)
 
 
 def _parse_hparams(items: list[str] | None) -> dict[str, Any]:
@@ -59,9 +63,7 @@ def train(
     batch_size: int = typer.Option(None, help="Batch size (default: per model)."),
     weight_decay: float = typer.Option(None, help="AdamW weight decay (default: per model)."),
     patience: int = typer.Option(None, help="Early-stopping patience in epochs."),
-    where: str = typer.Option(
-        None, help="Use only rows matching a filter, e.g. 'rank == 4 and lr < 1e-3'."
-    ),
+    where: str = typer.Option(None, metavar="FILTER", help=WHERE_HELP),
     task: str = typer.Option(None, help="Force 'regression' or 'classification'."),
     hparam: list[str] = typer.Option(None, help="Model hyperparameter KEY=VALUE (repeatable)."),
     threads: int = typer.Option(None, help="Torch CPU threads (1 is fastest on a busy CPU)."),
@@ -121,7 +123,7 @@ def train(
 def evaluate(
     run_dir: str = typer.Argument(..., help="A run directory written by `loralens train`."),
     data: str = typer.Option(..., help="The store to evaluate on (other ranks, other base)."),
-    where: str = typer.Option(None, help="Evaluate only rows matching a filter."),
+    where: str = typer.Option(None, metavar="FILTER", help=WHERE_HELP),
     out: str = typer.Option(None, help="Also write OUT/evaluate.json."),
     as_json: bool = typer.Option(False, "--json", help="Print the full JSON."),
 ) -> None:
@@ -195,7 +197,7 @@ def benchmark(
     ),
     seeds: int = typer.Option(3, help="Seeds (splits and inits) per cell."),
     epochs: int = typer.Option(None, help="Maximum epochs per run (default: per model)."),
-    where: str = typer.Option(None, help="Use only rows matching a filter, e.g. 'rank == 4'."),
+    where: str = typer.Option(None, metavar="FILTER", help=WHERE_HELP),
     out: str = typer.Option("loralens-benchmark", help="Output folder (tables, runs, store)."),
     threads: int = typer.Option(None, help="Torch CPU threads (1 is fastest on a busy CPU)."),
     as_json: bool = typer.Option(False, "--json", help="Print the JSON result."),

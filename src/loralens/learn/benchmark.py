@@ -12,7 +12,6 @@ at the best validation epoch. Two rows need no LoRA weights at all and say what 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -22,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from loralens.jsonio import write_json
 from loralens.learn.data import hparam_columns, make_split, resolve_targets, select_rows
 from loralens.learn.loop import TrainConfig, train
 from loralens.learn.tasks import CLASSIFICATION, Task
@@ -164,7 +164,7 @@ def run_benchmark(
     result["markdown"] = to_markdown(result)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "benchmark.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+        write_json(out / "benchmark.json", result)
         (out / "benchmark.md").write_text(result["markdown"] + "\n")
     return result
 

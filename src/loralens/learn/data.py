@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from loralens.learn.rowfilter import row_mask
 from loralens.lora import LoRABatch
 from loralens.store import LoRAStore, StoreError
+from loralens.store.format import INTERNAL_COLUMNS
+
+if TYPE_CHECKING:
+    from loralens.learn.tasks import Task
 
 SPLITS = ("train", "val", "test")
 
@@ -84,20 +89,47 @@ def hparam_columns(store: LoRAStore, exclude: Sequence[str] = ()) -> list[str]:
     return out
 
 
+def check_finite_labels(
+    store: LoRAStore, targets: Sequence[str], y: np.ndarray, rows: np.ndarray
+) -> None:
+    """Refuse inf/-inf among the labels ``y[rows]`` of ``targets`` (one inf trains a NaN model);
+    NaN is a missing label, left out of losses and metrics, and stays allowed."""
+    counts = np.isinf(y[rows]).sum(axis=0)
+    if counts.any():
+        bad = [f"{t!r} ({n} row{'s' * (n > 1)})" for t, n in zip(targets, counts.tolist()) if n]
+        raise StoreError(
+            f"{store.path}: target column {', '.join(bad)} holds inf/-inf labels; "
+            "fix or remove them (an empty label is missing and left out)"
+        )
+
+
+def encode_targets(store: LoRAStore, task: Task, y: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``task.encode(y)`` in float32, what the model trains on; refused where a label of
+    ``rows`` is finite but overflows once standardized (1e300: a NaN model otherwise)."""
+    enc = task.encode(y).astype(np.float32)
+    counts = (~np.isfinite(enc[rows]) & ~np.isnan(y[rows])).sum(axis=0)
+    if counts.any():
+        bad = [f"{t!r} ({n} rows)" for t, n in zip(task.targets, counts.tolist()) if n]
+        raise StoreError(
+            f"{store.path}: labels of {', '.join(bad)} are too large to train on (standardized, "
+            "they overflow float32); rescale them"
+        )
+    return enc
+
+
 # ---------------------------------------------------------------------------------- rows
 
 
 def select_rows(store: LoRAStore, where: str | None) -> np.ndarray:
-    """Row indices of ``store`` matching a pandas query (all rows when ``where`` is empty)."""
+    """Row indices of ``store`` where the filter ``where`` holds (all rows when it is empty).
+
+    ``where`` is in the filter language of :mod:`loralens.learn.rowfilter` over the store's
+    label and design columns (``id``, ``rank``, ...); a filter outside it raises ``FilterError``.
+    """
     if not where:
         return np.arange(len(store))
-    try:
-        sel = store.index.query(where)
-    except Exception as e:
-        raise StoreError(
-            f"--where {where!r} is not a valid query on {store.label_columns}: {e}"
-        ) from e
-    return sel.index.to_numpy(np.int64)
+    frame = store.index.drop(columns=list(INTERNAL_COLUMNS), errors="ignore")
+    return np.flatnonzero(row_mask(frame, where)).astype(np.int64)
 
 
 def split_rows(
@@ -199,6 +231,8 @@ def make_loader(
 __all__ = [
     "KNOWN_HPARAMS",
     "SPLITS",
+    "check_finite_labels",
+    "encode_targets",
     "hparam_columns",
     "make_loader",
     "make_split",

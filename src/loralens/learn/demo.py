@@ -4,13 +4,13 @@ the benchmark table and plots."""
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from loralens.jsonio import write_json
 from loralens.learn.benchmark import run_benchmark
 from loralens.models.registry import MODEL_NAMES
 from loralens.store import LoRAStore
@@ -76,7 +76,7 @@ def run_demo(
         log=lambda m: log("      " + m),
     )
     summary = {"seconds": time.time() - t0, "targets": targets, "num": len(store)}
-    (root / "demo.json").write_text(json.dumps(summary) + "\n")
+    write_json(root / "demo.json", summary)
     plots = sorted(str(p) for p in (bench_dir / "runs").rglob("*.png"))
     return {**summary, "markdown": result["markdown"], "plots": plots, "benchmark": str(bench_dir)}
 

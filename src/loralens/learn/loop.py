@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import os
 import time
 from collections.abc import Callable
@@ -22,10 +23,26 @@ from typing import Any
 import numpy as np
 import torch
 
-from loralens.learn.data import SPLITS, make_loader, make_split, select_rows
-from loralens.learn.runs import check_run_dir, headline, save_run
-from loralens.learn.tasks import Task, baseline_metrics
-from loralens.models.registry import build_model, training_defaults
+from loralens.jsonio import json_safe
+from loralens.learn.data import (
+    SPLITS,
+    check_finite_labels,
+    encode_targets,
+    make_loader,
+    make_split,
+    select_rows,
+)
+from loralens.learn.rowfilter import compile_filter
+from loralens.learn.runs import NonFiniteOutputError, check_run_dir, headline, save_run
+from loralens.learn.tasks import CLASSIFICATION, REGRESSION, Task, baseline_metrics
+from loralens.models.registry import (
+    TRAINING_SCHEMA,
+    build_model,
+    check_fits,
+    check_hparams,
+    check_training,
+    training_defaults,
+)
 from loralens.store import LoRAStore
 
 Progress = bool | Callable[[dict[str, Any]], None]
@@ -45,7 +62,7 @@ class TrainConfig:
     patience: int | None = None
     grad_clip: float | None = None
     hparams: dict[str, Any] = field(default_factory=dict)
-    #: pandas query selecting the rows used at all, e.g. "rank == 4"
+    #: filter selecting the rows used at all, e.g. "rank == 4" (see learn.rowfilter)
     where: str | None = None
     #: split fractions when the store has no ``split`` column
     fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
@@ -56,6 +73,36 @@ class TrainConfig:
     plots: bool = True
     #: torch CPU threads (None: torch's default). 1 is fastest for small models on a busy CPU.
     threads: int | None = None
+
+    def __post_init__(self) -> None:
+        """Refuse a setting of the wrong type or out of range now, before any store is read:
+        an unknown model or hyperparameter, a width of 1e7, a filter outside the language."""
+        check_hparams(self.model, self.hparams)
+        check_training({k: getattr(self, k) for k in TRAINING_SCHEMA})
+        targets = self.targets
+        if isinstance(targets, str) or not targets or not all(isinstance(t, str) for t in targets):
+            raise ValueError(f"targets must be a non-empty list of column names, got {targets!r}")
+        if self.task not in (None, REGRESSION, CLASSIFICATION):
+            raise ValueError(
+                f"task must be {REGRESSION!r} or {CLASSIFICATION!r}, got {self.task!r}"
+            )
+        f = self.fractions
+        if not (
+            len(f) == 3
+            and all(isinstance(x, (int, float)) and 0 <= x <= 1 for x in f)
+            and sum(f) <= 1 + 1e-9
+        ):
+            raise ValueError(
+                f"fractions must be three numbers in [0, 1] summing to at most 1, got {f!r}"
+            )
+        for key in ("seed", "threads"):
+            v = getattr(self, key)
+            if v is not None and (
+                not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < (key == "threads")
+            ):
+                raise ValueError(f"{key} must be a non-negative integer (threads: >= 1), got {v!r}")
+        if self.where:
+            compile_filter(self.where)
 
     def resolved(self) -> dict[str, Any]:
         """The training settings used: the model's defaults, overridden where set here."""
@@ -142,7 +189,7 @@ def train(
             test=(best.test_rows, best.test_out, store, data.y_all),
         )
     acc.wait_for_everyone()
-    return metrics
+    return json_safe(metrics)
 
 
 # ---------------------------------------------------------------------------------- steps
@@ -152,16 +199,19 @@ def _data(store: LoRAStore, config: TrainConfig) -> _Data:
     """Labels, the split of the selected labelled rows, and the task fitted on the train rows."""
     targets = list(config.targets)
     y_all = store.labels(targets)
+    rows = select_rows(store, config.where)
+    check_finite_labels(store, targets, y_all, rows)
     split = make_split(
         store,
-        select_rows(store, config.where),
+        rows,
         y_all,
         config.seed,
         fractions=config.fractions,
         split_column=config.split_column,
     )
     task = Task.fit(targets, y_all[split["train"]], kind=config.task)
-    return _Data(targets, y_all, split, task, task.encode(y_all).astype(np.float32))
+    y_enc = encode_targets(store, task, y_all, np.concatenate(list(split.values())))
+    return _Data(targets, y_all, split, task, y_enc)
 
 
 def _model(store: LoRAStore, config: TrainConfig, data: _Data) -> torch.nn.Module:
@@ -173,6 +223,7 @@ def _model(store: LoRAStore, config: TrainConfig, data: _Data) -> torch.nn.Modul
     rows = data.split["train"]
     widths = store.ranks[rows].max(axis=0)
     like = store.batch(rows[: min(len(rows), 256)], pad_ranks=widths)
+    check_fits(config.model, like.spec, data.task.out_dim, dict(config.hparams))
     torch.manual_seed(config.seed)
     return build_model(config.model, like=like, out_dim=data.task.out_dim, **dict(config.hparams))
 
@@ -221,7 +272,7 @@ def _fit(
             trows, tout = _outputs(model, loaders["test"], acc)
             best = _Best(
                 epoch=epoch,
-                val_loss=val["loss"],
+                val_loss=val["loss"] if math.isfinite(val["loss"]) else math.inf,
                 val=val,
                 test=data.task.metrics(tout, data.y_all[trows]),
                 test_rows=trows,
@@ -240,7 +291,24 @@ def _fit(
         _report(progress, rec, acc)
         if epoch - best.epoch >= int(hp["patience"]):
             break
+    _check_finite(best, len(history))
     return history, best
+
+
+def _check_finite(best: _Best, epochs: int) -> None:
+    """Refuse a model that diverged: no finite validation loss in any epoch, or non-finite
+    outputs on test LoRAs at the best one (its metrics would be NaN, its predictions too)."""
+    if not math.isfinite(best.val_loss):
+        raise NonFiniteOutputError(
+            f"training diverged: the validation loss was not finite (NaN/inf) in any of {epochs} "
+            "epoch(s), so there is no model to save; lower --lr or check the labels' scale"
+        )
+    bad = int((~np.isfinite(best.test_out)).any(axis=1).sum())
+    if bad:
+        raise NonFiniteOutputError(
+            f"the model of the best epoch ({best.epoch}) gives non-finite outputs for {bad} of "
+            f"{len(best.test_out)} test LoRAs; their metrics would be NaN"
+        )
 
 
 def _train_epoch(

@@ -9,12 +9,14 @@ A run directory holds:
     history.json        per-epoch losses
     predictions.csv     test-set predictions vs truth
     pred_vs_true.png, learning_curves.png
+
+Every JSON written or returned here is strict JSON: NaN/inf become null (``json_safe``). A model
+whose outputs are not finite is refused, not reported: ``predict``/``evaluate`` (and ``train``)
+raise :class:`NonFiniteOutputError` naming the adapters or the count of LoRAs concerned.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -26,7 +28,16 @@ import numpy as np
 import torch
 
 from loralens.errors import OutputExistsError
-from loralens.learn.data import select_rows
+from loralens.jsonio import json_safe, write_json
+from loralens.learn.checkpoint import (
+    CHECKPOINT,
+    CONFIG,
+    METRICS,
+    RunNotFoundError,
+    load_checkpoint,
+    read_config,
+)
+from loralens.learn.data import check_finite_labels, select_rows
 from loralens.learn.tasks import CLASSIFICATION, THRESHOLD, Task
 from loralens.lora import LayerSpec, LoRA, LoRABatch, collate, spec_of
 from loralens.store import LoRAStore, StoreError
@@ -34,9 +45,9 @@ from loralens.store import LoRAStore, StoreError
 if TYPE_CHECKING:
     from loralens.learn.loop import TrainConfig
 
-CHECKPOINT = "model.safetensors"
-CONFIG = "config.json"
-METRICS = "metrics.json"
+
+class NonFiniteOutputError(ValueError):
+    """A model whose outputs are NaN/inf for some inputs (diverged, or inputs far off scale)."""
 
 
 def headline(metrics: Mapping[str, Any], kind: str) -> dict[str, Any]:
@@ -47,21 +58,6 @@ def headline(metrics: Mapping[str, Any], kind: str) -> dict[str, Any]:
         else ("r2", "kendall_tau", "spearman", "mse", "mse_standardized", "loss")
     )
     return {k: json_safe(metrics[k]) for k in keys if k in metrics}
-
-
-def json_safe(v: Any) -> Any:
-    """``v`` with NaN/inf floats as None and numpy scalars as Python numbers (dicts recursed)."""
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, dict):
-        return {k: json_safe(x) for k, x in v.items()}
-    if isinstance(v, (np.floating, np.integer)):
-        return json_safe(v.item())
-    return v
-
-
-def _write_json(path: Path, value: Any) -> None:
-    path.write_text(json.dumps(json_safe(value), indent=2) + "\n")
 
 
 # ---------------------------------------------------------------------------------- saving
@@ -108,9 +104,9 @@ def save_run(
         "task": task.to_dict(),
         "train": {**asdict(config), "resolved": config.resolved()},
     }
-    _write_json(out / CONFIG, cfg)
-    _write_json(out / METRICS, metrics)
-    _write_json(out / "history.json", history)
+    write_json(out / CONFIG, cfg)
+    write_json(out / METRICS, metrics)
+    write_json(out / "history.json", history)
     rows, raw, store, y_all = test
     pred = task.decode(raw)
     import pandas as pd
@@ -155,34 +151,46 @@ class Run:
 
     def predict_loras(self, loras: Sequence[LoRA], batch_size: int = 64) -> np.ndarray:
         """Original-scale predictions (probabilities for classification), (N, out_dim)."""
+        names = [str(lora.metadata.get("source", f"adapter #{k}")) for k, lora in enumerate(loras)]
         outs = []
-        for k, lora in enumerate(loras):
-            self.check(spec_of(lora), str(lora.metadata.get("source", f"adapter #{k}")))
+        for name, lora in zip(names, loras):
+            self.check(spec_of(lora), name)
         for s in range(0, len(loras), batch_size):
             chunk = list(loras[s : s + batch_size])
             batch = collate(chunk)
             batch = batch.pad_to(np.maximum(batch.spec.ranks, self.spec.ranks))
             outs.append(self.raw(batch))
-        return self.task.decode(np.concatenate(outs)) if outs else np.zeros((0, self.task.out_dim))
+        if not outs:
+            return np.zeros((0, self.task.out_dim))
+        pred = self.task.decode(np.concatenate(outs))
+        bad = [n for n, ok in zip(names, np.isfinite(pred).all(axis=1)) if not ok]
+        if bad:
+            raise NonFiniteOutputError(
+                f"the model in {self.path} gives non-finite (NaN/inf) predictions for "
+                f"{len(bad)} of {len(names)} adapter(s): {', '.join(bad[:5])}"
+                + (", ..." if len(bad) > 5 else "")
+            )
+        return pred
 
 
 def load_run(run_dir: str | os.PathLike, *, device: str | torch.device = "cpu") -> Run:
-    """Load a run directory written by :func:`loralens.learn.loop.train`."""
-    from safetensors.torch import load_file
+    """Load a run directory written by :func:`loralens.learn.loop.train`.
 
+    The directory is untrusted input: ``config.json`` is checked and the checkpoint's shapes are
+    compared with it before anything is allocated (:mod:`loralens.learn.checkpoint`); any
+    problem is a :class:`~loralens.learn.checkpoint.RunError` naming the file.
+    """
     from loralens.models.registry import rebuild_model
 
     path = Path(run_dir)
-    if not (path / CONFIG).is_file() or not (path / CHECKPOINT).is_file():
-        raise FileNotFoundError(f"{path} is not a loralens run (no {CONFIG} / {CHECKPOINT})")
-    cfg = json.loads((path / CONFIG).read_text())
-    m = cfg["model"]
-    spec = LayerSpec.from_dict(m["spec"])
-    model = rebuild_model(m["name"], spec, int(m["out_dim"]), m["hparams"])
-    state = load_file(path / CHECKPOINT)
+    if not path.is_dir():
+        raise RunNotFoundError(f"{path} is not a loralens run (no such directory)")
+    cfg = read_config(path / CONFIG)
+    state = load_checkpoint(path / CHECKPOINT, cfg)
+    model = rebuild_model(cfg.name, cfg.spec, cfg.out_dim, cfg.hparams)
     model.load_state_dict(state)
     model.to(device).eval()
-    return Run(path=path, model=model, task=Task.from_dict(cfg["task"]), config=cfg)
+    return Run(path=path, model=model, task=cfg.task, config=cfg.raw)
 
 
 # ---------------------------------------------------------------------------------- using
@@ -203,6 +211,7 @@ def evaluate(
     run.check(store_spec, f"store {store.path}")
     rows = select_rows(store, where)
     y_all = store.labels(run.task.targets)
+    check_finite_labels(store, run.task.targets, y_all, rows)
     rows = rows[~np.isnan(y_all[rows]).all(axis=1)]
     if len(rows) == 0:
         raise StoreError(f"no LoRA in {store.path} has labels {run.task.targets}")
@@ -211,6 +220,14 @@ def evaluate(
     for _, batch in store.iter_batches(batch_size, rows=rows, pad_ranks=run.spec.ranks):
         outs.append(run.raw(batch))
     out = np.concatenate(outs)
+    bad = ~np.isfinite(run.task.decode(out)).all(axis=1)
+    if bad.any():
+        ids = [store.ids[r] for r in rows[bad][:5]]
+        raise NonFiniteOutputError(
+            f"the model in {run.path} gives non-finite (NaN/inf) predictions for {int(bad.sum())} "
+            f"of {len(rows)} LoRAs of {store.path} (ids {', '.join(ids)}"
+            + (", ...)" if bad.sum() > 5 else ")")
+        )
     metrics = run.task.metrics(out, y_all[rows])
     result = json_safe(
         {
@@ -227,7 +244,7 @@ def evaluate(
     )
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        _write_json(Path(out_dir) / "evaluate.json", result)
+        write_json(Path(out_dir) / "evaluate.json", result)
     return result
 
 
@@ -235,11 +252,12 @@ def predict(
     run: Run, adapters: Sequence[str | os.PathLike], *, batch_size: int = 64
 ) -> list[dict[str, Any]]:
     """One row per adapter file or folder: ``{"adapter", "prediction": {target: value}}`` on
-    the original scale (probabilities for classification, with ``"label"``: 0/1 at THRESHOLD).
+    the original scale (probabilities for classification, with ``"label"``: 0/1 at THRESHOLD);
+    strict JSON (``json.dumps(rows, allow_nan=False)`` works).
 
     Every adapter is read and checked against the model before any is predicted: a file that
     cannot be read (``LoRAFormatError``, ``FileNotFoundError``) or does not fit (``ValueError``)
-    raises, naming it.
+    raises, naming it; so does a prediction that is not finite (:class:`NonFiniteOutputError`).
     """
     from loralens.formats import load_lora
 
@@ -259,13 +277,11 @@ def predict(
         if run.task.kind == CLASSIFICATION:
             row["label"] = {t: int(v >= THRESHOLD) for t, v in zip(targets, p)}
         rows.append(row)
-    return rows
+    return json_safe(rows)
 
 
 __all__ = [
-    "CHECKPOINT",
-    "CONFIG",
-    "METRICS",
+    "NonFiniteOutputError",
     "Run",
     "evaluate",
     "headline",
@@ -273,4 +289,5 @@ __all__ = [
     "load_run",
     "predict",
     "save_run",
+    "write_json",
 ]

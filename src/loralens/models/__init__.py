@@ -1,6 +1,6 @@
 """LoL models: ``mlp``, ``mlp-oalign``, ``mlp-svd``, ``mlp-dense``, ``glnet`` (see ``build_model``)."""
 
-from loralens.models.base import LoLModel, RunningStandardize
+from loralens.models.base import HParamError, LoLModel, ModelSizeError, RunningStandardize
 from loralens.models.glnet import EquivariantLinear, GLNet, GLNonlinearity
 from loralens.models.mlp import SVDMLP, DenseMLP, FlatMLP, OAlignMLP
 from loralens.models.registry import MODEL_NAMES, build_model, example_batch, model_cost
@@ -13,7 +13,9 @@ __all__ = [
     "FlatMLP",
     "GLNet",
     "GLNonlinearity",
+    "HParamError",
     "LoLModel",
+    "ModelSizeError",
     "OAlignMLP",
     "RunningStandardize",
     "build_model",

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import numbers
+import os
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -12,6 +15,84 @@ from loralens.lora import LayerSpec, LoRA, LoRABatch, collate, spec_of
 
 #: Smallest scale used before dividing or taking a log (a zero LoRA stays finite).
 EPS = 1e-12
+
+#: Largest width (hidden units, rank, k, ...) a hyperparameter may ask for.
+MAX_WIDTH = 65536
+#: Most layers (depth, blocks, transformer layers) a hyperparameter may ask for.
+MAX_DEPTH = 64
+
+
+class HParamError(ValueError):
+    """A model hyperparameter of the wrong type or out of its range (or an unknown one)."""
+
+
+class ModelSizeError(MemoryError, ValueError):
+    """A model too large for the memory available, refused before anything is allocated (a
+    ValueError too: the request, not the machine, is what to change)."""
+
+
+@dataclass(frozen=True)
+class HParam:
+    """What one hyperparameter may be: ``kind`` "int", "float", "choice" or "ints" (a list of
+    ints), within [lo, hi] (each entry for "ints") or one of ``choices``; None if ``nullable``."""
+
+    kind: str
+    lo: float = 0
+    hi: float = MAX_WIDTH
+    choices: tuple[str, ...] = ()
+    nullable: bool = False
+
+    def problem(self, value: Any) -> str | None:
+        """Why ``value`` is not allowed, or None."""
+        if value is None:
+            return None if self.nullable else "must be given (not null)"
+        if self.kind == "choice":
+            return None if value in self.choices else f"must be one of {list(self.choices)}"
+        if self.kind == "ints":
+            if not isinstance(value, (list, tuple)):
+                return f"must be a list of integers in [{self.lo:g}, {self.hi:g}]"
+            bad = [v for v in value if self._number_problem(v, int)]
+            return (
+                f"has entries {bad[:5]} outside integers in [{self.lo:g}, {self.hi:g}]"
+                if bad
+                else None
+            )
+        return self._number_problem(value, int if self.kind == "int" else float)
+
+    def _number_problem(self, value: Any, kind: type) -> str | None:
+        ok = isinstance(value, numbers.Integral if kind is int else numbers.Real)
+        if ok and not isinstance(value, bool) and self.lo <= value <= self.hi:  # NaN: False
+            return None
+        what = "an integer" if kind is int else "a number"
+        return f"must be {what} in [{self.lo:g}, {self.hi:g}]"
+
+
+def check_hparams(
+    owner: str, schema: dict[str, HParam], values: dict[str, Any], noun: str = "hyperparameter"
+) -> None:
+    """Refuse (:class:`HParamError`) ``values`` that ``schema`` does not know, or whose type or
+    range is wrong: a width of 1e7 must fail here, not allocate. ``owner`` starts the message."""
+    if not isinstance(values, dict):
+        raise HParamError(f"{owner}: {noun}s must be a mapping, got {values!r:.80}")
+    unknown = sorted(set(values) - set(schema), key=str)
+    if unknown:
+        raise HParamError(f"{owner} has no {noun}(s) {unknown}; it takes {sorted(schema)}")
+    for key, value in values.items():
+        problem = schema[key].problem(value)
+        if problem:
+            raise HParamError(f"{owner}: {noun} {key} {problem}, got {value!r:.80}")
+
+
+def available_bytes() -> int:
+    """Memory available now (MemAvailable), else the machine's physical memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def as_spec(like: Any) -> LayerSpec:
@@ -85,6 +166,8 @@ class LoLModel(nn.Module):
 
     name: ClassVar[str] = ""
     defaults: ClassVar[dict[str, Any]] = {}
+    #: What each hyperparameter may be (the keys of ``defaults``): checked on every build.
+    schema: ClassVar[dict[str, HParam]] = {}
     #: Hyperparameters added after runs were saved, with the value older code used: a saved
     #: config that lacks one rebuilds with this, not with today's default.
     saved_defaults: ClassVar[dict[str, Any]] = {}
@@ -94,12 +177,7 @@ class LoLModel(nn.Module):
 
     def __init__(self, spec: LayerSpec, out_dim: int, hparams: dict[str, Any]):
         super().__init__()
-        unknown = sorted(set(hparams) - set(self.defaults))
-        if unknown:
-            raise ValueError(
-                f"model {self.name!r} has no hyperparameter(s) {unknown}; "
-                f"it takes {sorted(self.defaults)}"
-            )
+        check_hparams(f"model {self.name!r}", self.schema, hparams)
         if int(out_dim) < 1:
             raise ValueError(f"out_dim must be >= 1, got {out_dim}")
         self.spec = spec

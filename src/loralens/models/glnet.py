@@ -27,7 +27,16 @@ from torch import nn
 
 from loralens.fused import grams_and_projections
 from loralens.lora import LayerSpec, LoRABatch, delta_weight
-from loralens.models.base import EPS, LoLModel, RunningStandardize, layer_rms, log_scale, mlp
+from loralens.models.base import (
+    EPS,
+    MAX_DEPTH,
+    HParam,
+    LoLModel,
+    RunningStandardize,
+    layer_rms,
+    log_scale,
+    mlp,
+)
 
 Factors = tuple[list[torch.Tensor], list[torch.Tensor]]
 
@@ -115,13 +124,27 @@ class GLNet(LoLModel):
         "n_heads": 4,
         "n_layers": 2,
     }
+    schema: ClassVar[dict[str, HParam]] = {
+        "hidden": HParam("int", 1, 1024),  # the head sees hidden**2 features per layer
+        "blocks": HParam("int", 0, MAX_DEPTH),
+        "nonlinearity": HParam("choice", choices=GLNonlinearity.KINDS),
+        "head": HParam("choice", choices=("mlp", "transformer")),
+        "head_hidden": HParam("int", 1),
+        "head_depth": HParam("int", 0, MAX_DEPTH),
+        "dropout": HParam("float", 0, 1),
+        "d_model": HParam("int", 1),
+        "n_heads": HParam("int", 1, 1024),
+        "n_layers": HParam("int", 1, MAX_DEPTH),
+    }
     gl_invariant = o_invariant = True
 
     def __init__(self, spec: LayerSpec, out_dim: int, *, like: Any = None, **hparams: Any):
         super().__init__(spec, out_dim, hparams)
         h = self.hparams
-        if h["head"] not in ("mlp", "transformer"):
-            raise ValueError(f"head must be 'mlp' or 'transformer', got {h['head']!r}")
+        if h["head"] == "transformer" and h["d_model"] % h["n_heads"]:
+            raise ValueError(
+                f"d_model ({h['d_model']}) must be a multiple of n_heads ({h['n_heads']})"
+            )
         d, n = int(h["hidden"]), len(spec.names)
         self.equivariant = nn.ModuleList([EquivariantLinear(spec.shapes, d)])
         for _ in range(int(h["blocks"])):

@@ -9,7 +9,6 @@ scale is itself invariant (a norm of delta W), so normalization keeps the invari
 from __future__ import annotations
 
 import math
-import os
 from typing import Any, ClassVar
 
 import torch
@@ -17,9 +16,25 @@ from torch import nn
 
 from loralens import features
 from loralens.lora import LayerSpec, LoRA, LoRABatch, delta_weight
-from loralens.models.base import EPS, LoLModel, RunningStandardize, layer_rms, log_scale, mlp
+from loralens.models.base import (
+    EPS,
+    MAX_DEPTH,
+    HParam,
+    LoLModel,
+    ModelSizeError,
+    RunningStandardize,
+    available_bytes,
+    layer_rms,
+    log_scale,
+    mlp,
+)
 
 _HEAD = {"hidden": 128, "depth": 2, "dropout": 0.0}
+_HEAD_SCHEMA = {
+    "hidden": HParam("int", 1),
+    "depth": HParam("int", 0, MAX_DEPTH),
+    "dropout": HParam("float", 0, 1),
+}
 
 
 def _rms(t: torch.Tensor) -> torch.Tensor:
@@ -43,13 +58,14 @@ class FlatMLP(LoLModel):
     defaults: ClassVar[dict[str, Any]] = {**_HEAD, "ranks": None, "layout": "rank-major"}
     saved_defaults: ClassVar[dict[str, Any]] = {"layout": "row-major"}
     LAYOUTS = ("rank-major", "row-major")
+    schema: ClassVar[dict[str, HParam]] = {
+        **_HEAD_SCHEMA,
+        "ranks": HParam("ints", nullable=True),
+        "layout": HParam("choice", choices=LAYOUTS),
+    }
 
     def __init__(self, spec: LayerSpec, out_dim: int, *, like: Any = None, **hparams: Any):
         super().__init__(spec, out_dim, hparams)
-        if self.hparams["layout"] not in self.LAYOUTS:
-            raise ValueError(
-                f"layout must be one of {self.LAYOUTS}, got {self.hparams['layout']!r}"
-            )
         if self.hparams["ranks"] is None:
             self.hparams["ranks"] = list(spec.ranks)
         self.hparams["ranks"] = [int(r) for r in self.hparams["ranks"]]
@@ -164,6 +180,7 @@ class SVDMLP(LoLModel):
 
     name = "mlp-svd"
     defaults: ClassVar[dict[str, Any]] = {**_HEAD, "k": None}
+    schema: ClassVar[dict[str, HParam]] = {**_HEAD_SCHEMA, "k": HParam("int", 1, nullable=True)}
     gl_invariant = o_invariant = True
 
     def __init__(self, spec: LayerSpec, out_dim: int, *, like: Any = None, **hparams: Any):
@@ -185,17 +202,6 @@ class SVDMLP(LoLModel):
         return self.head(self.norm(x))
 
 
-def _available_bytes() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
 class DenseMLP(LoLModel):
     """``mlp-dense``: every delta W = U V^T in full. GL(r)-invariant; O(sum out*in) per LoRA.
 
@@ -207,6 +213,10 @@ class DenseMLP(LoLModel):
 
     name = "mlp-dense"
     defaults: ClassVar[dict[str, Any]] = {**_HEAD, "hidden": 64, "max_gib": None}
+    schema: ClassVar[dict[str, HParam]] = {
+        **_HEAD_SCHEMA,
+        "max_gib": HParam("float", 0, 2**20, nullable=True),
+    }
     gl_invariant = o_invariant = True
 
     def __init__(self, spec: LayerSpec, out_dim: int, *, like: Any = None, **hparams: Any):
@@ -217,12 +227,10 @@ class DenseMLP(LoLModel):
         need = 4 * total * (h["hidden"] + 2)  # float32 weights + running mean/square
         # Weights and their gradients must fit: the least any training needs (Adam needs 4x).
         limit = (
-            int(float(h["max_gib"]) * 2**30)
-            if h["max_gib"] is not None
-            else _available_bytes() // 2
+            int(float(h["max_gib"]) * 2**30) if h["max_gib"] is not None else available_bytes() // 2
         )
         if need > limit:
-            raise MemoryError(
+            raise ModelSizeError(
                 f"mlp-dense does not fit: its first layer maps {total:,} dense inputs (sum of "
                 f"out x in over {len(sizes)} layers) to {h['hidden']} units, "
                 f"{need / 2**30:.1f} GiB in float32 (about {4 * need / 2**30:.1f} GiB to train "

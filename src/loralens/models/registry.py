@@ -9,7 +9,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from loralens.lora import LayerSpec, LoRA, LoRABatch, LoRALayer, collate
-from loralens.models.base import LoLModel, as_spec
+from loralens.models import base
+from loralens.models.base import HParam, LoLModel, ModelSizeError, as_spec
 from loralens.models.glnet import GLNet
 from loralens.models.mlp import SVDMLP, DenseMLP, FlatMLP, OAlignMLP
 
@@ -22,6 +23,15 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "weight_decay": 1e-4,
     "patience": 12,
     "grad_clip": 1.0,
+}
+#: What each training setting may be.
+TRAINING_SCHEMA: dict[str, HParam] = {
+    "epochs": HParam("int", 1, 10**6),
+    "lr": HParam("float", 0, 1e3),
+    "batch_size": HParam("int", 1, 2**20),
+    "weight_decay": HParam("float", 0, 1e3),
+    "patience": HParam("int", 1, 10**6),
+    "grad_clip": HParam("float", 0, 1e12),
 }
 
 
@@ -59,6 +69,46 @@ def training_defaults(name: str) -> dict[str, Any]:
     model ``name`` trains with unless told otherwise."""
     _model_class(name)
     return dict(_REGISTRY[name][1])
+
+
+def check_hparams(name: str, hparams: dict[str, Any]) -> None:
+    """Refuse an unknown model, unknown hyperparameters, or values of the wrong type or out of
+    range (:class:`~loralens.models.base.HParamError`), before anything is built."""
+    base.check_hparams(f"model {name!r}", _model_class(name).schema, hparams)
+
+
+def check_training(settings: dict[str, Any]) -> None:
+    """Refuse training settings (``TRAINING_SCHEMA``; None = the default) of the wrong type or
+    out of range (:class:`~loralens.models.base.HParamError`)."""
+    given = {k: v for k, v in settings.items() if v is not None}
+    base.check_hparams("training", TRAINING_SCHEMA, given, noun="setting")
+
+
+def state_shapes(
+    name: str, like: LoRABatch | LoRA | LayerSpec, out_dim: int, hparams: dict[str, Any]
+) -> dict[str, torch.Tensor]:
+    """Every state_dict entry of ``rebuild_model(name, like, out_dim, hparams)`` as a tensor on
+    the meta device (shape and dtype, no data): nothing is allocated, whatever the sizes."""
+    with torch.device("meta"):
+        model = rebuild_model(name, as_spec(like), out_dim, hparams)
+    return dict(model.state_dict())
+
+
+def check_fits(
+    name: str, like: LoRABatch | LoRA | LayerSpec, out_dim: int, hparams: dict[str, Any]
+) -> None:
+    """Refuse (:class:`~loralens.models.base.ModelSizeError`) a model whose weights, gradients
+    and two Adam moments would not fit in the memory available now; builds nothing."""
+    state = state_shapes(name, like, out_dim, hparams).values()
+    count = sum(t.numel() for t in state)
+    weights = sum(t.numel() * t.element_size() for t in state)
+    limit = base.available_bytes()
+    if 4 * weights > limit:
+        raise ModelSizeError(
+            f"model {name!r} with hyperparameters {hparams} has {count:,} weights, "
+            f"{weights / 2**30:.1f} GiB (about {4 * weights / 2**30:.1f} GiB to train with Adam), "
+            f"more than the {limit / 2**30:.1f} GiB of memory available: use smaller widths"
+        )
 
 
 def build_model(
