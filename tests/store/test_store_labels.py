@@ -1,9 +1,9 @@
 """Hostile and broken labels and adapter folders: every case is a clear error naming the file
 or adapter, or a correct store; nothing outside the adapters folder is read, nothing hangs."""
 
+import multiprocessing
 import os
 import shutil
-import threading
 
 import numpy as np
 import pytest
@@ -41,24 +41,30 @@ class _Recorder:
         return ll.load_lora(path)
 
 
-def _in_time(fn, seconds=20):
-    """Run ``fn`` in a thread; its result or exception, failing if it does not end in time
-    (a hang on a named pipe)."""
-    out = {}
+def _in_time(fn, seconds=30):
+    """``fn()`` run in a forked child: its (picklable) result, or its StoreError raised here;
+    fails if it does not end in time (a hang on a named pipe may hold the GIL: a thread
+    would not do)."""
+    ctx = multiprocessing.get_context("fork")
+    receive, send = ctx.Pipe(duplex=False)
 
     def run():
         try:
-            out["value"] = fn()
-        except Exception as e:
-            out["error"] = e
+            send.send(("value", fn()))
+        except StoreError as e:
+            send.send(("error", str(e), getattr(e, "refused", None)))
 
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(seconds)
-    assert not t.is_alive(), "hung"
-    if "error" in out:
-        raise out["error"]
-    return out["value"]
+    child = ctx.Process(target=run)
+    child.start()
+    done = receive.poll(seconds)
+    if not done:
+        child.kill()
+    child.join()
+    assert done, "hung"
+    out = receive.recv()
+    if out[0] == "error":
+        raise StoreError(out[1]) if out[2] is None else PackError(out[1], out[2])
+    return out[1]
 
 
 def test_empty_and_header_only_labels_are_errors_naming_the_file(tmp_path):
@@ -178,21 +184,25 @@ def test_a_named_pipe_in_the_folder_is_refused_by_name_never_opened(tmp_path, sk
     (src / "folder").mkdir()  # an adapter folder whose weights are a pipe
     os.mkfifo(src / "folder" / "adapter_model.safetensors")
     os.mkfifo(src / "no-suffix")  # not an adapter by name: ignored
-    run = lambda: pack(src, tmp_path / "s", skip_bad=skip_bad)  # noqa: E731
+
+    def run():
+        store, refused = pack(src, tmp_path / "s", skip_bad=skip_bad)
+        return store.ids, refused
+
     if not skip_bad:
         with pytest.raises(PackError) as e:
             _in_time(run)
         refused = e.value.refused
     else:
-        store, refused = _in_time(run)
-        assert store.ids == ["000000.safetensors", "000001.safetensors", "000002.safetensors"]
+        ids, refused = _in_time(run)
+        assert ids == ["000000.safetensors", "000001.safetensors", "000002.safetensors"]
     assert refused == [
         ("folder", "folder/adapter_model.safetensors is a named pipe, not a file"),
         ("pipe.safetensors", "pipe.safetensors is a named pipe, not an adapter file or folder"),
     ]
     labels = _csv(tmp_path / "l.csv", "adapter,y\n000000,1\npipe,2\n")  # named in labels too
     with pytest.raises(PackError) as e:
-        _in_time(lambda: pack(src, tmp_path / "t", labels=labels, skip_missing=True))
+        _in_time(lambda: pack(src, tmp_path / "t", labels=labels, skip_missing=True)[1])
     assert e.value.refused == [
         ("pipe", "pipe.safetensors is a named pipe, not an adapter file or folder")
     ]
@@ -202,10 +212,10 @@ def test_a_named_pipe_as_the_labels_file_is_refused(tmp_path):
     src = _adapters(tmp_path / "a")
     os.mkfifo(tmp_path / "labels.csv")
     with pytest.raises(StoreError, match=f"{tmp_path / 'labels.csv'} is a named pipe"):
-        _in_time(lambda: pack(src, tmp_path / "s", labels=tmp_path / "labels.csv"))
+        _in_time(lambda: pack(src, tmp_path / "s", labels=tmp_path / "labels.csv")[1])
     zoo = tmp_path / "zoo"  # a zoo folder whose labels.csv is a pipe: the same
     shutil.copytree(src, zoo / "adapters")
     os.mkfifo(zoo / "labels.csv")
     with pytest.raises(StoreError, match=r"labels\.csv is a named pipe"):
-        _in_time(lambda: pack(zoo, tmp_path / "s"))
+        _in_time(lambda: pack(zoo, tmp_path / "s")[1])
     assert not is_packed_from(tmp_path / "s", zoo / "labels.csv")
