@@ -132,6 +132,11 @@ class LoRAStore:
             self._shards[s] = shard
         check_rows(self.path / INDEX, rows, self.index["id"], self._shards, self.shapes)
 
+    def __reduce__(self) -> tuple:
+        """Pickled as its path and options (mapped files do not pickle): unpickling opens the
+        store again, e.g. in a spawned DataLoader worker."""
+        return (_reopen, (str(self.path), self.dtype, self.verify))
+
     # ----------------------------------------------------------------- description
     def __len__(self) -> int:
         return len(self.index)
@@ -334,3 +339,7 @@ class LoRAStore:
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
             yield chunk, self.batch(chunk, pad_ranks=pad_ranks)
+
+
+def _reopen(path: str, dtype: torch.dtype, verify: bool | str) -> LoRAStore:
+    return LoRAStore(path, dtype=dtype, verify=verify)
