@@ -198,21 +198,17 @@ def pack(
         labels = zoo_labels
     if not root.is_dir():
         raise StoreError(f"{root} is not a folder of adapters")
+    labels_name = None  # how errors name the labels
     if labels is None:
         frame = pd.DataFrame({"adapter": _adapter_entries(root)})
     elif isinstance(labels, pd.DataFrame):
-        frame = labels_frame(labels, "the labels frame")
+        labels_name = "the labels frame"
+        frame = labels_frame(labels, labels_name)
     else:
+        labels_name = str(labels)
         frame = read_labels(labels)
     if frame.empty:
         raise StoreError(f"no adapters to pack in {root}")
-    labels_name = (
-        None
-        if labels is None
-        else "the labels frame"
-        if isinstance(labels, pd.DataFrame)
-        else str(labels)
-    )
     targets = _targets(root, frame, labels_name)
     gaps = targets.missing + targets.unlabeled
     if gaps and not skip_missing:
