@@ -96,3 +96,12 @@ def test_a_rank_zero_layer_reads_alone_and_in_a_batch(tmp_path):
     assert store[0].ranks == [0, 2, 1]
     batch = store.batch([0, 1])
     assert batch.ranks.tolist() == [[0, 2, 1], [1, 2, 1]] and not batch.U[0][0].any()
+
+
+def test_a_store_pickles_as_its_path_and_options(tmp_path):
+    import pickle
+
+    store = write_store(tmp_path / "s", store_items(3), dtype="float16")
+    copy = pickle.loads(pickle.dumps(LoRAStore(tmp_path / "s", verify="quick")))
+    assert copy.path == store.path and copy.verify == "quick" and copy.ids == store.ids
+    assert torch.equal(copy.batch([2]).U[0], store.batch([2]).U[0])

@@ -17,15 +17,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import mmap
 import os
 import struct
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from loralens.atomic import SpecialFileError, open_regular
 from loralens.errors import OutputExistsError
 from loralens.lora import LoRA
 
@@ -33,9 +37,11 @@ FORMAT = "loralens-store"
 VERSION = 2  # 2: rank-major factors; 1: row-major (read and appended to as such)
 INDEX = "index.parquet"
 INFO = "store.json"
+CHECKSUMS = "checksums"  # in store.json: file name -> {bytes, sha256}, recorded when written
 SHARD_PATTERN = "weights-{:05d}.safetensors"
 SHARD_GLOB = "weights-*.safetensors"
 DEFAULT_SHARD_BYTES = 512 * 2**20
+MAX_HEADER_BYTES = 100 * 2**20
 ROW_LAYOUT = (
     "per shard, LoRAs of equal ranks share a 2-D tensor g<k>; a row is "
     "[U_0^T (r x out), V_0^T (r x in), U_1^T, V_1^T, ...] flattened row-major"
@@ -70,15 +76,96 @@ def label_column(name: str) -> str:
     return f"{name}_label" if name in RESERVED else str(name)
 
 
-def read_info(path: Path) -> dict[str, Any]:
-    """``store.json`` of the store at ``path``, refused unless it is a format this code reads."""
-    info_path, index_path = path / INFO, path / INDEX
-    if not info_path.is_file() or not index_path.is_file():
-        raise StoreError(f"{path} is not a loralens store (no {INFO} / {INDEX})")
-    info = json.loads(info_path.read_text())
-    if info.get("format") != FORMAT or int(info.get("version", 0)) > VERSION:
-        raise StoreError(f"{path}: unsupported store format {info.get('format')!r}")
+def check_label_names(names: Sequence[str]) -> None:
+    """Refuse labels that :func:`label_column` would store under one name (``rank`` beside
+    ``rank_label``): one of them would lose its values."""
+    seen: dict[str, str] = {}
+    for name in map(str, names):
+        col = label_column(name)
+        if col in seen:
+            raise StoreError(
+                f"label columns {seen[col]!r} and {name!r} would both be stored as {col!r} "
+                f"(a label named like a store column ({', '.join(RESERVED)}) gets the suffix "
+                "'_label'); rename one of them"
+            )
+        seen[col] = name
+
+
+def read_info(path: Path, *, dir_fd: int | None = None) -> dict[str, Any]:
+    """``store.json`` of the store at ``path`` (opened as the directory ``dir_fd`` if given),
+    checked to be a store description this code reads (a :class:`StoreError` naming the file
+    otherwise)."""
+    info_path = path / INFO
+    for name in (INFO, INDEX):
+        try:
+            os.stat(
+                name if dir_fd is not None else path / name, dir_fd=dir_fd, follow_symlinks=False
+            )
+        except FileNotFoundError:
+            raise StoreError(f"{path} is not a loralens store (no {INFO} / {INDEX})") from None
+    try:
+        with open_regular(INFO if dir_fd is not None else info_path, dir_fd=dir_fd) as f:
+            info = json.loads(f.read())
+    except OSError as e:
+        raise StoreError(os_message(info_path, e)) from None
+    except (ValueError, RecursionError) as e:
+        raise StoreError(f"{info_path}: not a readable store description ({e})") from None
+    if not isinstance(info, dict):
+        raise StoreError(f"{info_path}: not a store description (not a JSON object)")
+    if info.get("format") != FORMAT:
+        raise StoreError(f"{info_path}: unsupported store format {info.get('format')!r}")
+    version = info.get("version", 1)
+    if type(version) is not int or not 1 <= version <= VERSION:
+        raise StoreError(f"{info_path}: unsupported store format version {version!r}")
+    if info.get("dtype") not in NP_DTYPES:
+        raise StoreError(f"{info_path}: dtype must be one of {sorted(NP_DTYPES)}")
+    layers = info.get("layers")
+    if not isinstance(layers, list) or not all(_is_layer(la) for la in layers):
+        raise StoreError(f"{info_path}: 'layers' must list {{name, out, in}} of every layer")
+    sums = info.get(CHECKSUMS, {})
+    if not isinstance(sums, dict) or not all(_is_checksum(v) for v in sums.values()):
+        raise StoreError(f"{info_path}: '{CHECKSUMS}' must map file names to {{bytes, sha256}}")
     return info
+
+
+def os_message(path: Path, e: OSError) -> str:
+    """One line naming ``path`` and why it could not be read."""
+    if isinstance(e, SpecialFileError):
+        return f"{path} is {e.kind}, not a regular file"
+    return f"{path}: {e.strerror or e}"
+
+
+def _get(obj: Any, key: str) -> Any:
+    return obj.get(key) if isinstance(obj, dict) else None
+
+
+def _is_count(x: Any) -> bool:
+    return type(x) is int and x >= 0
+
+
+def _is_layer(la: Any) -> bool:
+    return (
+        isinstance(la, dict)
+        and isinstance(la.get("name"), str)
+        and _is_count(la.get("out"))
+        and _is_count(la.get("in"))
+    )
+
+
+def _is_checksum(entry: Any) -> bool:
+    digest = _get(entry, "sha256")
+    return (
+        _is_count(_get(entry, "bytes"))
+        and isinstance(digest, str)
+        and len(digest) == 64
+        and all(c in "0123456789abcdef" for c in digest)
+    )
+
+
+def checksum_of(info: Mapping[str, Any], name: str) -> dict[str, Any] | None:
+    """The {bytes, sha256} ``store.json`` records for file ``name`` (None for stores written
+    before checksums were recorded, or for shards such a store held before an append)."""
+    return info.get(CHECKSUMS, {}).get(name)
 
 
 def info_layers(info: Mapping[str, Any]) -> tuple[list[str], list[tuple[int, int]]]:
@@ -121,8 +208,11 @@ def factor_view(flat: torch.Tensor, n: int, r: int, rank_major: bool) -> torch.T
     return flat.view(B, r, n).mT if rank_major else flat.view(B, n, r)
 
 
-def write_safetensors(path: Path, tensors: Mapping[str, np.ndarray], metadata: dict) -> None:
-    """Write a safetensors file (the documented format: u64 header length, JSON header, data)."""
+def write_safetensors(
+    path: Path, tensors: Mapping[str, np.ndarray], metadata: dict
+) -> dict[str, Any]:
+    """Write a safetensors file (the documented format: u64 header length, JSON header, data);
+    returns its checksum entry {bytes, sha256}, hashed as it is written."""
     header: dict[str, Any] = {"__metadata__": {k: str(v) for k, v in metadata.items()}}
     offset = 0
     for name, arr in tensors.items():
@@ -135,37 +225,89 @@ def write_safetensors(path: Path, tensors: Mapping[str, np.ndarray], metadata: d
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # align the data section
+    digest, size = hashlib.sha256(), 0
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for arr in tensors.values():
-            f.write(np.ascontiguousarray(arr).tobytes())
+        for chunk in (
+            struct.pack("<Q", len(raw)),
+            raw,
+            *(np.ascontiguousarray(a).tobytes() for a in tensors.values()),
+        ):
+            f.write(chunk)
+            digest.update(chunk)
+            size += len(chunk)
         f.flush()
         os.fsync(f.fileno())
+    return {"bytes": size, "sha256": digest.hexdigest()}
 
 
-def map_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """Memory-map every tensor of a safetensors file as a read-only numpy array."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        if n > 100 * 2**20:
-            raise StoreError(f"{path}: implausible safetensors header ({n} bytes)")
-        header = json.loads(f.read(n))
-    size = path.stat().st_size
-    start = 8 + n
+@dataclass
+class Shard:
+    """A shard opened for reading: its parsed header, checked, and the whole file mapped."""
+
+    path: Path
+    size: int
+    start: int
+    tensors: dict[str, tuple[np.dtype, tuple[int, ...], int]]  # name -> (dtype, shape, offset)
+    metadata: dict[str, Any]
+    data: mmap.mmap
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Every tensor as a read-only numpy view of the mapped file."""
+        out = {}
+        for name, (dtype, shape, b) in self.tensors.items():
+            if math.prod(shape) == 0:
+                out[name] = np.zeros(shape, dtype=dtype)
+            else:
+                out[name] = np.ndarray(shape, dtype, buffer=self.data, offset=self.start + b)
+        return out
+
+
+def open_shard(path: Path, *, dir_fd: int | None = None) -> Shard:
+    """Open a shard (by its name in the directory ``dir_fd`` if given), check its header
+    (every tensor of a supported dtype lies inside the file) and map it; a
+    :class:`StoreError` naming the shard otherwise: missing, empty, truncated, malformed."""
+    try:
+        with open_regular(path.name if dir_fd is not None else path, dir_fd=dir_fd) as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(8)
+            if len(head) < 8:
+                raise StoreError(f"{path}: {size} bytes, too short to be a safetensors shard")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(MAX_HEADER_BYTES, size - 8):
+                raise StoreError(f"{path}: implausible safetensors header ({n} bytes)")
+            header = json.loads(f.read(n))
+            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except StoreError:
+        raise
+    except FileNotFoundError:
+        raise StoreError(f"{path}: missing (the index has rows in it)") from None
+    except OSError as e:
+        raise StoreError(os_message(path, e)) from None
+    except (ValueError, RecursionError) as e:
+        raise StoreError(f"{path}: not a readable safetensors shard ({e})") from None
+    if not isinstance(header, dict):
+        raise StoreError(f"{path}: the safetensors header is not a JSON object")
+    meta = header.pop("__metadata__", {})
     out = {}
     for name, h in header.items():
-        if name == "__metadata__":
-            continue
-        dtype = _ST_DTYPES.get(h["dtype"])
-        if dtype is None:
-            raise StoreError(f"{path}: tensor {name} has unsupported dtype {h['dtype']}")
-        b, e = h["data_offsets"]
-        shape = tuple(int(x) for x in h["shape"])
-        if start + e > size or e - b != int(np.prod(shape)) * np.dtype(dtype).itemsize:
-            raise StoreError(f"{path}: tensor {name} lies outside the file (truncated shard?)")
-        if e == b:
-            out[name] = np.zeros(shape, dtype=dtype)
-        else:
-            out[name] = np.memmap(path, dtype=dtype, mode="r", offset=start + b, shape=shape)
-    return out
+        out[name] = _tensor_entry(path, name, h, size - 8 - n)
+    return Shard(path, size, 8 + n, out, meta if isinstance(meta, dict) else {}, data)
+
+
+def _tensor_entry(path: Path, name: str, h: Any, data_bytes: int) -> tuple:
+    dtype = _ST_DTYPES.get(_get(h, "dtype"))
+    if dtype is None:
+        raise StoreError(f"{path}: tensor {name} has unsupported dtype {_get(h, 'dtype')!r}")
+    shape, offsets = _get(h, "shape"), _get(h, "data_offsets")
+    if not (
+        isinstance(shape, list)
+        and all(_is_count(x) for x in shape)
+        and isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(_is_count(x) for x in offsets)
+    ):
+        raise StoreError(f"{path}: tensor {name} has a malformed shape or data_offsets")
+    b, e = offsets
+    if e > data_bytes or e - b != math.prod(shape) * np.dtype(dtype).itemsize:
+        raise StoreError(f"{path}: tensor {name} lies outside the file (truncated shard?)")
+    return np.dtype(dtype), tuple(shape), b

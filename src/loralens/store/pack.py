@@ -1,8 +1,10 @@
 """Packing a folder of adapters plus a labels CSV into a store, and keeping a zoo's store current.
 
-Labels are joined to adapters by name (the CSV's first column names a sub-folder or file of
-the folder, extension optional), never by position. Adapters that cannot be read or do not fit
-the others are refused and reported by name.
+Labels are joined to adapters by name (see :mod:`loralens.store.labels`), never by position.
+Only what the names lead to inside the adapters folder is read, and only regular files and
+folders (a named pipe is refused, never opened). Adapters that cannot be read or do not fit
+the others are refused and reported by name; so are names without an adapter and adapters
+without a name, unless asked to skip them.
 """
 
 from __future__ import annotations
@@ -11,13 +13,16 @@ import contextlib
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from loralens.atomic import special_kind
 from loralens.lora import LoRA
 from loralens.store.format import INFO, StoreError
+from loralens.store.labels import labels_frame, read_labels
 from loralens.store.reader import LoRAStore
 from loralens.store.writer import StoreWriter
 from loralens.zoo.folder import ADAPTERS, LABELS, MANIFEST
@@ -27,6 +32,7 @@ from loralens.zoo.folder import ADAPTERS, LABELS, MANIFEST
 ADAPTER_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 #: How many adapters the layer layout of a new store is chosen from (the most common one).
 LAYOUT_SAMPLE = 16
+_MISSING = "not found"
 
 
 class PackError(StoreError):
@@ -37,22 +43,9 @@ class PackError(StoreError):
         self.refused = refused
 
 
-def read_labels(path: str | os.PathLike) -> pd.DataFrame:
-    """A labels CSV whose first column names the adapters (``adapter``), one row each."""
-    frame = pd.read_csv(path, converters={0: str})  # "000017" stays a name, not 17
-    if frame.empty or len(frame.columns) == 0:
-        raise StoreError(f"{path}: no rows")
-    first = frame.columns[0]
-    frame = frame.rename(columns={first: "adapter"})
-    frame["adapter"] = frame["adapter"].astype(str)
-    dupes = frame["adapter"][frame["adapter"].duplicated()].tolist()
-    if dupes:
-        raise StoreError(f"{path}: adapters listed twice: {dupes[:5]}")
-    return frame
-
-
 def _adapter_entries(adapters_dir: Path) -> list[str]:
-    """Names of the adapters in a folder: sub-folders and single adapter files."""
+    """Names of the adapters in a folder: sub-folders and single adapter files (by suffix;
+    one that is a named pipe or device is listed, to be refused by name)."""
     return [
         p.name
         for p in sorted(adapters_dir.iterdir())
@@ -60,17 +53,52 @@ def _adapter_entries(adapters_dir: Path) -> list[str]:
     ]
 
 
-def _resolve_adapter(adapters_dir: Path, name: str) -> Path | None:
-    """The file or folder an adapter name refers to (the name may omit the file suffix)."""
+def _inside(real_root: str, path: Path) -> bool:
+    real = os.path.realpath(path)
+    return real != real_root and os.path.commonpath([real_root, real]) == real_root
+
+
+def _resolve_adapter(adapters_dir: Path, name: str) -> tuple[Path | None, str]:
+    """(the file or folder an adapter name refers to, '') or (None, why not): not found, not a
+    regular file or folder, or leading outside the folder. The name may omit the suffix."""
+    real_root = os.path.realpath(adapters_dir)
     for candidate in (name, *(name + ext for ext in ADAPTER_SUFFIXES)):
-        if (adapters_dir / candidate).exists():
-            return adapters_dir / candidate
-    return None
+        path = adapters_dir / candidate
+        try:
+            kind = special_kind(path)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError as e:
+            return None, f"unreadable: {e}"
+        if kind:
+            return None, f"{candidate} is {kind}, not an adapter file or folder"
+        inner = list(path.iterdir()) if path.is_dir() else []
+        for p in (path, *inner):
+            if not _inside(real_root, p):
+                return None, f"{p.relative_to(adapters_dir)} leads outside {adapters_dir}"
+            with contextlib.suppress(FileNotFoundError):
+                kind = special_kind(p)
+            if kind:
+                return None, f"{p.relative_to(adapters_dir)} is {kind}, not a file"
+        return path, ""
+    return None, _MISSING
+
+
+def _unlabeled(root: Path, found: Mapping[str, Path]) -> list[str]:
+    """The adapters in ``root`` that none of the ``found`` paths is, or lies in."""
+    real_root = os.path.realpath(root)
+    covered = set()
+    for path in found.values():
+        real = os.path.realpath(path)
+        while real != real_root and real not in covered:
+            covered.add(real)
+            real = os.path.dirname(real)
+    return [e for e in _adapter_entries(root) if os.path.realpath(root / e) not in covered]
 
 
 def _zoo_parts(root: Path) -> tuple[Path, Path | None, dict | None]:
     """(adapters folder, its labels CSV, its zoo manifest) when ``root`` is a zoo folder."""
-    if not ((root / ADAPTERS).is_dir() and (root / LABELS).is_file()):
+    if not ((root / ADAPTERS).is_dir() and os.path.lexists(root / LABELS)):
         return root, None, None
     manifest = None
     if (root / MANIFEST).is_file():
@@ -92,6 +120,48 @@ def _common_layout(loras: Sequence[LoRA | None]) -> tuple[list[str], list] | Non
     return list(names), list(shapes)
 
 
+@dataclass
+class _Targets:
+    """What a pack reads: label records and their adapter paths; and what it leaves out:
+    ``bad`` (refused unless skip_bad), ``missing`` names and ``unlabeled`` adapters (refused
+    unless skip_missing), each as (name, why)."""
+
+    records: list[dict]
+    paths: dict[str, Path]
+    bad: list[tuple[str, str]]
+    missing: list[tuple[str, str]]
+    unlabeled: list[tuple[str, str]]
+
+
+def _targets(root: Path, frame: pd.DataFrame, labels_name: str | None) -> _Targets:
+    """Resolve the adapters ``frame`` names; names leading to one adapter twice are refused."""
+    records = frame.to_dict("records")
+    out = _Targets([], {}, [], [], [])
+    for rec in records:
+        name = rec["adapter"]
+        path, why = _resolve_adapter(root, name)
+        if path is not None:
+            out.records.append(rec)
+            out.paths[name] = path
+        elif labels_name is not None and why == _MISSING:
+            out.missing.append((name, f"named in {labels_name} but not found in {root}"))
+        else:
+            out.bad.append((name, why))
+    by_path: dict[str, list[str]] = {}
+    for name, path in out.paths.items():
+        by_path.setdefault(os.path.realpath(path), []).append(name)
+    twice = [names for names in by_path.values() if len(names) > 1]
+    if twice:
+        raise StoreError(
+            f"{labels_name}: adapters listed twice: {', '.join(map(repr, twice[0]))} all name "
+            f"{out.paths[twice[0][0]]}; list each adapter once"
+        )
+    if labels_name is not None:
+        why = f"in {root} but not named in {labels_name}"
+        out.unlabeled = [(n, why) for n in _unlabeled(root, out.paths)]
+    return out
+
+
 def pack(
     adapters_dir: str | os.PathLike,
     out: str | os.PathLike,
@@ -101,20 +171,24 @@ def pack(
     append: bool = False,
     overwrite: bool = False,
     skip_bad: bool = False,
+    skip_missing: bool = False,
     load: Callable[[Path], LoRA] | None = None,
     progress: Callable[[int, int, str], Any] | None = None,
     made_by: Mapping[str, Any] | None = None,
 ) -> tuple[LoRAStore, list[tuple[str, str]]]:
     """Pack a folder of adapters (any supported format) plus labels into a store at ``out``.
 
-    ``labels`` is a CSV (or frame) whose first column names adapters (sub-folder or file name,
-    extension optional); only listed adapters are packed. Without labels every adapter in the
-    folder is packed. ``adapters_dir`` may also be a zoo folder holding ``adapters/`` and
-    ``labels.csv``. The layer layout is the store's own when appending, else the most common
-    one among the first adapters. Adapters that cannot be read or whose layers do not fit are
-    refused: with ``skip_bad`` they are left out, recorded by name in ``store.json``'s history
-    and returned as (name, reason); otherwise a :class:`PackError` lists them all and nothing
-    is written. ``progress(i, n, name)`` is called after each adapter.
+    ``labels`` is a CSV (or frame) naming adapters (sub-folder or file name, extension
+    optional; see :mod:`loralens.store.labels`). Without labels every adapter in the folder is
+    packed. ``adapters_dir`` may also be a zoo folder holding ``adapters/`` and
+    ``labels.csv``. Names the folder lacks, and adapters in the folder the labels do not name,
+    are refused (a :class:`PackError` listing them, nothing written) unless ``skip_missing``,
+    which leaves them out. The layer layout is the store's own when appending, else the most
+    common one among the first adapters. Adapters that cannot be read, are not regular files
+    or folders, or whose layers do not fit are refused: with ``skip_bad`` they are left out,
+    otherwise a :class:`PackError` lists them all and nothing is written. Everything left out
+    is recorded by name in ``store.json``'s history and returned as (name, reason).
+    ``progress(i, n, name)`` is called after each adapter.
     """
     from loralens.formats import load_lora
 
@@ -124,79 +198,82 @@ def pack(
         labels = zoo_labels
     if not root.is_dir():
         raise StoreError(f"{root} is not a folder of adapters")
+    labels_name = None  # how errors name the labels
     if labels is None:
         frame = pd.DataFrame({"adapter": _adapter_entries(root)})
     elif isinstance(labels, pd.DataFrame):
-        frame = labels.rename(columns={labels.columns[0]: "adapter"})
+        labels_name = "the labels frame"
+        frame = labels_frame(labels, labels_name)
     else:
+        labels_name = str(labels)
         frame = read_labels(labels)
     if frame.empty:
         raise StoreError(f"no adapters to pack in {root}")
+    targets = _targets(root, frame, labels_name)
+    gaps = targets.missing + targets.unlabeled
+    if gaps and not skip_missing:
+        raise PackError(
+            f"{len(targets.missing)} adapter(s) named in {labels_name} are not in {root}, "
+            f"{len(targets.unlabeled)} in {root} are not named in {labels_name}; nothing was "
+            "written (pass skip_missing / --skip-missing to pack the adapters both name)",
+            gaps,
+        )
+    records, paths, bad = targets.records, targets.paths, targets.bad
     label_cols = [c for c in frame.columns if c != "adapter"]
-    records = frame.to_dict("records")
-
-    refused: list[tuple[str, str]] = []
     loaded: dict[int, LoRA | None] = {}
 
     def _load(k: int) -> LoRA | None:
         if k in loaded:
             return loaded.pop(k)
         name = str(records[k]["adapter"])
-        path = _resolve_adapter(root, name)
-        if path is None:
-            refused.append((name, "not found"))
-            return None
         try:
-            lora = load(path)
+            lora = load(paths[name])
         except Exception as e:  # hostile or broken files are refused, never fatal
-            refused.append((name, f"unreadable: {e}"))
+            bad.append((name, f"unreadable: {e}"))
             return None
-        lora.metadata.setdefault("source", str(path))
+        lora.metadata.setdefault("source", str(paths[name]))
         return lora
 
-    meta = {
-        "command": "pack",
-        "adapters": str(root),
-        "labels": str(labels) if labels is not None else None,
-    }
+    meta = {"command": "pack", "adapters": str(root), "labels": labels_name}
     meta.update(made_by or {})
-    writer = StoreWriter.open(out, append=append, overwrite=overwrite, dtype=dtype, made_by=meta)
-    if not writer.appending:
-        if zoo_info is not None:
-            writer.made_by["zoo"] = zoo_info
-        for k in range(min(LAYOUT_SAMPLE, len(records))):
-            loaded[k] = _load(k)  # kept (or its refusal) for the main pass
-        layout = _common_layout(list(loaded.values()))
-        if layout is not None:
-            writer.set_layout(*layout)
-    with writer:
+    with StoreWriter.open(out, append=append, overwrite=overwrite, dtype=dtype, made_by=meta) as w:
+        if not w.appending:
+            if zoo_info is not None:
+                w.made_by["zoo"] = zoo_info
+            for k in range(min(LAYOUT_SAMPLE, len(records))):
+                loaded[k] = _load(k)  # kept (or its refusal) for the main pass
+            layout = _common_layout(list(loaded.values()))
+            if layout is not None:
+                w.set_layout(*layout)
         for k, rec in enumerate(records):
             name = str(rec["adapter"])
             lora = _load(k)
             if lora is not None:
-                problem = writer.mismatch(lora)
+                problem = w.mismatch(lora)
                 if problem:
-                    refused.append((name, f"layers do not fit the others: {problem}"))
+                    bad.append((name, f"layers do not fit the others: {problem}"))
                 else:
-                    writer.add(
-                        lora,
-                        id=name,
-                        source=str(lora.metadata.get("source", "")),
-                        labels={c: rec[c] for c in label_cols},
-                    )
+                    labels_k = {c: rec[c] for c in label_cols}
+                    source = str(lora.metadata.get("source", ""))
+                    try:
+                        w.add(lora, id=name, source=source, labels=labels_k)
+                    except StoreError as e:  # NaN or inf factors, an id already stored
+                        bad.append((name, str(e)))
             if progress is not None:
                 progress(k + 1, len(records), name)
-        if refused and not skip_bad:
+        if bad and not skip_bad:
             raise PackError(
-                f"{len(refused)} of {len(records)} adapters refused; nothing was written "
+                f"{len(bad)} of {len(frame)} adapters refused; nothing was written "
                 "(pass skip_bad / --skip-bad to pack the rest)",
-                refused,
+                bad,
             )
-        if not len(writer) and not writer.appending:
-            raise PackError("no adapter could be packed", refused)
-        if refused:
-            writer.made_by["refused"] = [name for name, _ in refused]
-    return LoRAStore(out), refused
+        if not len(w) and not w.appending:
+            raise PackError("no adapter could be packed", bad + gaps)
+        if bad or targets.missing:
+            w.made_by["refused"] = [name for name, _ in targets.missing + bad]
+        if targets.unlabeled:
+            w.made_by["unlabeled"] = [name for name, _ in targets.unlabeled]
+    return LoRAStore(out), gaps + bad
 
 
 def is_packed_from(store_path: str | os.PathLike, labels_csv: str | os.PathLike) -> bool:
@@ -220,12 +297,13 @@ def pack_zoo_cached(
     log: Callable[[str], Any] = lambda _: None,
 ) -> Path:
     """The zoo folder packed into a store at ``target``: reused when it is up to date with the
-    zoo's labels.csv (:func:`is_packed_from`), else packed anew, skipping bad adapters."""
+    zoo's labels.csv (:func:`is_packed_from`), else packed anew, skipping bad adapters and
+    any the labels and the adapters folder do not both name."""
     zoo, target = Path(zoo), Path(target)
     if is_packed_from(target, zoo / LABELS):
         return target
     log(f"packing {zoo} into {target}")
-    store, refused = pack(zoo, target, overwrite=True, skip_bad=True)
+    store, refused = pack(zoo, target, overwrite=True, skip_bad=True, skip_missing=True)
     for name, why in refused:
         log(f"skipped {name}: {why}")
     log(f"packed {len(store)} LoRAs")

@@ -20,17 +20,39 @@ import torch
 from loralens.lora import LayerSpec, LoRA, LoRABatch, factor_zeros
 from loralens.store.format import (
     INDEX,
+    INFO,
     RESERVED,
-    SHARD_GLOB,
     SHARD_PATTERN,
+    Shard,
     StoreError,
+    checksum_of,
     factor_view,
     info_layers,
     is_rank_major,
-    map_safetensors,
+    open_shard,
+    os_message,
     read_info,
     row_offsets,
 )
+from loralens.store.integrity import (
+    check_checksum,
+    check_rows,
+    check_shard_header,
+    first_nonfinite,
+    index_rows,
+    read_index,
+)
+
+#: How often opening is retried when a writer replaces the store meanwhile.
+_OPEN_ATTEMPTS = 5
+
+
+def _replaced(path: Path, dir_fd: int) -> bool:
+    """Whether ``path`` no longer names the directory open as ``dir_fd``."""
+    try:
+        return not os.path.samestat(os.fstat(dir_fd), os.stat(path))
+    except OSError:
+        return True
 
 
 class LoRAStore:
@@ -40,27 +62,80 @@ class LoRAStore:
     >>> lora = store[0]                            # one ll.LoRA
     >>> batch = store.batch([0, 5, 9])             # ll.LoRABatch, mixed ranks zero-padded
     >>> for rows, batch in store.iter_batches(64, shuffle=True, seed=0): ...
+
+    Opening always checks the structure (see :mod:`loralens.store.integrity`) and every value
+    read is checked finite (NaN or inf: a :class:`StoreError` naming the store and the row).
+    ``verify`` says how far the checksums recorded in ``store.json`` are trusted:
+
+    - ``True`` (default): sizes and ``index.parquet``'s sha256 on open, and each shard's
+      sha256 (and all its values) the first time a row of it is read, so a store used
+      whole (train, evaluate) is read once more in all, a store used in part pays for its part;
+    - ``"quick"``: sizes and ``index.parquet``'s sha256 on open only;
+    - ``False``: no checksum is compared.
+
+    Stores written before checksums were recorded have none to compare (see
+    :func:`~loralens.store.verify_store` for a full check that reports it).
     """
 
-    def __init__(self, path: str | os.PathLike, *, dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        dtype: torch.dtype = torch.float32,
+        verify: bool | str = True,
+    ):
+        if verify not in (True, False, "quick"):
+            raise ValueError(f"verify must be True, False or 'quick', not {verify!r}")
         self.path = Path(path)
-        self.info: dict[str, Any] = read_info(self.path)
-        self.index: pd.DataFrame = pd.read_parquet(self.path / INDEX).reset_index(drop=True)
-        self._rank_major = is_rank_major(self.info)
-        self.names, self.shapes = info_layers(self.info)
+        self.verify = verify
         self.dtype = dtype
         self._np_out = np.float32 if dtype == torch.float32 else None
-        n = len(self.index)
-        self._ranks = (
-            np.stack([np.asarray(r, dtype=np.int64) for r in self.index["_ranks"]])
-            if n
-            else np.zeros((0, len(self.names)), dtype=np.int64)
-        )
-        self._shard = self.index["_shard"].to_numpy(np.int64)
-        self._row = self.index["_row"].to_numpy(np.int64)
-        self._key = self.index["_key"].astype(str).to_numpy()
-        self._maps: dict[int, dict[str, np.ndarray]] = {}
+        for attempt in range(_OPEN_ATTEMPTS):  # one directory handle: a consistent snapshot
+            try:
+                dir_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NONBLOCK)
+            except (FileNotFoundError, NotADirectoryError):
+                raise StoreError(
+                    f"{self.path} is not a loralens store (no {INFO} / {INDEX})"
+                ) from None
+            except OSError as e:
+                raise StoreError(os_message(self.path, e)) from None
+            try:
+                self._open(dir_fd)
+                break
+            except StoreError:
+                if attempt + 1 == _OPEN_ATTEMPTS or not _replaced(self.path, dir_fd):
+                    raise  # a writer swapped a new store in (and removed ours): open again
+            finally:
+                os.close(dir_fd)
+        self._clean: set[int] = set()  # shards whose every value was checked finite
+        self._arrays: dict[int, dict[str, np.ndarray]] = {}
         self._id_to_row: dict[str, int] | None = None
+
+    def _open(self, dir_fd: int) -> None:
+        """Read store.json, the index and every shard header (the shards mapped, not read)."""
+        self.info: dict[str, Any] = read_info(self.path, dir_fd=dir_fd)
+        check_hash = bool(self.verify)
+        self.index: pd.DataFrame = read_index(
+            self.path, self.info, check_hash=check_hash, dir_fd=dir_fd
+        )
+        self._rank_major = is_rank_major(self.info)
+        self.names, self.shapes = info_layers(self.info)
+        rows = index_rows(self.path / INDEX, self.index, len(self.names))
+        self._ranks, self._shard, self._key, self._row = rows.ranks, rows.shard, rows.key, rows.row
+        self._shards: dict[int, Shard] = {}
+        for s in sorted(set(self._shard.tolist())):
+            shard = open_shard(self.path / SHARD_PATTERN.format(s), dir_fd=dir_fd)
+            if check_hash:
+                recorded = checksum_of(self.info, shard.path.name)
+                check_checksum(shard.path, recorded, data=shard.data, size_only=True)
+            check_shard_header(self.path, self.info, shard)
+            self._shards[s] = shard
+        check_rows(self.path / INDEX, rows, self.index["id"], self._shards, self.shapes)
+
+    def __reduce__(self) -> tuple:
+        """Pickled as its path and options (mapped files do not pickle): unpickling opens the
+        store again, e.g. in a spawned DataLoader worker."""
+        return (_reopen, (str(self.path), self.dtype, self.verify))
 
     # ----------------------------------------------------------------- description
     def __len__(self) -> int:
@@ -93,11 +168,23 @@ class LoRAStore:
         return LayerSpec(tuple(self.names), tuple(self.shapes), tuple(int(r) for r in ranks))
 
     @property
+    def shards(self) -> list[int]:
+        """Numbers of the shards the store's rows lie in."""
+        return sorted(self._shards)
+
+    @property
+    def shard_files(self) -> list[Path]:
+        """The shard files the store's rows lie in."""
+        return [h.path for h in self._shards.values()]
+
+    @property
     def nbytes(self) -> int:
-        return sum(p.stat().st_size for p in self.path.glob(SHARD_GLOB))
+        """Bytes of the shards the store's rows lie in."""
+        return sum(h.size for h in self._shards.values())
 
     def labels(self, columns: str | Sequence[str], rows: Sequence[int] | None = None) -> np.ndarray:
-        """(N, len(columns)) float array of label columns (NaN where missing)."""
+        """(N, len(columns)) float array of label columns (NaN where missing); a column holding
+        text that is not a number is refused, naming the first such LoRA."""
         cols = [columns] if isinstance(columns, str) else list(columns)
         missing = [c for c in cols if c not in self.index.columns]
         if missing:
@@ -105,7 +192,17 @@ class LoRAStore:
                 f"{self.path}: no column(s) {missing}; label columns are {self.label_columns}"
             )
         frame = self.index[cols] if rows is None else self.index[cols].iloc[list(rows)]
-        return frame.apply(pd.to_numeric, errors="coerce").to_numpy(np.float64)
+        values = frame.apply(pd.to_numeric, errors="coerce")
+        text = values.isna() & frame.notna()  # there, but not a number
+        if text.any().any():
+            col = text.columns[text.any().to_numpy()][0]
+            at = text.index[text[col].to_numpy()][0]
+            raise StoreError(
+                f"{self.path}: label column {col!r} is not numeric: LoRA "
+                f"{str(self.index['id'].iloc[at])!r} has {frame[col].loc[at]!r} (labels must "
+                "be numbers, or empty where unknown)"
+            )
+        return values.to_numpy(np.float64)
 
     def row_of(self, id: str) -> int:
         """The row of the LoRA with this id."""
@@ -118,10 +215,35 @@ class LoRAStore:
 
     # ----------------------------------------------------------------- reading
     def _group(self, shard: int, key: str) -> np.ndarray:
-        maps = self._maps.get(shard)
-        if maps is None:
-            maps = self._maps[shard] = map_safetensors(self.path / SHARD_PATTERN.format(shard))
-        return maps[key]
+        arrays = self._arrays.get(shard)
+        if arrays is None:
+            if self.verify is True:
+                self.check_shard(shard)
+            arrays = self._arrays[shard] = self._shards[shard].arrays()
+        return arrays[key]
+
+    def check_shard(self, shard: int, *, check_hash: bool = True) -> None:
+        """Compare shard ``shard`` with its recorded sha256 (where there is one, and when
+        ``check_hash``) and check every value in it finite; raises naming the shard or row."""
+        mapped = self._shards[shard]
+        if check_hash:
+            check_checksum(mapped.path, checksum_of(self.info, mapped.path.name), data=mapped.data)
+        for key, arr in mapped.arrays().items():
+            local = first_nonfinite(arr)
+            if local is not None:
+                mine = (self._shard == shard) & (self._key == key) & (self._row == local)
+                rows = np.flatnonzero(mine)
+                if len(rows):
+                    raise self._nonfinite(int(rows[0]))
+                raise StoreError(f"{mapped.path}: row {local} of tensor {key} holds NaN or inf")
+        self._clean.add(shard)
+
+    def _nonfinite(self, row: int) -> StoreError:
+        shard = SHARD_PATTERN.format(self._shard[row])
+        return StoreError(
+            f"{self.path}: LoRA {str(self.index['id'].iloc[row])!r} (row {row}) holds NaN or "
+            f"inf values (in {shard}; see `loralens store verify`)"
+        )
 
     def _gather(self, rows: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
         """Group ``rows`` by (shard, group tensor) -> [(positions in ``rows``, (n, D) data)]."""
@@ -137,6 +259,8 @@ class LoRAStore:
                 data = np.array(arr[local[0] : local[-1] + 1])  # one contiguous read
             else:
                 data = arr[local]  # numpy gather from the memory map (a copy)
+            if s not in self._clean and not np.isfinite(data).all():
+                raise self._nonfinite(int(rows[pos[np.argmin(np.isfinite(data).all(axis=1))]]))
             if self._np_out is not None and data.dtype != self._np_out:
                 data = data.astype(self._np_out)
             out.append((pos, data))
@@ -215,3 +339,7 @@ class LoRAStore:
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
             yield chunk, self.batch(chunk, pad_ranks=pad_ranks)
+
+
+def _reopen(path: str, dtype: torch.dtype, verify: bool | str) -> LoRAStore:
+    return LoRAStore(path, dtype=dtype, verify=verify)

@@ -1,31 +1,39 @@
 """Writing a packed store atomically: a new store, or new LoRAs appended to an existing one.
 
-A new store is written into a temporary sibling directory, fsynced and renamed into place; an
-append writes new shards under temporary names, renames them, then replaces ``index.parquet``
-(the commit point) and ``store.json`` by rename. A failed write leaves the store as it was (at
-most an unreferenced shard, which readers ignore).
+Every write, under an exclusive lock on ``.<name>.lock`` beside the store, builds the whole
+new store in a temporary sibling directory ``.<name>.tmp-<random>-<pid>`` (an append
+hard-links the existing shards into it and adds its own), records every file's size and
+sha256 in ``store.json``, fsyncs it and swaps it in (:func:`loralens.atomic.swap_in`): a
+reader sees the old store or the new one, never none and never a mix. A failed write leaves
+the store as it was; one killed outright leaves a temporary directory that the next writer
+of the store removes.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from loralens.atomic import fsync_dir, write_file_atomic
+from loralens.atomic import (
+    LockBeside,
+    fsync_dir,
+    owned_name,
+    remove_orphans,
+    restore_interrupted_swap,
+    swap_in,
+    write_file_atomic,
+)
 from loralens.lora import LayerSpec, LoRA, spec_of
 from loralens.store.format import (
+    CHECKSUMS,
     DEFAULT_SHARD_BYTES,
     FORMAT,
     INDEX,
@@ -34,29 +42,46 @@ from loralens.store.format import (
     NP_DTYPES,
     RESERVED,
     ROW_LAYOUT,
-    SHARD_GLOB,
     SHARD_PATTERN,
     VERSION,
     StoreError,
     StoreExistsError,
+    check_label_names,
+    checksum_of,
     flatten_row,
-    info_layers,
     is_rank_major,
     label_column,
-    read_info,
     shapes_key,
     write_safetensors,
 )
+from loralens.store.integrity import checksum, shard_numbers
 from loralens.store.reader import LoRAStore
 
 
-@dataclass
-class _Existing:
-    """The store an append extends: its ``store.json``, its index, its next shard number."""
+def _begin(path: Path) -> tuple[LockBeside, Path]:
+    """Lock the store at ``path`` for writing, undo what killed writers left behind (an
+    interrupted swap: the old store is put back; their temporary directories), and make this
+    writer's temporary directory."""
+    tmp, trash = f".{path.name}.tmp-", f".{path.name}.old-"
+    lock = LockBeside(path).acquire()
+    try:
+        restore_interrupted_swap(path, trash)
+        remove_orphans(path.parent, (tmp, trash))
+        workdir = path.parent / owned_name(tmp)
+        workdir.mkdir()
+    except BaseException:
+        lock.release()
+        raise
+    return lock, workdir
 
-    info: dict[str, Any]
-    index: pd.DataFrame
-    next_shard: int
+
+def _link(src: Path, dst: Path) -> None:
+    """``dst`` as a second name of the (never rewritten) file ``src``; a copy where the file
+    system has no hard links."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 class StoreWriter:
@@ -66,45 +91,46 @@ class StoreWriter:
     ...     w.add(lora, id="a1", source="adapters/a1", labels={"eval_loss": 2.1})  # doctest: +SKIP
 
     Nothing is visible at ``path`` until the ``with`` block ends without an error; on an error
-    every temporary file is removed and an existing store is left untouched. ``made_by`` is
-    recorded in ``store.json``'s history entry for this write and may be extended until then.
+    every temporary file is removed and an existing store is left untouched. The writer holds
+    the store's lock from :meth:`create` / :meth:`append_to` until :meth:`commit` or
+    :meth:`abort` (other writers of the same store wait). ``made_by`` is recorded in
+    ``store.json``'s history entry for this write and may be extended until then.
     """
 
     def __init__(
         self,
         path: Path,
+        lock: LockBeside,
         workdir: Path,
-        existing: _Existing | None,
+        existing: LoRAStore | None,
         *,
         dtype: str,
-        overwrite: bool,
         shard_bytes: int,
         made_by: Mapping[str, Any] | None,
     ):
         """Use :meth:`create`, :meth:`append_to` or :meth:`open`; they check ``path`` first."""
         self.path = path
         self.dtype = dtype
-        self.overwrite = overwrite
         self.shard_bytes = int(shard_bytes)
         self.made_by = dict(made_by or {})
+        self._lock = lock
         self._workdir = workdir
         self._existing = existing
         self._np_dtype = NP_DTYPES[dtype]
         self._names: list[str] | None = None
         self._shapes: list[tuple[int, int]] | None = None
-        self._rank_major = True
+        self._version = VERSION
         self._next_shard = 0
         self._ids: set[str] = set()
+        self._checksums: dict[str, dict[str, Any]] = {}
         if existing is not None:
-            self._names, self._shapes = info_layers(existing.info)
-            self._rank_major = is_rank_major(existing.info)
-            self._next_shard = existing.next_shard
-            self._ids = set(existing.index["id"].astype(str))
-        self._lock_fd: int | None = None
+            self._names, self._shapes = list(existing.names), list(existing.shapes)
+            self._version = 2 if is_rank_major(existing.info) else 1
+            self._next_shard = max(shard_numbers(path), default=-1) + 1
+            self._ids = set(existing.ids)
         self._records: list[dict[str, Any]] = []
         self._buffer: dict[tuple[int, ...], list[np.ndarray]] = {}
         self._buffer_bytes = 0
-        self._written_shards: list[tuple[Path, Path]] = []  # (temp path, final path)
 
     @classmethod
     def create(
@@ -117,28 +143,7 @@ class StoreWriter:
         made_by: Mapping[str, Any] | None = None,
     ) -> StoreWriter:
         """A writer of a new store at ``path`` (an existing one is replaced only with ``overwrite``)."""
-        path = Path(path)
-        if path.exists() and not overwrite:
-            if (path / INFO).exists():
-                raise StoreExistsError(f"{path} is already a store (use --append or --overwrite)")
-            if not path.is_dir() or any(path.iterdir()):
-                raise StoreExistsError(f"{path} exists and is not an empty directory")
-        if dtype not in NP_DTYPES:
-            raise StoreError(f"dtype must be one of {sorted(NP_DTYPES)}, got {dtype!r}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        workdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(workdir, 0o777 & ~umask)  # mkdtemp makes it private (0700)
-        return cls(
-            path,
-            workdir,
-            None,
-            dtype=dtype,
-            overwrite=overwrite,
-            shard_bytes=shard_bytes,
-            made_by=made_by,
-        )
+        return cls._start(path, "create", overwrite, dtype, shard_bytes, made_by)
 
     @classmethod
     def append_to(
@@ -149,19 +154,7 @@ class StoreWriter:
         made_by: Mapping[str, Any] | None = None,
     ) -> StoreWriter:
         """A writer that adds LoRAs to the store at ``path``, in its own dtype and row layout."""
-        path = Path(path)
-        info = read_info(path)
-        shards = [int(p.name[len("weights-") :].split(".")[0]) for p in path.glob(SHARD_GLOB)]
-        existing = _Existing(info, pd.read_parquet(path / INDEX), max(shards, default=-1) + 1)
-        return cls(
-            path,
-            path,
-            existing,
-            dtype=info["dtype"],
-            overwrite=False,
-            shard_bytes=shard_bytes,
-            made_by=made_by,
-        )
+        return cls._start(path, "append", False, "float32", shard_bytes, made_by)
 
     @classmethod
     def open(
@@ -175,10 +168,40 @@ class StoreWriter:
         made_by: Mapping[str, Any] | None = None,
     ) -> StoreWriter:
         """:meth:`append_to` when ``append`` and ``path`` holds a store, else :meth:`create`."""
-        if append and (Path(path) / INFO).exists():
-            return cls.append_to(path, shard_bytes=shard_bytes, made_by=made_by)
-        return cls.create(
-            path, dtype=dtype, overwrite=overwrite, shard_bytes=shard_bytes, made_by=made_by
+        mode = "either" if append else "create"
+        return cls._start(path, mode, overwrite, dtype, shard_bytes, made_by)
+
+    @classmethod
+    def _start(cls, path, mode, overwrite, dtype, shard_bytes, made_by) -> StoreWriter:
+        """Lock ``path``, then decide under the lock (another writer may have just finished)
+        between appending and creating, as ``mode`` (create, append, either) allows."""
+        path = Path(path)
+        if mode == "append" and not path.parent.is_dir():
+            raise StoreError(f"{path} is not a loralens store (no {INFO} / {INDEX})")
+        if mode != "append" and dtype not in NP_DTYPES:
+            raise StoreError(f"dtype must be one of {sorted(NP_DTYPES)}, got {dtype!r}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock, workdir = _begin(path)
+        try:
+            existing = None
+            if mode == "append" or (mode == "either" and (path / INFO).exists()):
+                existing = LoRAStore(path, verify="quick")
+                dtype = existing.info["dtype"]
+                for shard in existing.shard_files:
+                    _link(shard, workdir / shard.name)
+            elif path.exists() and not overwrite:
+                if (path / INFO).exists():
+                    raise StoreExistsError(
+                        f"{path} is already a store (use --append or --overwrite)"
+                    )
+                if not path.is_dir() or any(path.iterdir()):
+                    raise StoreExistsError(f"{path} exists and is not an empty directory")
+        except BaseException:
+            shutil.rmtree(workdir, ignore_errors=True)
+            lock.release()
+            raise
+        return cls(
+            path, lock, workdir, existing, dtype=dtype, shard_bytes=shard_bytes, made_by=made_by
         )
 
     # ------------------------------------------------------------------ API
@@ -224,17 +247,22 @@ class StoreWriter:
         source: str = "",
         labels: Mapping[str, Any] | None = None,
     ) -> None:
-        """Add one LoRA under a new ``id`` with its label values."""
+        """Add one LoRA under a new ``id`` with its label values (refused: a duplicate id,
+        layers that do not fit, NaN or inf factors, two labels stored under one name)."""
         id = str(id)
         if id in self._ids:
             raise StoreError(f"duplicate id {id!r}")
+        labels = dict(labels or {})
+        check_label_names(list(labels))
         if self._names is None:
             self.set_layout(lora.names, lora.shapes)
         problem = self.mismatch(lora)
         if problem:
             raise StoreError(f"{id}: layers do not fit the store: {problem}")
         ranks = tuple(int(r) for r in lora.ranks)
-        row = flatten_row(lora, self._np_dtype, self._rank_major)
+        row = flatten_row(lora, self._np_dtype, self._version >= 2)
+        if not np.isfinite(row).all():
+            raise StoreError(f"{id}: NaN or inf in its factors (in {self.dtype})")
         self._buffer.setdefault(ranks, []).append(row)
         self._buffer_bytes += row.nbytes
         self._ids.add(id)
@@ -245,29 +273,20 @@ class StoreWriter:
             "_ranks": list(ranks),
             "_buffer_ranks": ranks,
             "_buffer_pos": len(self._buffer[ranks]) - 1,
-            "_labels": dict(labels or {}),
+            "_labels": labels,
         }
         self._records.append(rec)
         if self._buffer_bytes >= self.shard_bytes:
             self._flush()
 
     def __enter__(self) -> StoreWriter:
-        if self.appending:
-            self._lock_fd = os.open(self.path / ".lock", os.O_CREAT | os.O_RDWR, 0o644)
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        try:
-            if exc_type is None:
-                self.commit()
-            else:
-                self.abort()
-        finally:
-            if self._lock_fd is not None:
-                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-                os.close(self._lock_fd)
-                self._lock_fd = None
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
 
     # ------------------------------------------------------------------ internals
     def _flush(self) -> None:
@@ -285,11 +304,9 @@ class StoreWriter:
                 rec["_key"] = keymap[rec["_buffer_ranks"]]
                 rec["_row"] = rec["_buffer_pos"]
                 del rec["_buffer_ranks"], rec["_buffer_pos"]
-        final = self._workdir / SHARD_PATTERN.format(shard)
-        tmp = self._workdir / f".{final.name}.tmp-{os.getpid()}"
-        meta = {"format": FORMAT, "version": VERSION, "layers": json.dumps(self._names)}
-        write_safetensors(tmp, tensors, meta)
-        self._written_shards.append((tmp, final))
+        name = SHARD_PATTERN.format(shard)
+        meta = {"format": FORMAT, "version": self._version, "layers": json.dumps(self._names)}
+        self._checksums[name] = write_safetensors(self._workdir / name, tensors, meta)
         self._buffer = {}
         self._buffer_bytes = 0
 
@@ -311,8 +328,9 @@ class StoreWriter:
             new[c] = new[c].astype("int64")
         return new
 
-    def _info(self, index: pd.DataFrame) -> dict[str, Any]:
-        """``store.json`` after this write: the existing one with a history entry added."""
+    def _info(self, index: pd.DataFrame, index_bytes: bytes) -> dict[str, Any]:
+        """``store.json`` after this write: the existing one with a history entry added, and
+        the checksums of every file."""
         history_entry = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "added": len(self._records),
@@ -331,59 +349,50 @@ class StoreWriter:
                 "layout": ROW_LAYOUT,
                 "history": [history_entry],
             }
+            sums = {}
         else:
             info = dict(self._existing.info)
             info["history"] = [*info.get("history", []), history_entry]
+            kept = (p.name for p in self._existing.shard_files)
+            sums = {n: s for n in kept if (s := checksum_of(info, n)) is not None}
         info["num_loras"] = len(index)
         info["label_columns"] = [c for c in index.columns if c not in RESERVED]
+        info[CHECKSUMS] = {INDEX: checksum(index_bytes), **sums, **self._checksums}
         return info
 
     def commit(self) -> LoRAStore:
         """Make everything added visible at ``path`` in one atomic step; returns the store."""
-        if self._records and self._buffer:
-            self._flush()
-        if not self._records and not self.appending:
+        try:
+            if self._records and self._buffer:
+                self._flush()
+            if not self._records and not self.appending:
+                raise StoreError("nothing to write: no LoRA was added")
+            index = self._index_frame()
+            try:
+                index_bytes = index.to_parquet(None, index=False)
+            except Exception as e:  # e.g. a label column of numbers and text mixed
+                raise StoreError(f"{self.path}: cannot write its index: {e}") from None
+            info = self._info(index, index_bytes)
+            write_file_atomic(self._workdir / INDEX, index_bytes)
+            write_file_atomic(self._workdir / INFO, (json.dumps(info, indent=2) + "\n").encode())
+            fsync_dir(self._workdir)
+            old = swap_in(self._workdir, self.path, f".{self.path.name}.old-")
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
             self.abort()
-            raise StoreError("nothing to write: no LoRA was added")
-        index = self._index_frame()
-        info = self._info(index)
-        # shards first (unreferenced until the index says otherwise), then the index, then info
-        for tmp, final in self._written_shards:
-            os.replace(tmp, final)
-        idx_tmp = self._workdir / f".{INDEX}.tmp-{os.getpid()}"
-        index.to_parquet(idx_tmp, index=False)
-        with open(idx_tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(idx_tmp, self._workdir / INDEX)
-        write_file_atomic(self._workdir / INFO, (json.dumps(info, indent=2) + "\n").encode())
-        fsync_dir(self._workdir)
-        if not self.appending:
-            self._move_into_place()
+            raise
+        self._lock.release()
         return LoRAStore(self.path)
-
-    def _move_into_place(self) -> None:
-        """Rename the finished new store onto ``path`` (replacing an old one if allowed)."""
-        if self.path.exists():
-            if self.overwrite:
-                trash = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
-                os.replace(self.path, trash)
-                os.replace(self._workdir, self.path)
-                shutil.rmtree(trash, ignore_errors=True)
-            else:  # an empty directory we were allowed to fill
-                self.path.rmdir()
-                os.replace(self._workdir, self.path)
-        else:
-            os.replace(self._workdir, self.path)
-        fsync_dir(self.path.parent)
 
     def abort(self) -> None:
         """Remove everything this writer wrote; an existing store is left as it was."""
-        for tmp, _ in self._written_shards:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-        self._written_shards = []
-        if not self.appending:
-            shutil.rmtree(self._workdir, ignore_errors=True)
+        shutil.rmtree(self._workdir, ignore_errors=True)
+        self._lock.release()
+
+    def __del__(self) -> None:
+        if self._lock.held:  # dropped without commit or abort: never keep the lock
+            self.abort()
 
 
 def write_store(
