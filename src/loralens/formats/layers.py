@@ -25,6 +25,13 @@ from loralens.lora import LoRALayer
 ScaleFn = Callable[[str, int, ModuleParts, "float | None"], "tuple[float, int | None]"]
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    """Whether ``t`` holds no NaN/inf. A sum is finite only if every term is (NaN and inf
+    propagate), and summing is ~30x faster than ``isfinite`` on CPU; a sum that overflows
+    (huge but finite values) falls back to the exact test."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
 class _Module:
     """One module's keys in an open file, with the checks every reader applies to them."""
 
@@ -50,7 +57,7 @@ class _Module:
 
     def check_finite(self, t: torch.Tensor, what: str) -> None:
         """Refuse NaN/inf in ``t`` (naming the file, layer and key) unless allowed."""
-        if not self.allow and not bool(torch.isfinite(t).all()):
+        if not self.allow and not _all_finite(t):
             bad = int((~torch.isfinite(t)).sum())
             raise LoRAFormatError(
                 self.file.path,
