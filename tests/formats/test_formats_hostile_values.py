@@ -204,3 +204,16 @@ def test_inspect_reports_the_overflow_as_one_line(tmp_path):
     result = CliRunner().invoke(app, ["inspect", str(folder)])
     assert result.exit_code == 1, result.output
     assert "times the scale" in result.output and "Traceback" not in result.output
+
+
+def test_huge_but_finite_factors_still_load(tmp_path):
+    """Finiteness is checked by a sum first; a sum that overflows falls back to the exact test."""
+    tensors = peft_tensors(modules=["model.layers.0.self_attn.q_proj"])
+    tensors[f"{Q}.lora_B.weight"] = torch.full((6, 2), 3e38)
+    folder = write_peft_adapter(tmp_path / "a", tensors, {"lora_alpha": 2})  # scale 1
+    assert torch.equal(ll.load_lora(folder).layers[0].U, torch.full((6, 2), 3e38))
+
+
+def test_a_layer_refuses_factors_that_are_not_floating_point():
+    with pytest.raises(ValueError, match="floating point"):
+        ll.LoRALayer("x", torch.ones(3, 2, dtype=torch.int64), torch.ones(4, 2))

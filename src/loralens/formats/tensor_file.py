@@ -241,15 +241,21 @@ def read_pickle_state_dict(f: IO[bytes], path: Path) -> dict[str, torch.Tensor]:
             f"of its code ran (loralens reads pickled weights with weights_only=True only): {detail}",
         ) from e
     except Exception as e:
-        raise LoRAFormatError(path, f"not a readable PyTorch weights file: {e}") from e
+        detail = str(e).strip() or type(e).__name__
+        raise LoRAFormatError(path, f"not a readable PyTorch weights file: {detail}") from e
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
-    ):
+    if not isinstance(obj, dict):
         raise LoRAFormatError(
             path, f"expected a dict of name -> tensor (a state dict), got {type(obj).__name__}"
         )
+    for k, v in obj.items():
+        if not (isinstance(k, str) and isinstance(v, torch.Tensor)):
+            raise LoRAFormatError(
+                path,
+                f"expected a dict of name -> tensor (a state dict), but {str(k)[:200]!r} "
+                f"holds a {type(v).__name__}",
+            )
     return dict(obj)
 
 
