@@ -11,7 +11,6 @@ full names as ``save_lora`` writes them) are looked up exactly without a regex.
 
 from __future__ import annotations
 
-import functools
 import re
 import time
 import warnings
@@ -40,7 +39,6 @@ def _wrapped(key: str) -> str:
     return rf"(.*\.)?({key})$"
 
 
-@functools.lru_cache(maxsize=4096)
 def _compile(key: str) -> regex.Pattern:
     """The key as PEFT wraps it, compiled; raises ``ValueError`` saying why a key is refused."""
     product = 1
@@ -63,12 +61,13 @@ def _compile(key: str) -> regex.Pattern:
         raise ValueError(str(e)) from e
 
 
-def check_pattern_key(key: str, what: str, path: Path) -> None:
-    """Refuse (naming the file and key) a key that cannot be matched as PEFT does in bounded time."""
+def check_pattern_key(key: str, what: str, path: Path) -> regex.Pattern | None:
+    """The compiled pattern of a key (None for a plain name, looked up without one); refuses
+    (naming the file and key) a key that cannot be matched as PEFT does in bounded time."""
     if _LITERAL.fullmatch(key):
-        return
+        return None
     try:
-        _compile(key)
+        return _compile(key)
     except ValueError as e:
         raise LoRAFormatError(path, f"{what} key {key!r} is not a valid pattern: {e}") from e
 
@@ -80,11 +79,15 @@ class PatternTable:
         self.patterns, self.what, self.path, self.budget = dict(patterns), what, path, budget
         self.keys = list(self.patterns)
         self._literal_index: dict[str, int] = {}
+        self._compiled: dict[str, regex.Pattern] = {}
+        self._regex_keys: list[tuple[int, str]] = []
         for i, key in enumerate(self.keys):
-            check_pattern_key(key, what, path)
-            if _LITERAL.fullmatch(key):
+            compiled = check_pattern_key(key, what, path)
+            if compiled is None:
                 self._literal_index.setdefault(key.replace("\\.", "."), i)
-        self._regex_keys = [(i, k) for i, k in enumerate(self.keys) if not _LITERAL.fullmatch(k)]
+            else:
+                self._compiled[key] = compiled
+                self._regex_keys.append((i, key))
 
     def get(self, name: str, default: Any) -> Any:
         """PEFT's ``patterns.get(get_pattern_key(patterns.keys(), name), default)``."""
@@ -113,15 +116,15 @@ class PatternTable:
         return self.keys[first] if first < len(self.keys) else name
 
     def _match(self, key: str, name: str) -> bool:
+        if key not in self._compiled:  # a plain key, against a name with a newline
+            self._compiled[key] = _compile(key)
         timeout = min(MATCH_TIMEOUT_S, self.budget.left())
         try:
-            return _compile(key).match(name, timeout=max(timeout, 1e-6)) is not None
+            return self._compiled[key].match(name, timeout=max(timeout, 1e-6)) is not None
         except TimeoutError:
-            spent = (
-                "the time budget for this file's patterns"
-                if timeout < MATCH_TIMEOUT_S
-                else (f"over {MATCH_TIMEOUT_S} s")
-            )
+            spent = f"over {MATCH_TIMEOUT_S} s"
+            if timeout < MATCH_TIMEOUT_S:
+                spent = "the time budget for this file's patterns"
             raise LoRAFormatError(
                 self.path,
                 f"{self.what} key {key!r} took {spent} to match module {name[:200]!r} "

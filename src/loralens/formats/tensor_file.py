@@ -143,6 +143,8 @@ class SafetensorsFile(TensorFile):
                 with safe_open(str(path), framework="pt") as f:
                     keys, metadata = list(f.keys()), dict(f.metadata() or {})
                 n = int.from_bytes(self._read_exact(0, 8), "little")
+                if 8 + n > os.fstat(self._file.fileno()).st_size:  # changed since validated
+                    raise LoRAFormatError(path, "changed while being read")
                 header = json.loads(self._read_exact(8, n))
             except LoRAFormatError:
                 raise
