@@ -40,6 +40,7 @@ def _config_text(**fields) -> str:
         ('"rank_pattern": {"q_proj": 1e999}', "number 1e999 is too large"),
         ('"lora_alpha": 1e400', "number 1e400 is too large"),
         ('"lora_dropout": NaN', "NaN is not a JSON number"),  # refused wherever it appears
+        pytest.param('"r": ' + "9" * 5000, "Exceeds the limit (4300 digits)", id="5000 digits"),
     ],
 )
 def test_nan_and_infinity_in_the_config_are_refused(tmp_path, fields, needle):
