@@ -56,3 +56,37 @@ def seeded_randn(*shape, seed=0, dtype=torch.float32) -> torch.Tensor:
 def assert_close_f32(a: torch.Tensor, b: torch.Tensor) -> None:
     """Equal to float32 round-off (rtol 1e-5, atol 1e-6)."""
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+#: Module paths of the small PEFT adapters :func:`write_peft_adapter` writes (in x out 8 x 6).
+PEFT_MODULES = ("model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj")
+
+
+def peft_tensors(
+    rank: int = 2, modules: Sequence[str] = PEFT_MODULES, dtype=torch.float32, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """lora_A (rank x 8) and lora_B (6 x rank) tensors of ``modules``, PEFT-keyed, N(0, 1)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for m in modules:
+        out[f"base_model.model.{m}.lora_A.weight"] = torch.randn(rank, 8, generator=g).to(dtype)
+        out[f"base_model.model.{m}.lora_B.weight"] = torch.randn(6, rank, generator=g).to(dtype)
+    return out
+
+
+def write_peft_adapter(folder, tensors=None, config=None, *, config_text: str | None = None):
+    """A PEFT adapter folder: ``tensors`` (default :func:`peft_tensors`) in
+    adapter_model.safetensors, and adapter_config.json holding ``config_text`` as is, or
+    ``config`` over {peft_type LORA, r 2, lora_alpha 4} (json.dumps writes NaN as NaN)."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(peft_tensors() if tensors is None else tensors, folder / "adapter_model.safetensors")
+    if config_text is None:
+        config_text = json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4, **(config or {})})
+    (folder / "adapter_config.json").write_text(config_text)
+    return folder

@@ -34,6 +34,11 @@ class LoRALayer:
                 f"layer {self.name!r}: U and V must be 2-D (out x r, in x r), "
                 f"got U {tuple(self.U.shape)} and V {tuple(self.V.shape)}"
             )
+        if not (self.U.is_floating_point() and self.V.is_floating_point()):
+            raise ValueError(
+                f"layer {self.name!r}: U and V must be floating point, got "
+                f"{self.U.dtype} and {self.V.dtype}"
+            )
         if self.U.shape[1] != self.V.shape[1]:
             raise ValueError(
                 f"layer {self.name!r}: U {tuple(self.U.shape)} and V {tuple(self.V.shape)} "

@@ -8,12 +8,16 @@ import re
 import tempfile
 from pathlib import Path
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import loralens as ll
+from helpers import peft_tensors, write_peft_adapter
+from loralens.formats import patterns
 from loralens.formats.keys import natural_key
+from loralens.formats.patterns import Budget, PatternTable
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -106,6 +110,10 @@ pattern_keys = st.one_of(
             r"(q|v)_proj",
             r"\d\.mlp\.up_proj",
             r"layers.1",
+            r"proj",  # plain keys that are tails of names, but not at a dot
+            r"_proj",
+            r"ayers\.0\.q_proj",
+            r"1\.mlp",
         ]
     ),
 )
@@ -115,3 +123,38 @@ pattern_keys = st.one_of(
 def test_natural_key_orders_numeric_segments_as_numbers(nums):
     names = [f"model.layers.{n}.self_attn.q_proj" for n in nums]
     assert [int(s.split(".")[2]) for s in sorted(names, key=natural_key)] == sorted(nums)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(pattern_keys, min_size=1, max_size=6, unique=True),
+    st.lists(module_names, min_size=1, max_size=6),
+    st.booleans(),
+)
+def test_pattern_keys_resolve_as_peft_resolves_them(keys, names, newline):
+    r"""PEFT's own rule (re.match(rf"(.*\.)?({key})$", name), first key in order), incl. the
+    escaped full names save_lora writes, and names a newline makes "." and "$" treat specially."""
+    from peft.utils.other import get_pattern_key
+
+    table = PatternTable({k: i for i, k in enumerate(keys)}, "rank_pattern", Path("c"), Budget())
+    names = names + [k.replace("\\", "") for k in keys]  # names some key surely matches
+    if newline:
+        names += [n + "\n" for n in names] + ["a\n" + n for n in names]
+    for name in names:
+        assert table.key_for(name) == get_pattern_key(keys, name), name
+        assert table.get(name, -1) == {k: i for i, k in enumerate(keys)}.get(
+            get_pattern_key(keys, name), -1
+        )
+
+
+def test_pattern_matching_has_one_time_budget_per_file(tmp_path, monkeypatch):
+    """Many matches each just under the per-match limit still stop at the file's budget."""
+
+    monkeypatch.setattr(patterns, "FILE_BUDGET_S", 0.05)
+    names = [f"{'a' * 22}!{i}" for i in range(200)]  # (a|aa)* backtracks ~1 ms on each
+    folder = write_peft_adapter(
+        tmp_path / "a", peft_tensors(modules=names), {"alpha_pattern": {"(a|aa)*": 2}}
+    )
+    with pytest.raises(ll.LoRAFormatError, match=r"time budget|took over 0\.05 s") as info:
+        ll.load_lora(folder)
+    assert str(info.value).startswith(f"{folder / 'adapter_config.json'}: ")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 from loralens.formats.diffusers import ADAPTER_METADATA_KEY, COMPONENTS, load_diffusers
@@ -13,11 +14,17 @@ from loralens.formats.peft import (
     CONFIG_NAME,
     PREFIX,
     WEIGHT_NAMES,
+    has_config,
     is_peft_dir,
     load_peft,
     load_peft_weights_only,
 )
-from loralens.formats.tensor_file import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, read_tensor_keys
+from loralens.formats.tensor_file import (
+    PICKLE_SUFFIXES,
+    SAFETENSORS_SUFFIXES,
+    read_tensor_keys,
+    refuse_special,
+)
 from loralens.lora import LoRA
 
 FORMATS = ("peft", "kohya", "diffusers")
@@ -34,29 +41,41 @@ def _single_weights_in(folder: Path) -> Path | None:
 
 
 def _resolve(path: Path) -> tuple[str, Path]:
-    """(format, the file or folder that holds it)."""
-    if not path.exists():
-        raise LoRAFormatError(path, f"no such file or folder; {EXPECTED}")
-    if path.name == CONFIG_NAME and path.is_file():
-        path = path.parent  # the config stands for its adapter folder
-    if path.is_dir():
-        if is_peft_dir(path):
-            return "peft", path
-        if any((path / w).is_file() for w in WEIGHT_NAMES):
-            raise LoRAFormatError(
-                path, f"missing {CONFIG_NAME}: a PEFT adapter folder needs it beside the weights"
-            )
-        subs = sorted(p.name for p in path.iterdir() if is_peft_dir(p))
-        if subs:
-            raise LoRAFormatError(
-                path,
-                f"holds PEFT adapters in sub-folders ({', '.join(subs[:5])}); load one of them",
-            )
-        single = _single_weights_in(path)
-        if single is not None:
-            return _file_format(single), single
-        raise LoRAFormatError(path, f"folder holds no LoRA; {EXPECTED}")
-    return _file_format(path), path
+    """(format, the file or folder that holds it). Nothing but regular files is ever opened."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError as e:
+        raise LoRAFormatError(path, f"no such file or folder; {EXPECTED}") from e
+    except OSError as e:  # a symlink loop, a folder we may not enter, ...
+        raise LoRAFormatError(path, f"cannot read: {e.strerror or e}") from e
+    if path.name == CONFIG_NAME and not stat.S_ISDIR(mode):
+        path = path.parent  # the config stands for its adapter folder (reading it checks it)
+    elif not stat.S_ISDIR(mode):
+        refuse_special(path, mode)
+        return _file_format(path), path
+    try:
+        return _folder_format(path)
+    except OSError as e:  # unreadable folder
+        raise LoRAFormatError(path, f"cannot list the folder: {e.strerror or e}") from e
+
+
+def _folder_format(path: Path) -> tuple[str, Path]:
+    if is_peft_dir(path):
+        return "peft", path
+    if any((path / w).exists() for w in WEIGHT_NAMES):
+        raise LoRAFormatError(
+            path, f"missing {CONFIG_NAME}: a PEFT adapter folder needs it beside the weights"
+        )
+    subs = sorted(p.name for p in path.iterdir() if is_peft_dir(p))
+    if subs:
+        raise LoRAFormatError(
+            path,
+            f"holds PEFT adapters in sub-folders ({', '.join(subs[:5])}); load one of them",
+        )
+    single = _single_weights_in(path)
+    if single is not None:
+        return _file_format(single), single
+    raise LoRAFormatError(path, f"folder holds no LoRA; {EXPECTED}")
 
 
 def _file_format(path: Path) -> str:
@@ -70,7 +89,7 @@ def _file_format(path: Path) -> str:
     if any(DIFFUSERS_KEY.match(k) for k in keys):
         return "diffusers"
     if any(PEFT_KEY.match(k) for k in keys):
-        if any(k.startswith(PREFIX) for k in keys) or (path.parent / CONFIG_NAME).is_file():
+        if any(k.startswith(PREFIX) for k in keys) or has_config(path.parent):
             return "peft"
         if ADAPTER_METADATA_KEY in st_meta or any(k.startswith(COMPONENTS) for k in keys):
             return "diffusers"
@@ -101,7 +120,7 @@ def load_lora(path: str | os.PathLike[str], *, allow_nonfinite: bool = False) ->
     if fmt == "peft":
         if where.is_dir():
             return load_peft(where, allow_nonfinite=allow_nonfinite)
-        if (where.parent / CONFIG_NAME).is_file():
+        if has_config(where.parent):
             return load_peft(where, allow_nonfinite=allow_nonfinite, weights=where)
         return load_peft_weights_only(where, allow_nonfinite=allow_nonfinite)
     if fmt == "kohya":

@@ -12,12 +12,10 @@ The safetensors header metadata is kept in ``lora.metadata["safetensors_metadata
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from loralens.formats.errors import LoRAFormatError
-from loralens.formats.peft import check_config
+from loralens.formats.config import check_config, parse_json
 from loralens.formats.single_file import load_single_file
 from loralens.lora import LoRA
 
@@ -31,12 +29,7 @@ def component_configs(st_meta: dict[str, str], path: Path) -> dict[str, dict[str
     raw = st_meta.get(ADAPTER_METADATA_KEY)
     if not raw:
         return {}
-    try:
-        flat = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise LoRAFormatError(
-            path, f"invalid JSON in header metadata {ADAPTER_METADATA_KEY!r}: {e}"
-        ) from e
+    flat = parse_json(raw, path, f"JSON in header metadata {ADAPTER_METADATA_KEY!r}")
     if not isinstance(flat, dict):
         return {}
     configs: dict[str, dict[str, Any]] = {}

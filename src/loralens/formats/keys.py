@@ -13,8 +13,6 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from loralens.formats.errors import LoRAFormatError
 
 # PEFT: <module>.lora_A[.<adapter>].weight, <module>.lora_embedding_A[.<adapter>], ...
@@ -43,9 +41,8 @@ def natural_key(name: str) -> tuple:
 
 @dataclass
 class ModuleParts:
-    """Tensors found for one module path, by role, with the key each came from."""
+    """The keys found for one module path, by role (A, B, alpha, mag, ...)."""
 
-    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     keys: dict[str, str] = field(default_factory=dict)
     adapters: set[str] = field(default_factory=set)
 
@@ -62,7 +59,7 @@ ROLE_OF_PEFT = {
 
 
 def parse_keys(
-    tensors: dict[str, torch.Tensor], path: Path, *, strip_prefix: str = ""
+    keys: list[str], path: Path, *, strip_prefix: str = ""
 ) -> tuple[dict[str, ModuleParts], list[str]]:
     """Group a state dict's keys by module path and role; return (modules, unparsed keys)."""
     modules: dict[str, ModuleParts] = {}
@@ -72,18 +69,17 @@ def parse_keys(
         if strip_prefix and module.startswith(strip_prefix):
             module = module[len(strip_prefix) :]
         parts = modules.setdefault(module, ModuleParts())
-        if role in parts.tensors:
+        if role in parts.keys:
             raise LoRAFormatError(
                 path,
                 f"two tensors for the same {role!r} of module {module!r}: "
                 f"{parts.keys[role]!r} and {key!r}",
             )
-        parts.tensors[role] = tensors[key]
         parts.keys[role] = key
         if adapter is not None:
             parts.adapters.add(adapter)
 
-    for key in tensors:
+    for key in keys:
         if any(marker in key for marker in FOREIGN_MARKERS):
             raise LoRAFormatError(
                 path,

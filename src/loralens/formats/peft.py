@@ -27,10 +27,11 @@ from typing import Any
 
 import torch
 
+from loralens.formats.config import ConfigScale, read_config
 from loralens.formats.errors import LoRAFormatError
 from loralens.formats.keys import ModuleParts, parse_keys, refuse_unknown
 from loralens.formats.layers import alpha_scale, build_layers
-from loralens.formats.tensor_file import read_tensor_file
+from loralens.formats.tensor_file import TensorFile, open_tensor_file
 from loralens.lora import LoRA
 
 CONFIG_NAME = "adapter_config.json"
@@ -40,75 +41,24 @@ PREFIX = "base_model.model."
 _SAVED_FULL_LAYERS = {"embed_tokens", "lm_head", "wte", "embed_in", "embed_out", "shared"}
 
 
+def has_config(folder: Path) -> bool:
+    """Whether ``folder`` holds something named adapter_config.json (reading it checks the kind)."""
+    return (folder / CONFIG_NAME).exists()
+
+
 def is_peft_dir(path: Path) -> bool:
-    return path.is_dir() and (path / CONFIG_NAME).is_file()
+    return path.is_dir() and has_config(path)
 
 
 def weights_file(folder: Path) -> Path:
     for name in WEIGHT_NAMES:
-        if (folder / name).is_file():
+        if (folder / name).exists():
             return folder / name
     raise LoRAFormatError(
         folder,
         f"PEFT adapter folder has {CONFIG_NAME} but no weights: expected "
         f"{' or '.join(WEIGHT_NAMES)}",
     )
-
-
-def read_config(path: Path) -> dict[str, Any]:
-    """Read and check adapter_config.json; errors name the file."""
-    if not path.is_file():
-        raise LoRAFormatError(
-            path.parent,
-            f"missing {CONFIG_NAME}: a PEFT adapter folder holds {CONFIG_NAME} and "
-            f"{' or '.join(WEIGHT_NAMES)}",
-        )
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LoRAFormatError(path, f"invalid JSON: {e}") from e
-    return check_config(cfg, path)
-
-
-def check_config(cfg: Any, path: Path) -> dict[str, Any]:
-    if not isinstance(cfg, dict):
-        raise LoRAFormatError(path, f"expected a JSON object, got {type(cfg).__name__}")
-    peft_type = cfg.get("peft_type", "LORA")
-    if str(peft_type).upper() != "LORA":
-        raise LoRAFormatError(
-            path, f"peft_type is {peft_type!r}: loralens reads LoRA adapters (peft_type LORA) only"
-        )
-    cfg = dict(cfg)
-    cfg.setdefault("r", 8)  # PEFT's LoraConfig defaults
-    cfg.setdefault("lora_alpha", 8)
-    for key in ("r", "lora_alpha"):
-        v = cfg[key]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-            raise LoRAFormatError(path, f"{key} must be a positive number, got {v!r}")
-    for key in ("rank_pattern", "alpha_pattern"):
-        v = cfg.get(key) or {}
-        if not isinstance(v, dict):
-            raise LoRAFormatError(path, f"{key} must be an object (module -> value), got {v!r}")
-        for k, x in v.items():
-            if isinstance(x, bool) or not isinstance(x, (int, float)) or x <= 0:
-                raise LoRAFormatError(path, f"{key}[{k!r}] must be a positive number, got {x!r}")
-            try:
-                re.compile(k)
-            except re.error as e:
-                raise LoRAFormatError(path, f"{key} key {k!r} is not a valid pattern: {e}") from e
-        cfg[key] = v
-    return cfg
-
-
-def config_scale(cfg: dict[str, Any], name: str) -> tuple[float, int]:
-    """(scale, r) PEFT uses for module ``name`` (its path inside the base model)."""
-    from peft.utils.other import get_pattern_key  # PEFT's own rule: match what it merges
-
-    rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
-    r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), name), cfg["r"])
-    alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), name), cfg["lora_alpha"])
-    scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-    return float(scale), int(r)
 
 
 def _allowed_extra(key: str, cfg: dict[str, Any] | None) -> bool:
@@ -124,37 +74,31 @@ def _allowed_extra(key: str, cfg: dict[str, Any] | None) -> bool:
 
 
 def parse_peft_tensors(
-    tensors: dict[str, torch.Tensor],
-    path: Path,
-    cfg: dict[str, Any] | None,
-    *,
-    allow_nonfinite: bool,
-    strip_prefix: str = PREFIX,
-    config_name: str | None = None,
+    file: TensorFile, cfg: dict[str, Any] | None, config_path: Path | None, *, allow_nonfinite: bool
 ) -> tuple[list, list[str]]:
-    """Layers from a PEFT-style state dict; ``cfg`` None means no config (alpha keys or scale 1).
-
-    ``config_name`` maps a layer name to the name the config's patterns see (default: same).
-    Returns (layers, names of saved full tensors that are not LoRA factors).
+    """Layers from a PEFT-style state dict; ``cfg`` (read from ``config_path``) None means no
+    config (alpha keys or scale 1). Returns (layers, names of saved full tensors that are not
+    LoRA factors).
     """
-    modules, unparsed = parse_keys(tensors, path, strip_prefix=strip_prefix)
+    path = file.path
+    modules, unparsed = parse_keys(file.keys, path, strip_prefix=PREFIX)
     extras = [k for k in unparsed if _allowed_extra(k, cfg)]
     unknown = [k for k in unparsed if k not in extras]
     refuse_unknown(
         unknown, path, "LoRA factors (lora_A/lora_B/lora_embedding_A/B/lora_magnitude_vector)"
     )
+    config_scale = ConfigScale(cfg, config_path or path) if cfg is not None else None
 
-    def scale_for(name: str, rank: int, parts: ModuleParts):
-        if cfg is None:
-            return alpha_scale(path, name, rank, parts), None, {}
-        if "alpha" in parts.tensors:
+    def scale_for(name: str, rank: int, parts: ModuleParts, alpha: float | None):
+        if config_scale is None:
+            return alpha_scale(rank, alpha), None
+        if alpha is not None:
             raise LoRAFormatError(path, f"unexpected key {parts.keys['alpha']!r} in a PEFT adapter")
-        scale, r = config_scale(cfg, config_name(name) if config_name else name)
-        return scale, r, {}
+        return config_scale(name)
 
     fan = bool((cfg or {}).get("fan_in_fan_out", False))
     layers = build_layers(
-        modules, path, scale_for, allow_nonfinite=allow_nonfinite, fan_in_fan_out=fan
+        modules, file, scale_for, allow_nonfinite=allow_nonfinite, fan_in_fan_out=fan
     )
     return layers, extras
 
@@ -164,8 +108,11 @@ def load_peft(path: Path, *, allow_nonfinite: bool = False, weights: Path | None
     folder = path if path.is_dir() else path.parent
     cfg = read_config(folder / CONFIG_NAME)
     weights = weights or weights_file(folder)
-    tensors, st_meta = read_tensor_file(weights)
-    layers, extras = parse_peft_tensors(tensors, weights, cfg, allow_nonfinite=allow_nonfinite)
+    with open_tensor_file(weights) as file:
+        layers, extras = parse_peft_tensors(
+            file, cfg, folder / CONFIG_NAME, allow_nonfinite=allow_nonfinite
+        )
+        st_meta = file.metadata
     if not layers:
         raise LoRAFormatError(weights, "holds no LoRA factors (no lora_A/lora_B keys)")
     metadata: dict[str, Any] = {
@@ -187,8 +134,9 @@ def load_peft_weights_only(path: Path, *, allow_nonfinite: bool = False) -> LoRA
     Without the config, lora_alpha is unknown: the scale is taken as 1 (alpha = r, the
     convention diffusers uses for such files) and a warning says so.
     """
-    tensors, st_meta = read_tensor_file(path)
-    layers, extras = parse_peft_tensors(tensors, path, None, allow_nonfinite=allow_nonfinite)
+    with open_tensor_file(path) as file:
+        layers, extras = parse_peft_tensors(file, None, None, allow_nonfinite=allow_nonfinite)
+        st_meta = file.metadata
     if not layers:
         raise LoRAFormatError(path, "holds no LoRA factors (no lora_A/lora_B keys)")
     warnings.warn(

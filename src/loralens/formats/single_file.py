@@ -11,11 +11,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from loralens.formats.config import ConfigScale
 from loralens.formats.errors import LoRAFormatError
 from loralens.formats.keys import ModuleParts, parse_keys, refuse_unknown
 from loralens.formats.layers import alpha_scale, build_layers
-from loralens.formats.peft import config_scale
-from loralens.formats.tensor_file import read_tensor_file
+from loralens.formats.tensor_file import open_tensor_file
 from loralens.lora import LoRA
 
 #: Reads per-component PEFT configs from a file's safetensors header metadata.
@@ -34,19 +34,20 @@ def load_single_file(
     ``component_configs`` (diffusers) reads per-component configs from the header metadata;
     they give the scale of modules without an alpha key.
     """
-    tensors, st_meta = read_tensor_file(path)
-    modules, unparsed = parse_keys(tensors, path)
-    refuse_unknown(unparsed, path, "LoRA factors or alphas")
-    configs = component_configs(st_meta, path) if component_configs else {}
+    with open_tensor_file(path) as file:
+        st_meta = file.metadata
+        modules, unparsed = parse_keys(file.keys, path)
+        refuse_unknown(unparsed, path, "LoRA factors or alphas")
+        configs = component_configs(st_meta, path) if component_configs else {}
+        scales = {c: ConfigScale(cfg, path) for c, cfg in configs.items()}
 
-    def scale_for(name: str, rank: int, parts: ModuleParts):
-        component, _, inner = name.partition(".")
-        if "alpha" not in parts.tensors and component in configs:
-            scale, r = config_scale(configs[component], inner)
-            return scale, r, {}
-        return alpha_scale(path, name, rank, parts), None, {}
+        def scale_for(name: str, rank: int, parts: ModuleParts, alpha: float | None):
+            component, _, inner = name.partition(".")
+            if alpha is None and component in scales:
+                return scales[component](inner)
+            return alpha_scale(rank, alpha), None
 
-    layers = build_layers(modules, path, scale_for, allow_nonfinite=allow_nonfinite)
+        layers = build_layers(modules, file, scale_for, allow_nonfinite=allow_nonfinite)
     if not layers:
         raise LoRAFormatError(path, "holds no LoRA factors")
     metadata: dict[str, Any] = {
