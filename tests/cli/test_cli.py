@@ -8,7 +8,8 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from helpers import store_items
+import loralens as ll
+from helpers import store_items, store_lora
 from loralens import __version__
 from loralens.cli import app
 from loralens.store import write_store
@@ -82,3 +83,28 @@ def test_evaluate_prints_a_table_and_strict_json(store, tmp_path):
     assert res.exit_code == 0 and "model" in res.stdout and "r2" in res.stdout
     res = runner.invoke(app, ["evaluate", str(tmp_path / "run"), "--data", str(store), "--json"])
     assert json.loads(res.stdout)["n"] == 24
+
+
+def test_store_verify_passes_a_clean_store_and_names_a_flipped_shard(store):
+    res = runner.invoke(app, ["store", "verify", str(store), "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["ok"] is True
+    shard = sorted(store.glob("weights-*.safetensors"))[0]
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0x10
+    shard.write_bytes(bytes(data))
+    res = runner.invoke(app, ["store", "verify", str(store)])
+    assert res.exit_code == 1 and shard.name in res.output
+
+
+def test_pack_skip_missing_packs_what_both_name(tmp_path):
+    folder = tmp_path / "in"
+    for k in range(3):
+        layer = store_lora([2], k).layers[0]
+        ll.save_lora(ll.LoRA([ll.LoRALayer("model.l0.q_proj", layer.U, layer.V)]), folder / f"a{k}")
+    (tmp_path / "labels.csv").write_text("adapter,y\na0,1\na1,2\nghost,3\n")
+    args = ["pack", str(folder), "--labels", str(tmp_path / "labels.csv"), "--out"]
+    res = runner.invoke(app, [*args, str(tmp_path / "s")])
+    assert res.exit_code == 1 and "ghost" in res.output and "a2" in res.output
+    res = runner.invoke(app, [*args, str(tmp_path / "s"), "--skip-missing", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["num_loras"] == 2

@@ -208,9 +208,11 @@ def test_inspect_reports_the_overflow_as_one_line(tmp_path):
 
 
 def test_huge_but_finite_factors_still_load(tmp_path):
-    """Finiteness is checked by a sum first; a sum that overflows falls back to the exact test."""
+    """Finiteness is checked by a sum first; a sum that overflows falls back to the exact test.
+    (delta W stays in float32's range: tiny A.)"""
     tensors = peft_tensors(modules=["model.layers.0.self_attn.q_proj"])
     tensors[f"{Q}.lora_B.weight"] = torch.full((6, 2), 3e38)
+    tensors[f"{Q}.lora_A.weight"] = torch.full_like(tensors[f"{Q}.lora_A.weight"], 1e-20)
     folder = write_peft_adapter(tmp_path / "a", tensors, {"lora_alpha": 2})  # scale 1
     assert torch.equal(ll.load_lora(folder).layers[0].U, torch.full((6, 2), 3e38))
 
@@ -218,3 +220,13 @@ def test_huge_but_finite_factors_still_load(tmp_path):
 def test_a_layer_refuses_factors_that_are_not_floating_point():
     with pytest.raises(ValueError, match="floating point"):
         ll.LoRALayer("x", torch.ones(3, 2, dtype=torch.int64), torch.ones(4, 2))
+
+
+def test_a_delta_w_that_overflows_float32_is_refused(tmp_path):
+    """Finite factors whose product does not fit float32 (3e38 x 1) would turn into inf."""
+    tensors = peft_tensors(modules=["model.layers.0.self_attn.q_proj"])
+    tensors[f"{Q}.lora_B.weight"] = torch.full((6, 2), 3e38)
+    tensors[f"{Q}.lora_A.weight"] = torch.ones_like(tensors[f"{Q}.lora_A.weight"])
+    folder = write_peft_adapter(tmp_path / "a", tensors, {"lora_alpha": 2})
+    with pytest.raises(ll.LoRAFormatError, match="overflows float32"):
+        ll.load_lora(folder)

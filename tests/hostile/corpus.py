@@ -190,6 +190,9 @@ def kohya_alpha_huge(root: Path) -> Path:
     return path
 
 
+#: adapters that are hostile but valid: loralens must read them correctly, quickly.
+VALID = {"regex-bomb"}  # the pattern matches no module: PEFT's rule gives the default rank
+
 #: name -> builder of a hostile adapter (a folder or a file) under a given root.
 ADAPTERS: dict[str, Callable[[Path], Path]] = {
     f.__name__.replace("_", "-"): f

@@ -15,6 +15,7 @@ app = typer.Typer(
 )
 for group in (adapters, stores, learning):
     app.registered_commands += group.commands.registered_commands
+app.add_typer(stores.store_app, name="store")
 app.add_typer(zoo.app, name="zoo")
 
 

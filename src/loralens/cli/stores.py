@@ -1,4 +1,5 @@
-"""`loralens pack`: a folder of adapters plus labels becomes a memory-mapped store."""
+"""`loralens pack` (a folder of adapters plus labels becomes a memory-mapped store) and
+`loralens store verify`."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import typer
 from loralens.cli.common import echo_json, fail, progress, user_errors
 
 commands = typer.Typer()
+store_app = typer.Typer(help="Check packed stores.", no_args_is_help=True)
 
 
 @commands.command(
@@ -25,12 +27,19 @@ def pack(
     skip_bad: bool = typer.Option(
         False, "--skip-bad", help="Pack the rest when some adapters are unreadable or do not fit."
     ),
+    skip_missing: bool = typer.Option(
+        False,
+        "--skip-missing",
+        help="Pack the adapters both name when the labels name adapters the folder lacks, or "
+        "the folder holds adapters the labels do not name.",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
 ) -> None:
     """Pack a folder of LoRA adapters plus their labels into a memory-mapped store.
 
     Adapters that cannot be read or whose layers do not match the others are refused and
-    listed; unless --skip-bad, nothing is written when any is refused.
+    listed; unless --skip-bad, nothing is written when any is refused. Every adapter must be
+    named in the labels and every name must be found, unless --skip-missing.
     """
     from loralens.store import PackError
     from loralens.store import pack as pack_store
@@ -47,6 +56,7 @@ def pack(
                     append=append,
                     overwrite=overwrite,
                     skip_bad=skip_bad,
+                    skip_missing=skip_missing,
                     progress=lambda i, n, name: bar.update(task, completed=i, total=n),
                 )
         except PackError as e:
@@ -72,3 +82,23 @@ def pack(
         f"{store.nbytes / 2**20:.1f} MiB) into {store.path}"
     )
     typer.echo(f"label columns: {', '.join(store.label_columns)}")
+
+
+@store_app.command("verify", epilog="Example:\n\n  loralens store verify zoo.store --json")
+def verify(
+    store: str = typer.Argument(..., help="A packed store."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Check every shard and the index against the checksums recorded when they were written.
+
+    Exits 1 when anything does not match (each problem names its file)."""
+    from loralens.store import verify_store
+
+    with user_errors():
+        report = verify_store(store)
+    if as_json:
+        echo_json(report.to_dict())
+    else:
+        typer.echo(str(report))
+    if not report.ok:
+        raise typer.Exit(1)

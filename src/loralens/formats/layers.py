@@ -155,6 +155,8 @@ def build_layers(
             U = mod.scale(mod.read(b_role, torch.empty(b_shape[0], rank)), scale, b_role)
             V = torch.empty(math.prod(a_shape[1:]), rank)
             mod.read(a_role, V, rows=V.T)
+        if not allow_nonfinite:
+            _check_delta_fits(mod, U, V)
         if kind == "linear":
             meta["fan_in_fan_out"] = bool(fan_in_fan_out)
         if "mag" in t:
@@ -169,6 +171,19 @@ def build_layers(
             meta["lora_bias"] = mod.scale(bias, scale, "B_bias")  # what PEFT adds on merge
         layers.append(LoRALayer(name=name, U=U, V=V, meta=meta))
     return layers
+
+
+_F32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def _check_delta_fits(mod: _Module, U: torch.Tensor, V: torch.Tensor) -> None:
+    """Refuse a layer whose delta W = U @ V.T overflows float32 although its factors do not
+    (e.g. a kohya alpha of 1e38): |delta W|_F^2 = sum((U^T U) * (V^T V)), from the r x r
+    Grams in float64, so delta W is never formed."""
+    u, v = U.double(), V.double()
+    fro = float(((u.T @ u) * (v.T @ v)).sum().clamp(min=0).sqrt())
+    if not fro < _F32_MAX:
+        raise mod.fail(f"its delta W overflows float32 (|delta W|_F = {fro:.3g})")
 
 
 def _magnitude(

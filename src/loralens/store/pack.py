@@ -59,8 +59,9 @@ def _inside(real_root: str, path: Path) -> bool:
 
 
 def _resolve_adapter(adapters_dir: Path, name: str) -> tuple[Path | None, str]:
-    """(the file or folder an adapter name refers to, '') or (None, why not): not found, not a
-    regular file or folder, or leading outside the folder. The name may omit the suffix."""
+    """(the file or folder an adapter name refers to, why it cannot be read: '' when it can;
+    a special file, or something leading outside the folder), or (None, _MISSING). The name
+    may omit the suffix."""
     real_root = os.path.realpath(adapters_dir)
     for candidate in (name, *(name + ext for ext in ADAPTER_SUFFIXES)):
         path = adapters_dir / candidate
@@ -69,17 +70,17 @@ def _resolve_adapter(adapters_dir: Path, name: str) -> tuple[Path | None, str]:
         except (FileNotFoundError, NotADirectoryError):
             continue
         except OSError as e:
-            return None, f"unreadable: {e}"
+            return path, f"unreadable: {e}"
         if kind:
-            return None, f"{candidate} is {kind}, not an adapter file or folder"
+            return path, f"{candidate} is {kind}, not an adapter file or folder"
         inner = list(path.iterdir()) if path.is_dir() else []
         for p in (path, *inner):
             if not _inside(real_root, p):
-                return None, f"{p.relative_to(adapters_dir)} leads outside {adapters_dir}"
+                return path, f"{p.relative_to(adapters_dir)} leads outside {adapters_dir}"
             with contextlib.suppress(FileNotFoundError):
                 kind = special_kind(p)
             if kind:
-                return None, f"{p.relative_to(adapters_dir)} is {kind}, not a file"
+                return path, f"{p.relative_to(adapters_dir)} is {kind}, not a file"
         return path, ""
     return None, _MISSING
 
@@ -137,16 +138,19 @@ def _targets(root: Path, frame: pd.DataFrame, labels_name: str | None) -> _Targe
     """Resolve the adapters ``frame`` names; names leading to one adapter twice are refused."""
     records = frame.to_dict("records")
     out = _Targets([], {}, [], [], [])
+    refused: dict[str, Path] = {}  # named, found, but not readable as an adapter
     for rec in records:
         name = rec["adapter"]
         path, why = _resolve_adapter(root, name)
-        if path is not None:
+        if path is not None and not why:
             out.records.append(rec)
             out.paths[name] = path
         elif labels_name is not None and why == _MISSING:
             out.missing.append((name, f"named in {labels_name} but not found in {root}"))
         else:
             out.bad.append((name, why))
+            if path is not None:
+                refused[name] = path
     by_path: dict[str, list[str]] = {}
     for name, path in out.paths.items():
         by_path.setdefault(os.path.realpath(path), []).append(name)
@@ -158,7 +162,7 @@ def _targets(root: Path, frame: pd.DataFrame, labels_name: str | None) -> _Targe
         )
     if labels_name is not None:
         why = f"in {root} but not named in {labels_name}"
-        out.unlabeled = [(n, why) for n in _unlabeled(root, out.paths)]
+        out.unlabeled = [(n, why) for n in _unlabeled(root, {**out.paths, **refused})]
     return out
 
 
