@@ -85,7 +85,8 @@ class SpecialFileError(OSError):
         self.kind = kind
 
 
-def _kind(mode: int) -> str:
+def file_kind(mode: int) -> str:
+    """What a file of this stat mode is, in words (e.g. 'a named pipe')."""
     for test, what in (
         (stat.S_ISFIFO, "a named pipe"),
         (stat.S_ISSOCK, "a socket"),
@@ -102,7 +103,7 @@ def special_kind(path: Path | str) -> str:
     """'' when ``path`` (symlinks followed) is a regular file or folder, else what it is instead
     (e.g. 'a named pipe'); raises FileNotFoundError when it does not exist."""
     mode = os.stat(path).st_mode
-    return "" if stat.S_ISREG(mode) or stat.S_ISDIR(mode) else _kind(mode)
+    return "" if stat.S_ISREG(mode) or stat.S_ISDIR(mode) else file_kind(mode)
 
 
 def open_regular(path: Path | str, *, dir_fd: int | None = None) -> BinaryIO:
@@ -112,12 +113,15 @@ def open_regular(path: Path | str, *, dir_fd: int | None = None) -> BinaryIO:
     Opened without blocking and checked on the open descriptor (no race with a swap of the
     name), so a named pipe with no writer is refused at once instead of hanging the reader.
     """
+    mode = os.stat(path, dir_fd=dir_fd).st_mode  # a device is refused before it is opened
+    if not stat.S_ISREG(mode):
+        raise SpecialFileError(path, file_kind(mode))
     flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
     fd = os.open(path, flags, dir_fd=dir_fd)
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            raise SpecialFileError(path, _kind(mode))
+            raise SpecialFileError(path, file_kind(mode))
         os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
     except BaseException:
@@ -190,7 +194,7 @@ class LockBeside:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 os.close(fd)
-                raise SpecialFileError(self.path, _kind(st.st_mode))
+                raise SpecialFileError(self.path, file_kind(st.st_mode))
             fcntl.flock(fd, fcntl.LOCK_EX)
             try:
                 same = os.path.samestat(st, os.stat(self.path))

@@ -120,7 +120,7 @@ def test_fifos_are_never_opened(tmp_path):
     results = load_bounded([*refused, only_fifo, beside])
     for given, named in refused.items():
         r = results[str(given)]
-        assert r.get("error", "").startswith(f"{named}: is a FIFO (named pipe)"), r
+        assert r.get("error", "").startswith(f"{named}: is a named pipe"), r
         assert "regular file" in r["error"], r
     assert "holds no LoRA" in results[str(only_fifo)]["error"]  # the folder scan skips it
     assert results[str(beside)]["loaded"] == ["lora_unet_a"]  # and takes the real file

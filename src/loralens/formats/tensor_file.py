@@ -18,6 +18,7 @@ from typing import IO, Any
 
 import torch
 
+from loralens import atomic
 from loralens.formats.errors import LoRAFormatError
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
@@ -48,44 +49,27 @@ _DTYPES = {
 }
 
 
-def _kind_of(mode: int) -> str:
-    for test, kind in (
-        (stat.S_ISDIR, "a folder"),
-        (stat.S_ISFIFO, "a FIFO (named pipe)"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-        (stat.S_ISSOCK, "a socket"),
-    ):
-        if test(mode):
-            return kind
-    return "a special file"
-
-
 def refuse_special(path: Path, mode: int) -> None:
     """Raise unless ``mode`` (from stat) is a regular file's: nothing else is ever opened."""
     if not stat.S_ISREG(mode):
         raise LoRAFormatError(
-            path, f"is {_kind_of(mode)}, not a regular file; loralens opens regular files only"
+            path,
+            f"is {atomic.file_kind(mode)}, not a regular file; loralens opens regular files only",
         )
 
 
 def open_regular(path: Path) -> IO[bytes]:
-    """Open ``path`` for reading if it is a regular file (symlinks followed); refuse anything else.
-
-    The kind is checked before opening and again on the open descriptor, which is opened
-    non-blocking so that a FIFO swapped in between can never block.
-    """
+    """Open ``path`` for reading if it is a regular file (symlinks followed); refuse anything
+    else with a LoRAFormatError (checked before opening and on the open descriptor, opened
+    without blocking, so a named pipe can never hang the reader)."""
     try:
-        refuse_special(path, os.stat(path).st_mode)
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+        return atomic.open_regular(path)
+    except atomic.SpecialFileError as e:
+        raise LoRAFormatError(
+            path, f"is {e.kind}, not a regular file; loralens opens regular files only"
+        ) from e
     except OSError as e:
         raise LoRAFormatError(path, f"cannot open: {e.strerror or e}") from e
-    try:
-        refuse_special(path, os.fstat(fd).st_mode)
-    except BaseException:
-        os.close(fd)
-        raise
-    return os.fdopen(fd, "rb", buffering=0)
 
 
 #: Bytes read per step when widening a tensor into its destination.

@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from loralens.atomic import fsync_dir, fsync_tree, write_file_atomic
+from loralens.atomic import fsync_dir, fsync_tree, pid_alive, write_file_atomic
 from loralens.errors import OutputExistsError
 
 MANIFEST = "zoo.json"
@@ -180,16 +180,6 @@ def _json_default(obj: Any) -> Any:
     return str(obj)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def drop_temp_dirs(zoo: Path) -> int:
     """Remove unfinished adapter folders, sparing those of live builders sharing this zoo."""
     adir = zoo / ADAPTERS
@@ -199,7 +189,7 @@ def drop_temp_dirs(zoo: Path) -> int:
             if not d.name.startswith(".tmp-"):
                 continue
             pid = d.name.rsplit("-", 1)[-1]
-            if pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)):
+            if pid.isdigit() and int(pid) != os.getpid() and pid_alive(int(pid)):
                 continue
             shutil.rmtree(d, ignore_errors=True)
             n += 1
