@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import typer
 
 from loralens.cli.common import user_errors
@@ -27,6 +29,8 @@ def _parse_options(items: list[str] | None) -> dict[str, str]:
     "--out zoos/ranks  (200 recipes unseen by a 2,000-LoRA zoo)\n\n"
     "  loralens zoo build --preset skills-lm --num 2000 --shard 0/2 --out zoos/s0 &  "
     "(and --shard 1/2 --out zoos/s1; then loralens zoo merge zoos/all zoos/s0 zoos/s1)\n\n"
+    "  loralens zoo build --preset skills-lm --num 2000 --ray auto --out /shared/zoos/s  "
+    "(on a Ray cluster; see the README)\n\n"
     "  loralens zoo build --base-model gpt2 --text-file corpus.txt --num 100 --out zoos/gpt2",
 )
 def build(
@@ -67,9 +71,18 @@ def build(
     quiet: bool = typer.Option(
         False, "--quiet", help="Print nothing but errors: no log lines, progress bars or summary."
     ),
+    ray: str = typer.Option(
+        None,
+        "--ray",
+        metavar="ADDRESS",
+        help="Build as Ray tasks: 'local' starts a Ray on this machine, 'auto' joins RAY_ADDRESS "
+        "(or the Ray running here), HOST:PORT joins that cluster (OUT and --cache-dir on a shared "
+        "filesystem). Needs pip install 'loralens\\[ray]'.",
+    ),
 ) -> None:
     """Build (or resume, or extend) a zoo of real PEFT LoRA finetunes with measured labels."""
     from loralens.zoo.builder import build_zoo
+    from loralens.zoo.ray_build import build_zoo_ray
 
     opts: dict[str, str] = _parse_options(option)
     name = preset or ("causal-lm" if base_model else "skills-lm")
@@ -87,7 +100,11 @@ def build(
     except ValueError:
         raise typer.BadParameter(f"--ranks takes integers like 1,2,4, got {ranks!r}") from None
     with user_errors():
-        build_zoo(
+        if ray is not None:
+            run = partial(build_zoo_ray, address=None if ray == "local" else ray)
+        else:
+            run = build_zoo
+        run(
             name,
             num,
             out,

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +83,7 @@ def build_zoo(
     """
     with contextlib.ExitStack() as stack:
         if threads:
-            stack.enter_context(_torch_threads(int(threads)))
+            stack.enter_context(torch_threads(int(threads)))
         if quiet:
             stack.enter_context(silence_libraries())
         return _build(
@@ -95,12 +97,13 @@ def build_zoo(
             cache_dir=Path(cache_dir) if cache_dir else default_cache_dir(),
             options=options,
             progress=progress and not quiet,
-            log=_silent if quiet else (log or log_stderr),
+            log=silent if quiet else (log or log_stderr),
         )
 
 
 @contextlib.contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with ``n`` torch threads (restored after)."""
     import torch
 
     before = torch.get_num_threads()
@@ -111,11 +114,27 @@ def _torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _silent(msg: str) -> None:
+def silent(msg: str) -> None:
     """The log of a quiet build."""
 
 
-def _build(
+@dataclass
+class OpenZoo:
+    """A zoo folder made ready to build into: its manifest written, its base saved, its labels
+    repaired, and the LoRAs still to build (``todo``), handed over ``group`` at a time."""
+
+    preset: Preset
+    manifest: dict[str, Any]
+    todo: list[int]
+    group: int
+    t0: float
+
+    def groups(self) -> list[list[int]]:
+        """``todo`` cut into the groups the preset finetunes together."""
+        return [self.todo[s : s + self.group] for s in range(0, len(self.todo), self.group)]
+
+
+def open_zoo(
     preset: str | Preset,
     num: int,
     out: Path,
@@ -126,9 +145,10 @@ def _build(
     first: int,
     cache_dir: Path,
     options: Mapping[str, Any] | None,
-    progress: bool,
     log: Callable[[str], None],
-) -> dict[str, Any]:
+) -> OpenZoo:
+    """Check ``out`` against the recipe, prepare the preset (pretrain or load its base), write
+    the base and the manifest, drop unfinished adapters and list the LoRAs still to build."""
     preset_obj = get_preset(preset) if isinstance(preset, str) else preset
     opts = preset_obj.options(options)
     ranks = sorted({int(r) for r in ranks})
@@ -186,51 +206,81 @@ def _build(
         + (f", {dropped} unfinished dropped" if dropped else "")
         + f" (base ready in {prepare_s:.1f}s)"
     )
+    return OpenZoo(preset_obj, manifest, todo, max(1, int(preset_obj.group_size)), t0)
 
-    group = max(1, int(preset_obj.group_size))
-    bar = ProgressBar(len(todo), enabled=progress, eta_after=group)
-    header = ["adapter", *columns]
-    for start in range(0, len(todo), group):
-        chunk = todo[start : start + group]
-        configs = [preset_obj.sample_config(int(seed), i, ranks) for i in chunk]
-        tmp_dirs = [temp_dir(out, i) for i in chunk]
-        committed: set[int] = set()
 
-        def commit(
-            k: int,
-            labels: Mapping[str, Any],
-            chunk=chunk,
-            configs=configs,
-            tmp_dirs=tmp_dirs,
-            committed=committed,
-        ) -> None:
-            if k in committed:
-                return
-            row = {"adapter": adapter_id(chunk[k]), **configs[k], **labels}
-            commit_adapter(out, tmp_dirs[k], row, header)
-            committed.add(k)
-            bar.update()
+def train_group(
+    preset: Preset,
+    out: Path,
+    chunk: Sequence[int],
+    manifest: Mapping[str, Any],
+    on_commit: Callable[[], None] = lambda: None,
+) -> None:
+    """Finetune the LoRAs ``chunk`` together (one ``preset.train`` call) and commit each into
+    ``out`` as soon as it is saved; ``on_commit`` runs after each commit."""
+    seed, ranks = int(manifest["seed"]), manifest["ranks"]
+    header = ["adapter", *manifest["label_columns"]]
+    configs = [preset.sample_config(seed, i, ranks) for i in chunk]
+    tmp_dirs = [temp_dir(out, i) for i in chunk]
+    committed: set[int] = set()
 
-        results = preset_obj.train(configs, tmp_dirs, on_done=commit)
+    def commit(k: int, labels: Mapping[str, Any]) -> None:
+        if k in committed:
+            return
+        row = {"adapter": adapter_id(chunk[k]), **configs[k], **labels}
+        commit_adapter(out, tmp_dirs[k], row, header)
+        committed.add(k)
+        on_commit()
+
+    try:
+        results = preset.train(configs, tmp_dirs, on_done=commit)
         if len(results) != len(chunk):
             raise RuntimeError(
-                f"preset {preset_obj.name} returned {len(results)} labels for {len(chunk)} LoRAs"
+                f"preset {preset.name} returned {len(results)} labels for {len(chunk)} LoRAs"
             )
         for k, labels in enumerate(results):
             commit(k, labels)
+    except BaseException:  # leave no unfinished folder of this (live) process behind
+        for k in set(range(len(chunk))) - committed:
+            shutil.rmtree(tmp_dirs[k], ignore_errors=True)
+        raise
 
-    elapsed = time.time() - t0
-    if todo:
+
+def finish_zoo(
+    out: Path, zoo: OpenZoo, *, progress: bool, log: Callable[[str], None]
+) -> dict[str, Any]:
+    """Log the build's rate and the label spread; the manifest with ``summary`` added."""
+    elapsed = time.time() - zoo.t0
+    if zoo.todo:
         log(
-            f"built {len(todo)} LoRAs in {elapsed:.1f}s ({len(todo) / max(elapsed, 1e-9) * 3600:.0f} LoRAs/hour)"
+            f"built {len(zoo.todo)} LoRAs in {elapsed:.1f}s ({len(zoo.todo) / max(elapsed, 1e-9) * 3600:.0f} LoRAs/hour)"
         )
+    manifest = zoo.manifest
     rows = list(finished_adapters(out).values())
-    summary = summarize_labels(rows, columns, manifest["binary_columns"], manifest["base_labels"])
+    summary = summarize_labels(
+        rows, manifest["label_columns"], manifest["binary_columns"], manifest["base_labels"]
+    )
     if progress and summary:
         log(f"label spread over {len(rows)} LoRAs (base model alone in the last column):")
         log(format_summary(summary))
     manifest["summary"] = summary
     return manifest
+
+
+def _build(
+    preset: str | Preset,
+    num: int,
+    out: Path,
+    *,
+    progress: bool,
+    log: Callable[[str], None],
+    **recipe: Any,
+) -> dict[str, Any]:
+    zoo = open_zoo(preset, num, out, log=log, **recipe)
+    bar = ProgressBar(len(zoo.todo), enabled=progress, eta_after=zoo.group)
+    for chunk in zoo.groups():
+        train_group(zoo.preset, out, chunk, zoo.manifest, on_commit=bar.update)
+    return finish_zoo(out, zoo, progress=progress, log=log)
 
 
 def build_small_zoo(
