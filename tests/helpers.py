@@ -90,3 +90,15 @@ def write_peft_adapter(folder, tensors=None, config=None, *, config_text: str | 
         config_text = json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4, **(config or {})})
     (folder / "adapter_config.json").write_text(config_text)
     return folder
+
+
+def tiny_skills(slots: int) -> dict:
+    """skills-lm options for tests: a tiny base, few examples, ``slots`` LoRAs trained at once
+    (slots=1: a LoRA's bytes then depend on nothing but its own recipe)."""
+    return {
+        "size": "tiny",
+        "ft_per_source": 8,
+        "eval_per_source": 3,
+        "challenge_per_source": 3,
+        "slots": slots,
+    }

@@ -11,19 +11,14 @@ import pytest
 import torch
 
 import loralens as ll
+from helpers import tiny_skills
 from loralens.zoo import ZooConflictError, build_zoo, merge_zoos, read_manifest
 from loralens.zoo.preset import HPARAM_COLUMNS, get_preset, index_rng, preset_names
 
 pytestmark = pytest.mark.slow
 
 # a tiny base and few examples: the whole file runs in well under a minute on 2 cores
-TINY = {
-    "size": "tiny",
-    "ft_per_source": 8,
-    "eval_per_source": 3,
-    "challenge_per_source": 3,
-    "slots": 4,
-}
+TINY = tiny_skills(4)
 KW = {"options": TINY, "ranks": (2, 4), "progress": False, "threads": 1}
 
 

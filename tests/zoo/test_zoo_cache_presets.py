@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import tiny_skills
 from loralens.cache import CacheError
 from loralens.zoo.builder import build_zoo
 from loralens.zoo.preset import cache_path, get_preset
@@ -19,13 +20,7 @@ from loralens.zoo.progress import ProgressBar
 
 pytestmark = pytest.mark.slow
 
-SKILLS = {
-    "size": "tiny",
-    "ft_per_source": 8,
-    "eval_per_source": 3,
-    "challenge_per_source": 3,
-    "slots": 2,
-}
+SKILLS = tiny_skills(2)
 DIGITS = {"size": "tiny", "group": 2, "sample_steps": 4}
 
 

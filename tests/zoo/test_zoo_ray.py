@@ -17,19 +17,14 @@ import ray
 from ray_presets import MARKER, ExitOnceSkillsLM
 from typer.testing import CliRunner
 
+from helpers import tiny_skills
 from loralens.cli import app
 from loralens.zoo.ray_build import build_zoo_ray
 
 pytestmark = pytest.mark.slow
 
 # one LoRA at a time (slots=1), 4 per task: 2 tasks for 6 LoRAs, running at once on 2 CPUs
-TINY = {
-    "size": "tiny",
-    "ft_per_source": 8,
-    "eval_per_source": 3,
-    "challenge_per_source": 3,
-    "slots": 1,
-}
+TINY = tiny_skills(1)
 NUM = 6
 ALL = [f"{i:06d}" for i in range(NUM)]
 RECIPE = f"options={TINY!r}, ranks=(2, 4), progress=False, threads=1"

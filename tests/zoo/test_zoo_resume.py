@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from helpers import tiny_skills
 from loralens.cli import app
 from loralens.zoo import ZooConflictError, build_zoo
 from loralens.zoo.presets.skills_lm import SkillsLM
@@ -19,13 +20,7 @@ pytestmark = pytest.mark.slow
 
 # one LoRA at a time (slots=1): a LoRA's bytes then depend on nothing but its own recipe, so a
 # resumed zoo can be compared byte for byte with an uninterrupted one
-TINY = {
-    "size": "tiny",
-    "ft_per_source": 8,
-    "eval_per_source": 3,
-    "challenge_per_source": 3,
-    "slots": 1,
-}
+TINY = tiny_skills(1)
 KW = {"options": TINY, "ranks": (2, 4), "progress": False, "threads": 1}
 NUM = 6
 ALL = [f"{i:06d}" for i in range(NUM)]
