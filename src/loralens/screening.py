@@ -131,7 +131,16 @@ def screen_adapter(
         warnings.simplefilter("ignore")  # the reader's warnings were collected above
         report["predictions"] = [_prediction(r, path, shown) for r in runs]
     report["seconds"] = time.perf_counter() - t0
-    return json_safe(report)
+    return _strict(report)
+
+
+def _strict(value: Any) -> Any:
+    """``json_safe`` through lists too (an overflowing layer has inf in ``top_svals``)."""
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    return json_safe(value)
 
 
 def _renamed_args(e: ValueError, path: str | os.PathLike, shown: str) -> tuple[Any, ...]:

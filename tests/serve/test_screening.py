@@ -175,3 +175,17 @@ def test_base_model_guess():
     assert (said["name"], said["source"]) == ("my/base", "metadata")
     odd = guess_base_model(_report(rows(["x.y"], [3, 3])))
     assert odd["name"] is None and odd["family"] is None
+
+
+def test_overflowing_layers_give_strict_json(tmp_path, screening_runs):
+    import json
+
+    la = lora(seed=5)
+    la.layers[0].U.fill_(1e30)  # finite factors, |delta W| overflows float32
+    path = tmp_path / "huge"
+    ll.save_lora(la, path)
+    report = screen_adapter(path, screening_runs)
+    json.dumps(report, allow_nan=False)
+    row = report["layers"][0]
+    assert row["fro_norm"] is None or math.isfinite(row["fro_norm"])
+    assert report["flags"][0]["kind"] == "nonfinite"
