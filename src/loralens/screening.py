@@ -163,8 +163,9 @@ def _prediction(srun: ScreeningRun, path: str | os.PathLike, shown: str) -> dict
     }
     try:
         row = predict(srun.run, [path])[0]
-    except (ValueError, OSError) as e:
-        return {**entry, "error": str(e).replace(str(path), shown)}
+    except (ValueError, OSError) as e:  # named by the upload and the run, not by server paths
+        message = str(e).replace(str(path), shown).replace(str(srun.run.path), srun.name)
+        return {**entry, "error": message}
     entry["prediction"] = row["prediction"]
     if "label" in row:
         entry["label"] = row["label"]

@@ -31,7 +31,8 @@ def client(runs):
     """A TestClient over a started service with one worker and small caps."""
     from fastapi.testclient import TestClient
 
-    from loralens.serve import Limits, ServeConfig, Service, create_app
+    from loralens.serve.app import ServeConfig, Service, create_app
+    from loralens.serve.unpack import Limits
 
     config = ServeConfig(
         runs=[str(runs["reg"]), str(runs["cls"])],

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import io
+import os
+import signal
+import socket
+import subprocess
+import sys
 import tarfile
+import time
 import zipfile
 from pathlib import Path
 
+import httpx
 import torch
 from typer.testing import CliRunner
 
@@ -79,3 +86,67 @@ def tarred(folder: Path, prefix: str = "") -> bytes:
         for p in sorted(folder.rglob("*")):
             tf.add(p, prefix + p.relative_to(folder).as_posix(), recursive=False)
     return buf.getvalue()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`loralens serve` in a subprocess on a free loopback port, its TMPDIR ``tmp``."""
+
+    def __init__(self, runs, tmp: Path, *args: str, token: str | None = None) -> None:
+        self.port = _free_port()
+        self.tmp = tmp
+        self.url = f"http://127.0.0.1:{self.port}"
+        src = str(Path(__file__).resolve().parents[2] / "src")
+        env = {**os.environ, "TMPDIR": str(tmp)}
+        env.pop("LORALENS_SERVE_TOKEN", None)
+        if token:
+            env["LORALENS_SERVE_TOKEN"] = token
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
+        self.auth = {"Authorization": f"Bearer {token}"} if token else {}
+        runs = ["--runs", *map(str, runs), "--port", str(self.port)]
+        self.log = tmp / "server.log"
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "loralens", "serve", *runs, *args],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.output()
+            try:
+                health = httpx.get(self.url + "/api/health", headers=self.auth, timeout=2)
+                if health.status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.3)
+        raise AssertionError(f"the server did not come up:\n{self.output()}")
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def root(self) -> Path:
+        (root,) = self.tmp.glob("loralens-serve-*")
+        return root
+
+    def raw(self, head: bytes, body: bytes = b"") -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=30)
+        sock.sendall(head + body)
+        return sock
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode

@@ -31,7 +31,7 @@ def corpus_client(runs):
     regex bomb, before the hardening) costs seconds."""
     from fastapi.testclient import TestClient
 
-    from loralens.serve import ServeConfig, Service, create_app
+    from loralens.serve.app import ServeConfig, Service, create_app
 
     service = Service(ServeConfig(runs=[str(runs["reg"])], max_concurrent=1, time_limit_s=3))
     with TestClient(create_app(service)) as c:

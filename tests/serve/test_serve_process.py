@@ -4,17 +4,12 @@ the body arrives, a client that disconnects mid-upload, a slow upload (408), a f
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
-from serve_support import safetensors_file
+from serve_support import Server, safetensors_file
 from typer.testing import CliRunner
 
 from loralens.cli import app
@@ -22,59 +17,6 @@ from loralens.cli import app
 TOKEN = "t0ken-for-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 TIME_LIMIT = 3
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, runs, tmp: Path) -> None:
-        self.port = _free_port()
-        self.tmp = tmp
-        self.url = f"http://127.0.0.1:{self.port}"
-        src = str(Path(__file__).resolve().parents[2] / "src")
-        env = {**os.environ, "TMPDIR": str(tmp), "LORALENS_SERVE_TOKEN": TOKEN}
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
-        args = ["--runs", str(runs["reg"]), str(runs["cls"]), "--port", str(self.port)]
-        args += ["--max-concurrent", "1", "--max-queue", "0", "--max-upload-mb", "1"]
-        args += ["--time-limit", str(TIME_LIMIT)]
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "loralens", "serve", *args],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.proc.stdout.read().decode()
-            try:
-                if httpx.get(self.url + "/api/health", headers=AUTH, timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.3)
-        raise AssertionError("the server did not come up")
-
-    def root(self) -> Path:
-        (root,) = self.tmp.glob("loralens-serve-*")
-        return root
-
-    def raw(self, head: bytes, body: bytes = b"") -> socket.socket:
-        sock = socket.create_connection(("127.0.0.1", self.port), timeout=30)
-        sock.sendall(head + body)
-        return sock
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
 
 
 def _head(length: int, boundary: str = "b") -> bytes:
@@ -95,7 +37,9 @@ def _status(sock: socket.socket) -> int:
 
 @pytest.fixture(scope="module")
 def server(runs, tmp_path_factory):
-    s = Server(runs, tmp_path_factory.mktemp("serve-tmp"))
+    args = ["--max-concurrent", "1", "--max-queue", "0", "--max-upload-mb", "1"]
+    args += ["--time-limit", str(TIME_LIMIT)]
+    s = Server([runs["reg"], runs["cls"]], tmp_path_factory.mktemp("serve-tmp"), *args, token=TOKEN)
     yield s
     s.stop()
 
@@ -170,7 +114,7 @@ def test_stopping_removes_the_temp_folder_and_the_workers(server):
 
     children = psutil.Process(server.proc.pid).children(recursive=True)
     assert children, "no worker processes"
-    assert server.stop() == 0, server.proc.stdout.read().decode()
+    assert server.stop() == 0, server.output()
     assert list(server.tmp.glob("loralens-serve-*")) == []
     _, alive = psutil.wait_procs(children, timeout=10)
     assert not alive, alive

@@ -66,7 +66,7 @@ def serve(
     try:
         import uvicorn
 
-        from loralens.serve import ServeConfig, Service, create_app
+        from loralens.serve.app import ServeConfig, Service, create_app
     except ImportError:
         fail(SERVE_EXTRA, EXIT_USAGE)
     config = ServeConfig(
@@ -101,3 +101,65 @@ def serve(
         )
     finally:
         service.close()
+
+
+@commands.command(
+    epilog="Examples:\n\n"
+    "  loralens screen hub-mirror/ --runs runs/glnet runs/membership --out report.jsonl\n\n"
+    "  loralens screen uploads/ --runs runs/glnet --out report.jsonl --html report.html\n\n"
+    "Run it again after an interruption: adapters already in the report are skipped."
+)
+def screen(
+    paths: list[str] = typer.Argument(
+        ..., help="The folder of adapters (then any further run directories of --runs)."
+    ),
+    runs: list[str] = typer.Option(..., help="Run directories to predict with: --runs A B ..."),
+    out: str = typer.Option(..., help="The report: one JSON line per adapter (appended)."),
+    html: str = typer.Option(None, help="Also write the whole report as one HTML page."),
+    workers: int = typer.Option(1, help="Worker processes screening at once."),
+    time_limit: float = typer.Option(60, help="Seconds one adapter may take."),
+    worker_memory_mb: int = typer.Option(4096, help="Address-space limit of each worker, MB."),
+) -> None:
+    """Screen every adapter in a folder (PEFT folders, .safetensors files, .zip/.tar archives)
+    like `loralens serve` does: inspect report, flags and each run's prediction, one JSON line
+    each. Resumable; a file that cannot be read gets an error line and the batch goes on."""
+    from pathlib import Path
+
+    from loralens.cli.common import progress
+    from loralens.serve.batch import screen_folder
+
+    folder, runs = paths[0], [*runs, *paths[1:]]  # `--runs A B`: B arrives as an argument
+    with progress() as bar:
+        task = bar.add_task("screening", total=None)
+
+        def started(summary) -> None:
+            bar.update(task, total=summary.found, completed=summary.skipped)
+
+        def finished(record) -> None:
+            bar.advance(task)
+            if "error" in record:
+                bar.console.print(f"[yellow]{record['error']}[/yellow]", soft_wrap=True)
+
+        try:
+            summary = screen_folder(
+                folder,
+                runs,
+                out,
+                workers=workers,
+                time_limit_s=time_limit,
+                worker_memory_mb=worker_memory_mb or None,
+                on_start=started,
+                on_result=finished,
+            )
+        except (RuntimeError, NotADirectoryError) as e:
+            fail(str(e))
+    if html:
+        from loralens.screening import load_screening_runs
+        from loralens.serve.report import write_html
+
+        write_html(Path(out), Path(html), [r.summary() for r in load_screening_runs(runs)])
+    typer.echo(
+        f"{summary.found} adapter(s) in {folder}: {summary.screened} screened "
+        f"({summary.errors} could not be), {summary.skipped} already in {out}"
+        + (f"; wrote {html}" if html else "")
+    )

@@ -1,8 +1,4 @@
-"""The screening service (``loralens serve``): upload an adapter, see what it is and what the
-trained runs predict about it. ``app`` holds the HTTP side, ``workers`` the processes that read
-uploads, ``unpack`` and ``upload`` the rules for untrusted input."""
-
-from loralens.serve.app import ServeConfig, Service, create_app
-from loralens.serve.unpack import Limits
-
-__all__ = ["Limits", "ServeConfig", "Service", "create_app"]
+"""Screening adapters for people: ``app`` (the HTTP service behind ``loralens serve``; needs
+the ``serve`` extra), ``batch`` (``loralens screen`` over a folder), ``workers`` (the processes
+that read untrusted files), ``jobs`` (what a worker does), ``unpack`` and ``upload`` (the rules
+for untrusted input) and ``report`` (the page and the HTML report)."""

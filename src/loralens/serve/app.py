@@ -16,7 +16,6 @@ import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from starlette.requests import ClientDisconnect
 
 from loralens.serve import jobs
 from loralens.serve.errors import Refused
+from loralens.serve.report import asset
 from loralens.serve.unpack import Limits
 from loralens.serve.upload import receive_file
 from loralens.serve.workers import TimeLimit, WorkerFailed, WorkerPool
@@ -128,7 +128,7 @@ class Service:
                 raise Refused(
                     408, f"the upload did not arrive within {cfg.time_limit_s:g} s"
                 ) from None
-            payload = ("screen", str(upload), name, str(workdir), cfg.limits)
+            payload = ("upload", str(upload), name, str(workdir), cfg.limits)
             try:
                 result = await anyio.to_thread.run_sync(self.pool.call, payload, cfg.time_limit_s)
             except TimeLimit as e:
@@ -235,7 +235,7 @@ def create_app(service: Service) -> FastAPI:
 
     @app.get("/", include_in_schema=False)
     async def page() -> HTMLResponse:
-        return HTMLResponse(page_html())
+        return HTMLResponse(asset("index.html"))
 
     app.mount("/static", StaticFiles(packages=[("loralens.serve", "static")]), name="static")
     app.add_middleware(_SecurityHeaders)
@@ -244,9 +244,4 @@ def create_app(service: Service) -> FastAPI:
     return app
 
 
-def page_html() -> str:
-    """The page, shipped in the package (no CDN)."""
-    return resources.files("loralens.serve").joinpath("static/index.html").read_text("utf-8")
-
-
-__all__ = ["ServeConfig", "Service", "create_app", "page_html"]
+__all__ = ["ServeConfig", "Service", "create_app"]

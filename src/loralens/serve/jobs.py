@@ -3,13 +3,13 @@ answer with plain data for the pipe: ``("ok", report)`` or ``("refused", status,
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from loralens.screening import ScreeningRun, load_screening_runs, screen_adapter
 from loralens.serve.errors import Refused
-from loralens.serve.unpack import Limits, prepare_adapter
+from loralens.serve.unpack import local_adapter, prepare_adapter
 
 #: imported once before workers fork: this module (torch, loralens) and PEFT, which the PEFT
 #: reader imports on first use (2-3 s saved per worker)
@@ -25,24 +25,33 @@ def load_runs(run_dirs: Sequence[str], threads: int = 1) -> list[ScreeningRun]:
 
 
 def handle(runs: Sequence[ScreeningRun], payload: tuple[Any, ...]) -> tuple[Any, ...]:
-    """One job: ``("runs",)`` -> the runs' summaries; ``("screen", upload, name, workdir,
-    limits)`` -> :func:`screen_file`."""
-    if payload[0] == "runs":
+    """One job: ``("runs",)`` -> the runs' summaries; ``("upload", file, name, workdir, limits)``
+    -> screen a received file; ``("path", path, name, workdir, limits)`` -> screen an adapter
+    on this machine (see :mod:`loralens.serve.unpack`)."""
+    kind, *args = payload
+    if kind == "runs":
         return ("ok", [r.summary() for r in runs])
-    return screen_file(runs, *payload[1:])
+    path, name, workdir, limits = args
+    place = prepare_adapter if kind == "upload" else local_adapter
+    return screen_file(
+        runs, lambda: place(Path(path), name, Path(workdir) / "in", limits), name, workdir
+    )
 
 
 def screen_file(
-    runs: Sequence[ScreeningRun], upload: str, name: str, workdir: str, limits: Limits
+    runs: Sequence[ScreeningRun],
+    place: Callable[[], tuple[Path, str]],
+    name: str,
+    workdir: str,
 ) -> tuple[Any, ...]:
-    """Screen the file ``upload`` (called ``name`` by its sender), unpacking it under
-    ``workdir`` within ``limits``. Every failure caused by the file is a refusal with a 4xx
-    status whose message names the file and never the server's temp folder; a worker that
-    dies (a crash in a native reader) is the pool's to report."""
+    """Screen the adapter that ``place()`` puts in reach (called ``name``; unpacked under
+    ``workdir``). Every failure caused by the file is a refusal with a 4xx status whose message
+    names the file and never the server's temp folder; a worker that dies (a crash in a native
+    reader) is the pool's to report."""
     from loralens.formats import LoRAFormatError
 
     try:
-        target, shown = prepare_adapter(Path(upload), name, Path(workdir) / "in", limits)
+        target, shown = place()
         return ("ok", screen_adapter(target, runs, name=shown))
     except Refused as e:
         return ("refused", e.status, _hide(e.message, workdir))

@@ -65,8 +65,23 @@ def prepare_adapter(upload: Path, name: str, dest: Path, limits: Limits) -> tupl
         return target, name
     if kind is None:
         raise Refused(415, f"{name}: not {ACCEPTED}")
-    (_unzip if kind == "zip" else _untar)(upload, dest, limits, name)
+    found = _unpack(kind, upload, dest, limits, name)
     upload.unlink()  # the unpacked copy is all that is needed now
+    return found
+
+
+def local_adapter(path: Path, name: str, dest: Path, limits: Limits) -> tuple[Path, str]:
+    """An adapter on this machine: a folder or file as it is (the reader judges it), an archive
+    unpacked under ``dest`` by the same rules as an upload (the archive itself is left alone)."""
+    kind = None if path.is_dir() else kind_of(path)
+    if kind not in ("zip", "tar"):
+        return path, name
+    dest.mkdir()
+    return _unpack(kind, path, dest, limits, name)
+
+
+def _unpack(kind: str, archive: Path, dest: Path, limits: Limits, name: str) -> tuple[Path, str]:
+    (_unzip if kind == "zip" else _untar)(archive, dest, limits, name)
     return _adapter_in(dest, name)
 
 
@@ -209,4 +224,4 @@ def _untar(path: Path, dest: Path, limits: Limits, name: str) -> None:
         raise Refused(422, f"{name}: not a readable tar archive ({e})") from None
 
 
-__all__ = ["ACCEPTED", "Limits", "kind_of", "prepare_adapter"]
+__all__ = ["ACCEPTED", "Limits", "kind_of", "local_adapter", "prepare_adapter"]

@@ -101,7 +101,7 @@ class WorkerPool:
         self._ctx = mp.get_context("forkserver")
         self._ctx.set_forkserver_preload(list(preload))
         self._target_args = (init, args, job, memory_mb)
-        self._idle: queue.Queue[_Worker] = queue.Queue()
+        self._idle: queue.Queue[_Worker | None] = queue.Queue()
         self._lock = threading.Lock()
         self._workers: set[_Worker] = set()
         self._closed = False
@@ -130,6 +130,9 @@ class WorkerPool:
 
     def call(self, payload: Any, timeout: float) -> Any:
         worker = self._idle.get()
+        if worker is None:
+            self._idle.put(None)  # wake the next waiter too
+            raise WorkerFailed("the pool is closed")
         try:
             worker.wait_ready()
             worker.conn.send(payload)
@@ -161,6 +164,7 @@ class WorkerPool:
             self._workers.clear()
         for w in workers:
             w.stop()
+        self._idle.put(None)  # callers still waiting for a worker give up
 
 
 __all__ = ["TimeLimit", "WorkerFailed", "WorkerPool"]
