@@ -249,6 +249,9 @@ def test_a_full_service_answers_503_with_retry_after(client, tmp_path):
 
 
 def test_still_serving_after_all_that(client, tmp_path):
-    assert client.get("/api/health").json()["status"] == "ok"
+    health = client.get("/api/health").json()
+    assert health["status"] == "ok"
     res = _post(client, safetensors_file(tmp_path / "x.safetensors").read_bytes())
     assert res.status_code == 200
+    _refused(_post(client, b"junk"), 415)
+    assert client.get("/api/health").json()["answered"] == health["answered"] + 2

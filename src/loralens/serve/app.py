@@ -74,6 +74,7 @@ class Service:
         self.tmp_root: Path | None = None
         self.runs: list[dict[str, Any]] = []
         self.in_flight = 0
+        #: screen requests answered (any status) since the start
         self.answered = 0
 
     def start(self) -> None:
@@ -141,7 +142,6 @@ class Service:
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
             self.in_flight -= 1
-            self.answered += 1
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -218,6 +218,7 @@ def create_app(service: Service) -> FastAPI:
             "runs": len(service.runs),
             "workers": cfg.max_concurrent,
             "in_flight": service.in_flight,
+            "answered": service.answered,
             "capacity": cfg.capacity,
             "max_upload_bytes": cfg.max_upload_bytes,
         }
@@ -232,6 +233,8 @@ def create_app(service: Service) -> FastAPI:
             return JSONResponse(await service.screen(request))
         except ClientDisconnect:
             return Response(status_code=400)  # nobody is left to read it
+        finally:
+            service.answered += 1  # every screen request, refused or not (the load test counts)
 
     @app.get("/", include_in_schema=False)
     async def page() -> HTMLResponse:
