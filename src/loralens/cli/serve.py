@@ -33,7 +33,7 @@ def is_loopback(host: str) -> bool:
 )
 def serve(
     runs: list[str] = typer.Option(..., help="Run directories to predict with: --runs A B ..."),
-    more_runs: list[str] = typer.Argument(None, hidden=True),
+    more_runs: list[str] = typer.Argument(None, hidden=True, metavar="[RUN...]"),
     host: str = typer.Option("127.0.0.1", help="Address to bind; not loopback needs --token."),
     port: int = typer.Option(8000, help="Port to listen on."),
     max_upload_mb: float = typer.Option(512, help="Largest upload accepted, in MB."),
@@ -111,7 +111,9 @@ def serve(
 )
 def screen(
     paths: list[str] = typer.Argument(
-        ..., help="The folder of adapters (then any further run directories of --runs)."
+        ...,
+        metavar="DIR",
+        help="The folder of adapters (then any further run directories of --runs).",
     ),
     runs: list[str] = typer.Option(..., help="Run directories to predict with: --runs A B ..."),
     out: str = typer.Option(..., help="The report: one JSON line per adapter (appended)."),
