@@ -1,0 +1,167 @@
+"""`loralens serve` (the screening service and its page) and `loralens screen` (the same
+screening for a folder of adapters)."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import typer
+
+from loralens.cli.common import EXIT_USAGE, fail
+
+commands = typer.Typer()
+
+SERVE_EXTRA = "the service needs its extra: pip install 'loralens[serve]'"
+
+
+def is_loopback(host: str) -> bool:
+    """True for names and addresses only this machine can reach (localhost, 127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+@commands.command(
+    epilog="Examples:\n\n"
+    "  loralens serve --runs runs/glnet runs/membership\n\n"
+    "  LORALENS_SERVE_TOKEN=secret loralens serve --runs runs/glnet --host 0.0.0.0\n\n"
+    "Then open http://127.0.0.1:8000/ or POST a file: curl -F file=@my_lora.safetensors "
+    "http://127.0.0.1:8000/api/screen"
+)
+def serve(
+    runs: list[str] = typer.Option(..., help="Run directories to predict with: --runs A B ..."),
+    more_runs: list[str] = typer.Argument(None, hidden=True, metavar="[RUN...]"),
+    host: str = typer.Option("127.0.0.1", help="Address to bind; not loopback needs --token."),
+    port: int = typer.Option(8000, help="Port to listen on."),
+    max_upload_mb: float = typer.Option(512, help="Largest upload accepted, in MB."),
+    max_concurrent: int = typer.Option(
+        None, help="Worker processes screening at once (default: CPU count)."
+    ),
+    max_queue: int = typer.Option(
+        None, help="Uploads waiting for a worker beyond those (default: 2x workers); more get 503."
+    ),
+    time_limit: float = typer.Option(
+        60, help="Seconds an upload may take to arrive, and again to screen."
+    ),
+    token: str = typer.Option(
+        None,
+        envvar="LORALENS_SERVE_TOKEN",
+        help="Bearer token required on every API call (or set LORALENS_SERVE_TOKEN).",
+    ),
+    worker_memory_mb: int = typer.Option(4096, help="Address-space limit of each worker, MB."),
+) -> None:
+    """Serve a web page and an API that screen uploaded LoRA adapters.
+
+    An upload (a .safetensors file, or a .zip/.tar of a PEFT folder) is read in a worker
+    process with a time and memory limit, never executed; the answer is its inspect report,
+    sanity flags and each run's prediction. Binds 127.0.0.1 unless --host says otherwise; a
+    bind other than loopback requires --token.
+    """
+    runs = [*runs, *(more_runs or [])]  # `--runs A B`: B arrives as an argument
+    if not is_loopback(host) and not token:
+        fail(f"--host {host} is reachable from other machines: set --token too", EXIT_USAGE)
+    try:
+        import uvicorn
+
+        from loralens.serve.app import ServeConfig, Service, create_app
+    except ImportError:
+        fail(SERVE_EXTRA, EXIT_USAGE)
+    config = ServeConfig(
+        runs=list(runs),
+        max_upload_bytes=int(max_upload_mb * 2**20),
+        max_queue=max_queue,
+        time_limit_s=time_limit,
+        token=token or None,
+        worker_memory_mb=worker_memory_mb or None,
+        allowed_hosts=["127.0.0.1", "localhost", "[::1]", host] if is_loopback(host) else None,
+    )
+    if max_concurrent:
+        config.max_concurrent = max_concurrent
+    service = Service(config)
+    typer.echo(f"loading {len(runs)} run(s) in {config.max_concurrent} worker(s) ...", err=True)
+    try:
+        service.start()
+    except RuntimeError as e:
+        fail(str(e))
+    shown = f"[{host}]" if ":" in host else host
+    typer.echo(f"screening at http://{shown}:{port}/ (Ctrl-C stops)", err=True)
+    try:
+        uvicorn.run(
+            create_app(service),
+            host=host,
+            port=port,
+            server_header=False,
+            proxy_headers=False,
+            limit_concurrency=config.capacity + 64,
+            timeout_graceful_shutdown=int(time_limit) + 5,
+            log_level="warning",
+        )
+    finally:
+        service.close()
+
+
+@commands.command(
+    epilog="Examples:\n\n"
+    "  loralens screen hub-mirror/ --runs runs/glnet runs/membership --out report.jsonl\n\n"
+    "  loralens screen uploads/ --runs runs/glnet --out report.jsonl --html report.html\n\n"
+    "Run it again after an interruption: adapters already in the report are skipped."
+)
+def screen(
+    paths: list[str] = typer.Argument(
+        ...,
+        metavar="DIR",
+        help="The folder of adapters (then any further run directories of --runs).",
+    ),
+    runs: list[str] = typer.Option(..., help="Run directories to predict with: --runs A B ..."),
+    out: str = typer.Option(..., help="The report: one JSON line per adapter (appended)."),
+    html: str = typer.Option(None, help="Also write the whole report as one HTML page."),
+    workers: int = typer.Option(1, help="Worker processes screening at once."),
+    time_limit: float = typer.Option(60, help="Seconds one adapter may take."),
+    worker_memory_mb: int = typer.Option(4096, help="Address-space limit of each worker, MB."),
+) -> None:
+    """Screen every adapter in a folder (PEFT folders, .safetensors files, .zip/.tar archives)
+    like `loralens serve` does: inspect report, flags and each run's prediction, one JSON line
+    each. Resumable; a file that cannot be read gets an error line and the batch goes on."""
+    from pathlib import Path
+
+    from loralens.cli.common import progress
+    from loralens.serve.batch import screen_folder
+
+    folder, runs = paths[0], [*runs, *paths[1:]]  # `--runs A B`: B arrives as an argument
+    with progress() as bar:
+        task = bar.add_task("screening", total=None)
+
+        def started(summary) -> None:
+            bar.update(task, total=summary.found, completed=summary.skipped)
+
+        def finished(record) -> None:
+            bar.advance(task)
+            if "error" in record:
+                bar.console.print(f"[yellow]{record['error']}[/yellow]", soft_wrap=True)
+
+        try:
+            summary = screen_folder(
+                folder,
+                runs,
+                out,
+                workers=workers,
+                time_limit_s=time_limit,
+                worker_memory_mb=worker_memory_mb or None,
+                on_start=started,
+                on_result=finished,
+            )
+        except (RuntimeError, NotADirectoryError) as e:
+            fail(str(e))
+    if html:
+        from loralens.screening import load_screening_runs
+        from loralens.serve.report import write_html
+
+        write_html(Path(out), Path(html), [r.summary() for r in load_screening_runs(runs)])
+    typer.echo(
+        f"{summary.found} adapter(s) in {folder}: {summary.screened} screened "
+        f"({summary.errors} could not be), {summary.skipped} already in {out}"
+        + (f"; wrote {html}" if html else "")
+    )

@@ -1,0 +1,363 @@
+// The screening page: upload an adapter to /api/screen and show the answer; or, in an HTML
+// report written by `loralens screen --html`, show the embedded records. Everything from a
+// server or a file is put on the page as text (textContent), never parsed as HTML.
+"use strict";
+
+const $ = (sel) => document.querySelector(sel);
+const SVG = "http://www.w3.org/2000/svg";
+const screened = []; // every answer since the page opened (or the report's records)
+let runs = [];
+let selected = -1;
+
+function el(tag, text, cls) {
+  const e = document.createElement(tag);
+  if (text !== undefined && text !== null) e.textContent = String(text);
+  if (cls) e.className = cls;
+  return e;
+}
+
+function num(x, digits = 3) {
+  if (x === null || x === undefined || Number.isNaN(x)) return "–";
+  if (typeof x !== "number") return String(x);
+  if (x !== 0 && (Math.abs(x) >= 1e5 || Math.abs(x) < 1e-3)) return x.toExponential(digits - 1);
+  return Number(x.toPrecision(digits)).toString();
+}
+
+function row(cells) {
+  const tr = document.createElement("tr");
+  for (const c of cells) tr.append(c instanceof Node ? c : el("td", c));
+  return tr;
+}
+
+function td(text, cls) {
+  return el("td", text, cls);
+}
+
+function setStatus(text, isError) {
+  const s = $("#status");
+  s.textContent = text;
+  s.className = isError ? "error" : "";
+}
+
+function authHeaders() {
+  const t = sessionStorage.getItem("loralens-token");
+  return t ? { Authorization: "Bearer " + t } : {};
+}
+
+// ---------------------------------------------------------------------------------- result
+
+function showResult(rec) {
+  $("#result").hidden = false;
+  $("#result-title").textContent = rec.path;
+  const dl = $("#summary");
+  dl.replaceChildren();
+  $("#warnings").replaceChildren();
+  $("#details").hidden = Boolean(rec.error);
+  if (rec.error) {
+    dl.append(el("dt", "error"), el("dd", rec.error, "error"));
+    return;
+  }
+  const guess = rec.base_model_guess || {};
+  const base = guess.name
+    ? `${guess.name} (${guess.source === "metadata" ? "from the file" : "guessed from its layout"})`
+    : guess.family
+      ? `unknown ${guess.family} (hidden size ${num(guess.hidden_size)}, ${num(guess.blocks)} blocks)`
+      : "unknown";
+  const items = [
+    ["format", rec.format || "?"],
+    ["base model", base],
+    ["layers", rec.num_layers],
+    ["rank", (rec.ranks || []).join(" / ")],
+    ["parameters", (rec.adapter_params || 0).toLocaleString("en")],
+    ["screened in", num(rec.seconds, 2) + " s"],
+  ];
+  for (const [k, v] of items) dl.append(el("dt", k), el("dd", v));
+  $("#warnings").replaceChildren(...(rec.warnings || []).map((w) => el("li", w)));
+  showFlags(rec);
+  showPredictions(rec);
+  showLayers(rec);
+  drawSpectra(rec);
+}
+
+function showFlags(rec) {
+  const ul = $("#flags");
+  ul.replaceChildren();
+  if (!rec.flags || rec.flags.length === 0) {
+    ul.append(el("li", "no flags: finite, no dead, collapsed or outlier layers", "none"));
+    return;
+  }
+  for (const f of rec.flags) {
+    const li = el("li", `${f.kind} (${f.severity}): ${f.message}`, f.severity);
+    li.title = f.layers.join("\n");
+    ul.append(li);
+  }
+}
+
+function predictionCells(p, target) {
+  const value = p.prediction[target];
+  if (p.task === "classification") {
+    const label = p.label ? p.label[target] : value >= 0.5 ? 1 : 0;
+    return [td("p = " + num(value), "num"), td(`label ${label}`)];
+  }
+  const iv = p.interval && p.interval[target];
+  const text = iv
+    ? `[${num(iv[0])}, ${num(iv[1])}] (${Math.round((p.interval_level || 0) * 100)}%)`
+    : p.interval ? "too few test rows for an interval" : "";
+  return [td(num(value, 4), "num"), td(text)];
+}
+
+function showPredictions(rec) {
+  const body = $("#predictions tbody");
+  body.replaceChildren();
+  if (!rec.predictions || rec.predictions.length === 0) {
+    body.append(row([td("no runs loaded"), td(""), td(""), td("")]));
+  }
+  for (const p of rec.predictions || []) {
+    const name = `${p.run} (${p.model})`;
+    if (p.error) {
+      const cell = td(p.error, "error");
+      cell.colSpan = 3;
+      body.append(row([td(name), cell]));
+      continue;
+    }
+    for (const t of p.targets) body.append(row([td(name), td(t), ...predictionCells(p, t)]));
+  }
+}
+
+function flaggedLayers(rec) {
+  const marks = new Map();
+  for (const f of rec.flags || []) for (const n of f.layers) marks.set(n, f.severity);
+  return marks;
+}
+
+function showLayers(rec) {
+  const body = $("#layers tbody");
+  const marks = flaggedLayers(rec);
+  body.replaceChildren();
+  rec.layers.forEach((l, i) => {
+    const sv = l.finite ? l.top_svals.slice(0, 4).map((x) => num(x, 2)).join(" ") : "NaN/inf";
+    const tr = row([
+      td(l.name, "name"),
+      td(`${l.shape[0]}×${l.shape[1]}`, "num"),
+      td(l.rank, "num"),
+      td(num(l.scale), "num"),
+      td(num(l.fro_norm), "num"),
+      td(sv, l.finite ? "" : "error"),
+      td(num(l.effective_rank, 2), "num"),
+    ]);
+    if (marks.has(l.name)) tr.className = marks.get(l.name) === "error" ? "bad" : "flagged";
+    tr.addEventListener("mouseenter", () => highlight(i, true));
+    tr.addEventListener("mouseleave", () => highlight(i, false));
+    body.append(tr);
+  });
+}
+
+// ---------------------------------------------------------------------------------- spectra
+
+function svg(tag, attrs, text) {
+  const e = document.createElementNS(SVG, tag);
+  for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, String(v));
+  if (text !== undefined) e.textContent = text;
+  return e;
+}
+
+function highlight(i, on) {
+  const line = document.querySelector(`#spectra polyline[data-layer="${i}"]`);
+  if (line) line.classList.toggle("hot", on);
+}
+
+function drawSpectra(rec) {
+  const plot = $("#spectra");
+  plot.replaceChildren();
+  const W = 640, H = 260, L = 52, R = 12, T = 12, B = 30;
+  const series = rec.layers.map((l) => (l.top_svals || []).filter((x) => x > 0 && Number.isFinite(x)));
+  const all = series.flat();
+  if (all.length === 0) {
+    plot.append(svg("text", { x: W / 2, y: H / 2, "text-anchor": "middle" }, "no finite singular values"));
+    return;
+  }
+  const kmax = Math.max(2, ...series.map((s) => s.length));
+  let lo = Math.log10(Math.min(...all)), hi = Math.log10(Math.max(...all));
+  if (hi - lo < 1e-9) { lo -= 0.5; hi += 0.5; }
+  const x = (k) => L + ((W - L - R) * k) / (kmax - 1);
+  const y = (v) => T + ((H - T - B) * (hi - Math.log10(v))) / (hi - lo);
+  plot.append(svg("line", { x1: L, y1: H - B, x2: W - R, y2: H - B, class: "axis" }));
+  plot.append(svg("line", { x1: L, y1: T, x2: L, y2: H - B, class: "axis" }));
+  for (const e of [Math.ceil(lo), Math.floor(hi)].filter((v, i, a) => a.indexOf(v) === i)) {
+    if (e < lo || e > hi) continue;
+    plot.append(svg("text", { x: L - 4, y: y(10 ** e) + 3, "text-anchor": "end" }, `1e${e}`));
+  }
+  plot.append(svg("text", { x: L - 4, y: T + 8, "text-anchor": "end" }, num(10 ** hi, 2)));
+  plot.append(svg("text", { x: L - 4, y: H - B, "text-anchor": "end" }, num(10 ** lo, 2)));
+  plot.append(svg("text", { x: (W + L) / 2, y: H - 6, "text-anchor": "middle" }, "index of the singular value"));
+  for (const k of [0, kmax - 1]) plot.append(svg("text", { x: x(k), y: H - B + 12, "text-anchor": "middle" }, k + 1));
+  series.forEach((s, i) => {
+    if (s.length === 0) return;
+    const pts = s.length === 1 ? [[x(0), y(s[0])], [x(0) + 3, y(s[0])]] : s.map((v, k) => [x(k), y(v)]);
+    const hue = Math.round((300 * i) / Math.max(1, series.length - 1));
+    const line = svg("polyline", {
+      points: pts.map((p) => p.map((c) => c.toFixed(1)).join(",")).join(" "),
+      stroke: `hsl(${hue} 65% 45%)`,
+      "data-layer": i,
+    });
+    line.append(svg("title", {}, rec.layers[i].name));
+    plot.append(line);
+  });
+}
+
+// ---------------------------------------------------------------------------------- history
+
+function targetsOf(list) {
+  const cols = [];
+  const seen = new Set();
+  for (const rec of list) for (const p of rec.predictions || []) {
+    for (const t of p.targets || []) {
+      const key = `${p.run}/${t}`;
+      if (!seen.has(key)) { seen.add(key); cols.push([p.run, t, key]); }
+    }
+  }
+  return cols;
+}
+
+function showHistory() {
+  $("#history-card").hidden = screened.length === 0;
+  const cols = targetsOf(screened);
+  const head = row(["file", "format", "layers", "rank", "flags", ...cols.map((c) => c[2])].map((h) => el("th", h)));
+  $("#history thead").replaceChildren(head);
+  const body = $("#history tbody");
+  body.replaceChildren();
+  screened.forEach((rec, i) => {
+    let cells;
+    if (rec.error) {
+      const cell = td(rec.error, "error");
+      cell.colSpan = 4 + cols.length;
+      cells = [td(rec.path, "name"), cell];
+    } else {
+      const byRun = new Map((rec.predictions || []).map((p) => [p.run, p]));
+      const flags = (rec.flags || []).map((f) => f.kind).join(", ") || "–";
+      cells = [
+        td(rec.path, "name"),
+        td(rec.format || "?"),
+        td(rec.num_layers, "num"),
+        td((rec.ranks || []).join("/"), "num"),
+        td(flags, (rec.flags || []).some((f) => f.severity === "error") ? "error" : ""),
+        ...cols.map(([run, t]) => {
+          const p = byRun.get(run);
+          if (!p || p.error) return td(p ? "does not fit" : "", "error");
+          return td(num(p.prediction[t], 4), "num");
+        }),
+      ];
+    }
+    const tr = row(cells);
+    if (i === selected) tr.classList.add("selected");
+    tr.addEventListener("click", () => select(i));
+    body.append(tr);
+  });
+}
+
+function select(i) {
+  selected = i;
+  showResult(screened[i]);
+  showHistory();
+}
+
+function add(rec) {
+  screened.push(rec);
+  select(screened.length - 1);
+}
+
+// ---------------------------------------------------------------------------------- server
+
+async function screen(file) {
+  setStatus(`screening ${file.name} (${(file.size / 1048576).toFixed(1)} MB) …`);
+  const form = new FormData();
+  form.append("file", file, file.name);
+  let res;
+  try {
+    res = await fetch("/api/screen", { method: "POST", body: form, headers: authHeaders() });
+  } catch (e) {
+    setStatus(`${file.name}: the server could not be reached (${e.message})`, true);
+    return;
+  }
+  let body;
+  try { body = await res.json(); } catch { body = { error: `${res.status} ${res.statusText}` }; }
+  if (res.status === 401) $("#token-box").hidden = false;
+  if (!res.ok) {
+    const error = body.error || `${res.status} ${res.statusText}`;
+    setStatus(error, true);
+    add({ path: file.name, error });
+    return;
+  }
+  setStatus(`${file.name}: screened in ${num(body.seconds, 2)} s`);
+  add(body);
+}
+
+async function loadRuns() {
+  const res = await fetch("/api/runs", { headers: authHeaders() });
+  if (res.status === 401) {
+    $("#token-box").hidden = false;
+    setStatus("this server needs its token: enter it above", true);
+    return;
+  }
+  if (!res.ok) return;
+  runs = await res.json();
+  showRuns();
+}
+
+function showRuns() {
+  $("#runs-card").hidden = runs.length === 0;
+  const body = $("#runs tbody");
+  body.replaceChildren();
+  for (const r of runs) {
+    const test = Object.entries(r.test || {})
+      .filter(([k]) => ["r2", "kendall_tau", "accuracy", "auroc"].includes(k))
+      .map(([k, v]) => `${k} ${num(v)}`)
+      .join(", ");
+    const n = r.trained_on && r.trained_on.n ? `${r.trained_on.n.train} LoRAs` : "";
+    const store = r.trained_on && r.trained_on.store ? ` of ${r.trained_on.store}` : "";
+    body.append(row([td(r.name), td(r.model), td(`${r.task}: ${r.targets.join(", ")}`), td(n + store), td(test)]));
+  }
+}
+
+function wireUpload() {
+  const drop = $("#drop");
+  const input = $("#file");
+  input.addEventListener("change", () => {
+    for (const f of input.files) screen(f);
+    input.value = "";
+  });
+  drop.addEventListener("keydown", (e) => { if (e.key === "Enter" || e.key === " ") input.click(); });
+  for (const ev of ["dragenter", "dragover"]) {
+    drop.addEventListener(ev, (e) => { e.preventDefault(); drop.classList.add("over"); });
+  }
+  for (const ev of ["dragleave", "drop"]) {
+    drop.addEventListener(ev, (e) => { e.preventDefault(); drop.classList.remove("over"); });
+  }
+  drop.addEventListener("drop", (e) => { for (const f of e.dataTransfer.files) screen(f); });
+  const token = $("#token");
+  token.value = sessionStorage.getItem("loralens-token") || "";
+  token.addEventListener("change", () => {
+    sessionStorage.setItem("loralens-token", token.value.trim());
+    setStatus("");
+    loadRuns();
+  });
+}
+
+function start() {
+  const embedded = document.getElementById("loralens-report");
+  if (embedded) { // an HTML report: the records are in the page, there is no server
+    const report = JSON.parse(embedded.textContent);
+    $("#upload").hidden = true;
+    $("#history-title").textContent = `${report.records.length} adapters screened`;
+    runs = report.runs || [];
+    showRuns();
+    for (const rec of report.records) screened.push(rec);
+    const first = screened.findIndex((rec) => !rec.error);
+    if (screened.length) select(Math.max(0, first));
+    return;
+  }
+  wireUpload();
+  loadRuns();
+}
+
+document.addEventListener("DOMContentLoaded", start);
