@@ -8,7 +8,15 @@ from pathlib import Path
 
 from loralens.formats.diffusers import ADAPTER_METADATA_KEY, COMPONENTS, load_diffusers
 from loralens.formats.errors import LoRAFormatError
-from loralens.formats.keys import DIFFUSERS_KEY, KOHYA_KEY, PEFT_KEY
+from loralens.formats.keys import (
+    DIFFUSERS_KEY,
+    KOHYA_KEY,
+    LORA_MID_KEY,
+    LYCORIS_KEY,
+    PEFT_KEY,
+    XLABS_KEY,
+    refuse_not_low_rank,
+)
 from loralens.formats.kohya import load_kohya
 from loralens.formats.peft import (
     CONFIG_NAME,
@@ -19,6 +27,7 @@ from loralens.formats.peft import (
     load_peft,
     load_peft_weights_only,
 )
+from loralens.formats.single_file import load_single_file
 from loralens.formats.tensor_file import (
     PICKLE_SUFFIXES,
     SAFETENSORS_SUFFIXES,
@@ -27,12 +36,16 @@ from loralens.formats.tensor_file import (
 )
 from loralens.lora import LoRA
 
-FORMATS = ("peft", "kohya", "diffusers")
+FORMATS = ("peft", "kohya", "diffusers", "comfyui", "xlabs", "lycoris")
 EXPECTED = (
     "expected a PEFT adapter folder (adapter_config.json + adapter_model.safetensors or "
     "adapter_model.bin), or a LoRA .safetensors/.bin file in PEFT (*.lora_A.weight), kohya "
-    "(lora_unet_*.lora_down.weight) or diffusers (unet.*.lora.down.weight) style"
+    "(lora_unet_*.lora_down.weight), diffusers (unet.*.lora.down.weight), ComfyUI "
+    "(diffusion_model.*), XLabs (double_blocks.*.processor.qkv_lora1.down.weight) or LyCORIS "
+    "(*.hada_w1_a, *.lokr_w1, *.lora_mid.weight) style"
 )
+#: Key prefixes of ComfyUI's own model layout (and of ai-toolkit files written for it).
+COMFYUI_PREFIXES = ("diffusion_model.", "text_encoders.")
 
 
 def _single_weights_in(folder: Path) -> Path | None:
@@ -84,6 +97,13 @@ def _file_format(path: Path) -> str:
     keys, st_meta = read_tensor_keys(path)
     if not keys:
         raise LoRAFormatError(path, f"holds no tensors; {EXPECTED}")
+    if any(LYCORIS_KEY.match(k) or LORA_MID_KEY.match(k) for k in keys):
+        return "lycoris"
+    if any(XLABS_KEY.match(k) for k in keys):
+        return "xlabs"
+    lora_keys = [k for k in keys if KOHYA_KEY.match(k) or PEFT_KEY.match(k)]
+    if lora_keys and all(k.startswith(COMFYUI_PREFIXES) for k in lora_keys):
+        return "comfyui"
     if any(KOHYA_KEY.match(k) for k in keys):
         return "kohya"
     if any(DIFFUSERS_KEY.match(k) for k in keys):
@@ -94,12 +114,14 @@ def _file_format(path: Path) -> str:
         if ADAPTER_METADATA_KEY in st_meta or any(k.startswith(COMPONENTS) for k in keys):
             return "diffusers"
         return "peft"
+    refuse_not_low_rank(keys, path)
     shown = ", ".join(repr(k) for k in keys[:3])
     raise LoRAFormatError(path, f"no LoRA keys found (keys like {shown}); {EXPECTED}")
 
 
 def detect_format(path: str | os.PathLike[str]) -> str:
-    """The LoRA format at ``path``: "peft", "kohya" or "diffusers".
+    """The LoRA format at ``path``: one of :data:`FORMATS` ("peft", "kohya", "diffusers",
+    "comfyui", "xlabs", "lycoris"), named for what the file is.
 
     Raises ``LoRAFormatError`` (naming the path and what was expected) for anything else.
     """
@@ -107,7 +129,8 @@ def detect_format(path: str | os.PathLike[str]) -> str:
 
 
 def load_lora(path: str | os.PathLike[str], *, allow_nonfinite: bool = False) -> LoRA:
-    """Read a LoRA from a PEFT adapter folder, or a PEFT/kohya/diffusers .safetensors/.bin file.
+    """Read a LoRA from a PEFT adapter folder, or a PEFT/kohya/diffusers/ComfyUI/XLabs/LyCORIS
+    .safetensors/.bin file (LyCORIS LoCon-Tucker, LoHa and LoKr exactly, as low rank).
 
     Layers come out in the base model's module order (names sorted with digit runs compared as
     numbers), with the adapter's scale folded into U, so ``lora.delta_weights()[name]`` equals
@@ -125,4 +148,6 @@ def load_lora(path: str | os.PathLike[str], *, allow_nonfinite: bool = False) ->
         return load_peft_weights_only(where, allow_nonfinite=allow_nonfinite)
     if fmt == "kohya":
         return load_kohya(where, allow_nonfinite=allow_nonfinite)
-    return load_diffusers(where, allow_nonfinite=allow_nonfinite)
+    if fmt == "diffusers":
+        return load_diffusers(where, allow_nonfinite=allow_nonfinite)
+    return load_single_file(where, fmt, allow_nonfinite=allow_nonfinite)

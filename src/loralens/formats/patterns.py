@@ -95,6 +95,10 @@ class PatternTable:
 
     def key_for(self, name: str) -> str:
         """The first key that matches ``name`` (``name`` itself when none does, as in PEFT)."""
+        with self.budget:
+            return self._key_for(name)
+
+    def _key_for(self, name: str) -> str:
         if self.budget.left() <= 0:
             raise LoRAFormatError(
                 self.path, f"matching {self.what} took over {FILE_BUDGET_S} s; refused"
@@ -144,10 +148,21 @@ def _tails(name: str):
 
 
 class Budget:
-    """Seconds left for one file's pattern matching."""
+    """Seconds left for one file's pattern matching: only time spent matching counts (reading
+    the file's tensors in between does not)."""
 
     def __init__(self) -> None:
-        self.end = time.monotonic() + FILE_BUDGET_S
+        self.spent = 0.0
+        self._since: float | None = None
+
+    def __enter__(self) -> Budget:
+        self._since = time.monotonic()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.spent += time.monotonic() - (self._since or time.monotonic())
+        self._since = None
 
     def left(self) -> float:
-        return self.end - time.monotonic()
+        running = time.monotonic() - self._since if self._since is not None else 0.0
+        return FILE_BUDGET_S - self.spent - running

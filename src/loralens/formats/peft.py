@@ -29,7 +29,7 @@ import torch
 
 from loralens.formats.config import ConfigScale, read_config
 from loralens.formats.errors import LoRAFormatError
-from loralens.formats.keys import ModuleParts, parse_keys, refuse_unknown
+from loralens.formats.keys import FULL_WEIGHT_KEY, ModuleParts, parse_keys, refuse_unknown
 from loralens.formats.layers import alpha_scale, build_layers
 from loralens.formats.tensor_file import TensorFile, open_tensor_file
 from loralens.lora import LoRA
@@ -75,22 +75,25 @@ def _allowed_extra(key: str, cfg: dict[str, Any] | None) -> bool:
 
 def parse_peft_tensors(
     file: TensorFile, cfg: dict[str, Any] | None, config_path: Path | None, *, allow_nonfinite: bool
-) -> tuple[list, list[str]]:
+) -> tuple[list, list[str], list[str]]:
     """Layers from a PEFT-style state dict; ``cfg`` (read from ``config_path``) None means no
     config (alpha keys or scale 1). Returns (layers, names of saved full tensors that are not
-    LoRA factors).
+    LoRA factors, names of modules whose scale was assumed 1 for want of a config or alpha).
     """
     path = file.path
     modules, unparsed = parse_keys(file.keys, path, strip_prefix=PREFIX)
-    extras = [k for k in unparsed if _allowed_extra(k, cfg)]
+    extras = [k for k in unparsed if _allowed_extra(k, cfg) or FULL_WEIGHT_KEY.match(k)]
     unknown = [k for k in unparsed if k not in extras]
     refuse_unknown(
         unknown, path, "LoRA factors (lora_A/lora_B/lora_embedding_A/B/lora_magnitude_vector)"
     )
     config_scale = ConfigScale(cfg, config_path or path) if cfg is not None else None
+    assumed: list[str] = []
 
     def scale_for(name: str, rank: int, parts: ModuleParts, alpha: float | None):
         if config_scale is None:
+            if alpha is None:
+                assumed.append(name)
             return alpha_scale(rank, alpha), None
         if alpha is not None:
             raise LoRAFormatError(path, f"unexpected key {parts.keys['alpha']!r} in a PEFT adapter")
@@ -100,7 +103,7 @@ def parse_peft_tensors(
     layers = build_layers(
         modules, file, scale_for, allow_nonfinite=allow_nonfinite, fan_in_fan_out=fan
     )
-    return layers, extras
+    return layers, extras, assumed
 
 
 def load_peft(path: Path, *, allow_nonfinite: bool = False, weights: Path | None = None) -> LoRA:
@@ -109,7 +112,7 @@ def load_peft(path: Path, *, allow_nonfinite: bool = False, weights: Path | None
     cfg = read_config(folder / CONFIG_NAME)
     weights = weights or weights_file(folder)
     with open_tensor_file(weights) as file:
-        layers, extras = parse_peft_tensors(
+        layers, extras, _ = parse_peft_tensors(
             file, cfg, folder / CONFIG_NAME, allow_nonfinite=allow_nonfinite
         )
         st_meta = file.metadata
@@ -131,26 +134,33 @@ def load_peft(path: Path, *, allow_nonfinite: bool = False, weights: Path | None
 def load_peft_weights_only(path: Path, *, allow_nonfinite: bool = False) -> LoRA:
     """A PEFT-style weights file with no adapter_config.json beside it.
 
-    Without the config, lora_alpha is unknown: the scale is taken as 1 (alpha = r, the
-    convention diffusers uses for such files) and a warning says so.
+    Modules with an ``alpha`` key get alpha / r. For the others lora_alpha is unknown without
+    the config: their scale is taken as 1 (alpha = r, the convention diffusers uses for such
+    files), a warning says so, ``metadata["scale_assumed"]`` is True and
+    ``metadata["scale_assumed_modules"]`` lists them.
     """
     with open_tensor_file(path) as file:
-        layers, extras = parse_peft_tensors(file, None, None, allow_nonfinite=allow_nonfinite)
+        layers, extras, assumed = parse_peft_tensors(
+            file, None, None, allow_nonfinite=allow_nonfinite
+        )
         st_meta = file.metadata
     if not layers:
         raise LoRAFormatError(path, "holds no LoRA factors (no lora_A/lora_B keys)")
-    warnings.warn(
-        f"{path}: no {CONFIG_NAME} beside this file, so lora_alpha is unknown; "
-        "assuming scale 1 (alpha = r)",
-        UserWarning,
-        stacklevel=3,
-    )
     metadata: dict[str, Any] = {
         "format": "peft",
         "source": str(path),
-        "scale_assumed": True,
         "safetensors_metadata": st_meta,
     }
+    if assumed:
+        warnings.warn(
+            f"{path}: no {CONFIG_NAME} beside this file and no alpha key for "
+            f"{len(assumed)} module(s), so their lora_alpha is unknown; assuming scale 1 "
+            "(alpha = r)",
+            UserWarning,
+            stacklevel=3,
+        )
+        metadata["scale_assumed"] = True
+        metadata["scale_assumed_modules"] = assumed
     if extras:
         metadata["non_lora_keys"] = extras
     return LoRA(layers=layers, metadata=metadata)

@@ -1,8 +1,11 @@
-"""Single-file LoRAs (kohya and diffusers): every key is a LoRA factor or an alpha.
+"""Single-file LoRAs (kohya, diffusers, ComfyUI, XLabs, LyCORIS): every key is a LoRA factor, a
+LyCORIS factor, an alpha, or a full weight difference listed as such.
 
-The reading both formats share: pair the factors by module path, take each module's scale from
+The reading these formats share: pair the factors by module path, take each module's scale from
 its ``alpha`` key (alpha / rank; alpha 0 or missing means scale 1) or, where it has none, from
 the PEFT-style config of its component (``unet``, ``text_encoder``, ...) if the file carries one.
+Full weight differences (``.diff``, ``.diff_b`` of norms and biases, ...) are not low rank: they
+are listed in ``lora.metadata["non_lora_keys"]``, never dropped silently.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from typing import Any
 
 from loralens.formats.config import ConfigScale
 from loralens.formats.errors import LoRAFormatError
-from loralens.formats.keys import ModuleParts, parse_keys, refuse_unknown
+from loralens.formats.keys import FULL_WEIGHT_KEY, ModuleParts, parse_keys, refuse_unknown
 from loralens.formats.layers import alpha_scale, build_layers
 from loralens.formats.tensor_file import open_tensor_file
 from loralens.lora import LoRA
@@ -37,7 +40,10 @@ def load_single_file(
     with open_tensor_file(path) as file:
         st_meta = file.metadata
         modules, unparsed = parse_keys(file.keys, path)
-        refuse_unknown(unparsed, path, "LoRA factors or alphas")
+        extras = [k for k in unparsed if FULL_WEIGHT_KEY.match(k)]
+        refuse_unknown(
+            [k for k in unparsed if not FULL_WEIGHT_KEY.match(k)], path, "LoRA factors or alphas"
+        )
         configs = component_configs(st_meta, path) if component_configs else {}
         scales = {c: ConfigScale(cfg, path) for c, cfg in configs.items()}
 
@@ -57,6 +63,8 @@ def load_single_file(
     }
     if configs:
         metadata["adapter_configs"] = configs
+    if extras:
+        metadata["non_lora_keys"] = extras
     base = st_meta.get("ss_sd_model_name") or st_meta.get("ss_base_model_version")
     if base:
         metadata["base_model"] = base

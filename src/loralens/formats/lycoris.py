@@ -1,0 +1,308 @@
+"""LyCORIS layers read exactly as low rank U V^T, without forming delta W.
+
+- **LoCon with a Tucker core** (``lora_down`` r x in x 1..., ``lora_mid`` r x r x kernel,
+  ``lora_up`` out x r x 1...): delta W[p, q, k] = sum_ij up[p, i] mid[i, j, k] down[j, q], so
+  U = up and V[(q, k), i] = sum_j mid[i, j, k] down[j, q]: rank r.
+- **LoHa** (``hada_w1_a/b``, ``hada_w2_a/b``, optional Tucker cores ``hada_t1/t2``):
+  delta W = (U1 V1^T) * (U2 V2^T) elementwise = (U1 . U2)(V1 . V2)^T, with ``.`` the row-wise
+  Khatri-Rao (face-splitting) product: rank r1 r2.
+- **LoKr** (``lokr_w1`` or ``lokr_w1_a/b``; ``lokr_w2`` or ``lokr_w2_a/b``, optional Tucker core
+  ``lokr_t2``): delta W = kron(W1, W2) = kron(P1, P2) kron(Q1, Q2)^T from each half's factors
+  W = P Q^T. A half stored full is factored by SVD at its rank (to float32 precision), and
+  ``meta["lokr_full"]`` says so (its shape, rank and largest dropped singular value).
+
+Scales follow LyCORIS: alpha / r with r the factors' inner size (alpha 0 or missing: scale 1); a
+LoKr with both halves full has scale 1. ``meta["lycoris"]`` names the algorithm. A layer whose
+exact factors would hold more values than delta W itself is refused (it is not low rank), as is
+a file whose expanded factors would pass :data:`MAX_EXPANDED_ELEMENTS`, or a full LoKr half too
+large to factor (both sides over :data:`MAX_SVD_SIDE`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from loralens.formats.module import ModuleReader, ScaleFn, finish_layer
+from loralens.lora import LoRALayer
+
+LOHA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
+LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+_PLAIN = ("A", "B", "eA", "eB", "B_bias")
+_KIND_NAMES = {"loha": "LyCORIS LoHa", "lokr": "LyCORIS LoKr", "lora": "LoRA"}
+
+#: The values all of one file's LyCORIS factors may hold, at most (4 GiB as float32): LoHa and
+#: LoKr factors can be far larger than the file, and a crafted file must not exhaust memory.
+MAX_EXPANDED_ELEMENTS = 2**30
+#: A full LoKr half is factored by SVD only if one of its sides is at most this long.
+MAX_SVD_SIDE = 4096
+
+
+def lycoris_algorithm(mod: ModuleReader) -> str | None:
+    """ "loha", "lokr", "locon" (a Tucker core) or None (a plain LoRA) for this module's keys;
+    refuses a module that mixes them."""
+    keys = mod.parts.keys
+    found = {
+        algo
+        for algo, roles in (("loha", LOHA), ("lokr", LOKR), ("lora", _PLAIN))
+        if any(r in keys for r in roles)
+    }
+    if len(found) > 1:
+        kinds = " and ".join(_KIND_NAMES[a] for a in sorted(found))
+        shown = ", ".join(repr(keys[r]) for r in sorted(keys))
+        raise mod.fail(f"mixes keys of several adapter kinds ({kinds}): {shown}")
+    if found & {"loha", "lokr"}:
+        return found.pop()
+    return "locon" if "mid" in keys else None
+
+
+class Expansion:
+    """Values of LyCORIS factors one file has asked for so far, against the file's limit."""
+
+    def __init__(self) -> None:
+        self.used = 0
+
+    def take(self, mod: ModuleReader, n: int) -> None:
+        self.used += n
+        if self.used > MAX_EXPANDED_ELEMENTS:
+            raise mod.fail(
+                f"its exact low-rank factors would take the file's LyCORIS layers past "
+                f"{MAX_EXPANDED_ELEMENTS:,} values ({self.used:,}); refused to protect memory"
+            )
+
+
+def read_lycoris(
+    mod: ModuleReader, algo: str, scale_for: ScaleFn, expansion: Expansion
+) -> LoRALayer:
+    """The exact layer of a LoCon-Tucker, LoHa or LoKr module, its scale folded into U."""
+    reader = {"locon": _locon, "loha": _loha, "lokr": _lokr}[algo]
+    U, V, meta, rank_role = reader(mod, expansion)
+    if rank_role is None:  # LoKr with both halves full: LyCORIS uses scale 1
+        scale = 1.0
+    else:
+        scale = mod.scale_for(scale_for, mod.shape(rank_role)[0], rank_role)
+    U, V = (U * scale).float(), V.float()
+    mod.check_finite(U, f"U (its factors times the scale {scale:g}, as float32)")
+    mod.check_finite(V, "V (its factors, as float32)")
+    meta.update(scale=scale, lycoris=algo, dtype=_dtype_name(mod))
+    return finish_layer(mod, U.contiguous(), V.float().contiguous(), meta)
+
+
+def _dtype_name(mod: ModuleReader) -> str:
+    role = next(r for r in mod.parts.keys if r not in ("alpha", "mag"))
+    return str(mod.floating(role)).removeprefix("torch.")
+
+
+def _require(mod: ModuleReader, roles: tuple[str, ...], what: str) -> None:
+    missing = [r for r in roles if r not in mod.parts.keys]
+    if missing:
+        present = ", ".join(repr(mod.parts.keys[r]) for r in sorted(mod.parts.keys))
+        raise mod.fail(f"{what} needs {', '.join(missing)} (has {present})")
+
+
+def _fit(mod: ModuleReader, ok: bool, expected: str, **shapes: tuple[int, ...]) -> None:
+    if not ok or any(0 in s for s in shapes.values()):
+        got = ", ".join(f"{k} {v}" for k, v in shapes.items())
+        raise mod.fail(f"factors do not fit (expected {expected}): {got}")
+
+
+def _tucker_v(core: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """V[(q, k), i] = sum_j core[i, j, k] down[j, q] (in*kernel x r), for a Tucker chain."""
+    r = core.shape[0]
+    core = core.reshape(r, core.shape[1], -1)
+    return torch.einsum("ijk,jq->qki", core, down).reshape(-1, r)
+
+
+def _check_size(mod: ModuleReader, out: int, inn: int, rank: int, expansion: Expansion) -> None:
+    """Refuse factors larger than delta W (out x inn) itself, or past the file's limit."""
+    n = (out + inn) * rank
+    if n > out * inn:
+        raise mod.fail(
+            f"its exact low-rank factors (rank {rank}) would hold {n:,} values, more than its "
+            f"delta W ({out} x {inn}) itself; loralens reads a layer as U V^T only where that "
+            "is smaller"
+        )
+    expansion.take(mod, n)
+
+
+def _conv_meta(kernel: tuple[int, ...], in_channels: int) -> dict[str, Any]:
+    if kernel:
+        return {"kind": "conv", "kernel_size": list(kernel), "in_channels": in_channels}
+    return {"kind": "linear", "fan_in_fan_out": False}
+
+
+# ----------------------------------------------------------------------------- LoCon (Tucker)
+
+
+def _locon(mod: ModuleReader, expansion: Expansion):
+    _require(mod, ("A", "B", "mid"), "a LoCon layer with a Tucker core (lora_mid)")
+    down, mid, up = mod.shape("A"), mod.shape("mid"), mod.shape("B")
+    n = len(mid)
+    ok = (
+        n >= 3
+        and len(down) == n
+        and len(up) == n
+        and mid[1] == down[0]
+        and up[1] == mid[0]
+        and all(s == 1 for s in down[2:] + up[2:])
+    )
+    _fit(
+        mod,
+        ok,
+        "lora_down r x in x 1..., lora_mid r x r x kernel..., lora_up out x r x 1...",
+        down=down,
+        mid=mid,
+        up=up,
+    )
+    out, inn, kernel = up[0], down[1], mid[2:]
+    expansion.take(mod, (out + inn * math.prod(kernel)) * mid[0])
+    U = mod.read64("B").reshape(out, mid[0])
+    V = _tucker_v(mod.read64("mid"), mod.read64("A").reshape(down[0], inn))
+    return U, V, _conv_meta(kernel, inn), "A"
+
+
+# ----------------------------------------------------------------------------- LoHa
+
+
+def _loha_half(mod: ModuleReader, i: int):
+    """(out, in*kernel, rank, kernel, in_channels, read) of one Hadamard factor."""
+    a, b, t = f"hada_w{i}_a", f"hada_w{i}_b", f"hada_t{i}"
+    if t in mod.parts.keys:
+        _require(mod, (a, b), f"a LoHa Tucker half ({t})")
+        sa, sb, st = mod.shape(a), mod.shape(b), mod.shape(t)
+        ok = len(st) >= 2 and len(sa) == 2 and len(sb) == 2 and sa[0] == st[0] and sb[0] == st[1]
+        _fit(mod, ok, f"{t} r x r x kernel..., {a} r x out, {b} r x in", **{t: st, a: sa, b: sb})
+        kernel = st[2:]
+
+        def read():
+            return mod.read64(a).T, _tucker_v(mod.read64(t), mod.read64(b))
+
+        return sa[1], sb[1] * math.prod(kernel), st[0], kernel, sb[1], read
+    sa, sb = mod.shape(a), mod.shape(b)
+    ok = len(sa) == 2 and len(sb) >= 2 and sa[1] == sb[0]
+    _fit(mod, ok, f"{a} out x r, {b} r x in...", **{a: sa, b: sb})
+
+    def read():
+        return mod.read64(a), mod.read64(b).reshape(sb[0], -1).T
+
+    return sa[0], math.prod(sb[1:]), sa[1], sb[2:], sb[1], read
+
+
+def _face_split(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Row-wise Khatri-Rao product: row p is kron(x[p], y[p]), so that
+    (x1 . x2)(y1 . y2)^T = (x1 y1^T) * (x2 y2^T) elementwise."""
+    return (x[:, :, None] * y[:, None, :]).reshape(x.shape[0], -1)
+
+
+def _loha(mod: ModuleReader, expansion: Expansion):
+    _require(mod, ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"), "a LoHa layer")
+    if ("hada_t1" in mod.parts.keys) != ("hada_t2" in mod.parts.keys):
+        raise mod.fail("a LoHa Tucker layer needs both hada_t1 and hada_t2")
+    out1, in1, r1, k1, c1, read1 = _loha_half(mod, 1)
+    out2, in2, r2, k2, c2, read2 = _loha_half(mod, 2)
+    if (out1, in1) != (out2, in2):
+        raise mod.fail(
+            f"its two Hadamard factors have different shapes: {out1} x {in1} and {out2} x {in2}"
+        )
+    _check_size(mod, out1, in1, r1 * r2, expansion)
+    (u1, v1), (u2, v2) = read1(), read2()
+    kernel = k1 or k2
+    return (
+        _face_split(u1, u2),
+        _face_split(v1, v2),
+        _conv_meta(kernel, c1 if k1 else c2),
+        "hada_w1_b",
+    )
+
+
+# ----------------------------------------------------------------------------- LoKr
+
+
+def _lokr_half(mod: ModuleReader, i: int):
+    """(rows, cols, kernel, in_channels, factors) of one Kronecker half W = P Q^T; ``factors()``
+    returns (P, Q, what meta should say about a full half or None)."""
+    full, a, b = f"lokr_w{i}", f"lokr_w{i}_a", f"lokr_w{i}_b"
+    t = f"lokr_t{i}"
+    keys = mod.parts.keys
+    if full in keys:
+        if a in keys or b in keys:
+            raise mod.fail(f"has both {full} and {a}/{b}")
+        s = mod.shape(full)
+        _fit(
+            mod,
+            len(s) >= 2 and (i == 2 or len(s) == 2),
+            f"{full} rows x cols x kernel...",
+            **{full: s},
+        )
+        return s[0], math.prod(s[1:]), s[2:], s[1], lambda: _svd_factors(mod, full)
+    _require(mod, (a, b), f"a LoKr half (lokr_w{i} or {a}/{b})")
+    sa, sb = mod.shape(a), mod.shape(b)
+    if t in keys:
+        st = mod.shape(t)
+        ok = len(st) >= 2 and len(sa) == 2 and len(sb) == 2 and sa[0] == st[0] and sb[0] == st[1]
+        _fit(mod, ok, f"{t} r x r x kernel..., {a} r x rows, {b} r x cols", **{t: st, a: sa, b: sb})
+        kernel = st[2:]
+        return (
+            sa[1],
+            sb[1] * math.prod(kernel),
+            kernel,
+            sb[1],
+            lambda: (mod.read64(a).T, _tucker_v(mod.read64(t), mod.read64(b)), None),
+        )
+    ok = len(sa) == 2 and len(sb) >= 2 and sa[1] == sb[0] and (i == 2 or len(sb) == 2)
+    _fit(mod, ok, f"{a} rows x r, {b} r x cols...", **{a: sa, b: sb})
+    return (
+        sa[0],
+        math.prod(sb[1:]),
+        sb[2:],
+        sb[1],
+        lambda: (mod.read64(a), mod.read64(b).reshape(sb[0], -1).T, None),
+    )
+
+
+def _svd_factors(mod: ModuleReader, role: str):
+    """(P, Q, meta) with P Q^T = the full matrix in ``role`` at its rank to float32 precision:
+    a float64 SVD keeping the singular values above numpy's ``matrix_rank`` tolerance for
+    float32 (sigma_max * max(rows, cols) * eps32); meta records the rank and the largest
+    singular value dropped (0 when none), so the approximation is never hidden."""
+    s = mod.shape(role)
+    rows, cols = s[0], math.prod(s[1:])
+    if min(rows, cols) > MAX_SVD_SIDE:
+        raise mod.fail(
+            f"full LoKr factor {mod.parts.keys[role]!r} ({rows} x {cols}) is too large to "
+            f"factor (both sides over {MAX_SVD_SIDE})"
+        )
+    w = mod.read64(role).reshape(rows, cols)
+    if not bool(torch.isfinite(w).all()):
+        raise mod.fail(f"full LoKr factor {mod.parts.keys[role]!r} holds NaN/inf: cannot factor it")
+    u, sv, vh = torch.linalg.svd(w, full_matrices=False)
+    tol = float(sv[0]) * max(rows, cols) * torch.finfo(torch.float32).eps
+    k = max(1, int((sv > tol).sum()))
+    dropped = float(sv[k]) if k < sv.numel() else 0.0
+    info = {"shape": [rows, cols], "rank": k, "max_dropped_singular_value": dropped}
+    return u[:, :k] * sv[:k], vh[:k].T, info
+
+
+def _lokr(mod: ModuleReader, expansion: Expansion):
+    keys = mod.parts.keys
+    if "lokr_t1" in keys:
+        raise mod.fail("has lokr_t1; LyCORIS writes a Tucker core for the second half only")
+    rows1, cols1, _, _, half1 = _lokr_half(mod, 1)
+    rows2, cols2, k2, c2, half2 = _lokr_half(mod, 2)
+    p1, q1, full1 = half1()  # each half is no larger than the file holds (an SVD's factors
+    p2, q2, full2 = half2()  # are no larger than its matrix): the products are checked first
+    _check_size(mod, rows1 * rows2, cols1 * cols2, p1.shape[1] * p2.shape[1], expansion)
+    meta = _conv_meta(k2, cols1 * c2)
+    full = {n: info for n, info in (("lokr_w1", full1), ("lokr_w2", full2)) if info}
+    if full:
+        meta["lokr_full"] = full
+    rank_role = "lokr_w1_b" if "lokr_w1_b" in keys else "lokr_w2_b" if "lokr_w2_b" in keys else None
+    return _kron(p1, p2), _kron(q1, q2), meta, rank_role
+
+
+def _kron(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Kronecker product of two matrices (any strides)."""
+    rows, cols = x.shape[0] * y.shape[0], x.shape[1] * y.shape[1]
+    return (x[:, None, :, None] * y[None, :, None, :]).reshape(rows, cols)
