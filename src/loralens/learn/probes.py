@@ -5,8 +5,11 @@ their regularization chosen by cross-validation on those rows only:
 
 - ``probe: dense ΔW``: ridge / logistic regression on the flattened ΔW = U Vᵀ of every layer,
   where it fits in memory (``DENSE_MAX_BYTES``); otherwise skipped, and said so;
-- ``probe: spectral``: the same on GL(r)-invariant features (per-layer singular values of ΔW
-  and its Frobenius norm, ``features.svals_and_norms``), which fit everywhere.
+- ``probe: spectral``: the same on GL(r)-invariant features (the per-layer singular values of
+  ΔW and its Frobenius norm, ``features.svals_and_norms``, and their logarithms), which fit
+  everywhere. Logarithms too: these span orders of magnitude across a zoo, and on raw values
+  the few largest LoRAs set the fit (eval_loss of a 250-LoRA skills-lm zoo, 3 seeds: R² -0.13
+  on raw values, 0.40 on logarithms, 0.62 on both).
 
 Outputs are in the model's raw space (standardized targets, or logits), so ``Task.metrics``
 scores probes and models alike.
@@ -30,6 +33,8 @@ PROBE_SPECTRAL = "probe: spectral"
 PROBES = (PROBE_DENSE, PROBE_SPECTRAL)
 #: The dense probe is skipped when the float32 ΔW of the selected LoRAs exceed this.
 DENSE_MAX_BYTES = 1 << 30
+#: Added before the logarithm of spectral features (zero-padded singular values stay finite).
+LOG_EPS = 1e-8
 #: Ridge penalties tried (on standardized features); logistic regression tries 1 / these.
 ALPHAS = np.logspace(-3, 5, 17)
 
@@ -52,7 +57,8 @@ def probe_features(store: LoRAStore, rows: np.ndarray, which: str) -> np.ndarray
                 feats = [w.reshape(len(batch), -1) for w in batch.delta_weights()]
             else:
                 s, norms = svals_and_norms(batch)
-                feats = [s.reshape(len(batch), -1), norms.reshape(len(batch), -1)]
+                both = torch.cat([s.reshape(len(batch), -1), norms.reshape(len(batch), -1)], 1)
+                feats = [both, torch.log(both.double() + LOG_EPS)]
             parts.append(torch.cat([f.float() for f in feats], dim=1).numpy())
     return np.concatenate(parts).astype(np.float32)
 
