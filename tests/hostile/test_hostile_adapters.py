@@ -30,7 +30,7 @@ def run_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("run")
     (root / "adapters").mkdir()
     lines = ["adapter,y"]
-    for k in range(8):
+    for k in range(12):
         corpus.good_peft(root / "adapters" / f"a{k}", seed=k)
         lines.append(f"a{k},{k}")
     (root / "labels.csv").write_text("\n".join(lines) + "\n")

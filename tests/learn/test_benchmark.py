@@ -38,7 +38,10 @@ def test_benchmark_no_weights_row_is_the_train_mean(make_store, tmp_path):
         runner.invoke(app, [*cmd, "--seeds", "2", "--epochs", "2", "--out", str(out), "--json"])
     )
     table = json.loads(res.stdout)["table"]
-    assert set(table) == {"mlp", "glnet", "no weights", "hyperparameters only"}
+    probes = {"probe: dense ΔW", "probe: spectral"}
+    assert set(table) == {"mlp", "glnet", "no weights", "hyperparameters only"} | probes
+    for p in probes:  # fitted once per seed, on that seed's split
+        assert table[p]["y"]["n_seeds"] == 2 and table[p]["y"]["r2"]["mean"] is not None
 
     y = store.labels(["y"])[:, 0]
     split = np.array([_split(k) for k in range(30)])
@@ -59,7 +62,12 @@ def test_benchmark_no_weights_row_is_the_train_mean(make_store, tmp_path):
         assert metrics["n"] == {"train": 18, "val": 6, "test": 6}
         ids = pd.read_csv(run / "predictions.csv", dtype={"id": str})["id"]
         assert sorted(ids) == test_ids
-    assert "| no weights |" in (out / "benchmark.md").read_text()
+    md = (out / "benchmark.md").read_text()
+    assert "| no weights |" in md and "| probe: dense ΔW |" in md
+    best = max(table[p]["y"]["r2"]["mean"] for p in probes)
+    for name in ("mlp", "glnet"):  # a model below the better probe is marked, and only then
+        row = next(line for line in md.splitlines() if line.startswith(f"| {name} |"))
+        assert ("▼" in row) == (table[name]["y"]["r2"]["mean"] < best)
 
 
 def test_hyperparameter_columns_come_from_the_zoo_manifest(make_peft_zoo, tmp_path):
@@ -91,7 +99,7 @@ def test_hyperparameter_columns_come_from_the_zoo_manifest(make_peft_zoo, tmp_pa
 @pytest.mark.slow
 def test_demo_runs_end_to_end_on_a_tiny_zoo(tmp_path):
     out = tmp_path / "demo"
-    cmd = ["demo", "--out", str(out), "--num", "8", "--seeds", "1", "--epochs", "1"]
+    cmd = ["demo", "--out", str(out), "--num", "10", "--seeds", "1", "--epochs", "1"]
     res = _ok(runner.invoke(app, [*cmd, "--threads", "1"]))
     demo = json.loads((out / "demo.json").read_text())
     # the classification target is the zoo's most balanced 0/1 label column
@@ -99,8 +107,9 @@ def test_demo_runs_end_to_end_on_a_tiny_zoo(tmp_path):
     labels = pd.read_csv(out / "zoo" / "labels.csv")
     rates = {c: labels[c].mean() for c in manifest["binary_columns"]}
     balanced = min(rates, key=lambda c: (abs(rates[c] - 0.5), c))
-    assert demo["targets"] == ["eval_loss", balanced] and demo["num"] == 8
+    assert demo["targets"] == ["eval_loss", balanced] and demo["num"] == 10
     result = json.loads((out / "benchmark" / "benchmark.json").read_text())
     assert set(MODEL_NAMES) | {"no weights"} <= set(result["table"])
     assert result["models"] == list(MODEL_NAMES)
-    assert "| no weights |" in res.stdout
+    assert "| no weights |" in res.stdout and "| probe: spectral |" in res.stdout
+    assert "How to read it" in res.stdout

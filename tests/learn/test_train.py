@@ -60,7 +60,7 @@ def test_two_process_accelerate_run(tmp_path):
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "loralens",
         "train", "--data", str(tmp_path / "s"), "--target", "y", "--model", "glnet",
-        "--out", str(tmp_path / "run"), "--epochs", "3", "--quiet",
+        "--out", str(tmp_path / "run"), "--epochs", "3", "--quiet", "--folds", "1",
     ]  # fmt: skip
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]

@@ -41,7 +41,9 @@ def _metrics_table(title: str, columns: dict[str, dict[str, Any]]) -> None:
         table.add_column(name, justify="right")
     keys = list(dict.fromkeys(k for c in columns.values() for k in c))
     for k in keys:
-        table.add_row(k, *(num(c.get(k), ".4g") for c in columns.values()))
+        table.add_row(
+            k, *(v if isinstance(v := c.get(k), str) else num(v, ".4g") for c in columns.values())
+        )
     console().print(table)
 
 
@@ -67,6 +69,9 @@ def train(
     task: str = typer.Option(None, help="Force 'regression' or 'classification'."),
     hparam: list[str] = typer.Option(None, help="Model hyperparameter KEY=VALUE (repeatable)."),
     threads: int = typer.Option(None, help="Torch CPU threads (1 is fastest on a busy CPU)."),
+    folds: int = typer.Option(
+        None, help="Cross-validation folds (default: 5 below 60 labelled LoRAs; 1: one split)."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder."),
     quiet: bool = typer.Option(False, "--quiet", help="No per-epoch lines."),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
@@ -80,6 +85,7 @@ def train(
     from loralens.learn.data import resolve_targets
     from loralens.learn.loop import TrainConfig
     from loralens.learn.loop import train as train_run
+    from loralens.learn.report import probe_verdict, train_columns, train_title
     from loralens.store import LoRAStore
 
     hparams = _parse_hparams(hparam)
@@ -98,6 +104,7 @@ def train(
             task=task,
             hparams=hparams,
             threads=threads,
+            folds=folds,
         )
         metrics = train_run(store, config, out, progress=not quiet, overwrite=overwrite)
     if int(os.environ.get("RANK", "0")) != 0:  # one report under `accelerate launch`
@@ -105,13 +112,9 @@ def train(
     if as_json:
         echo_json(metrics)
         return
-    n = metrics["n"]
-    _metrics_table(
-        f"{metrics['model']} on {', '.join(metrics['targets'][:6])}: test split "
-        f"({n['test']} LoRAs; trained on {n['train']}, best epoch {metrics['best_epoch']} "
-        f"of {metrics['epochs_run']} by {n['val']} validation LoRAs)",
-        {"model": metrics["test"], "no weights": metrics["baseline"]["test"]},
-    )
+    _metrics_table(train_title(metrics), train_columns(metrics))
+    for line in probe_verdict(metrics):
+        typer.echo(line)
     typer.echo(f"wrote {out}/metrics.json, model.safetensors, config.json and plots")
 
 

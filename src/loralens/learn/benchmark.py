@@ -8,6 +8,11 @@ at the best validation epoch. Two rows need no LoRA weights at all and say what 
 - ``hyperparameters only``: gradient-boosted trees on the zoo's recorded finetuning
   hyperparameters (learning rate, epochs, rank, ...), target columns excluded, where the zoo
   records any.
+
+Two more rows say what a linear model of the weights already gets (``learn.probes``): ``probe:
+dense ΔW`` and ``probe: spectral``, fitted on the same split(s) as the models. A model cell
+below the better probe is marked ▼. Small stores are cross-validated (``learn.loop``): every
+seed's number is then itself a mean over folds.
 """
 
 from __future__ import annotations
@@ -22,9 +27,11 @@ from typing import Any
 import numpy as np
 
 from loralens.jsonio import write_json
-from loralens.learn.data import hparam_columns, make_split, resolve_targets, select_rows
+from loralens.learn.data import hparam_columns, make_splits, resolve_targets, select_rows
 from loralens.learn.loop import TrainConfig, train
-from loralens.learn.tasks import CLASSIFICATION, Task
+from loralens.learn.probes import PROBES
+from loralens.learn.runs import headline
+from loralens.learn.tasks import CLASSIFICATION, Task, infer_task, mean_std
 from loralens.models.registry import MODEL_NAMES
 from loralens.store import LoRAStore
 
@@ -32,19 +39,40 @@ NO_WEIGHTS = "no weights"
 HPARAMS_ONLY = "hyperparameters only"
 PRIMARY = {"regression": "r2", CLASSIFICATION: "accuracy"}
 SECONDARY = {"regression": "kendall_tau", CLASSIFICATION: "auroc"}
+#: Marks a model cell whose mean is below the better probe's.
+BELOW_PROBE = "▼"
 
 
 def hparams_only_metrics(
     store: LoRAStore, targets: Sequence[str], cols: Sequence[str], seed: int, where: str | None
 ) -> dict[str, Any]:
-    """Test metrics of gradient-boosted trees on hyperparameter columns (same split as train)."""
+    """Test metrics of gradient-boosted trees on hyperparameter columns, fitted on train and val
+    of the same split(s) as ``train`` (mean over folds when it cross-validates)."""
+    y_all = store.labels(list(targets))
+    rows = select_rows(store, where)
+    kind = infer_task(y_all[rows])
+    splits = make_splits(store, rows, y_all, seed, classification=kind == CLASSIFICATION)
+    X = store.labels(list(cols))
+    per = []
+    for split in splits:
+        fit = np.concatenate([split["train"], split["val"]])
+        per.append(_trees(X, y_all, fit, split["test"], list(targets), kind, seed))
+    return mean_std(per)[0]
+
+
+def _trees(
+    X: np.ndarray,
+    y_all: np.ndarray,
+    tr: np.ndarray,
+    te: np.ndarray,
+    targets: list[str],
+    kind: str,
+    seed: int,
+) -> dict[str, Any]:
+    """Test metrics of trees fitted on rows ``tr`` (train and val) for one split."""
     from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
 
-    y_all = store.labels(list(targets))
-    split = make_split(store, select_rows(store, where), y_all, seed)
-    tr, te = split["train"], split["test"]
-    X = store.labels(list(cols))
-    task = Task.fit(list(targets), y_all[tr])
+    task = Task.fit(targets, y_all[tr], kind=kind)
     out = np.zeros((len(te), len(targets)))
     for j in range(len(targets)):
         ok = ~np.isnan(y_all[tr, j])
@@ -64,14 +92,14 @@ def hparams_only_metrics(
             reg = HistGradientBoostingRegressor(max_iter=200, min_samples_leaf=5, random_state=seed)
             reg.fit(X[tr][ok], task.encode(y_all[tr])[ok, j])
             out[:, j] = reg.predict(X[te])
-    return task.metrics(out, y_all[te])
+    return headline(task.metrics(out, y_all[te]), kind)
 
 
 def _mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
     v = [x for x in values if x is not None and math.isfinite(x)]
     if not v:
         return None, None
-    return float(np.mean(v)), float(np.std(v)) if len(v) > 1 else 0.0
+    return float(np.mean(v)), float(np.std(v)) if len(v) > 1 else None
 
 
 def run_benchmark(
@@ -101,6 +129,7 @@ def run_benchmark(
         kind = None
         hp_cols = hparam_columns(store, exclude=cols) if hparams is None else list(hparams)
         rows_by_name: dict[str, list[dict[str, Any]]] = {}
+        skipped: dict[str, str] = {}
         for seed in seeds:
             for name in models:
                 t0 = time.time()
@@ -117,10 +146,16 @@ def run_benchmark(
                     where=where,
                     plots=seed == 0,
                     threads=threads,
+                    probes=name == models[0],  # one fit per split; every model shares it
                 )
                 m = train(store, cfg, run_dir, overwrite=True)  # the benchmark's own folder
                 kind = m["task"]
                 rows_by_name.setdefault(name, []).append(m["test"])
+                for probe, p in m["probes"].items():
+                    if "test" in p:
+                        rows_by_name.setdefault(probe, []).append(p["test"])
+                    else:
+                        skipped[probe] = p["skipped"]
                 runs.append(
                     {
                         "target": spec,
@@ -149,6 +184,8 @@ def run_benchmark(
             if name == HPARAMS_ONLY:
                 cell["columns"] = hp_cols
             cells.setdefault(name, {})[spec] = cell
+        for name, why in skipped.items():
+            cells.setdefault(name, {})[spec] = {"task": kind, "skipped": why}
     result = {
         "store": str(store.path),
         "num_loras": len(store),
@@ -182,8 +219,9 @@ def _fmt(x: float | None, std: float | None = None) -> str:
 def to_markdown(result: dict[str, Any]) -> str:
     """Models x targets: primary metric (R^2 / accuracy), then a second table (tau / AUROC)."""
     specs = list(result["targets"])
-    order = [*result["models"], NO_WEIGHTS, HPARAMS_ONLY]
+    order = [*result["models"], *PROBES, NO_WEIGHTS, HPARAMS_ONLY]
     names = [n for n in order if n in result["table"]]
+    marked = False
     lines = []
     for which in (PRIMARY, SECONDARY):
         head = []
@@ -203,20 +241,45 @@ def to_markdown(result: dict[str, Any]) -> str:
                 if c is None:
                     cells.append("")
                     continue
+                if "skipped" in c:
+                    cells.append("skipped")
+                    continue
                 v = c[which[c["task"]]]
-                cells.append(_fmt(v["mean"], v["std"]))
+                best = _best_probe(result["table"], spec, which[c["task"]])
+                below = n in result["models"] and best is not None and (v["mean"] or -1e9) < best
+                marked |= below
+                cells.append(_fmt(v["mean"], v["std"]) + (f" {BELOW_PROBE}" if below else ""))
             lines.append(f"| {n} | " + " | ".join(cells) + " |")
         lines.append("")
     seeds = result["seeds"]
     lines.append(
         f"{result['num_loras']} LoRAs in {result['store']}"
         + (f" (rows where {result['where']})" if result["where"] else "")
-        + f"; mean ± std over {len(seeds)} seed(s); test split at the best validation epoch."
+        + f"; mean ± std over {len(seeds)} seed(s); test split at the best validation epoch"
+        + " (stores under 60 labelled LoRAs: 5-fold cross-validation, mean over folds)."
     )
+    if marked:
+        lines.append(f"{BELOW_PROBE}: below the better linear probe on the same split(s).")
+    for n in PROBES:
+        for spec, c in result["table"].get(n, {}).items():
+            if "skipped" in c:
+                lines.append(f"{n} ({spec}): {c['skipped']}.")
     return "\n".join(lines)
 
 
+def _best_probe(table: dict[str, Any], spec: str, key: str) -> float | None:
+    """The better probe's mean of metric ``key`` for target ``spec`` (None: no probe ran)."""
+    vals = [
+        table[n][spec][key]["mean"]
+        for n in PROBES
+        if spec in table.get(n, {}) and key in table[n][spec]
+    ]
+    vals = [v for v in vals if v is not None]
+    return max(vals) if vals else None
+
+
 __all__ = [
+    "BELOW_PROBE",
     "HPARAMS_ONLY",
     "NO_WEIGHTS",
     "hparams_only_metrics",

@@ -132,15 +132,48 @@ def select_rows(store: LoRAStore, where: str | None) -> np.ndarray:
     return np.flatnonzero(row_mask(frame, where)).astype(np.int64)
 
 
+#: Fewer labelled LoRAs than this: ``train`` refuses (no split measures anything).
+MIN_LORAS = 10
+#: Fewer labelled LoRAs than this (and no ``split`` column): k-fold cross-validation.
+CV_BELOW = 60
+#: Folds of that cross-validation.
+CV_FOLDS = 5
+
+
+def _stratified(
+    strata: np.ndarray, rng: np.random.Generator, fractions: tuple[float, float, float]
+) -> dict[str, np.ndarray]:
+    """Per stratum (class), its fractions of rows to val and test, at least one each where the
+    stratum has 3 rows or more, so every split holds every class that can be spread."""
+    out: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
+    for value in np.unique(strata):
+        idx = rng.permutation(np.flatnonzero(strata == value))
+        m = len(idx)
+        n_val, n_test = (round(m * fractions[1]), round(m * fractions[2]))
+        if m >= 3:
+            n_val = max(n_val, int(fractions[1] > 0))
+            n_test = max(n_test, int(fractions[2] > 0))
+        out["test"].append(idx[:n_test])
+        out["val"].append(idx[n_test : n_test + n_val])
+        out["train"].append(idx[n_test + n_val :])
+    parts = {k: np.sort(np.concatenate(v)) for k, v in out.items()}
+    for k in ("test", "val"):  # tiny strata only: take one row from train
+        if fractions[SPLITS.index(k)] > 0 and len(parts[k]) == 0 and len(parts["train"]) > 1:
+            parts[k], parts["train"] = parts["train"][:1], parts["train"][1:]
+    return parts
+
+
 def split_rows(
     n: int,
     *,
     seed: int = 0,
     fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
     split_column: Sequence[Any] | None = None,
+    strata: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Deterministic train/val/test row indices: from a ``split`` column if given (values
-    train/val/test; 'valid'/'validation' accepted), else a seeded 80/10/10 permutation."""
+    train/val/test; 'valid'/'validation' accepted), else a seeded split of ``fractions``,
+    stratified by ``strata`` (e.g. the class of each row) when given."""
     if split_column is not None:
         alias = {"valid": "val", "validation": "val", "dev": "val"}
         values = np.asarray([alias.get(str(v).lower(), str(v).lower()) for v in split_column])
@@ -150,7 +183,10 @@ def split_rows(
         return {s: np.flatnonzero(values == s) for s in SPLITS}
     if n < 3:
         raise ValueError(f"need at least 3 LoRAs to split into train/val/test, got {n}")
-    perm = np.random.default_rng(seed).permutation(n)
+    rng = np.random.default_rng(seed)
+    if strata is not None:
+        return _stratified(np.asarray(strata), rng, fractions)
+    perm = rng.permutation(n)
     n_val = max(1, round(n * fractions[1]))
     n_test = max(1, round(n * fractions[2]))
     n_train = n - n_val - n_test
@@ -161,6 +197,79 @@ def split_rows(
     }
 
 
+def kfold_rows(
+    n: int, k: int, *, seed: int = 0, strata: np.ndarray | None = None
+) -> list[dict[str, np.ndarray]]:
+    """``k`` train/val/test splits of ``n`` rows whose test parts partition the rows (stratified
+    by ``strata`` when given); in each, val is 1/(k-1) of the rest, stratified likewise."""
+    rng = np.random.default_rng(seed)
+    strata = np.zeros(n, dtype=np.int64) if strata is None else np.asarray(strata)
+    order = np.concatenate(
+        [rng.permutation(np.flatnonzero(strata == v)) for v in np.unique(strata)]
+    )
+    fold = np.empty(n, dtype=np.int64)
+    fold[order] = np.arange(n) % k
+    out = []
+    for i in range(k):
+        test = np.flatnonzero(fold == i)
+        rest = np.flatnonzero(fold != i)
+        inner = _stratified(strata[rest], rng, (1 - 1 / (k - 1), 1 / (k - 1), 0.0))
+        out.append({"train": rest[inner["train"]], "val": rest[inner["val"]], "test": test})
+    return out
+
+
+def class_strata(y: np.ndarray) -> np.ndarray:
+    """One stratum per row for a classification split: the label of the target column whose
+    minority class is rarest (missing: its own stratum)."""
+    y = np.asarray(y, dtype=np.float64).reshape(len(y), -1)
+    minority = [min(np.nansum(c == 1), np.nansum(c == 0)) for c in y.T]
+    col = y[:, int(np.argmin(minority))]
+    return np.where(np.isnan(col), -1, col).astype(np.int64)
+
+
+def make_splits(
+    store: LoRAStore,
+    rows: np.ndarray,
+    y_all: np.ndarray,
+    seed: int,
+    *,
+    fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+    split_column: str | None = "auto",
+    classification: bool = False,
+    folds: int | None = None,
+) -> list[dict[str, np.ndarray]]:
+    """Store rows of the train/val/test split(s) among ``rows`` that have any target label:
+    one split, or ``folds`` cross-validation splits whose test parts cover every row.
+
+    ``split_column="auto"`` uses the store's ``split`` column when it has one, else a seeded
+    split of ``fractions`` (stratified by class when ``classification``); a column name uses
+    that column; ``None`` always splits by seed. ``folds=None`` chooses: ``CV_FOLDS`` folds below
+    ``CV_BELOW`` labelled LoRAs without a split column, else one split; fewer than
+    ``MIN_LORAS`` labelled LoRAs are refused.
+    """
+    rows = rows[~np.isnan(y_all[rows]).all(axis=1)]
+    if len(rows) < MIN_LORAS:
+        raise StoreError(
+            f"only {len(rows)} LoRAs have these labels: too few to train and measure anything "
+            f"(at least {MIN_LORAS} are needed; {CV_BELOW} or more for a held-out test split)"
+        )
+    if split_column == "auto":
+        split_column = "split" if "split" in store.index.columns else None
+    strata = class_strata(y_all[rows]) if classification else None
+    if split_column:
+        parts = [split_rows(0, split_column=store.index[split_column].to_numpy()[rows])]
+    elif (folds is None and len(rows) < CV_BELOW) or (folds or 1) > 1:
+        parts = kfold_rows(len(rows), folds or CV_FOLDS, seed=seed, strata=strata)
+    else:
+        parts = [split_rows(len(rows), seed=seed, fractions=fractions, strata=strata)]
+    splits = [{k: rows[v] for k, v in p.items()} for p in parts]
+    for split in splits:
+        for k, v in split.items():
+            if len(v) == 0:
+                raise StoreError(f"the {k} split is empty ({len(rows)} labelled LoRAs)")
+    return splits
+
+
 def make_split(
     store: LoRAStore,
     rows: np.ndarray,
@@ -169,26 +278,19 @@ def make_split(
     *,
     fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
     split_column: str | None = "auto",
+    classification: bool = False,
 ) -> dict[str, np.ndarray]:
-    """Store rows of the train/val/test splits among ``rows`` that have any target label.
-
-    ``split_column="auto"`` uses the store's ``split`` column when it has one, else a seeded
-    split of ``fractions``; a column name uses that column; ``None`` always splits by seed.
-    """
-    rows = rows[~np.isnan(y_all[rows]).all(axis=1)]
-    if len(rows) < 3:
-        raise StoreError(f"only {len(rows)} LoRAs have these labels: too few to train")
-    if split_column == "auto":
-        split_column = "split" if "split" in store.index.columns else None
-    if split_column:
-        parts = split_rows(0, split_column=store.index[split_column].to_numpy()[rows])
-    else:
-        parts = split_rows(len(rows), seed=seed, fractions=fractions)
-    split = {k: rows[v] for k, v in parts.items()}
-    for k, v in split.items():
-        if len(v) == 0:
-            raise StoreError(f"the {k} split is empty ({len(rows)} labelled LoRAs)")
-    return split
+    """The one held-out train/val/test split of :func:`make_splits` (never cross-validation)."""
+    return make_splits(
+        store,
+        rows,
+        y_all,
+        seed,
+        fractions=fractions,
+        split_column=split_column,
+        classification=classification,
+        folds=1,
+    )[0]
 
 
 # ---------------------------------------------------------------------------------- loading
@@ -229,13 +331,19 @@ def make_loader(
 
 
 __all__ = [
+    "CV_BELOW",
+    "CV_FOLDS",
     "KNOWN_HPARAMS",
+    "MIN_LORAS",
     "SPLITS",
     "check_finite_labels",
+    "class_strata",
     "encode_targets",
     "hparam_columns",
+    "kfold_rows",
     "make_loader",
     "make_split",
+    "make_splits",
     "resolve_targets",
     "select_rows",
     "split_rows",

@@ -17,6 +17,12 @@ from loralens.store import LoRAStore
 
 #: The regression target of the demo (a skills-lm label).
 REGRESSION_TARGET = "eval_loss"
+#: One line under the demo's table.
+HOW_TO_READ = (
+    "How to read it: each cell is a test metric, mean ± std over seeds (R²: 1 is perfect, 0 is "
+    "the no-weights row); a model is worth its cost only where it beats the probe rows, linear "
+    "models of the same weights (▼ marks a model that does not)."
+)
 
 
 def most_balanced(store: LoRAStore, columns: Sequence[str]) -> str:
@@ -78,7 +84,8 @@ def run_demo(
     summary = {"seconds": time.time() - t0, "targets": targets, "num": len(store)}
     write_json(root / "demo.json", summary)
     plots = sorted(str(p) for p in (bench_dir / "runs").rglob("*.png"))
-    return {**summary, "markdown": result["markdown"], "plots": plots, "benchmark": str(bench_dir)}
+    markdown = result["markdown"] + "\n\n" + HOW_TO_READ
+    return {**summary, "markdown": markdown, "plots": plots, "benchmark": str(bench_dir)}
 
 
-__all__ = ["demo_targets", "most_balanced", "run_demo"]
+__all__ = ["HOW_TO_READ", "demo_targets", "most_balanced", "run_demo"]

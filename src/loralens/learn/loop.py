@@ -2,7 +2,14 @@
 
 It splits the store deterministically, trains with early stopping on the validation loss, takes
 test metrics at the best epoch, restores that epoch's state and writes a run directory (see
-:mod:`loralens.learn.runs`) holding everything ``predict`` needs.
+:mod:`loralens.learn.runs`) holding everything ``predict`` needs. Beside the model it fits the
+linear probes of :mod:`loralens.learn.probes` on the same split, so every run says whether the
+model beats them.
+
+Small stores (below ``data.CV_BELOW`` labelled LoRAs) are cross-validated instead: every fold
+trains with early stopping on its own validation rows and is tested on its own test fold; the
+metrics are the mean ± std over folds, and the saved model is refit on every LoRA for the
+median best epoch of the folds.
 
 It runs unchanged in one process or under ``accelerate launch`` (DDP, mixed precision): data
 loading is sharded by accelerate, evaluation outputs are gathered with ``gather_for_metrics``,
@@ -29,12 +36,21 @@ from loralens.learn.data import (
     check_finite_labels,
     encode_targets,
     make_loader,
-    make_split,
+    make_splits,
     select_rows,
 )
+from loralens.learn.probes import probe_folds
 from loralens.learn.rowfilter import compile_filter
 from loralens.learn.runs import NonFiniteOutputError, check_run_dir, headline, save_run
-from loralens.learn.tasks import CLASSIFICATION, REGRESSION, Task, baseline_metrics
+from loralens.learn.seen import trained_on
+from loralens.learn.tasks import (
+    CLASSIFICATION,
+    REGRESSION,
+    Task,
+    baseline_metrics,
+    infer_task,
+    mean_std,
+)
 from loralens.models.registry import (
     TRAINING_SCHEMA,
     build_model,
@@ -73,6 +89,11 @@ class TrainConfig:
     plots: bool = True
     #: torch CPU threads (None: torch's default). 1 is fastest for small models on a busy CPU.
     threads: int | None = None
+    #: cross-validation folds: None chooses (data.CV_FOLDS below data.CV_BELOW labelled LoRAs,
+    #: else one split); 1 always one train/val/test split; k >= 2 always k folds
+    folds: int | None = None
+    #: also fit the linear probes (learn.probes) on the same split(s)
+    probes: bool = True
 
     def __post_init__(self) -> None:
         """Refuse a setting of the wrong type or out of range now, before any store is read:
@@ -95,6 +116,12 @@ class TrainConfig:
             raise ValueError(
                 f"fractions must be three numbers in [0, 1] summing to at most 1, got {f!r}"
             )
+        if self.folds is not None and (
+            not isinstance(self.folds, numbers.Integral)
+            or isinstance(self.folds, bool)
+            or not 1 <= self.folds <= 100
+        ):
+            raise ValueError(f"folds must be an integer in [1, 100], got {self.folds!r}")
         for key in ("seed", "threads"):
             v = getattr(self, key)
             if v is not None and (
@@ -153,7 +180,6 @@ def train(
     non-empty ``out_dir`` is refused unless ``overwrite`` (checked before any training).
     """
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
 
     t0 = time.time()
     if out_dir is not None:
@@ -163,21 +189,40 @@ def train(
     hp = config.resolved()
     if config.threads:
         torch.set_num_threads(int(config.threads))
-    set_seed(config.seed)
 
-    data = _data(store, config)
-    model = _model(store, config, data)
-    pad = [int(r) for r in model.spec.ranks]  # every batch padded to the model's widths
-    loaders = _loaders(store, data, pad, int(hp["batch_size"]), config.seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=float(hp["lr"]), weight_decay=float(hp["weight_decay"]))
-    model, opt, *prepared = acc.prepare(model, opt, *(loaders[s] for s in SPLITS))
-    loaders = dict(zip(SPLITS, prepared))
-
-    history, best = _fit(model, opt, params, loaders, data, acc, hp, progress)
-    base = acc.unwrap_model(model)
-    base.load_state_dict(best.state)  # the run's model is the best epoch's, not the last
-    metrics = _summary(store, config, data, history, best, base, hp, acc, t0)
+    targets = list(config.targets)
+    y_all = store.labels(targets)
+    rows = select_rows(store, config.where)
+    check_finite_labels(store, targets, y_all, rows)
+    kind = config.task or infer_task(y_all[rows])
+    splits = make_splits(
+        store,
+        rows,
+        y_all,
+        config.seed,
+        fractions=config.fractions,
+        split_column=config.split_column,
+        classification=kind == CLASSIFICATION,
+        folds=config.folds,
+    )
+    probes = {}
+    if config.probes:
+        fit_test = [(np.concatenate([s["train"], s["val"]]), s["test"]) for s in splits]
+        probes = probe_folds(store, kind, targets, y_all, fit_test)
+    if len(splits) == 1:
+        data = _data(store, targets, y_all, splits[0], kind)
+        base, history, best = _run(store, config, data, hp, acc, progress)
+        metrics = _summary(store, config, data, history, best, base, hp, acc, t0)
+        test, used = (
+            (best.test_rows, best.test_out),
+            np.concatenate([splits[0]["train"], splits[0]["val"]]),
+        )
+    else:
+        base, history, data, metrics, test = _cross_validate(
+            store, config, splits, targets, y_all, kind, hp, acc, progress, t0
+        )
+        used = np.sort(np.concatenate([splits[0][k] for k in SPLITS]))
+    metrics["probes"] = {name: _probe_summary(p, kind) for name, p in probes.items()}
     if out_dir is not None and acc.is_main_process:
         save_run(
             out_dir,
@@ -186,30 +231,130 @@ def train(
             config=config,
             metrics=metrics,
             history=history,
-            test=(best.test_rows, best.test_out, store, data.y_all),
+            test=(*test, store, data.y_all),
+            trained_on=trained_on(store, np.sort(used)),
         )
     acc.wait_for_everyone()
     return json_safe(metrics)
 
 
+def _run(
+    store: LoRAStore,
+    config: TrainConfig,
+    data: _Data,
+    hp: dict[str, Any],
+    acc: Any,
+    progress: Progress,
+) -> tuple[torch.nn.Module, list[dict[str, Any]], _Best]:
+    """Build, train with early stopping and restore the best epoch: (model, history, best)."""
+    from accelerate.utils import set_seed
+
+    set_seed(config.seed)
+    model = _model(store, config, data)
+    pad = [int(r) for r in model.spec.ranks]  # every batch padded to the model's widths
+    loaders = _loaders(store, data, pad, int(hp["batch_size"]), config.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=float(hp["lr"]), weight_decay=float(hp["weight_decay"]))
+    model, opt, *prepared = acc.prepare(model, opt, *(loaders[s] for s in SPLITS))
+    loaders = dict(zip(SPLITS, prepared))
+    history, best = _fit(model, opt, params, loaders, data, acc, hp, progress)
+    base = acc.unwrap_model(model)
+    base.load_state_dict(best.state)  # the run's model is the best epoch's, not the last
+    return base, history, best
+
+
+def _cross_validate(
+    store: LoRAStore,
+    config: TrainConfig,
+    splits: list[dict[str, np.ndarray]],
+    targets: list[str],
+    y_all: np.ndarray,
+    kind: str,
+    hp: dict[str, Any],
+    acc: Any,
+    progress: Progress,
+    t0: float,
+) -> tuple[torch.nn.Module, list[dict[str, Any]], _Data, dict[str, Any], tuple]:
+    """Train and test every fold, then refit on every row for the folds' median best epoch.
+
+    Returns (refit model, its history, its data, metrics, (rows, raw outputs) out of fold).
+    """
+    folds = []
+    for i, split in enumerate(splits):
+        if progress is True and acc.is_main_process:
+            print(f"fold {i + 1}/{len(splits)}")
+        data = _data(store, targets, y_all, split, kind)
+        _, history, best = _run(store, config, data, hp, acc, progress)
+        base = baseline_metrics(data.task, y_all[split["train"]], y_all[split["test"]])
+        folds.append((data, best, headline(base, kind)))
+    refit_epochs = int(np.median([b.epoch for _, b, _ in folds]))
+    every = np.sort(np.concatenate([splits[0][k] for k in SPLITS]))
+    data = _data(store, targets, y_all, {"train": every, "val": every, "test": every}, kind)
+    refit_hp = {**hp, "epochs": refit_epochs, "patience": refit_epochs + 1}
+    if progress is True and acc.is_main_process:
+        print(f"refit on all {len(every)} LoRAs for {refit_epochs} epochs")
+    model, history, _ = _run(store, config, data, refit_hp, acc, progress)
+    rows = np.concatenate([b.test_rows for _, b, _ in folds])
+    # out-of-fold outputs, each decoded by its fold's scaling and re-encoded by the refit's
+    raw = np.concatenate([data.task.raw(d.task.decode(b.test_out)) for d, b, _ in folds])
+    tests = [headline(b.test, kind) for _, b, _ in folds]
+    test, test_std = mean_std(tests)
+    val, val_std = mean_std([headline(b.val, kind) for _, b, _ in folds])
+    base_test, base_std = mean_std([base for _, _, base in folds])
+    pooled = data.task.metrics(raw, y_all[rows])
+    metrics = {
+        "task": kind,
+        "model": config.model,
+        "targets": targets,
+        "test": test,
+        "test_std": test_std,
+        "val": val,
+        "val_std": val_std,
+        "best_epoch": refit_epochs,
+        "epochs_run": len(history),
+        "test_detail": pooled,
+        "val_detail": {},
+        "baseline": {"test": base_test, "test_std": base_std},
+        "cv": {
+            "folds": len(splits),
+            "test_per_fold": tests,
+            "best_epochs": [b.epoch for _, b, _ in folds],
+            "test_pooled": headline(pooled, kind),
+            "refit": f"all {len(every)} LoRAs, {refit_epochs} epochs (median best epoch)",
+        },
+        "n": {"train": len(every), "val": 0, "test": len(rows)},
+        "seed": config.seed,
+        "hyperparameters": hp,
+        "model_hparams": dict(model.hparams),
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "seconds": time.time() - t0,
+        "train_loras_per_s": float(np.median([h["loras_per_s"] for h in history])),
+        "num_processes": acc.num_processes,
+        "store": str(store.path),
+    }
+    return model, history, data, metrics, (rows, raw)
+
+
+def _probe_summary(probe: dict[str, Any], kind: str) -> dict[str, Any]:
+    """A probe's test metrics: the mean over folds (the one split), their std, or why skipped."""
+    if "skipped" in probe:
+        return {"skipped": probe["skipped"]}
+    mean, std = mean_std([headline(m, kind) for m in probe["folds"]])
+    return {"test": mean, "test_std": std}
+
+
 # ---------------------------------------------------------------------------------- steps
 
 
-def _data(store: LoRAStore, config: TrainConfig) -> _Data:
-    """Labels, the split of the selected labelled rows, and the task fitted on the train rows."""
-    targets = list(config.targets)
-    y_all = store.labels(targets)
-    rows = select_rows(store, config.where)
-    check_finite_labels(store, targets, y_all, rows)
-    split = make_split(
-        store,
-        rows,
-        y_all,
-        config.seed,
-        fractions=config.fractions,
-        split_column=config.split_column,
-    )
-    task = Task.fit(targets, y_all[split["train"]], kind=config.task)
+def _data(
+    store: LoRAStore,
+    targets: list[str],
+    y_all: np.ndarray,
+    split: dict[str, np.ndarray],
+    kind: str,
+) -> _Data:
+    """The labels of one split, with the task (its scaling) fitted on the train rows only."""
+    task = Task.fit(targets, y_all[split["train"]], kind=kind)
     y_enc = encode_targets(store, task, y_all, np.concatenate(list(split.values())))
     return _Data(targets, y_all, split, task, y_enc)
 

@@ -7,7 +7,8 @@ A run directory holds:
     config.json         model name/hparams/spec, task (targets, scaling), training config
     metrics.json        {"task", "test", "val", "best_epoch", "baseline", ...}
     history.json        per-epoch losses
-    predictions.csv     test-set predictions vs truth
+    predictions.csv     test-set predictions vs truth (out-of-fold under cross-validation)
+    trained_on.json     ids, sources and content hashes of the LoRAs trained on (``learn.seen``)
     pred_vs_true.png, learning_curves.png
 
 Every JSON written or returned here is strict JSON: NaN/inf become null (``json_safe``). A model
@@ -38,6 +39,7 @@ from loralens.learn.checkpoint import (
     read_config,
 )
 from loralens.learn.data import check_finite_labels, select_rows
+from loralens.learn.seen import TRAINED_ON, read_trained_on, seen_mask
 from loralens.learn.tasks import CLASSIFICATION, THRESHOLD, Task
 from loralens.lora import LayerSpec, LoRA, LoRABatch, collate, spec_of
 from loralens.store import LoRAStore, StoreError
@@ -82,8 +84,10 @@ def save_run(
     metrics: Mapping[str, Any],
     history: Sequence[Mapping[str, Any]],
     test: tuple[np.ndarray, np.ndarray, LoRAStore, np.ndarray],
+    trained_on: Mapping[str, Any],
 ) -> None:
-    """Write a run directory; ``test`` is (store rows, raw outputs, store, all labels)."""
+    """Write a run directory; ``test`` is (store rows, raw outputs, store, all labels),
+    ``trained_on`` the record of the LoRAs trained on (``learn.seen.trained_on``)."""
     from safetensors.torch import save_file
 
     from loralens.learn.plots import plot_run
@@ -107,6 +111,7 @@ def save_run(
     write_json(out / CONFIG, cfg)
     write_json(out / METRICS, metrics)
     write_json(out / "history.json", history)
+    write_json(out / TRAINED_ON, trained_on)
     rows, raw, store, y_all = test
     pred = task.decode(raw)
     import pandas as pd
@@ -204,7 +209,12 @@ def evaluate(
     batch_size: int = 256,
     out_dir: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
-    """Metrics of a trained model on every (selected) LoRA of another store."""
+    """Metrics of a trained model on the (selected) LoRAs of a store that it never trained on.
+
+    LoRAs the run trained or early-stopped on (``learn.seen``: same content, or same id and
+    source) are left out of the metrics and counted in ``warnings``; when every LoRA was seen,
+    the metrics are on all of them and the warning says they are training-set numbers.
+    """
     run = run if isinstance(run, Run) else load_run(run)
     store = store if isinstance(store, LoRAStore) else LoRAStore(store)
     store_spec = LayerSpec(tuple(store.names), tuple(store.shapes), tuple(store.spec.ranks))
@@ -228,7 +238,29 @@ def evaluate(
             f"of {len(rows)} LoRAs of {store.path} (ids {', '.join(ids)}"
             + (", ...)" if bad.sum() > 5 else ")")
         )
-    metrics = run.task.metrics(out, y_all[rows])
+    warnings = []
+    record = read_trained_on(run.path)
+    if record is None:
+        warnings.append(
+            "this run records no training LoRAs (written by an older loralens): some of these "
+            "LoRAs may have been training data"
+        )
+        seen = np.zeros(len(rows), dtype=bool)
+    else:
+        seen = seen_mask(record, store, rows)
+    n_seen = int(seen.sum())
+    if n_seen == len(rows):
+        warnings.append(
+            f"all {len(rows)} LoRAs were used to train this run: these are training-set "
+            "metrics, not a measure of how it does on new LoRAs"
+        )
+        seen[:] = False
+    elif n_seen:
+        warnings.append(
+            f"{n_seen} of {len(rows)} LoRAs were used to train this run and are left out: "
+            f"the metrics are on the {len(rows) - n_seen} unseen ones"
+        )
+    metrics = run.task.metrics(out[~seen], y_all[rows[~seen]])
     result = json_safe(
         {
             "task": run.task.kind,
@@ -236,7 +268,9 @@ def evaluate(
             "targets": run.task.targets,
             "store": str(store.path),
             "where": where,
-            "n": len(rows),
+            "n": int((~seen).sum()),
+            "n_seen": n_seen,
+            "warnings": warnings,
             "metrics": headline(metrics, run.task.kind),
             "detail": metrics,
             "seconds": time.time() - t0,

@@ -77,6 +77,14 @@ class Task:
             return 1.0 / (1.0 + np.exp(-out))
         return out * np.asarray(self.std) + np.asarray(self.mean)
 
+    def raw(self, pred: np.ndarray) -> np.ndarray:
+        """Original-scale predictions -> model outputs (the inverse of :meth:`decode`)."""
+        pred = np.asarray(pred, dtype=np.float64).reshape(len(pred), -1)
+        if self.kind == CLASSIFICATION:
+            p = np.clip(pred, 1e-12, 1 - 1e-12)
+            return np.log(p / (1 - p))
+        return self.encode(pred)
+
     # training ------------------------------------------------------------------------
     def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """MSE on standardized targets, or BCE with logits; missing (NaN) targets are masked."""
@@ -185,6 +193,22 @@ def classification_metrics(
     return out
 
 
+def mean_std(
+    results: Sequence[Mapping[str, Any]],
+) -> tuple[dict[str, float | None], dict[str, float | None] | None]:
+    """Per key, the mean and std over ``results`` (folds or seeds) of the finite numbers; the std
+    is ``None`` from a single result (one number has no spread, it is not 0)."""
+    keys = list(dict.fromkeys(k for r in results for k in r))
+    mean: dict[str, float | None] = {}
+    std: dict[str, float | None] = {}
+    for k in keys:
+        v = [x for x in (r.get(k) for r in results) if isinstance(x, (int, float))]
+        v = [float(x) for x in v if np.isfinite(x)]
+        mean[k] = float(np.mean(v)) if v else None
+        std[k] = float(np.std(v)) if len(v) > 1 else None
+    return mean, (std if len(results) > 1 else None)
+
+
 # ------------------------------------------------------------------------------ baselines
 
 
@@ -215,6 +239,7 @@ __all__ = [
     "classification_metrics",
     "infer_task",
     "kendall_tau",
+    "mean_std",
     "r2_score",
     "regression_metrics",
     "roc_auc",

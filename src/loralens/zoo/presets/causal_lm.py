@@ -114,6 +114,8 @@ class CausalLM(Preset):
             ids = tok(text, return_attention_mask=False)["input_ids"]
             self.tokenizer = "model"
         except (OSError, ValueError, TypeError):
+            ids = []
+        if not ids:  # no tokenizer, or one without a vocabulary (an empty one loads for GPT-2)
             vocab = int(self.model.config.vocab_size)
             ids = [b % vocab for b in text.encode("utf-8")]
             self.tokenizer = f"bytes mod {vocab}"

@@ -1,0 +1,70 @@
+"""How a training run's metrics read to a person: the table's title, its columns (model, linear
+probes, no weights) and one line saying whether the model beats its probes."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from loralens.learn.probes import PROBES
+
+PRIMARY = {"regression": "r2", "classification": "accuracy"}
+
+
+def cell(mean: float | None, std: float | None = None, fmt: str = ".4g") -> str:
+    """``mean ± std``, or the mean alone where there is no spread (one split, one seed)."""
+    if mean is None:
+        return "-"
+    return format(mean, fmt) + ("" if std is None else f" ± {format(std, fmt)}")
+
+
+def train_title(metrics: Mapping[str, Any]) -> str:
+    """What the numbers are measured on: the test split, or k-fold cross-validation."""
+    n, what = metrics["n"], f"{metrics['model']} on {', '.join(metrics['targets'][:6])}"
+    cv = metrics.get("cv")
+    if cv:
+        return (
+            f"{what}: {cv['folds']}-fold cross-validation over {n['test']} LoRAs, mean ± std "
+            f"over folds (saved model: refit on {cv['refit']})"
+        )
+    return (
+        f"{what}: test split ({n['test']} LoRAs; trained on {n['train']}, best epoch "
+        f"{metrics['best_epoch']} of {metrics['epochs_run']} by {n['val']} validation LoRAs)"
+    )
+
+
+def _column(test: Mapping[str, Any], std: Mapping[str, Any] | None) -> dict[str, str]:
+    return {k: cell(v, (std or {}).get(k)) for k, v in test.items()}
+
+
+def train_columns(metrics: Mapping[str, Any]) -> dict[str, dict[str, str]]:
+    """Formatted metric columns: the model, each probe that ran, and the no-weights baseline."""
+    cols = {"model": _column(metrics["test"], metrics.get("test_std"))}
+    for name in PROBES:
+        p = metrics.get("probes", {}).get(name)
+        if p and "test" in p:
+            cols[name] = _column(p["test"], p.get("test_std"))
+    base = metrics["baseline"]
+    cols["no weights"] = _column(base["test"], base.get("test_std"))
+    return cols
+
+
+def probe_verdict(metrics: Mapping[str, Any]) -> list[str]:
+    """One line per probe the model loses to (on the primary metric), and skipped probes."""
+    key = PRIMARY[metrics["task"]]
+    mine = metrics["test"].get(key)
+    lines = []
+    for name, p in metrics.get("probes", {}).items():
+        if "skipped" in p:
+            lines.append(f"{name}: {p['skipped']}")
+            continue
+        theirs = p["test"].get(key)
+        if mine is not None and theirs is not None and mine < theirs:
+            lines.append(
+                f"note: the model ({key} {mine:.3f}) does worse than the linear {name} "
+                f"({theirs:.3f}); prefer the probe, or more LoRAs"
+            )
+    return lines
+
+
+__all__ = ["cell", "probe_verdict", "train_columns", "train_title"]

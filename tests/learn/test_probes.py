@@ -1,0 +1,67 @@
+"""Linear probes: the baseline rows of every run and benchmark (learn.probes)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import loralens as ll
+from loralens.learn.loop import TrainConfig, train
+from loralens.learn.probes import (
+    PROBE_DENSE,
+    PROBE_SPECTRAL,
+    fit_predict,
+    probe_features,
+    probe_folds,
+)
+from loralens.learn.tasks import Task
+from loralens.store import write_store
+
+
+def _linear_store(path, n=120, seed=0):
+    """LoRAs whose label ``y`` is a fixed linear function of the flattened ΔW (plus no noise)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(8, 6, generator=g)
+    items = []
+    for k in range(n):
+        u, v = torch.randn(8, 2, generator=g), torch.randn(6, 2, generator=g)
+        y = float((u @ v.T * w).sum())
+        items.append((f"l{k:03d}", ll.LoRA([ll.LoRALayer("h.0.attn", u, v)]), {"y": y}))
+    return write_store(path, items)
+
+
+def test_dense_probe_recovers_a_linear_label(tmp_path):
+    store = _linear_store(tmp_path / "s")
+    y = store.labels(["y"])
+    rows = np.arange(len(store))
+    folds = [(rows[:100], rows[100:])]
+    res = probe_folds(store, "regression", ["y"], y, folds)
+    assert res[PROBE_DENSE]["folds"][0]["r2"] > 0.95
+    assert "folds" in res[PROBE_SPECTRAL]  # runs everywhere (no claim on a linear label)
+
+
+def test_probe_never_sees_test_rows(tmp_path):
+    """Garbage test labels change nothing in what the probe predicts for the test rows: its
+    error against them is that of the predictions made from the training rows alone."""
+    store = _linear_store(tmp_path / "s")
+    y = store.labels(["y"])
+    rows = np.arange(len(store))
+    x = probe_features(store, rows, PROBE_DENSE)
+    task = Task.fit(["y"], y[:100])
+    pred = task.decode(fit_predict(x[:100], y[:100], x[100:], task))
+    garbage = y.copy()
+    garbage[100:] = np.random.default_rng(0).normal(size=(20, 1)) * 1e3
+    res = probe_folds(store, "regression", ["y"], garbage, [(rows[:100], rows[100:])])
+    expected = float(np.mean((pred - garbage[100:]) ** 2))
+    assert res[PROBE_DENSE]["folds"][0]["mse"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_train_reports_probes_on_its_split(tmp_path, make_store):
+    store = make_store(tmp_path / "s", n=80)
+    m = train(store, TrainConfig("mlp", ["y"], epochs=2, plots=False), None)
+    assert set(m["probes"]) == {PROBE_DENSE, PROBE_SPECTRAL}
+    for p in m["probes"].values():
+        assert p["test"]["r2"] is not None and p["test_std"] is None  # one split: no spread
+    # label = scale² of U: the spectral probe (norms) gets it
+    assert m["probes"][PROBE_SPECTRAL]["test"]["r2"] > 0.8
