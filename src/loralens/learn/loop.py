@@ -323,14 +323,7 @@ def _cross_validate(
             "refit": f"all {len(every)} LoRAs, {refit_epochs} epochs (median best epoch)",
         },
         "n": {"train": len(every), "val": 0, "test": len(rows)},
-        "seed": config.seed,
-        "hyperparameters": hp,
-        "model_hparams": dict(model.hparams),
-        "num_parameters": sum(p.numel() for p in model.parameters()),
-        "seconds": time.time() - t0,
-        "train_loras_per_s": float(np.median([h["loras_per_s"] for h in history])),
-        "num_processes": acc.num_processes,
-        "store": str(store.path),
+        **_run_facts(store, config, hp, model, history, acc, t0),
     }
     return model, history, data, metrics, (rows, raw)
 
@@ -533,14 +526,7 @@ def _summary(
             "val": headline(baseline_metrics(data.task, y_tr, y_all[split["val"]]), kind),
         },
         "n": {k: len(v) for k, v in split.items()},
-        "seed": config.seed,
-        "hyperparameters": hp,
-        "model_hparams": dict(model.hparams),
-        "num_parameters": sum(p.numel() for p in model.parameters()),
-        "seconds": time.time() - t0,
-        "train_loras_per_s": float(np.median([h["loras_per_s"] for h in history])),
-        "num_processes": acc.num_processes,
-        "store": str(store.path),
+        **_run_facts(store, config, hp, model, history, acc, t0),
     }
 
 
@@ -552,3 +538,25 @@ def _no_accelerator() -> bool:
 
 
 __all__ = ["TrainConfig", "train"]
+
+
+def _run_facts(
+    store: LoRAStore,
+    config: TrainConfig,
+    hp: dict[str, Any],
+    model: torch.nn.Module,
+    history: list[dict[str, Any]],
+    acc: Any,
+    t0: float,
+) -> dict[str, Any]:
+    """What every run's metrics record besides its scores: seed, settings, size, speed, store."""
+    return {
+        "seed": config.seed,
+        "hyperparameters": hp,
+        "model_hparams": dict(model.hparams),
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "seconds": time.time() - t0,
+        "train_loras_per_s": float(np.median([h["loras_per_s"] for h in history])),
+        "num_processes": acc.num_processes,
+        "store": str(store.path),
+    }
