@@ -27,6 +27,12 @@ def _ok(result):
     return result
 
 
+def _train(store, target: str, model: str, run, *extra: str):
+    """`loralens train` on ``store`` into ``run``, quietly; must succeed."""
+    args = ["train", "--data", str(store), "--target", target, "--model", model]
+    return _ok(runner.invoke(app, [*args, "--out", str(run), "--quiet", *extra]))
+
+
 def test_pack_train_evaluate_predict(peft_zoo, tmp_path):
     store_dir, run = tmp_path / "store", tmp_path / "run"
     out = _ok(
@@ -50,27 +56,7 @@ def test_pack_train_evaluate_predict(peft_zoo, tmp_path):
     for a, b in zip(store[0].layers, first.layers):
         assert a.name == b.name and torch.equal(a.U, b.U) and torch.equal(a.V, b.V)
 
-    _ok(
-        runner.invoke(
-            app,
-            [
-                "train",
-                "--data",
-                str(store_dir),
-                "--target",
-                "quality",
-                "--model",
-                "glnet",
-                "--out",
-                str(run),
-                "--epochs",
-                "8",
-                "--folds",
-                "1",
-                "--quiet",
-            ],
-        )
-    )
+    _train(str(store_dir), "quality", "glnet", str(run), "--epochs", "8", "--folds", "1")
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["task"] == "regression"
     assert set(metrics["test"]) >= {"r2", "kendall_tau", "spearman"}
@@ -110,27 +96,7 @@ def test_classification_same_seed_same_metrics_and_rank_padding(peft_zoo, make_p
     runs = []
     for k in range(2):
         run = tmp_path / f"run{k}"
-        _ok(
-            runner.invoke(
-                app,
-                [
-                    "train",
-                    "--data",
-                    str(store_dir),
-                    "--target",
-                    "big",
-                    "--model",
-                    "mlp-svd",
-                    "--out",
-                    str(run),
-                    "--epochs",
-                    "4",
-                    "--seed",
-                    "3",
-                    "--quiet",
-                ],
-            )
-        )
+        _train(str(store_dir), "big", "mlp-svd", str(run), "--epochs", "4", "--seed", "3")
         runs.append(json.loads((run / "metrics.json").read_text()))
     assert runs[0]["task"] == "classification"
     assert set(runs[0]["test"]) >= {"accuracy", "auroc"}
@@ -187,25 +153,7 @@ def test_single_file_formats_pack_and_predict(peft_zoo, tmp_path, style):
         )
     )
     run = tmp_path / "run"
-    _ok(
-        runner.invoke(
-            app,
-            [
-                "train",
-                "--data",
-                str(tmp_path / "s"),
-                "--target",
-                "quality",
-                "--model",
-                "mlp-dense",
-                "--out",
-                str(run),
-                "--epochs",
-                "2",
-                "--quiet",
-            ],
-        )
-    )
+    _train(str(tmp_path / "s"), "quality", "mlp-dense", str(run), "--epochs", "2")
     preds = json.loads(
         _ok(
             runner.invoke(app, ["predict", str(run), str(folder / "l3.safetensors"), "--json"])
