@@ -7,6 +7,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import hashlib
 import os
 import shutil
 import stat
@@ -131,6 +132,16 @@ def open_regular(path: Path | str, *, dir_fd: int | None = None) -> BinaryIO:
 
 # ---------------------------------------------------------------------------------------------
 # one writer at a time, swaps that leave the old or the new, never none, and orphan clean-up
+
+
+def file_sha256(path: Path | str, chunk_bytes: int = 8 * 2**20) -> tuple[int, str]:
+    """(size in bytes, sha256 hex digest) of a regular file, read in chunks."""
+    digest, size = hashlib.sha256(), 0
+    with open_regular(path) as f:
+        while chunk := f.read(chunk_bytes):
+            digest.update(chunk)
+            size += len(chunk)
+    return size, digest.hexdigest()
 
 
 def pid_alive(pid: int) -> bool:

@@ -14,7 +14,6 @@ safe. The error says which folder to delete to rebuild it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import stat
@@ -22,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
-from loralens.atomic import atomic_dir, write_file_atomic
+from loralens.atomic import atomic_dir, file_sha256, write_file_atomic
 
 #: the manifest inside every cache entry, written last
 ENTRY_MANIFEST = "loralens-cache.json"
@@ -75,7 +74,7 @@ def verify_entry(path: Path | str) -> None:
         rec = recorded[rel]
         if not isinstance(rec, dict) or file.stat().st_size != rec.get("size"):
             _refuse(path, file, "has changed since it was written (size differs from the manifest)")
-        if _sha256(file) != rec.get("sha256"):
+        if file_sha256(file)[1] != rec.get("sha256"):
             _refuse(
                 path, file, "has changed since it was written (sha256 differs from the manifest)"
             )
@@ -83,7 +82,8 @@ def verify_entry(path: Path | str) -> None:
 
 def _describe(entry: Path) -> dict[str, Any]:
     files = {
-        rel: {"size": f.stat().st_size, "sha256": _sha256(f)} for rel, f in _files(entry).items()
+        rel: {"size": f.stat().st_size, "sha256": file_sha256(f)[1]}
+        for rel, f in _files(entry).items()
     }
     return {"format": _FORMAT, "files": files}
 
@@ -131,14 +131,6 @@ def _read_manifest(entry: Path) -> dict[str, Any]:
     ):
         _refuse(entry, man, f"is not a format-{_FORMAT} cache manifest")
     return data["files"]
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _refuse(entry: Path, file: Path, problem: str) -> NoReturn:

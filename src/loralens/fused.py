@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from loralens.atomic import write_file_atomic
+from loralens.atomic import file_sha256, write_file_atomic
 from loralens.cache import default_cache_dir
 
 #: Ranks and projection heights the kernel takes (its accumulators live on the C stack).
@@ -73,10 +73,6 @@ def _compile(src: Path, out: Path) -> None:
         raise RuntimeError(f"{cc} failed on {src}:\n{done.stderr.strip()}")
 
 
-def _digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _trusted(so: Path) -> bool:
     """Whether a cached kernel may be loaded: a regular file we own, in a folder we own, neither
     writable by every user, whose sha256 matches the one recorded when we compiled it. Loading a
@@ -88,7 +84,7 @@ def _trusted(so: Path) -> bool:
     if not stat.S_ISREG(os.lstat(so).st_mode):
         return False
     record = so.with_suffix(".sha256")
-    return record.is_file() and record.read_text().strip() == _digest(so)
+    return record.is_file() and record.read_text().strip() == file_sha256(so)[1]
 
 
 def kernel_path(src: Path) -> Path:
@@ -114,7 +110,7 @@ def _load() -> ctypes.CDLL | None:
                 so = kernel_path(path)
                 if not (so.exists() and _trusted(so)):
                     _compile(path, so)
-                    write_file_atomic(so.with_suffix(".sha256"), _digest(so).encode())
+                    write_file_atomic(so.with_suffix(".sha256"), file_sha256(so)[1].encode())
                     if not _trusted(so):
                         raise RuntimeError(
                             f"{so.parent} is writable by every user: not loading code from it"

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from loralens.atomic import open_regular
+from loralens.atomic import file_sha256, open_regular
 from loralens.store.format import (
     INDEX,
     INFO,
@@ -37,7 +37,6 @@ from loralens.store.format import (
 
 #: Index columns a store cannot be read without.
 REQUIRED_COLUMNS = ("id", "_shard", "_key", "_row", "_ranks")
-_HASH_CHUNK = 8 * 2**20
 _SCAN_BYTES = 64 * 2**20
 
 
@@ -48,12 +47,8 @@ def checksum(data: bytes | mmap.mmap) -> dict[str, Any]:
 
 def file_checksum(path: Path) -> dict[str, Any]:
     """The {bytes, sha256} checksum entry of the file at ``path``, read in chunks."""
-    digest, size = hashlib.sha256(), 0
-    with open_regular(path) as f:
-        while chunk := f.read(_HASH_CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-    return {"bytes": size, "sha256": digest.hexdigest()}
+    size, digest = file_sha256(path)
+    return {"bytes": size, "sha256": digest}
 
 
 def check_checksum(
