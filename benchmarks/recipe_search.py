@@ -28,9 +28,18 @@ def parse_variant(text: str) -> tuple[str, dict, dict]:
     settings, hparams = {}, {}
     for item in filter(None, rest.split(",")):
         key, _, value = item.partition("=")
-        num = float(value) if any(c in value for c in ".e") else int(value)
-        (settings if key in TRAINING else hparams)[key] = num
+        (settings if key in TRAINING else hparams)[key] = _value(value)
     return model, settings, hparams
+
+
+def _value(text: str) -> int | float | str:
+    """``3`` -> 3, ``1e-3`` -> 0.001, anything else (``none``, ``dense``) stays a string."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def main() -> None:

@@ -16,6 +16,10 @@ WHERE_HELP = (
     "Use only rows where FILTER holds: comparisons, in [..], and/or/not over label columns, "
     "e.g. 'rank == 4 and lr < 1e-3'."
 )
+LINEAR_BASE_HELP = (
+    "The model's linear base, fitted before the network learns what it misses: auto (dense "
+    "ΔW where it fits in memory, else spectral), dense, spectral, or none (the network alone)."
+)
 
 
 def _parse_hparams(items: list[str] | None) -> dict[str, Any]:
@@ -72,6 +76,7 @@ def train(
     folds: int = typer.Option(
         None, help="Cross-validation folds (default: 5 below 60 labelled LoRAs; 1: one split)."
     ),
+    linear_base: str = typer.Option("auto", help=LINEAR_BASE_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder."),
     quiet: bool = typer.Option(False, "--quiet", help="No per-epoch lines."),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
@@ -105,6 +110,7 @@ def train(
             hparams=hparams,
             threads=threads,
             folds=folds,
+            linear_base=linear_base,
         )
         metrics = train_run(store, config, out, progress=not quiet, overwrite=overwrite)
     if int(os.environ.get("RANK", "0")) != 0:  # one report under `accelerate launch`
@@ -203,6 +209,7 @@ def benchmark(
     where: str = typer.Option(None, metavar="FILTER", help=WHERE_HELP),
     out: str = typer.Option("loralens-benchmark", help="Output folder (tables, runs, store)."),
     threads: int = typer.Option(None, help="Torch CPU threads (1 is fastest on a busy CPU)."),
+    linear_base: str = typer.Option("auto", help=LINEAR_BASE_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the JSON result."),
 ) -> None:
     """Table of models x targets, mean ± std over seeds, with baseline rows.
@@ -233,6 +240,7 @@ def benchmark(
             where=where,
             out_dir=out,
             threads=threads,
+            linear_base=linear_base,
             log=log,
         )
     if as_json:

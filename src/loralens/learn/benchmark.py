@@ -114,9 +114,11 @@ def run_benchmark(
     hparams: Sequence[str] | None = None,
     save_runs: bool = True,
     threads: int | None = None,
+    linear_base: str = "auto",
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Train every model on every target family for every seed; return (and write) the table."""
+    """Train every model on every target family for every seed; return (and write) the table.
+    ``linear_base`` is every model's (see ``TrainConfig.linear_base``)."""
     store = store if isinstance(store, LoRAStore) else LoRAStore(store)
     seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
     log = log or (lambda msg: None)
@@ -146,6 +148,7 @@ def run_benchmark(
                     where=where,
                     plots=seed == 0,
                     threads=threads,
+                    linear_base=linear_base,
                     probes=name == models[0],  # one fit per split; every model shares it
                 )
                 m = train(store, cfg, run_dir, overwrite=True)  # the benchmark's own folder

@@ -39,7 +39,7 @@ from loralens.learn.data import (
     make_splits,
     select_rows,
 )
-from loralens.learn.probes import probe_folds
+from loralens.learn.probes import DENSE_MAX_BYTES, dense_bytes, fit_linear, probe_folds
 from loralens.learn.rowfilter import compile_filter
 from loralens.learn.runs import NonFiniteOutputError, check_run_dir, headline, save_run
 from loralens.learn.seen import trained_on
@@ -51,6 +51,7 @@ from loralens.learn.tasks import (
     infer_task,
     mean_std,
 )
+from loralens.models.linear_base import KINDS as LINEAR_BASES
 from loralens.models.registry import (
     TRAINING_SCHEMA,
     build_model,
@@ -62,6 +63,8 @@ from loralens.models.registry import (
 from loralens.store import LoRAStore
 
 Progress = bool | Callable[[dict[str, Any]], None]
+#: The gate between a linear base and the network learns this much faster than the network.
+GATE_LR_FACTOR = 20.0
 
 
 @dataclass
@@ -94,6 +97,10 @@ class TrainConfig:
     folds: int | None = None
     #: also fit the linear probes (learn.probes) on the same split(s)
     probes: bool = True
+    #: the model's linear base (models.linear_base), fitted on the training rows before the
+    #: network learns what it misses: "auto" = "dense" where the training LoRAs' ΔW fit in
+    #: probes.DENSE_MAX_BYTES, else "spectral"; "none" = the network alone
+    linear_base: str = "auto"
 
     def __post_init__(self) -> None:
         """Refuse a setting of the wrong type or out of range now, before any store is read:
@@ -130,6 +137,10 @@ class TrainConfig:
                 raise ValueError(f"{key} must be a non-negative integer (threads: >= 1), got {v!r}")
         if self.where:
             compile_filter(self.where)
+        if self.linear_base not in ("auto", *LINEAR_BASES):
+            raise ValueError(
+                f"linear_base must be one of {['auto', *LINEAR_BASES]}, got {self.linear_base!r}"
+            )
 
     def resolved(self) -> dict[str, Any]:
         """The training settings used: the model's defaults, overridden where set here."""
@@ -254,12 +265,28 @@ def _run(
     pad = [int(r) for r in model.spec.ranks]  # every batch padded to the model's widths
     loaders = _loaders(store, data, pad, int(hp["batch_size"]), config.seed)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=float(hp["lr"]), weight_decay=float(hp["weight_decay"]))
+    lr, wd = float(hp["lr"]), float(hp["weight_decay"])
+    gate = [p for n, p in model.named_parameters() if n == "gate"]
+    groups = [{"params": [p for p in params if all(p is not g for g in gate)]}]
+    if gate:  # the network's share opens at GATE_LR_FACTOR x the rate, never decayed to 0
+        groups.append({"params": gate, "lr": lr * GATE_LR_FACTOR, "weight_decay": 0.0})
+    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=wd)
     model, opt, *prepared = acc.prepare(model, opt, *(loaders[s] for s in SPLITS))
     loaders = dict(zip(SPLITS, prepared))
     history, best = _fit(model, opt, params, loaders, data, acc, hp, progress)
     base = acc.unwrap_model(model)
     base.load_state_dict(best.state)  # the run's model is the best epoch's, not the last
+    if base.hparams["linear_base"] != "none":
+        # the epoch is chosen; the linear base may now learn from the validation rows too
+        _fit_linear_base(
+            store, base, data, np.concatenate([data.split["train"], data.split["val"]])
+        )
+        trows, tout = _outputs(model, loaders["test"], acc)
+        best.test, best.test_rows, best.test_out = (
+            data.task.metrics(tout, data.y_all[trows]),
+            trows,
+            tout,
+        )
     return base, history, best
 
 
@@ -290,6 +317,7 @@ def _cross_validate(
     refit_epochs = int(np.median([b.epoch for _, b, _ in folds]))
     every = np.sort(np.concatenate([splits[0][k] for k in SPLITS]))
     data = _data(store, targets, y_all, {"train": every, "val": every, "test": every}, kind)
+    # 0 epochs (the linear base alone won the folds): the refit trains nothing
     refit_hp = {**hp, "epochs": refit_epochs, "patience": refit_epochs + 1}
     if progress is True and acc.is_main_process:
         print(f"refit on all {len(every)} LoRAs for {refit_epochs} epochs")
@@ -361,9 +389,40 @@ def _model(store: LoRAStore, config: TrainConfig, data: _Data) -> torch.nn.Modul
     rows = data.split["train"]
     widths = store.ranks[rows].max(axis=0)
     like = store.batch(rows[: min(len(rows), 256)], pad_ranks=widths)
-    check_fits(config.model, like.spec, data.task.out_dim, dict(config.hparams))
+    hparams = {"linear_base": _linear_base_kind(store, config, rows), **config.hparams}
+    check_fits(config.model, like.spec, data.task.out_dim, hparams)
     torch.manual_seed(config.seed)
-    return build_model(config.model, like=like, out_dim=data.task.out_dim, **dict(config.hparams))
+    model = build_model(config.model, like=like, out_dim=data.task.out_dim, **hparams)
+    if model.hparams["linear_base"] != "none":
+        _fit_linear_base(store, model, data, rows)
+    return model
+
+
+def _linear_base_kind(store: LoRAStore, config: TrainConfig, rows: np.ndarray) -> str:
+    """The linear base to fit: ``config.linear_base``, with "auto" resolved by the size of the
+    training LoRAs' dense ΔW."""
+    if config.linear_base != "auto":
+        return config.linear_base
+    return "dense" if dense_bytes(store, len(rows)) <= DENSE_MAX_BYTES else "spectral"
+
+
+def _fit_linear_base(
+    store: LoRAStore, model: torch.nn.Module, data: _Data, rows: np.ndarray
+) -> None:
+    """Fit the model's linear base on store ``rows``, one target at a time, on the features the
+    model itself computes (so training and prediction see the very same map)."""
+    pad = [int(r) for r in model.spec.ranks]
+    with torch.no_grad():
+        x = torch.cat(
+            [
+                model.linear_base.features(b)
+                for _, b in store.iter_batches(64, rows=rows, pad_ranks=pad)
+            ]
+        ).numpy()
+    y = data.y_enc[rows].astype(np.float64)
+    fits = [fit_linear(x, y[:, j], data.task.kind == CLASSIFICATION) for j in range(y.shape[1])]
+    weight = torch.from_numpy(np.stack([c for c, _ in fits], axis=1))
+    model.linear_base.set(weight, torch.tensor([b for _, b in fits], dtype=torch.float64))
 
 
 def _loaders(
@@ -399,28 +458,19 @@ def _fit(
     loss; test metrics and a copy of the state are taken at every new best epoch."""
     history: list[dict[str, Any]] = []
     best = _Best()
+    if acc.unwrap_model(model).hparams["linear_base"] != "none":
+        # epoch 0 is the linear base alone (the gate starts at 0): a candidate like any epoch
+        best, _ = _measure(model, loaders, data, acc, best, 0)
     for epoch in range(1, int(hp["epochs"]) + 1):
         te = time.time()
         loss_sum, count = _train_epoch(model, opt, params, loaders["train"], data.task, acc, hp)
         train_time = time.time() - te
-        vrows, vout = _outputs(model, loaders["val"], acc)
-        val = data.task.metrics(vout, data.y_all[vrows])
-        improved = val["loss"] < best.val_loss - 1e-6 or best.state is None
-        if improved:
-            trows, tout = _outputs(model, loaders["test"], acc)
-            best = _Best(
-                epoch=epoch,
-                val_loss=val["loss"] if math.isfinite(val["loss"]) else math.inf,
-                val=val,
-                test=data.task.metrics(tout, data.y_all[trows]),
-                test_rows=trows,
-                test_out=tout,
-                state=copy.deepcopy(acc.unwrap_model(model).state_dict()),
-            )
+        best, val_loss = _measure(model, loaders, data, acc, best, epoch)
+        improved = best.epoch == epoch
         rec = {
             "epoch": epoch,
             "train_loss": loss_sum / max(count, 1),
-            "val_loss": val["loss"],
+            "val_loss": val_loss,
             "seconds": train_time,
             "loras_per_s": count * acc.num_processes / max(train_time, 1e-9),
             "best": improved,
@@ -431,6 +481,27 @@ def _fit(
             break
     _check_finite(best, len(history))
     return history, best
+
+
+def _measure(
+    model: torch.nn.Module, loaders: dict[str, Any], data: _Data, acc: Any, best: _Best, epoch: int
+) -> tuple[_Best, float]:
+    """Validate the model after ``epoch``: (the best epoch so far, this epoch's validation loss);
+    test metrics and a copy of the state are taken when this epoch is the new best."""
+    vrows, vout = _outputs(model, loaders["val"], acc)
+    val = data.task.metrics(vout, data.y_all[vrows])
+    if not (val["loss"] < best.val_loss - 1e-6 or best.state is None):
+        return best, val["loss"]
+    trows, tout = _outputs(model, loaders["test"], acc)
+    return _Best(
+        epoch=epoch,
+        val_loss=val["loss"] if math.isfinite(val["loss"]) else math.inf,
+        val=val,
+        test=data.task.metrics(tout, data.y_all[trows]),
+        test_rows=trows,
+        test_out=tout,
+        state=copy.deepcopy(acc.unwrap_model(model).state_dict()),
+    ), val["loss"]
 
 
 def _check_finite(best: _Best, epochs: int) -> None:

@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from loralens.features import svals_and_norms
 from loralens.learn.tasks import CLASSIFICATION, Task
+from loralens.models.linear_base import linear_features
 from loralens.store import LoRAStore
 
 PROBE_DENSE = "probe: dense ΔW"
@@ -33,8 +33,6 @@ PROBE_SPECTRAL = "probe: spectral"
 PROBES = (PROBE_DENSE, PROBE_SPECTRAL)
 #: The dense probe is skipped when the float32 ΔW of the selected LoRAs exceed this.
 DENSE_MAX_BYTES = 1 << 30
-#: Added before the logarithm of spectral features (zero-padded singular values stay finite).
-LOG_EPS = 1e-8
 #: Ridge penalties tried (on standardized features); logistic regression tries 1 / these.
 ALPHAS = np.logspace(-3, 5, 17)
 
@@ -50,52 +48,60 @@ def probe_features(store: LoRAStore, rows: np.ndarray, which: str) -> np.ndarray
         gib = dense_bytes(store, len(rows)) / 2**30
         return f"skipped: dense ΔW of {len(rows)} LoRAs is {gib:.1f} GiB (bound 1 GiB)"
     pad = store.ranks[rows].max(axis=0) if len(rows) else None
-    parts = []
+    kind = "dense" if which == PROBE_DENSE else "spectral"
     with torch.no_grad():
-        for _, batch in store.iter_batches(64, rows=rows, pad_ranks=pad):
-            if which == PROBE_DENSE:
-                feats = [w.reshape(len(batch), -1) for w in batch.delta_weights()]
-            else:
-                s, norms = svals_and_norms(batch)
-                both = torch.cat([s.reshape(len(batch), -1), norms.reshape(len(batch), -1)], 1)
-                feats = [both, torch.log(both.double() + LOG_EPS)]
-            parts.append(torch.cat([f.float() for f in feats], dim=1).numpy())
+        parts = [
+            linear_features(batch, kind).float().numpy()
+            for _, batch in store.iter_batches(64, rows=rows, pad_ranks=pad)
+        ]
     return np.concatenate(parts).astype(np.float32)
 
 
-def fit_predict(x_fit: np.ndarray, y_fit: np.ndarray, x_test: np.ndarray, task: Task) -> np.ndarray:
-    """Raw outputs on ``x_test`` of one probe per target, fitted on ``x_fit`` (NaN labels left
-    out) with its penalty chosen by cross-validation on the fitting rows only."""
+def fit_linear(x: np.ndarray, y: np.ndarray, classification: bool) -> tuple[np.ndarray, float]:
+    """``(coef, intercept)`` on the raw features ``x`` of a ridge (or logistic) regression of the
+    finite entries of ``y`` (0/1 for classification), fitted on standardized features with its
+    penalty chosen by cross-validation on these rows only."""
     from sklearn.linear_model import LogisticRegressionCV, RidgeCV
     from sklearn.model_selection import StratifiedKFold
-    from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
+    ok = ~np.isnan(y)
+    x, y = x[ok], y[ok]
+    zero = np.zeros(x.shape[1])
+    if classification:
+        counts = np.bincount(y.astype(int), minlength=2)
+        if counts.min() < 2:  # one class (or a single example of the other): its log-odds
+            p = (counts[1] + 0.5) / (counts.sum() + 1.0)
+            return zero, float(np.log(p / (1 - p)))
+        folds = StratifiedKFold(int(min(5, counts.min())), shuffle=True, random_state=0)
+        model = LogisticRegressionCV(
+            Cs=1.0 / ALPHAS, cv=folds, scoring="neg_log_loss", max_iter=2000
+        )
+    else:
+        if len(y) < 3:
+            return zero, float(y.mean()) if len(y) else 0.0
+        model = RidgeCV(alphas=ALPHAS)
+    scaler = StandardScaler().fit(x)
+    xs = scaler.transform(x)
+    # An L2-penalized weight lies in the span of the rows (representer theorem): fit on the
+    # rows' coordinates in that span, exactly the same fit, n x n instead of n x D.
+    basis = np.linalg.svd(xs, full_matrices=False)[2] if xs.shape[1] > len(xs) else None
+    with warnings.catch_warnings():  # scikit-learn's notices of changing defaults
+        warnings.simplefilter("ignore", FutureWarning)
+        z = xs if basis is None else xs @ basis.T
+        model.fit(z, y.astype(int) if classification else y)
+    coef = np.ravel(model.coef_) if basis is None else np.ravel(model.coef_) @ basis
+    coef = coef / scaler.scale_
+    return coef, float(np.ravel(model.intercept_)[0] - coef @ scaler.mean_)
+
+
+def fit_predict(x_fit: np.ndarray, y_fit: np.ndarray, x_test: np.ndarray, task: Task) -> np.ndarray:
+    """Raw outputs on ``x_test`` of one probe per target (:func:`fit_linear` on ``x_fit``)."""
     enc = task.encode(y_fit)
     out = np.zeros((len(x_test), task.out_dim))
     for j in range(task.out_dim):
-        ok = ~np.isnan(enc[:, j])
-        xj, yj = x_fit[ok], enc[ok, j]
-        if task.kind == CLASSIFICATION:
-            counts = np.bincount(yj.astype(int), minlength=2)
-            if counts.min() < 2:  # one class (or a single example of the other): its log-odds
-                p = (counts[1] + 0.5) / (counts.sum() + 1.0)
-                out[:, j] = np.log(p / (1 - p))
-                continue
-            folds = StratifiedKFold(int(min(5, counts.min())), shuffle=True, random_state=0)
-            clf = LogisticRegressionCV(
-                Cs=1.0 / ALPHAS, cv=folds, scoring="neg_log_loss", max_iter=2000
-            )
-            with warnings.catch_warnings():  # scikit-learn's notices of changing defaults
-                warnings.simplefilter("ignore", FutureWarning)
-                model = make_pipeline(StandardScaler(), clf).fit(xj, yj.astype(int))
-            out[:, j] = model.decision_function(x_test)
-        else:
-            if len(yj) < 3:
-                out[:, j] = yj.mean() if len(yj) else 0.0
-                continue
-            model = make_pipeline(StandardScaler(), RidgeCV(alphas=ALPHAS)).fit(xj, yj)
-            out[:, j] = model.predict(x_test)
+        coef, intercept = fit_linear(x_fit, enc[:, j], task.kind == CLASSIFICATION)
+        out[:, j] = x_test.astype(np.float64) @ coef + intercept
     return out
 
 
@@ -134,6 +140,7 @@ __all__ = [
     "PROBE_DENSE",
     "PROBE_SPECTRAL",
     "dense_bytes",
+    "fit_linear",
     "fit_predict",
     "probe_features",
     "probe_folds",

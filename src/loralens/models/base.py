@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from loralens.lora import LayerSpec, LoRA, LoRABatch, collate, spec_of
+from loralens.models.linear_base import KINDS, LinearBase
 
 #: Smallest scale used before dividing or taking a log (a zero LoRA stays finite).
 EPS = 1e-12
@@ -156,6 +157,20 @@ def log_scale(x: torch.Tensor) -> torch.Tensor:
     return torch.log(x.clamp_min(EPS))
 
 
+#: Hyperparameters of every model: name -> (what it may be, default, value for runs saved
+#: before it existed). ``linear_base``: see :mod:`loralens.models.linear_base` (training fits
+#: it; ``loralens train --linear-base``).
+COMMON: dict[str, tuple[HParam, Any, Any]] = {
+    "linear_base": (HParam("choice", choices=KINDS), "none", "none"),
+}
+
+
+def _add_linear_base(model: LoLModel, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
+    """The output of a model with a linear base: base(ΔW) + gate * network."""
+    base = model.linear_base(model.prepare(args[0]))
+    return base.to(out.dtype) + model.gate.to(out.dtype) * out
+
+
 class LoLModel(nn.Module):
     """Base of every model: ``model(batch) -> (B, out_dim)``.
 
@@ -175,6 +190,13 @@ class LoLModel(nn.Module):
     gl_invariant: ClassVar[bool] = False
     o_invariant: ClassVar[bool] = False
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Every model takes the hyperparameters all models share (``COMMON``)."""
+        super().__init_subclass__(**kwargs)
+        cls.schema = {**cls.schema, **{k: s for k, (s, _, _) in COMMON.items()}}
+        cls.defaults = {**cls.defaults, **{k: d for k, (_, d, _) in COMMON.items()}}
+        cls.saved_defaults = {**{k: o for k, (_, _, o) in COMMON.items()}, **cls.saved_defaults}
+
     def __init__(self, spec: LayerSpec, out_dim: int, hparams: dict[str, Any]):
         super().__init__()
         check_hparams(f"model {self.name!r}", self.schema, hparams)
@@ -183,6 +205,10 @@ class LoLModel(nn.Module):
         self.spec = spec
         self.out_dim = int(out_dim)
         self.hparams = {**self.defaults, **hparams}
+        if self.hparams["linear_base"] != "none":
+            self.linear_base = LinearBase(self.hparams["linear_base"], spec, self.out_dim)
+            self.gate = nn.Parameter(torch.zeros(()))
+            self.register_forward_hook(_add_linear_base)
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, layers={len(self.spec.names)}, out_dim={self.out_dim}"

@@ -1,0 +1,82 @@
+"""The linear base of a trained model (models.linear_base, fitted by learn.loop)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from test_probes import _linear_store
+
+import loralens as ll
+from loralens.learn.loop import TrainConfig, train
+from loralens.learn.probes import PROBE_DENSE, PROBE_SPECTRAL
+from loralens.learn.runs import load_run
+
+
+@pytest.mark.parametrize("kind", ["dense", "spectral"])
+def test_shut_network_leaves_exactly_the_probe(tmp_path, kind):
+    """With the network kept out (lr 0: the gate stays 0) a run *is* its linear base, fitted on
+    the probe's rows: its test metrics equal the probe's, computed on another path
+    (probes.probe_folds on features read from the store, not the model's forward)."""
+    store = _linear_store(tmp_path / "s")
+    cfg = TrainConfig("glnet", ["y"], epochs=1, lr=0.0, plots=False, linear_base=kind)
+    m = train(store, cfg, tmp_path / "run")
+    probe = m["probes"][PROBE_DENSE if kind == "dense" else PROBE_SPECTRAL]["test"]
+    assert m["test"]["r2"] == pytest.approx(probe["r2"], abs=1e-6)
+    assert m["test"]["mse"] == pytest.approx(probe["mse"], rel=1e-3)
+
+
+def test_saved_run_predicts_with_its_base(tmp_path):
+    """The base is part of the checkpoint: a loaded run predicts what training measured."""
+    store = _linear_store(tmp_path / "s")
+    train(store, TrainConfig("mlp", ["y"], epochs=2, plots=False), tmp_path / "run")
+    run = load_run(tmp_path / "run")
+    assert run.model.hparams["linear_base"] == "dense"
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["model"]["hparams"]["linear_base"] == "dense"
+    ids = [r.split(",")[0] for r in (tmp_path / "run" / "predictions.csv").read_text().split()[1:]]
+    rows = [store.ids.index(i) for i in ids]
+    pred = run.task.decode(run.raw(store.batch(np.array(rows))))[:, 0]
+    expected = np.loadtxt(tmp_path / "run" / "predictions.csv", delimiter=",", skiprows=1, usecols=2)
+    np.testing.assert_allclose(pred, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_linear_label_is_learned_with_the_base_and_not_without(tmp_path):
+    """On a label linear in ΔW, the default (dense base) is near perfect; the network alone,
+    on 100 training LoRAs, is not: the base is what carries it."""
+    store = _linear_store(tmp_path / "s", n=150)
+    with_base = train(store, TrainConfig("glnet", ["y"], epochs=5, plots=False), None)
+    alone = TrainConfig("glnet", ["y"], epochs=5, plots=False, linear_base="none")
+    without = train(store, alone, None)
+    assert with_base["test"]["r2"] > 0.95
+    assert without["test"]["r2"] < 0.9
+
+
+@pytest.mark.parametrize("kind", ["dense", "spectral"])
+def test_base_keeps_gl_invariance(kind):
+    """A model with a (random) linear base is still GL(r)-invariant: the base reads ΔW only."""
+    batch = ll.collate([ll.gl_transform(_lora(k), seed=k) for k in range(3)])
+    model = ll.build_model("glnet", like=batch, out_dim=2, linear_base=kind).double()
+    g = torch.Generator().manual_seed(0)
+    base = model.linear_base
+    base.set(torch.randn(base.weight.shape, generator=g) * 1e-2, torch.randn(2, generator=g))
+    with torch.no_grad():
+        model.gate.fill_(0.5)
+    ll.assert_gl_invariant(model.eval(), batch.to(torch.float64))
+
+
+def test_unknown_linear_base_is_refused():
+    with pytest.raises(ValueError, match="linear_base must be one of"):
+        TrainConfig("glnet", ["y"], linear_base="quadratic")
+
+
+def _lora(seed: int) -> ll.LoRA:
+    g = torch.Generator().manual_seed(seed)
+    return ll.LoRA(
+        [
+            ll.LoRALayer("a", torch.randn(7, 3, generator=g), torch.randn(5, 3, generator=g)),
+            ll.LoRALayer("b", torch.randn(4, 2, generator=g), torch.randn(6, 2, generator=g)),
+        ]
+    )
