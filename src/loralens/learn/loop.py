@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from loralens.jsonio import json_safe
+from loralens.learn.base_fit import fit_linear_base, linear_base_kind
 from loralens.learn.data import (
     SPLITS,
     check_finite_labels,
@@ -39,7 +40,7 @@ from loralens.learn.data import (
     make_splits,
     select_rows,
 )
-from loralens.learn.probes import DENSE_MAX_BYTES, dense_bytes, fit_linear, probe_folds
+from loralens.learn.probes import probe_folds
 from loralens.learn.rowfilter import compile_filter
 from loralens.learn.runs import NonFiniteOutputError, check_run_dir, headline, save_run
 from loralens.learn.seen import trained_on
@@ -263,6 +264,8 @@ def _run(
     set_seed(config.seed)
     model = _model(store, config, data)
     pad = [int(r) for r in model.spec.ranks]  # every batch padded to the model's widths
+    if model.hparams["linear_base"] != "none":
+        fit_linear_base(store, model, data.task, data.y_enc, data.split["train"])
     loaders = _loaders(store, data, pad, int(hp["batch_size"]), config.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     lr, wd = float(hp["lr"]), float(hp["weight_decay"])
@@ -278,8 +281,8 @@ def _run(
     base.load_state_dict(best.state)  # the run's model is the best epoch's, not the last
     if base.hparams["linear_base"] != "none":
         # the epoch is chosen; the linear base may now learn from the validation rows too
-        _fit_linear_base(
-            store, base, data, np.concatenate([data.split["train"], data.split["val"]])
+        fit_linear_base(
+            store, base, data.task, data.y_enc, np.union1d(data.split["train"], data.split["val"])
         )
         trows, tout = _outputs(model, loaders["test"], acc)
         best.test, best.test_rows, best.test_out = (
@@ -389,40 +392,10 @@ def _model(store: LoRAStore, config: TrainConfig, data: _Data) -> torch.nn.Modul
     rows = data.split["train"]
     widths = store.ranks[rows].max(axis=0)
     like = store.batch(rows[: min(len(rows), 256)], pad_ranks=widths)
-    hparams = {"linear_base": _linear_base_kind(store, config, rows), **config.hparams}
+    hparams = {"linear_base": linear_base_kind(store, config.linear_base, rows), **config.hparams}
     check_fits(config.model, like.spec, data.task.out_dim, hparams)
     torch.manual_seed(config.seed)
-    model = build_model(config.model, like=like, out_dim=data.task.out_dim, **hparams)
-    if model.hparams["linear_base"] != "none":
-        _fit_linear_base(store, model, data, rows)
-    return model
-
-
-def _linear_base_kind(store: LoRAStore, config: TrainConfig, rows: np.ndarray) -> str:
-    """The linear base to fit: ``config.linear_base``, with "auto" resolved by the size of the
-    training LoRAs' dense ΔW."""
-    if config.linear_base != "auto":
-        return config.linear_base
-    return "dense" if dense_bytes(store, len(rows)) <= DENSE_MAX_BYTES else "spectral"
-
-
-def _fit_linear_base(
-    store: LoRAStore, model: torch.nn.Module, data: _Data, rows: np.ndarray
-) -> None:
-    """Fit the model's linear base on store ``rows``, one target at a time, on the features the
-    model itself computes (so training and prediction see the very same map)."""
-    pad = [int(r) for r in model.spec.ranks]
-    with torch.no_grad():
-        x = torch.cat(
-            [
-                model.linear_base.features(b)
-                for _, b in store.iter_batches(64, rows=rows, pad_ranks=pad)
-            ]
-        ).numpy()
-    y = data.y_enc[rows].astype(np.float64)
-    fits = [fit_linear(x, y[:, j], data.task.kind == CLASSIFICATION) for j in range(y.shape[1])]
-    weight = torch.from_numpy(np.stack([c for c, _ in fits], axis=1))
-    model.linear_base.set(weight, torch.tensor([b for _, b in fits], dtype=torch.float64))
+    return build_model(config.model, like=like, out_dim=data.task.out_dim, **hparams)
 
 
 def _loaders(
