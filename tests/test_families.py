@@ -108,23 +108,30 @@ def test_each_layout_fits_exactly_its_families(layers, expected):
 
 
 @pytest.mark.parametrize(
-    "layers",
+    ("layers", "kind"),
     [
-        {"model.layers.0.self_attn.q_proj": (4000, 4096)},  # no family has this width
-        {"model.layers.32.self_attn.q_proj": (4096, 4096)},  # 7B shapes, but a 33rd block
-        {  # one layer fits Llama-2-7B, the other does not: the adapter does not fit it
-            "model.layers.0.self_attn.q_proj": (4096, 4096),
-            "model.layers.0.mlp.down_proj": (4096, 14000),
-        },
-        {"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k": (320, 2048)},
-        {"some.custom.module": (4096, 4096)},  # a name no family has
+        ({"model.layers.0.self_attn.q_proj": (4000, 4096)}, "decoder"),  # no such width
+        ({"model.layers.32.self_attn.q_proj": (4096, 4096)}, "decoder"),  # a 33rd 7B block
+        (  # one layer fits Llama-2-7B, the other does not: the adapter does not fit it
+            {
+                "model.layers.0.self_attn.q_proj": (4096, 4096),
+                "model.layers.0.mlp.down_proj": (4096, 14000),
+            },
+            "decoder",
+        ),
+        (  # SDXL's cross-attention width at SD1's 320 channels
+            {"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k": (320, 2048)},
+            "unet",
+        ),
+        ({"some.custom.module": (4096, 4096)}, None),  # a name no family has
     ],
 )
-def test_layouts_no_family_has_are_unknown(layers):
+def test_layouts_no_family_has_are_unknown(layers, kind):
     assert _fits(layers) == []
     rows = [{"name": n, "shape": list(s)} for n, s in layers.items()]
     guess = guess_base_model({"layers": rows})
     assert guess["name"] is None and guess["source"] is None and guess["candidates"] == []
+    assert guess["family"] == kind and guess["hidden_size"] is None
 
 
 def test_the_files_own_word_comes_first_and_the_layout_is_still_reported(tmp_path):

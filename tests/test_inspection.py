@@ -132,6 +132,18 @@ def test_cli_json_schema_for_several_adapters_and_exit_code(tmp_path, monkeypatc
     assert one.exit_code == 0 and STEM in one.output and "epochs 10" in one.output
 
 
+def test_what_reads_as_a_hub_id(tmp_path, monkeypatch):
+    from loralens.hub import is_hub_id
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "local").mkdir()
+    (tmp_path / "local" / "adapter").mkdir()
+    assert is_hub_id("owner/name") and is_hub_id("owner/name@v1.0")
+    assert not is_hub_id("local/adapter")  # a folder here
+    assert not is_hub_id("loras/x.safetensors") and not is_hub_id("/abs/path")
+    assert not is_hub_id("just-a-name") and not is_hub_id("a/b/c")
+
+
 def test_hub_id_offline_and_not_cached_is_one_clear_error(tmp_path, monkeypatch):
     import huggingface_hub.constants
 

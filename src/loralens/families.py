@@ -34,6 +34,10 @@ class Family:
     hidden: int
     rules: tuple[tuple[re.Pattern, Check], ...]
 
+    def names(self, name: str) -> bool:
+        """Whether ``name`` (normalized) is one of this family's module names, whatever its shape."""
+        return any(pattern.search(name) for pattern, _ in self.rules)
+
     def fits(self, layers: Sequence[tuple[str, tuple[int, int]]]) -> int:
         """How many of ``layers`` ((normalized name, shape)) are this family's modules, or -1
         when one of them has a shape (or block index) this family does not."""
@@ -154,7 +158,7 @@ def _unet(name: str, channels: set[int], cross: int, encoders: tuple) -> Family:
 
 def _flux(name: str) -> Family:
     h, double, single = 3072, 19, 38
-    dbl = r"(?:^|_)(?<!single_)transformer_blocks_(\d+)_"  # diffusers
+    dbl = r"(?:^|_)(?<!single_)(?<!_\d_)transformer_blocks_(\d+)_"  # diffusers, not a UNet's
     sgl = r"single_transformer_blocks_(\d+)_"
     bfl, bfl1 = r"double_blocks_(\d+)_", r"single_blocks_(\d+)_"  # BFL / kohya / ComfyUI
     rules = (
@@ -181,7 +185,7 @@ def _flux(name: str) -> Family:
 
 
 def _sd3(name: str, h: int, blocks: int) -> Family:
-    tb = r"(?:^|_)(?<!single_)transformer_blocks_(\d+)_"  # diffusers
+    tb = r"(?:^|_)(?<!single_)(?<!_\d_)transformer_blocks_(\d+)_"  # diffusers, not a UNet's
     jb = r"joint_blocks_(\d+)_(?:x|context)_block_"  # SAI / kohya / ComfyUI
     rules = (
         _rule(tb + r"attn2?_(?:to_[qkv]|add_[qkv]_proj|to_out_0|to_add_out)$", h, h, blocks),
@@ -262,13 +266,16 @@ def guess_base_model(report: dict[str, Any]) -> dict[str, Any]:
     (``source`` "metadata"), else the families that fit its layers (``source`` "layout"; ``name``
     lists them all when several fit), else ``name`` None. ``candidates`` always holds the
     fitting families' names, ``matched_layers`` how many layers are a candidate's modules;
-    ``family`` (kind), ``hidden_size`` and ``blocks`` describe the layout where they are
-    known (``blocks``: one past the highest block index seen)."""
+    ``family`` (the candidates' kind, or where none fits the kind whose module names the layers
+    use), ``hidden_size`` (the candidates') and ``blocks`` (one past the highest block index
+    seen, for language models) describe the layout where they are known."""
     names = [r["name"] for r in report["layers"]]
     shapes = [r["shape"] for r in report["layers"]]
     fits = matching_families(names, shapes)
     candidates = [f.name for f, _ in fits]
-    kinds = {f.kind for f, _ in fits}
+    kinds = {f.kind for f, _ in fits} or {  # none fits: the architecture its names say
+        f.kind for f in FAMILIES if any(f.names(normalize_name(n)) for n in names)
+    }
     kind = kinds.pop() if len(kinds) == 1 else None
     hidden = {f.hidden for f, _ in fits}
     blocks = {int(m.group(1)) for n in names if (m := _BLOCK.search(normalize_name(n)))}

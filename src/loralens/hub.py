@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 from loralens.formats import LoRAFormatError
+from loralens.formats.tensor_file import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES
 
 HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[\w./-]+))?")
 #: what is downloaded: the adapter's weights and config, never pickles other than PEFT's
@@ -21,8 +22,13 @@ _TRUE = {"1", "ON", "YES", "TRUE"}
 
 
 def is_hub_id(text: str) -> bool:
-    """Whether ``text`` reads as a hub id and is not a path on this machine."""
-    return HUB_ID.fullmatch(text) is not None and not os.path.lexists(text)
+    """Whether ``text`` reads as a hub id and is not a path on this machine (nor a missing
+    weights file: ``loras/x.safetensors`` is a typo, not a repository)."""
+    return (
+        HUB_ID.fullmatch(text) is not None
+        and not text.endswith(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES)
+        and not os.path.lexists(text)
+    )
 
 
 def hub_offline() -> bool:
