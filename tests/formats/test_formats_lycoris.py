@@ -301,6 +301,7 @@ def _lycoris_module(kind: str, org: torch.nn.Module, seed: int):
     modules = pytest.importorskip("lycoris.modules")
     cls, kw = {
         "loha": (modules.LohaModule, {"lora_dim": 3, "alpha": 2.0}),
+        "loha-wide": (modules.LohaModule, {"lora_dim": 5, "alpha": 2.0}),  # 25 > 16 outputs
         "loha-tucker": (modules.LohaModule, {"lora_dim": 2, "alpha": 1.0, "use_tucker": True}),
         "lokr": (modules.LokrModule, {"lora_dim": 2, "alpha": 3.0, "factor": 4}),
         "lokr-tucker": (
@@ -323,6 +324,7 @@ def _lycoris_module(kind: str, org: torch.nn.Module, seed: int):
     [
         ("loha", False),
         ("loha", True),
+        ("loha-wide", True),
         ("loha-tucker", True),
         ("lokr", False),
         ("lokr", True),
@@ -355,3 +357,5 @@ def test_lycoris_lora_modules_forward_equals_the_delta_read(tmp_path, kind, conv
         ours = torch.nn.functional.conv2d(x, delta, padding=1) if conv else x @ delta.T
     torch.testing.assert_close(ours, added, rtol=1e-4, atol=1e-4)
     assert layer.meta["lycoris"] == kind.split("-")[0]
+    if kind == "loha-wide":  # read through the exact reduction, at rank min(out, in) = 16
+        assert layer.meta["exact_reduction"] == {"factor_rank": 25, "rank": 16}
