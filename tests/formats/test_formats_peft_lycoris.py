@@ -145,6 +145,30 @@ def test_peft_lycoris_conv_layers_match_peft_merge(tmp_path, kind, effective):
     assert conv1.shape == (6, 4 * 3 * 3)
 
 
+class Conv1dNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv1d(6, 8, kernel_size=3)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def test_peft_lokr_conv1d_is_read_exactly_or_refused_where_peft_merges_otherwise(tmp_path):
+    """Factored lokr_w2 (r=1): PEFT's merge, read exactly. Full 3-D lokr_w2 (r=8): PEFT's
+    merge is not LyCORIS's Kronecker layout, so the file is refused, naming the key."""
+    base = Conv1dNet()
+    small = peft.LoKrConfig(r=1, alpha=2, target_modules=["conv"], init_weights=False)
+    deltas = _peft_deltas(base, small, tmp_path / "factored")
+    _assert_matches_peft(ll.load_lora(tmp_path / "factored"), deltas)
+    full = peft.LoKrConfig(r=8, alpha=2, target_modules=["conv"], init_weights=False)
+    peft.get_peft_model(copy.deepcopy(base), full).save_pretrained(str(tmp_path / "full"))
+    with pytest.raises(ll.LoRAFormatError, match="full 3-D LoKr factor") as info:
+        ll.load_lora(tmp_path / "full")
+    assert "conv.lokr_w2" in str(info.value) and "adapter_model.safetensors" in str(info.value)
+
+
 def _edit_config(folder, **changes):
     path = folder / "adapter_config.json"
     cfg = json.loads(path.read_text())

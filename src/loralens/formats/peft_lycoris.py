@@ -15,7 +15,7 @@ from typing import Any
 from loralens.formats.config import check_config, read_json_config
 from loralens.formats.errors import LoRAFormatError
 from loralens.formats.peft import CONFIG_NAME, has_config, parse_peft_tensors, weights_file
-from loralens.formats.tensor_file import open_tensor_file
+from loralens.formats.tensor_file import TensorFile, open_tensor_file
 from loralens.lora import LoRA
 
 #: PEFT's peft_type -> the LyCORIS algorithm its keys hold
@@ -52,6 +52,19 @@ def _scale_config(cfg: dict[str, Any], path: Path) -> dict[str, Any]:
         raise LoRAFormatError(path, e.problem.replace("lora_alpha", "alpha")) from None
 
 
+def _refuse_conv1d_full_lokr(file: TensorFile) -> None:
+    """PEFT merges a full 3-D ``lokr_w2`` (a Conv1d layer) by ``torch.kron`` of a 2-D w1 with
+    it, which mixes w1's columns into the output channels (LyCORIS unsqueezes w1 first): what
+    PEFT adds is not the LyCORIS delta loralens reads, so such a file is refused."""
+    for key in file.keys:
+        if key.endswith(".lokr_w2") and len(file.shape(key)) == 3:
+            raise LoRAFormatError(
+                file.path,
+                f"{key!r} is a full 3-D LoKr factor (a Conv1d layer): PEFT merges it in a "
+                "layout other than LyCORIS's, so loralens does not read it",
+            )
+
+
 def load_peft_lycoris(path: Path, *, allow_nonfinite: bool = False) -> LoRA:
     """Read a PEFT LoHa/LoKr adapter folder (or its weights file, the config beside it)."""
     folder = path if path.is_dir() else path.parent
@@ -60,6 +73,7 @@ def load_peft_lycoris(path: Path, *, allow_nonfinite: bool = False) -> LoRA:
     algo = PEFT_LYCORIS_TYPES[str(cfg["peft_type"]).upper()]
     weights = path if path.is_file() else weights_file(folder)
     with open_tensor_file(weights) as file:
+        _refuse_conv1d_full_lokr(file)
         layers, extras, _ = parse_peft_tensors(
             file, _scale_config(cfg, config_path), config_path, allow_nonfinite=allow_nonfinite
         )
