@@ -128,14 +128,6 @@ def _as_factors(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return w, torch.eye(cols, dtype=w.dtype)
 
 
-def _reduced(P: torch.Tensor, Q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """(P, Q, False) where the rank of P Q^T is at most min(rows, cols); else the exact factors
-    of the (smaller) product P Q^T at that rank, and True."""
-    if P.shape[1] <= min(P.shape[0], Q.shape[0]):
-        return P, Q, False
-    return (*_as_factors(P @ Q.T), True)
-
-
 def _conv_meta(kernel: tuple[int, ...], in_channels: int) -> dict[str, Any]:
     if kernel:
         return {"kind": "conv", "kernel_size": list(kernel), "in_channels": in_channels}
@@ -273,10 +265,13 @@ def _lokr_half(mod: ModuleReader, i: int):
 
 
 def _factored(P: torch.Tensor, Q: torch.Tensor):
-    """(P, Q, meta) of a factored LoKr half, reduced where its rank exceeds its smaller side."""
+    """(P, Q, None) of a factored LoKr half W = P Q^T; where its rank exceeds its smaller side,
+    the exact factors of the (smaller) W itself at that side, and what meta should say."""
     rank = P.shape[1]
-    P, Q, reduced = _reduced(P, Q)
-    return P, Q, {"factor_rank": rank, "rank": P.shape[1]} if reduced else None
+    if rank <= min(P.shape[0], Q.shape[0]):
+        return P, Q, None
+    P, Q = _as_factors(P @ Q.T)
+    return P, Q, {"factor_rank": rank, "rank": P.shape[1]}
 
 
 def _svd_factors(mod: ModuleReader, role: str):
