@@ -1,6 +1,8 @@
 """loralens: learning on LoRAs. Read LoRA adapters as data, predict properties of the finetuned model."""
 
+from loralens.families import guess_base_model, matching_families
 from loralens.formats import LoRAFormatError, detect_format, load_lora, save_lora
+from loralens.inspection import inspect_adapter, inspect_adapters
 from loralens.lora import LayerSpec, LoRA, LoRABatch, LoRALayer, collate
 from loralens.models import MODEL_NAMES, build_model, model_cost
 from loralens.symmetry import (
@@ -32,7 +34,11 @@ __all__ = [
     "get_preset",
     "gl_invariance_error",
     "gl_transform",
+    "guess_base_model",
+    "inspect_adapter",
+    "inspect_adapters",
     "load_lora",
+    "matching_families",
     "merge_zoos",
     "model_cost",
     "o_transform",

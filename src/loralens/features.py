@@ -23,6 +23,7 @@ from loralens.fused import grams, linalg_dtype
 from loralens.lora import LoRA, LoRABatch, collate
 
 __all__ = [
+    "NUMERICAL_RANK_TOL",
     "delta_norms",
     "dense",
     "describe_layers",
@@ -255,10 +256,16 @@ def pick_template(data: LoRABatch | Sequence[LoRA]) -> LoRA:
 # ---------------------------------------------------------------------------- inspect
 
 
+#: singular values at or below this fraction of a layer's largest do not count toward its
+#: numerical rank (``describe_layers``' ``numerical_rank``)
+NUMERICAL_RANK_TOL = 1e-3
+
+
 def describe_layers(lora: LoRA, k: int = 4) -> list[dict[str, Any]]:
     """Per layer: name, shape, rank, scale (from layer.meta), |delta W|_F, top-k singular values,
-    effective rank, whether the factors are finite. Everything from the small factors; no U @ V.T
-    is formed. Layers with NaN/inf factors get a NaN norm and no singular values."""
+    effective rank, numerical rank (singular values above NUMERICAL_RANK_TOL of the largest),
+    whether the factors are finite. Everything from the small factors; no U @ V.T is formed.
+    Layers with NaN/inf factors get a NaN norm, no singular values and no numerical rank."""
     rows = []
     for layer in lora.layers:
         finite = bool(torch.isfinite(layer.U).all() and torch.isfinite(layer.V).all())
@@ -269,6 +276,7 @@ def describe_layers(lora: LoRA, k: int = 4) -> list[dict[str, Any]]:
             norm = float(norms[0, 0])
             s = s_all[0, 0, : min(*layer.shape, layer.rank)]
         er = float(effective_rank(s)) if s.numel() else (0.0 if finite else math.nan)
+        nr = int((s > NUMERICAL_RANK_TOL * s[0]).sum()) if s.numel() and s[0] > 0 else 0
         scale = layer.meta.get("scale")
         rows.append(
             {
@@ -280,6 +288,7 @@ def describe_layers(lora: LoRA, k: int = 4) -> list[dict[str, Any]]:
                 "fro_norm": norm,
                 "top_svals": [float(x) for x in s[:k]],
                 "effective_rank": er if math.isfinite(er) else None,
+                "numerical_rank": nr if finite else None,
                 "finite": finite,
             }
         )

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import time
 import warnings
 from collections.abc import Sequence
@@ -19,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loralens.families import guess_base_model
+from loralens.flags import layer_flags
 from loralens.inspection import inspect_adapter
 from loralens.jsonio import json_safe
 from loralens.learn.runs import METRICS, Run, headline, load_run, predict
@@ -28,10 +29,6 @@ from loralens.learn.tasks import CLASSIFICATION
 SPECTRUM = 64
 #: coverage of the prediction intervals built from a run's test residuals
 INTERVAL_LEVEL = 0.9
-#: a layer whose |delta W|_F is this many times above or below the median layer's is an outlier
-OUTLIER_FACTOR = 100.0
-#: singular values below this fraction of a layer's largest count as zero (for "collapsed")
-COLLAPSE_TOL = 1e-3
 
 
 @dataclass
@@ -108,8 +105,8 @@ def screen_adapter(
     top: int = SPECTRUM,
 ) -> dict[str, Any]:
     """Screen the adapter at ``path``: the ``inspect`` report (``top`` singular values per
-    layer), the reader's ``warnings``, ``base_model_guess``, ``flags`` and one ``predictions``
-    entry per run, with ``seconds``. ``name`` replaces the path in the report and in messages (an upload's name).
+    layer, ``base_model_guess``, ``flags``, ``training``), the reader's ``warnings`` and one
+    ``predictions`` entry per run, with ``seconds``. ``name`` replaces the path in the report and in messages (an upload's name).
 
     Raises :class:`~loralens.formats.LoRAFormatError` when the file cannot be read at all;
     a run whose layout the adapter does not fit gets ``{"run", "error"}`` instead of a number.
@@ -126,8 +123,6 @@ def screen_adapter(
     report["warnings"] = list(
         dict.fromkeys(str(w.message).replace(str(path), shown) for w in caught)
     )
-    report["base_model_guess"] = guess_base_model(report)
-    report["flags"] = layer_flags(report["layers"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the reader's warnings were collected above
         report["predictions"] = [_prediction(r, path, shown) for r in runs]
@@ -168,117 +163,6 @@ def _prediction(srun: ScreeningRun, path: str | os.PathLike, shown: str) -> dict
             for t, v in row["prediction"].items()
         }
     return entry
-
-
-# ---------------------------------------------------------------------------------- flags
-
-
-def layer_flags(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Sanity flags from ``inspect`` rows: non-finite weights or norms (error), dead layers
-    (delta W = 0; all of them: the adapter does nothing), collapsed layers (rank > 1 but one
-    singular value carries it) and outlier layers (|delta W|_F 100x off the median layer)."""
-    flags = []
-    nonfinite = [r["name"] for r in rows if not r["finite"] or not _finite(r["fro_norm"])]
-    if nonfinite:
-        flags.append(_flag("nonfinite", "error", nonfinite, "NaN/inf weights or norm"))
-    healthy = [r for r in rows if r["finite"] and _finite(r["fro_norm"])]
-    dead = [r["name"] for r in healthy if r["fro_norm"] == 0]
-    if dead:
-        what = "all layers are zero: the adapter changes nothing" if len(dead) == len(rows) else ""
-        flags.append(_flag("dead", "warning", dead, what or "delta W is zero"))
-    collapsed = [
-        r["name"]
-        for r in healthy
-        if r["rank"] > 1
-        and len(s := r["top_svals"]) > 1
-        and s[0] > 0
-        and s[1] <= COLLAPSE_TOL * s[0]
-    ]
-    if collapsed:
-        flags.append(_flag("collapsed", "warning", collapsed, "rank > 1 but numerically rank 1"))
-    norms = sorted(r["fro_norm"] for r in healthy if r["fro_norm"] > 0)
-    if len(norms) >= 4:
-        median = norms[len(norms) // 2]
-        outliers = [
-            r["name"]
-            for r in healthy
-            if r["fro_norm"] > 0
-            and not 1 / OUTLIER_FACTOR <= r["fro_norm"] / median <= OUTLIER_FACTOR
-        ]
-        if outliers:
-            what = f"|delta W|_F over {OUTLIER_FACTOR:g}x off the median layer ({median:.3g})"
-            flags.append(_flag("outlier", "warning", outliers, what))
-    return flags
-
-
-def _finite(x: float | None) -> bool:
-    return x is not None and math.isfinite(x)
-
-
-def _flag(kind: str, severity: str, layers: list[str], message: str) -> dict[str, Any]:
-    return {
-        "kind": kind,
-        "severity": severity,
-        "layers": layers,
-        "message": f"{len(layers)} layer{'s' * (len(layers) != 1)}: {message}",
-    }
-
-
-# ---------------------------------------------------------------------------------- base model
-
-_BLOCK = re.compile(r"(?:^|[._])(?:layers|h|blocks|layer)[._](\d+)[._]")
-#: (family, hidden size, blocks) -> well-known models with that shape
-_KNOWN = {
-    ("decoder", 4096, 32): "a 7-8B decoder (Llama-2-7B, Llama-3-8B, Mistral-7B class)",
-    ("decoder", 5120, 40): "a 13B decoder (Llama-2-13B class)",
-    ("decoder", 8192, 80): "a 70B decoder (Llama-2/3-70B class)",
-    ("decoder", 2048, 22): "TinyLlama-1.1B",
-    ("decoder", 2048, 16): "Llama-3.2-1B",
-    ("decoder", 3072, 28): "Llama-3.2-3B",
-    ("decoder", 896, 24): "Qwen2.5-0.5B",
-    ("decoder", 1536, 28): "Qwen2.5-1.5B",
-    ("decoder", 3584, 28): "Qwen2.5-7B",
-    ("gpt2", 768, 12): "GPT-2 (124M)",
-    ("gpt2", 1024, 24): "GPT-2 medium",
-    ("unet", 768, None): "Stable Diffusion 1.x",
-    ("unet", 1024, None): "Stable Diffusion 2.x",
-    ("unet", 2048, None): "Stable Diffusion XL",
-}
-
-
-def guess_base_model(report: dict[str, Any]) -> dict[str, Any]:
-    """The base model: the file's own word when it has one, else a guess from layer names and
-    shapes (architecture family, hidden size, number of blocks, and a known model's name)."""
-    names = [r["name"] for r in report["layers"]]
-    shapes = [r["shape"] for r in report["layers"]]
-    family, hidden, blocks = _layout(names, shapes)
-    guess = {
-        "name": report.get("base_model"),
-        "source": "metadata" if report.get("base_model") else None,
-        "family": family,
-        "hidden_size": hidden,
-        "blocks": blocks,
-    }
-    if guess["name"] is None and family is not None:
-        known = _KNOWN.get((family, hidden, None if family == "unet" else blocks))
-        guess["name"], guess["source"] = known, "layout" if known else None
-    return guess
-
-
-def _layout(names: list[str], shapes: list[list[int]]) -> tuple[str | None, int | None, Any]:
-    joined = " ".join(names)
-    if any(k in joined for k in ("down_blocks", "up_blocks", "mid_block", "lora_unet")):
-        # cross-attention keys/values read the text encoder's width
-        cross = [s[1] for n, s in zip(names, shapes) if re.search(r"attn2[._]to_[kv]", n)]
-        return "unet", max(cross) if cross else None, None
-    blocks = {int(m.group(1)) for n in names if (m := _BLOCK.search(n))}
-    if "c_attn" in joined:
-        hidden = next((s[1] for n, s in zip(names, shapes) if "c_attn" in n), None)
-        return "gpt2", hidden, max(blocks) + 1 if blocks else None
-    q = [s[1] for n, s in zip(names, shapes) if re.search(r"(?:q_proj|query)$", n)]
-    if blocks and q:
-        return "decoder", q[0], max(blocks) + 1
-    return None, None, None
 
 
 __all__ = [

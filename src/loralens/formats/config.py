@@ -49,6 +49,11 @@ def parse_json(text: str | bytes, path: Path, what: str = "JSON") -> Any:
 
 def read_config(path: Path) -> dict[str, Any]:
     """Read and check an adapter_config.json (a regular file of at most MAX_CONFIG_BYTES)."""
+    return check_config(read_json_config(path), path)
+
+
+def read_json_config(path: Path) -> Any:
+    """The JSON value in a config file (a regular file of at most MAX_CONFIG_BYTES), unchecked."""
     with open_regular(path) as f:
         data = f.read(MAX_CONFIG_BYTES + 1)
     if len(data) > MAX_CONFIG_BYTES:
@@ -57,7 +62,7 @@ def read_config(path: Path) -> dict[str, Any]:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise LoRAFormatError(path, f"invalid JSON: not UTF-8 ({e})") from e
-    return check_config(parse_json(text, path), path)
+    return parse_json(text, path)
 
 
 def _number(v: Any, what: str, path: Path, *, integer: bool) -> None:

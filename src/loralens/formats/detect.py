@@ -27,6 +27,7 @@ from loralens.formats.peft import (
     load_peft,
     load_peft_weights_only,
 )
+from loralens.formats.peft_lycoris import load_peft_lycoris, peft_lycoris_algorithm
 from loralens.formats.single_file import load_single_file
 from loralens.formats.tensor_file import (
     PICKLE_SUFFIXES,
@@ -97,6 +98,8 @@ def _file_format(path: Path) -> str:
     keys, st_meta = read_tensor_keys(path)
     if not keys:
         raise LoRAFormatError(path, f"holds no tensors; {EXPECTED}")
+    if any(k.startswith(PREFIX) for k in keys) and has_config(path.parent):
+        return "peft"  # a PEFT folder's weights (LoRA, LoHa or LoKr), read with its config
     if any(LYCORIS_KEY.match(k) or LORA_MID_KEY.match(k) for k in keys):
         return "lycoris"
     if any(XLABS_KEY.match(k) for k in keys):
@@ -141,6 +144,8 @@ def load_lora(path: str | os.PathLike[str], *, allow_nonfinite: bool = False) ->
     path = Path(path)
     fmt, where = _resolve(path)
     if fmt == "peft":
+        if peft_lycoris_algorithm(where if where.is_dir() else where.parent):
+            return load_peft_lycoris(where, allow_nonfinite=allow_nonfinite)
         if where.is_dir():
             return load_peft(where, allow_nonfinite=allow_nonfinite)
         if has_config(where.parent):

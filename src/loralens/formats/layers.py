@@ -135,8 +135,9 @@ def _kind_and_check(
     )
 
 
-def alpha_scale(rank: int, alpha: float | None) -> float:
-    """kohya/diffusers rule: scale = alpha / rank, and alpha 0 or missing means alpha = rank."""
-    if not alpha:
+def alpha_scale(rank: int | None, alpha: float | None) -> float:
+    """kohya/diffusers/LyCORIS rule: scale = alpha / rank, and alpha 0 or missing means alpha =
+    rank; a module without a rank (a LoKr with both halves full) has scale 1."""
+    if not alpha or rank is None:
         return 1.0
     return alpha / rank

@@ -1,4 +1,4 @@
-"""LyCORIS layers read exactly as low rank U V^T, without forming delta W.
+"""LyCORIS layers read exactly as low rank U V^T, forming delta W only where it is the smaller.
 
 - **LoCon with a Tucker core** (``lora_down`` r x in x 1..., ``lora_mid`` r x r x kernel,
   ``lora_up`` out x r x 1...): delta W[p, q, k] = sum_ij up[p, i] mid[i, j, k] down[j, q], so
@@ -8,14 +8,21 @@
   Khatri-Rao (face-splitting) product: rank r1 r2.
 - **LoKr** (``lokr_w1`` or ``lokr_w1_a/b``; ``lokr_w2`` or ``lokr_w2_a/b``, optional Tucker core
   ``lokr_t2``): delta W = kron(W1, W2) = kron(P1, P2) kron(Q1, Q2)^T from each half's factors
-  W = P Q^T. A half stored full is factored by SVD at its rank (to float32 precision), and
-  ``meta["lokr_full"]`` says so (its shape, rank and largest dropped singular value).
+  W = P Q^T. A half stored full is factored by SVD at its rank (to float32 precision; exactly,
+  as itself times an identity, where it has full rank), and ``meta["lokr_full"]`` says so (its
+  shape, rank and largest dropped singular value).
+
+Exact reduction: where a layer's exact factors would be wider than delta W can be (LoHa with
+r1 r2 > min(out, in); a LoKr half factored at a rank above its own smaller side), delta W (or
+that half) is smaller than the factors, so it is formed in float64 and written as itself times
+an identity (rank min(out, in)): exact, never refused. ``meta["exact_reduction"]`` records the
+factors' rank and the rank read.
 
 Scales follow LyCORIS: alpha / r with r the factors' inner size (alpha 0 or missing: scale 1); a
-LoKr with both halves full has scale 1. ``meta["lycoris"]`` names the algorithm. A layer whose
-exact factors would hold more values than delta W itself is refused (it is not low rank), as is
-a file whose expanded factors would pass :data:`MAX_EXPANDED_ELEMENTS`, or a full LoKr half too
-large to factor (both sides over :data:`MAX_SVD_SIDE`).
+LoKr with both halves full has scale 1 (the format's scale rule is called with rank None).
+``meta["lycoris"]`` names the algorithm. A file whose exact factors would pass
+:data:`MAX_EXPANDED_ELEMENTS` is refused, as is a full LoKr half too large to factor (both
+sides over :data:`MAX_SVD_SIDE`).
 """
 
 from __future__ import annotations
@@ -79,10 +86,8 @@ def read_lycoris(
     """The exact layer of a LoCon-Tucker, LoHa or LoKr module, its scale folded into U."""
     reader = {"locon": _locon, "loha": _loha, "lokr": _lokr}[algo]
     U, V, meta, rank_role = reader(mod, expansion)
-    if rank_role is None:  # LoKr with both halves full: LyCORIS uses scale 1
-        scale = 1.0
-    else:
-        scale = mod.scale_for(scale_for, mod.shape(rank_role)[0], rank_role)
+    rank = None if rank_role is None else mod.shape(rank_role)[0]  # None: LoKr, both halves full
+    scale = mod.scale_for(scale_for, rank, rank_role)
     U, V = (U * scale).float(), V.float()
     mod.check_finite(U, f"U (its factors times the scale {scale:g}, as float32)")
     mod.check_finite(V, "V (its factors, as float32)")
@@ -115,16 +120,12 @@ def _tucker_v(core: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     return torch.einsum("ijk,jq->qki", core, down).reshape(-1, r)
 
 
-def _check_size(mod: ModuleReader, out: int, inn: int, rank: int, expansion: Expansion) -> None:
-    """Refuse factors larger than delta W (out x inn) itself, or past the file's limit."""
-    n = (out + inn) * rank
-    if n > out * inn:
-        raise mod.fail(
-            f"its exact low-rank factors (rank {rank}) would hold {n:,} values, more than its "
-            f"delta W ({out} x {inn}) itself; loralens reads a layer as U V^T only where that "
-            "is smaller"
-        )
-    expansion.take(mod, n)
+def _as_factors(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact factors of the matrix ``w`` at rank min(rows, cols): ``w`` times an identity."""
+    rows, cols = w.shape
+    if rows <= cols:
+        return torch.eye(rows, dtype=w.dtype), w.T
+    return w, torch.eye(cols, dtype=w.dtype)
 
 
 def _conv_meta(kernel: tuple[int, ...], in_channels: int) -> dict[str, Any]:
@@ -206,15 +207,16 @@ def _loha(mod: ModuleReader, expansion: Expansion):
         raise mod.fail(
             f"its two Hadamard factors have different shapes: {out1} x {in1} and {out2} x {in2}"
         )
-    _check_size(mod, out1, in1, r1 * r2, expansion)
+    meta = _conv_meta(k1 or k2, c1 if k1 else c2)
+    rank = min(r1 * r2, out1, in1)
+    expansion.take(mod, (out1 + in1) * rank)
     (u1, v1), (u2, v2) = read1(), read2()
-    kernel = k1 or k2
-    return (
-        _face_split(u1, u2),
-        _face_split(v1, v2),
-        _conv_meta(kernel, c1 if k1 else c2),
-        "hada_w1_b",
-    )
+    if rank == r1 * r2:
+        return _face_split(u1, u2), _face_split(v1, v2), meta, "hada_w1_b"
+    # the r1 r2 face-splitting factors would be wider than delta W itself, so form delta W
+    U, V = _as_factors((u1 @ v1.T).mul_(u2 @ v2.T))
+    meta["exact_reduction"] = {"factor_rank": r1 * r2, "rank": rank}
+    return U, V, meta, "hada_w1_b"
 
 
 # ----------------------------------------------------------------------------- LoKr
@@ -222,7 +224,7 @@ def _loha(mod: ModuleReader, expansion: Expansion):
 
 def _lokr_half(mod: ModuleReader, i: int):
     """(rows, cols, kernel, in_channels, factors) of one Kronecker half W = P Q^T; ``factors()``
-    returns (P, Q, what meta should say about a full half or None)."""
+    returns (P, Q, what meta should say about a full or reduced half, or None)."""
     full, a, b = f"lokr_w{i}", f"lokr_w{i}_a", f"lokr_w{i}_b"
     t = f"lokr_t{i}"
     keys = mod.parts.keys
@@ -249,7 +251,7 @@ def _lokr_half(mod: ModuleReader, i: int):
             sb[1] * math.prod(kernel),
             kernel,
             sb[1],
-            lambda: (mod.read64(a).T, _tucker_v(mod.read64(t), mod.read64(b)), None),
+            lambda: _factored(mod.read64(a).T, _tucker_v(mod.read64(t), mod.read64(b))),
         )
     ok = len(sa) == 2 and len(sb) >= 2 and sa[1] == sb[0] and (i == 2 or len(sb) == 2)
     _fit(mod, ok, f"{a} rows x r, {b} r x cols...", **{a: sa, b: sb})
@@ -258,15 +260,26 @@ def _lokr_half(mod: ModuleReader, i: int):
         math.prod(sb[1:]),
         sb[2:],
         sb[1],
-        lambda: (mod.read64(a), mod.read64(b).reshape(sb[0], -1).T, None),
+        lambda: _factored(mod.read64(a), mod.read64(b).reshape(sb[0], -1).T),
     )
 
 
+def _factored(P: torch.Tensor, Q: torch.Tensor):
+    """(P, Q, None) of a factored LoKr half W = P Q^T; where its rank exceeds its smaller side,
+    the exact factors of the (smaller) W itself at that side, and what meta should say."""
+    rank = P.shape[1]
+    if rank <= min(P.shape[0], Q.shape[0]):
+        return P, Q, None
+    P, Q = _as_factors(P @ Q.T)
+    return P, Q, {"factor_rank": rank, "rank": P.shape[1]}
+
+
 def _svd_factors(mod: ModuleReader, role: str):
-    """(P, Q, meta) with P Q^T = the full matrix in ``role`` at its rank to float32 precision:
-    a float64 SVD keeping the singular values above numpy's ``matrix_rank`` tolerance for
-    float32 (sigma_max * max(rows, cols) * eps32); meta records the rank and the largest
-    singular value dropped (0 when none), so the approximation is never hidden."""
+    """(P, Q, meta) with P Q^T = the full matrix in ``role`` at its rank: a float64 SVD keeping
+    the singular values above numpy's ``matrix_rank`` tolerance for float32 (sigma_max *
+    max(rows, cols) * eps32), or the matrix itself times an identity (exact) where that rank is
+    its smaller side; meta records the rank and the largest singular value dropped (0 when
+    none), so the approximation is never hidden."""
     s = mod.shape(role)
     rows, cols = s[0], math.prod(s[1:])
     if min(rows, cols) > MAX_SVD_SIDE:
@@ -282,6 +295,8 @@ def _svd_factors(mod: ModuleReader, role: str):
     k = max(1, int((sv > tol).sum()))
     dropped = float(sv[k]) if k < sv.numel() else 0.0
     info = {"shape": [rows, cols], "rank": k, "max_dropped_singular_value": dropped}
+    if k == min(rows, cols):
+        return *_as_factors(w), info
     return u[:, :k] * sv[:k], vh[:k].T, info
 
 
@@ -291,13 +306,20 @@ def _lokr(mod: ModuleReader, expansion: Expansion):
         raise mod.fail("has lokr_t1; LyCORIS writes a Tucker core for the second half only")
     rows1, cols1, _, _, half1 = _lokr_half(mod, 1)
     rows2, cols2, k2, c2, half2 = _lokr_half(mod, 2)
-    p1, q1, full1 = half1()  # each half is no larger than the file holds (an SVD's factors
-    p2, q2, full2 = half2()  # are no larger than its matrix): the products are checked first
-    _check_size(mod, rows1 * rows2, cols1 * cols2, p1.shape[1] * p2.shape[1], expansion)
+    # each half's rank is at most its smaller side (the file holds each half's values or more),
+    # so the Kronecker factors' rank is at most min(out, in): counted before they are formed
+    p1, q1, info1 = half1()
+    p2, q2, info2 = half2()
+    expansion.take(mod, (rows1 * rows2 + cols1 * cols2) * p1.shape[1] * p2.shape[1])
     meta = _conv_meta(k2, cols1 * c2)
-    full = {n: info for n, info in (("lokr_w1", full1), ("lokr_w2", full2)) if info}
-    if full:
-        meta["lokr_full"] = full
+    for what, full in (("lokr_full", True), ("exact_reduction", False)):
+        infos = {
+            f"lokr_w{i}": info
+            for i, info in ((1, info1), (2, info2))
+            if info and (f"lokr_w{i}" in keys) == full
+        }
+        if infos:
+            meta[what] = infos
     rank_role = "lokr_w1_b" if "lokr_w1_b" in keys else "lokr_w2_b" if "lokr_w2_b" in keys else None
     return _kron(p1, p2), _kron(q1, q2), meta, rank_role
 

@@ -17,8 +17,9 @@ from loralens.formats.tensor_file import TensorFile, as_rows
 from loralens.lora import LoRALayer
 
 #: ``scale_for(name, rank, parts, alpha)`` -> (scale, the rank the config expects or None);
-#: ``alpha`` is the value of the module's alpha key, if it has one.
-ScaleFn = Callable[[str, int, ModuleParts, "float | None"], "tuple[float, int | None]"]
+#: ``alpha`` is the value of the module's alpha key, if it has one; ``rank`` is None for a
+#: module with no low-rank factor to take it from (a LoKr with both halves stored full).
+ScaleFn = Callable[[str, "int | None", ModuleParts, "float | None"], "tuple[float, int | None]"]
 
 _F32_MAX = float(torch.finfo(torch.float32).max)
 
@@ -99,13 +100,13 @@ class ModuleReader:
             raise self.fail(f"alpha is {alpha}")
         return alpha
 
-    def scale_for(self, scale_for: ScaleFn, rank: int, rank_role: str) -> float:
+    def scale_for(self, scale_for: ScaleFn, rank: int | None, rank_role: str | None) -> float:
         """The module's scale from the format's rule, refused unless finite and unless the rank
-        (of the factor in ``rank_role``) is the one the config expects."""
+        (of the factor in ``rank_role``; None: no factor has one) is the one the config expects."""
         scale, expected_rank = scale_for(self.name, rank, self.parts, self.alpha())
         if not math.isfinite(scale):
             raise self.fail(f"its scale is {scale}")
-        if expected_rank is not None and expected_rank != rank:
+        if rank is not None and expected_rank is not None and expected_rank != rank:
             raise LoRAFormatError(
                 self.file.path,
                 f"module {self.name!r} has rank {rank} (from {self.parts.keys[rank_role]!r}, "
