@@ -15,6 +15,8 @@ import loralens as ll
 from loralens.formats import lycoris
 
 M = "lora_unet_mid_block_attentions_0_proj_in"
+#: The layer name load_lora gives M (canonical: the diffusers module path).
+LAYER = "unet.mid_block.attentions.0.proj_in"
 
 
 def _randn(*shape, seed=0):
@@ -42,7 +44,7 @@ def test_locon_tucker_conv_is_exact_rank_r(tmp_path):
     t[f"{M}.alpha"] = torch.tensor(6.0)
     path = _save(tmp_path, t)
     assert ll.detect_format(path) == "lycoris"
-    layer = ll.load_lora(path)[M]
+    layer = ll.load_lora(path)[LAYER]
     golden = torch.einsum("pi,ijhw,jq->pqhw", up[:, :, 0, 0], mid, down[:, :, 0, 0]) * 6.0 / r
     _assert_delta(layer, golden)
     assert layer.rank == r and layer.meta["kind"] == "conv" and layer.meta["kernel_size"] == [3, 3]
@@ -60,7 +62,7 @@ def test_loha_linear_is_the_face_splitting_product(tmp_path):
     t = {f"{M}.hada_w1_a": w1a, f"{M}.hada_w1_b": w1b, f"{M}.hada_w2_a": w2a, f"{M}.hada_w2_b": w2b}
     t[f"{M}.alpha"] = torch.tensor(1.5)
     lora = ll.load_lora(_save(tmp_path, t))
-    layer = lora[M]
+    layer = lora[LAYER]
     _assert_delta(layer, (w1a @ w1b) * (w2a @ w2b) * 1.5 / r)
     assert layer.rank == r * r and layer.shape == (out, inn)
     assert layer.meta["lycoris"] == "loha" and layer.meta["kind"] == "linear"
@@ -77,7 +79,7 @@ def test_loha_tucker_conv(tmp_path):
         _randn(r, inn),
     )
     keys = dict(hada_t1=t1, hada_t2=t2, hada_w1_a=w1a, hada_w1_b=w1b, hada_w2_a=w2a, hada_w2_b=w2b)
-    layer = ll.load_lora(_save(tmp_path, {f"{M}.{k}": v for k, v in keys.items()}))[M]
+    layer = ll.load_lora(_save(tmp_path, {f"{M}.{k}": v for k, v in keys.items()}))[LAYER]
     h1 = torch.einsum("ijhw,jq,ip->pqhw", t1, w1b, w1a)
     h2 = torch.einsum("ijhw,jq,ip->pqhw", t2, w2b, w2a)
     _assert_delta(layer, h1 * h2)  # no alpha: scale 1
@@ -96,7 +98,7 @@ def test_lokr_factored_halves_and_conv(tmp_path):
     w2a, w2b = _randn(4, r, seed=3), _randn(r, 5, seed=4)
     t = {f"{M}.lokr_w1_a": w1a, f"{M}.lokr_w1_b": w1b, f"{M}.lokr_w2_a": w2a, f"{M}.lokr_w2_b": w2b}
     t[f"{M}.alpha"] = torch.tensor(4.0)
-    layer = ll.load_lora(_save(tmp_path, t))[M]
+    layer = ll.load_lora(_save(tmp_path, t))[LAYER]
     _assert_delta(layer, _lokr_golden(w1a @ w1b, w2a @ w2b, 4.0 / r))
     assert layer.rank == r * r and "lokr_full" not in layer.meta
     # conv: w1 full (scale from w2's rank), w2 factored with a Tucker core
@@ -104,7 +106,7 @@ def test_lokr_factored_halves_and_conv(tmp_path):
     t2, w2a, w2b = _randn(r, r, 3, 3, seed=6), _randn(r, 4, seed=7), _randn(r, 3, seed=8)
     t = {f"{M}.lokr_w1": w1, f"{M}.lokr_t2": t2, f"{M}.lokr_w2_a": w2a, f"{M}.lokr_w2_b": w2b}
     t[f"{M}.alpha"] = torch.tensor(1.0)
-    layer = ll.load_lora(_save(tmp_path, t, "conv.safetensors"))[M]
+    layer = ll.load_lora(_save(tmp_path, t, "conv.safetensors"))[LAYER]
     w2 = torch.einsum("ijhw,ip,jq->pqhw", t2, w2a, w2b).contiguous()
     _assert_delta(layer, _lokr_golden(w1, w2, 1.0 / r))
     assert layer.meta["kind"] == "conv" and layer.meta["kernel_size"] == [3, 3]
@@ -115,7 +117,7 @@ def test_lokr_full_halves_use_their_exact_rank_and_scale_1(tmp_path):
     w1 = _randn(4, 1, seed=1) @ _randn(1, 3, seed=2)  # rank 1
     w2 = _randn(6, 2, seed=3) @ _randn(2, 8, seed=4)  # rank 2
     t = {f"{M}.lokr_w1": w1, f"{M}.lokr_w2": w2, f"{M}.alpha": torch.tensor(7.0)}
-    layer = ll.load_lora(_save(tmp_path, t))[M]
+    layer = ll.load_lora(_save(tmp_path, t))[LAYER]
     _assert_delta(layer, torch.kron(w1, w2))  # both halves full: LyCORIS ignores alpha
     assert layer.rank == 2 and layer.meta["scale"] == 1.0
     full = layer.meta["lokr_full"]
@@ -175,7 +177,7 @@ def test_nonfinite_lycoris_factors_and_overflowing_scale_are_refused(tmp_path):
     path = _save(tmp_path, t)
     with pytest.raises(ll.LoRAFormatError, match="NaN/inf"):
         ll.load_lora(path)
-    assert not torch.isfinite(ll.load_lora(path, allow_nonfinite=True)[M].U).all()
+    assert not torch.isfinite(ll.load_lora(path, allow_nonfinite=True)[LAYER].U).all()
     t[f"{M}.hada_w1_a"] = _randn(12, 2)
     t[f"{M}.alpha"] = torch.tensor(3e38)
     with pytest.raises(ll.LoRAFormatError, match=r"NaN/inf|overflows"):
@@ -217,7 +219,7 @@ def test_loha_is_exact_for_small_random_shapes(tmp_path_factory, out, inn, r1, a
         with pytest.raises(ll.LoRAFormatError, match="more than its delta W"):
             ll.load_lora(path)
         return
-    _assert_delta(ll.load_lora(path)[M], golden)
+    _assert_delta(ll.load_lora(path)[LAYER], golden)
 
 
 @settings(max_examples=40, deadline=None)
@@ -242,7 +244,7 @@ def test_lokr_is_exact_for_small_random_shapes(tmp_path_factory, shape1, shape2,
     scale = 1.0 if factored == "none" else 2.0 / r
     out, inn = shape1[0] * shape2[0], shape1[1] * shape2[1]
     try:
-        layer = ll.load_lora(path)[M]
+        layer = ll.load_lora(path)[LAYER]
     except ll.LoRAFormatError as e:
         assert "more than its delta W" in str(e) and str(path) in str(e)
         ranks = [torch.linalg.matrix_rank(h.float()) for h in halves]
