@@ -22,11 +22,12 @@ from typing import Any
 import torch
 
 from loralens.formats import canonical_tables as T
+from loralens.formats.diffusers import COMPONENTS as DIFFUSERS_COMPONENTS
 from loralens.formats.errors import LoRAFormatError
 from loralens.formats.keys import natural_key
 from loralens.lora import LoRA, LoRALayer
 
-_KOHYA_STEM = re.compile(r"^lora_(?P<part>unet|te[123]?)_(?P<rest>[^.]+)$")
+KOHYA_STEM = re.compile(r"^lora_(?P<part>unet|te[123]?)_(?P<rest>[^.]+)$")
 _COMFY_TEXT = re.compile(r"^text_encoders\.(?P<enc>clip_[lg])\.transformer\.(?P<rest>.+)$")
 _XLABS = re.compile(
     r"^(?:diffusion_model\.)?(?P<kind>double|single)_blocks\.(?P<n>\d+)\.processor\.(?P<lora>\w+)$"
@@ -37,16 +38,23 @@ _SGM_BLOCK = re.compile(
 )
 #: Formats whose dotted names are module paths of the model the adapter was trained on.
 _MODULE_PATH_FORMATS = ("peft", "diffusers")
+COMPONENTS = tuple(c.rstrip(".") for c in DIFFUSERS_COMPONENTS)
 #: Cross-attention key width of diffusers' UNet -> the base-model family it belongs to.
 _UNET_CROSS_WIDTH = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 
 
 @dataclass(frozen=True)
 class Part:
-    """A canonical module and the rows of the file module's delta W it holds (None: all)."""
+    """A canonical module, the rows of the file module's delta W it holds (None: all), and the
+    pipeline component it is in (None: the names are one model's module paths)."""
 
     name: str
     rows: tuple[int, int] | None = None
+    component: str | None = None
+
+
+def _in(component: str, path: str, rows: tuple[int, int] | None = None) -> Part:
+    return Part(f"{component}.{path}", rows, component)
 
 
 def split_stem(stem: str) -> str:
@@ -103,11 +111,11 @@ def _split(prefix: str, spec: tuple[tuple[str, str], ...], out: int, inp: int) -
     if rest < 0 or (rest > 0) != any(size == "rest" for _, size in spec):
         return None
     if len(spec) == 1:
-        return [Part(prefix + spec[0][0])]
+        return [_in("transformer", prefix + spec[0][0])]
     parts, start = [], 0
     for name, size in spec:
         n = inp if size == "h" else rest
-        parts.append(Part(prefix + name, (start, start + n)))
+        parts.append(_in("transformer", prefix + name, (start, start + n)))
         start += n
     return parts
 
@@ -115,11 +123,11 @@ def _split(prefix: str, spec: tuple[tuple[str, str], ...], out: int, inp: int) -
 def _from_bfl(path: str, out: int, inp: int) -> list[Part] | None:
     """A Flux module in Black Forest Labs' naming as diffusers' module(s)."""
     if path in T.FLUX_TOP:
-        return [Part("transformer." + T.FLUX_TOP[path])]
+        return [_in("transformer", T.FLUX_TOP[path])]
     if path in T.FLUX_SWAPPED:
         if out % 2:
             return None
-        return [Part("transformer." + T.FLUX_SWAPPED[path], (-1, -1))]
+        return [_in("transformer", T.FLUX_SWAPPED[path], (-1, -1))]
     m = _BFL_BLOCK.match(path)
     if m is None:
         return None
@@ -128,23 +136,23 @@ def _from_bfl(path: str, out: int, inp: int) -> list[Part] | None:
     if spec is None:
         return None
     block = "transformer_blocks" if double else "single_transformer_blocks"
-    return _split(f"transformer.{block}.{m['n']}.", spec, out, inp)
+    return _split(f"{block}.{m['n']}.", spec, out, inp)
 
 
 def _model_parts(path: str, out: int, inp: int) -> list[Part] | None:
     """A diffusion model's module (UNet or Flux) named in any naming, as canonical parts."""
     if T.UNET.fullmatch(path):
-        return [Part("unet." + path)]
+        return [_in("unet", path)]
     sgm = _from_sgm(path)
     if sgm is not None and T.UNET.fullmatch(sgm):
-        return [Part("unet." + sgm)]
+        return [_in("unet", sgm)]
     if T.FLUX.fullmatch(path):
-        return [Part("transformer." + path)]
+        return [_in("transformer", path)]
     return _from_bfl(path, out, inp)
 
 
 def _text_part(component: str, path: str) -> list[Part] | None:
-    return [Part(f"{component}.{path}")] if T.TEXT_ENCODER.fullmatch(path) else None
+    return [_in(component, path)] if T.TEXT_ENCODER.fullmatch(path) else None
 
 
 def _xlabs_parts(m: re.Match, out: int, inp: int) -> list[Part] | None:
@@ -152,7 +160,7 @@ def _xlabs_parts(m: re.Match, out: int, inp: int) -> list[Part] | None:
         bfl = T.XLABS_DOUBLE.get(m["lora"])
         return None if bfl is None else _from_bfl(f"double_blocks.{m['n']}.{bfl}", out, inp)
     spec = T.XLABS_SINGLE.get(m["lora"])
-    prefix = f"transformer.single_transformer_blocks.{m['n']}."
+    prefix = f"single_transformer_blocks.{m['n']}."
     return None if spec is None else _split(prefix, spec, out, inp)
 
 
@@ -165,7 +173,7 @@ def canonical_parts(
     ``bare_component`` is the pipeline component of a file whose module paths carry none (a
     PEFT folder of a UNet): decided for the whole file by :func:`bare_component`.
     """
-    m = _KOHYA_STEM.match(name)
+    m = KOHYA_STEM.match(name)
     if m is not None:
         path = split_stem(m["rest"])
         if m["part"] == "unet":
@@ -181,9 +189,10 @@ def canonical_parts(
         return _text_part(T.COMFYUI_TEXT_ENCODERS[m["enc"]], m["rest"])
     if fmt not in _MODULE_PATH_FORMATS:
         return None
-    if name.partition(".")[0] in T.COMPONENT_GRAMMARS or name.startswith("prior."):
-        return [Part(name)]  # a diffusers pipeline path: certain by construction
-    return [Part(f"{bare_component}.{name}" if bare_component else name)]
+    head = name.partition(".")[0]
+    if fmt == "diffusers" and head in COMPONENTS and "." in name:
+        return [Part(name, component=head)]  # a diffusers pipeline path: certain by construction
+    return [_in(bare_component, name) if bare_component else Part(name)]
 
 
 def bare_component(names: Sequence[str]) -> str | None:
@@ -216,6 +225,8 @@ def model_family(names: Sequence[str], shapes: Sequence[Sequence[int]] | None = 
 def _piece(layer: LoRALayer, part: Part) -> LoRALayer:
     """The rows of ``layer`` that ``part`` holds, as a layer named ``part.name``."""
     meta: dict[str, Any] = {**layer.meta, "file_key": layer.name, "canonical": True}
+    if part.component is not None:
+        meta["component"] = part.component
     if part.rows is None:
         return LoRALayer(part.name, layer.U, layer.V, meta)
     out = layer.out_features
