@@ -115,10 +115,19 @@ def _common(values: list[Any]) -> Any:
     return max(counts, key=lambda v: (counts[v], v))
 
 
-def peft_config(layers: list[LoRALayer], names: list[str]) -> dict[str, Any]:
-    """A PEFT LoraConfig dict for ``layers`` addressed by ``names`` (module paths in the model):
-    the commonest rank and alpha as ``r`` / ``lora_alpha``, the others in ``rank_pattern`` /
-    ``alpha_pattern`` keyed by escaped full names."""
+def config_name(path: str) -> str:
+    """The name a LoraConfig targets for the module at ``path``: a CLIP text encoder's path
+    without its ``text_model.`` level, which transformers 5 removed from CLIPTextModel (not from
+    CLIPTextModelWithProjection). PEFT matches target and pattern names as dotted suffixes, so the
+    short name finds the module in either layout."""
+    return path.removeprefix("text_model.") if path.startswith("text_model.encoder.") else path
+
+
+def peft_config(layers: list[LoRALayer], paths: list[str]) -> dict[str, Any]:
+    """A PEFT LoraConfig dict for ``layers`` at module ``paths`` in the model: the commonest rank
+    and alpha as ``r`` / ``lora_alpha``, the others in ``rank_pattern`` / ``alpha_pattern``
+    keyed by escaped names (:func:`config_name`)."""
+    names = [config_name(p) for p in paths]
     ranks = [la.rank for la in layers]
     alphas = [file_factors(la)[2] for la in layers]
     r, alpha = _common(ranks), _common(alphas)
