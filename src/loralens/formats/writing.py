@@ -62,13 +62,16 @@ def peft_magnitude(layer: LoRALayer) -> torch.Tensor:
             "PEFT and diffusers store one per output row and the two differ by the base "
             "weights' norms; write it as kohya, which keeps dora_scale as read"
         )
-    mag = torch.as_tensor(layer.meta["magnitude"]).float().reshape(-1).contiguous()
-    want = layer.in_features if layer_kind(layer) == "embedding" else layer.out_features
+    mag = torch.as_tensor(layer.meta["magnitude"]).float().reshape(-1)
+    kind = layer_kind(layer)
+    want = layer.in_features if kind == "embedding" else layer.out_features
     if mag.numel() != want:
         raise ValueError(
             f"layer {layer.name!r}: DoRA magnitude has {mag.numel()} entries, expected {want}"
         )
-    return mag
+    if kind == "conv":  # PEFT keeps a conv's magnitude as 1 x out x 1 x 1
+        mag = mag.reshape(1, want, *[1] * len(layer.meta["kernel_size"]))
+    return mag.contiguous()
 
 
 def peft_layer_tensors(layer: LoRALayer, key: str, *, lora_bias: bool) -> dict[str, torch.Tensor]:
