@@ -82,20 +82,20 @@ def bench(what: str, out: int, inp: int, r: int, k: int, repeats: int, seed: int
     }
 
 
-def to_markdown(rows: list[dict]) -> str:
-    lines = [
-        "| layer | rank | factor route | dense SVD (kohya) | speedup | rel. error: optimal / factor / dense |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        rel = [r[k] / r["fro_norm"] for k in ("optimal_error", "factor_error", "dense_error")]
-        lines.append(
-            f"| {r['what']} | {r['rank']} -> {r['new_rank']} | {r['factor_s'] * 1e3:.1f} ms | "
-            f"{r['dense_s'] * 1e3:.0f} ms | **{r['speedup']:.0f}x** | "
-            + " / ".join(f"{x:.6f}" for x in rel)
-            + " |"
-        )
-    return "\n".join(lines)
+HEADER = (
+    "| layer | rank | factor route | dense SVD (kohya) | speedup | rel. error: optimal / factor / dense |\n"
+    "|---|---|---|---|---|---|"
+)
+
+
+def markdown_row(r: dict) -> str:
+    rel = [r[k] / r["fro_norm"] for k in ("optimal_error", "factor_error", "dense_error")]
+    return (
+        f"| {r['what']} | {r['rank']} -> {r['new_rank']} | {r['factor_s'] * 1e3:.1f} ms | "
+        f"{r['dense_s'] * 1e3:.0f} ms | **{r['speedup']:.0f}x** | "
+        + " / ".join(f"{x:.6f}" for x in rel)
+        + " |"
+    )
 
 
 def main() -> None:
@@ -105,12 +105,15 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="the three smallest shapes only")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
+    p.add_argument("--json", action="store_true", help="one JSON object per line, not a table")
     a = p.parse_args()
     torch.set_num_threads(1)
     shapes = SHAPES[:QUICK] if a.quick else SHAPES
-    rows = [bench(*s, repeats=a.repeats, seed=a.seed + i) for i, s in enumerate(shapes)]
-    print(json.dumps(rows, indent=2) if a.json else to_markdown(rows))
+    if not a.json:
+        print(HEADER, flush=True)
+    for i, shape in enumerate(shapes):  # a row as soon as it is measured
+        row = bench(*shape, repeats=a.repeats, seed=a.seed + i)
+        print(json.dumps(row) if a.json else markdown_row(row), flush=True)
 
 
 if __name__ == "__main__":
