@@ -314,6 +314,15 @@ def test_language_model_names_stay_module_paths(tmp_path):
     assert all("component" not in la.meta for la in lora.layers)
 
 
+def test_bare_module_paths_get_a_component_only_when_their_blocks_say_which():
+    from loralens.formats.canonical import bare_component
+
+    assert bare_component(["down_blocks.0.resnets.0.conv1", "conv_in"]) == "unet"
+    assert bare_component(["single_transformer_blocks.3.proj_mlp"]) == "transformer"
+    assert bare_component(["conv_in", "conv_out"]) is None  # any model may have these
+    assert bare_component(["down_blocks.0.resnets.0.conv1", "head"]) is None
+
+
 def test_model_family_reads_sd_sizes_from_cross_attention_width():
     names = ["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"]
     assert ll.model_family(names, [(320, 2048)]) == "sdxl"

@@ -197,9 +197,13 @@ def canonical_parts(
 
 def bare_component(names: Sequence[str]) -> str | None:
     """The pipeline component of module paths that name none: "unet" when every one is a
-    diffusers UNet path, "transformer" when every one is a Flux transformer path, else None."""
+    diffusers UNet path, "transformer" when every one is a Flux transformer path, else None.
+    At least one must be inside a block (``..._blocks.N.``): top-level names such as
+    ``conv_in`` or ``proj_out`` alone could be any model's."""
+    if not any(re.search(r"(?:^|_)blocks?\.\d+\.", n) for n in names):
+        return None
     for component in ("unet", "transformer"):
-        if names and all(T.COMPONENT_GRAMMARS[component].fullmatch(n) for n in names):
+        if all(T.COMPONENT_GRAMMARS[component].fullmatch(n) for n in names):
             return component
     return None
 
