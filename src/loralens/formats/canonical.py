@@ -45,12 +45,14 @@ _UNET_CROSS_WIDTH = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 
 @dataclass(frozen=True)
 class Part:
-    """A canonical module, the rows of the file module's delta W it holds (None: all), and the
-    pipeline component it is in (None: the names are one model's module paths)."""
+    """A canonical module, the rows of the file module's delta W it holds (None: all; with
+    ``swap_halves`` all, second half first), and the pipeline component it is in (None: the
+    names are one model's module paths)."""
 
     name: str
     rows: tuple[int, int] | None = None
     component: str | None = None
+    swap_halves: bool = False
 
 
 def _in(component: str, path: str, rows: tuple[int, int] | None = None) -> Part:
@@ -127,7 +129,7 @@ def _from_bfl(path: str, out: int, inp: int) -> list[Part] | None:
     if path in T.FLUX_SWAPPED:
         if out % 2:
             return None
-        return [_in("transformer", T.FLUX_SWAPPED[path], (-1, -1))]
+        return [Part(f"transformer.{T.FLUX_SWAPPED[path]}", None, "transformer", True)]
     m = _BFL_BLOCK.match(path)
     if m is None:
         return None
@@ -231,10 +233,10 @@ def _piece(layer: LoRALayer, part: Part) -> LoRALayer:
     meta: dict[str, Any] = {**layer.meta, "file_key": layer.name, "canonical": True}
     if part.component is not None:
         meta["component"] = part.component
-    if part.rows is None:
+    if part.rows is None and not part.swap_halves:
         return LoRALayer(part.name, layer.U, layer.V, meta)
     out = layer.out_features
-    if part.rows == (-1, -1):  # swapped halves
+    if part.swap_halves:
         index = torch.cat([torch.arange(out // 2, out), torch.arange(0, out // 2)])
         meta["file_rows"] = "halves swapped"
     else:
@@ -264,9 +266,8 @@ def canonicalize(lora: LoRA) -> LoRA:
     unmapped: list[str] = []
     for layer in lora.layers:
         parts = canonical_parts(layer.name, fmt, *layer.shape, bare_component=bare)
-        if parts is not None and (
-            (len(parts) == 1 and parts[0].rows is None) or _splittable(layer)
-        ):
+        whole = len(parts or ()) == 1 and parts[0].rows is None and not parts[0].swap_halves
+        if parts is not None and (whole or _splittable(layer)):
             layers.extend(_piece(layer, p) for p in parts)
         else:
             unmapped.append(layer.name)
