@@ -1,10 +1,20 @@
 """loralens: learning on LoRAs. Read LoRA adapters as data, predict properties of the finetuned model."""
 
 from loralens.families import guess_base_model, matching_families
-from loralens.formats import LoRAFormatError, detect_format, load_lora, save_lora
+from loralens.formats import (
+    LoRAFormatError,
+    convert,
+    detect_format,
+    load_lora,
+    model_family,
+    save_diffusers,
+    save_kohya,
+    save_lora,
+)
 from loralens.inspection import inspect_adapter, inspect_adapters
 from loralens.lora import LayerSpec, LoRA, LoRABatch, LoRALayer, collate
 from loralens.models import MODEL_NAMES, build_model, model_cost
+from loralens.resize import resize
 from loralens.symmetry import (
     assert_gl_invariant,
     assert_o_invariant,
@@ -30,6 +40,7 @@ __all__ = [
     "build_small_zoo",
     "build_zoo",
     "collate",
+    "convert",
     "detect_format",
     "get_preset",
     "gl_invariance_error",
@@ -41,6 +52,10 @@ __all__ = [
     "matching_families",
     "merge_zoos",
     "model_cost",
+    "model_family",
     "o_transform",
+    "resize",
+    "save_diffusers",
+    "save_kohya",
     "save_lora",
 ]

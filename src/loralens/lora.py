@@ -20,7 +20,10 @@ class LoRALayer:
 
     ``meta`` carries what the math does not need but a writer or a reader of results does:
     ``kind`` ("linear", "conv", "embedding"), ``kernel_size`` for conv layers, ``scale`` (the
-    alpha / r factor folded into U), ``magnitude`` (DoRA), ``fan_in_fan_out``.
+    alpha / r factor folded into U), ``magnitude`` (DoRA) and ``magnitude_convention``,
+    ``fan_in_fan_out``; from ``load_lora``: ``file_key`` (the file's own module name),
+    ``canonical`` (whether the name is a known module path) and ``component`` (the pipeline
+    component, for diffusion pipelines).
     """
 
     name: str

@@ -71,7 +71,8 @@ def test_kohya_file_matches_diffusers_fuse(tmp_path):
     lora = ll.load_lora(path)
     assert len(lora) == len(names)
     for name in names:
-        layer = lora["lora_unet_" + name.replace(".", "_")]
+        layer = lora["unet." + name]  # canonical: the module path diffusers loads
+        assert layer.meta["file_key"] == "lora_unet_" + name.replace(".", "_")
         assert _rel(layer.delta_weight(), _fused_delta(unet, base, name)) < 1e-5
 
 

@@ -47,14 +47,13 @@ def test_kohya_alpha_rules_conv_and_metadata(tmp_path):
     lora = ll.load_lora(path)
     assert lora.metadata["format"] == "kohya"
     assert lora.metadata["safetensors_metadata"]["ss_network_dim"] == "4"
-    assert lora.names == [
-        "lora_te1_text_model_encoder_layers_2_self_attn_q_proj",
-        "lora_te1_text_model_encoder_layers_10_self_attn_q_proj",
-        "lora_te2_text_model_encoder_layers_0_mlp_fc1",
-        "lora_unet_conv_in",
-        f"{ATTN}_to_k",
-        f"{ATTN}_to_q",
-        f"{ATTN}_to_v",
+    te, blk = "text_encoder.text_model.encoder.layers", "unet.down_blocks.0.attentions.0"
+    assert lora.names == [  # canonical: the module paths diffusers loads, in model order
+        f"{te}.2.self_attn.q_proj",
+        f"{te}.10.self_attn.q_proj",
+        "text_encoder_2.text_model.encoder.layers.0.mlp.fc1",
+        "unet.conv_in",
+        *(f"{blk}.transformer_blocks.0.attn1.to_{m}" for m in "kqv"),
     ]
     scales = {
         f"{ATTN}_to_q": 0.5,
@@ -63,16 +62,17 @@ def test_kohya_alpha_rules_conv_and_metadata(tmp_path):
         "lora_unet_conv_in": 2.0,
     }
     for layer in lora.layers:
-        down = sd[layer.name + ".lora_down.weight"].float()
-        up = sd[layer.name + ".lora_up.weight"].float()
-        scale = scales.get(layer.name, 0.5 if "te1" in layer.name else 1.0)
+        key = layer.meta["file_key"]
+        down = sd[key + ".lora_down.weight"].float()
+        up = sd[key + ".lora_up.weight"].float()
+        scale = scales.get(key, 0.5 if "te1" in key else 1.0)
         assert layer.meta["scale"] == pytest.approx(scale)
         assert_close_f32(
             layer.delta_weight(),
             up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1) * scale,
         )
         assert layer.U.dtype == torch.float32
-    conv = lora["lora_unet_conv_in"]
+    conv = lora["unet.conv_in"]
     assert (
         conv.shape == (8, 27) and conv.meta["kind"] == "conv" and conv.meta["kernel_size"] == [3, 3]
     )

@@ -15,6 +15,8 @@ import loralens as ll
 from loralens.formats import lycoris
 
 M = "lora_unet_mid_block_attentions_0_proj_in"
+#: The layer name load_lora gives M (canonical: the diffusers module path).
+LAYER = "unet.mid_block.attentions.0.proj_in"
 
 
 def _randn(*shape, seed=0):
@@ -42,7 +44,7 @@ def test_locon_tucker_conv_is_exact_rank_r(tmp_path):
     t[f"{M}.alpha"] = torch.tensor(6.0)
     path = _save(tmp_path, t)
     assert ll.detect_format(path) == "lycoris"
-    layer = ll.load_lora(path)[M]
+    layer = ll.load_lora(path)[LAYER]
     golden = torch.einsum("pi,ijhw,jq->pqhw", up[:, :, 0, 0], mid, down[:, :, 0, 0]) * 6.0 / r
     _assert_delta(layer, golden)
     assert layer.rank == r and layer.meta["kind"] == "conv" and layer.meta["kernel_size"] == [3, 3]
@@ -60,7 +62,7 @@ def test_loha_linear_is_the_face_splitting_product(tmp_path):
     t = {f"{M}.hada_w1_a": w1a, f"{M}.hada_w1_b": w1b, f"{M}.hada_w2_a": w2a, f"{M}.hada_w2_b": w2b}
     t[f"{M}.alpha"] = torch.tensor(1.5)
     lora = ll.load_lora(_save(tmp_path, t))
-    layer = lora[M]
+    layer = lora[LAYER]
     _assert_delta(layer, (w1a @ w1b) * (w2a @ w2b) * 1.5 / r)
     assert layer.rank == r * r and layer.shape == (out, inn)
     assert layer.meta["lycoris"] == "loha" and layer.meta["kind"] == "linear"
@@ -77,7 +79,7 @@ def test_loha_tucker_conv(tmp_path):
         _randn(r, inn),
     )
     keys = dict(hada_t1=t1, hada_t2=t2, hada_w1_a=w1a, hada_w1_b=w1b, hada_w2_a=w2a, hada_w2_b=w2b)
-    layer = ll.load_lora(_save(tmp_path, {f"{M}.{k}": v for k, v in keys.items()}))[M]
+    layer = ll.load_lora(_save(tmp_path, {f"{M}.{k}": v for k, v in keys.items()}))[LAYER]
     h1 = torch.einsum("ijhw,jq,ip->pqhw", t1, w1b, w1a)
     h2 = torch.einsum("ijhw,jq,ip->pqhw", t2, w2b, w2a)
     _assert_delta(layer, h1 * h2)  # no alpha: scale 1
@@ -96,7 +98,7 @@ def test_lokr_factored_halves_and_conv(tmp_path):
     w2a, w2b = _randn(4, r, seed=3), _randn(r, 5, seed=4)
     t = {f"{M}.lokr_w1_a": w1a, f"{M}.lokr_w1_b": w1b, f"{M}.lokr_w2_a": w2a, f"{M}.lokr_w2_b": w2b}
     t[f"{M}.alpha"] = torch.tensor(4.0)
-    layer = ll.load_lora(_save(tmp_path, t))[M]
+    layer = ll.load_lora(_save(tmp_path, t))[LAYER]
     _assert_delta(layer, _lokr_golden(w1a @ w1b, w2a @ w2b, 4.0 / r))
     assert layer.rank == r * r and "lokr_full" not in layer.meta
     # conv: w1 full (scale from w2's rank), w2 factored with a Tucker core
@@ -104,7 +106,7 @@ def test_lokr_factored_halves_and_conv(tmp_path):
     t2, w2a, w2b = _randn(r, r, 3, 3, seed=6), _randn(r, 4, seed=7), _randn(r, 3, seed=8)
     t = {f"{M}.lokr_w1": w1, f"{M}.lokr_t2": t2, f"{M}.lokr_w2_a": w2a, f"{M}.lokr_w2_b": w2b}
     t[f"{M}.alpha"] = torch.tensor(1.0)
-    layer = ll.load_lora(_save(tmp_path, t, "conv.safetensors"))[M]
+    layer = ll.load_lora(_save(tmp_path, t, "conv.safetensors"))[LAYER]
     w2 = torch.einsum("ijhw,ip,jq->pqhw", t2, w2a, w2b).contiguous()
     _assert_delta(layer, _lokr_golden(w1, w2, 1.0 / r))
     assert layer.meta["kind"] == "conv" and layer.meta["kernel_size"] == [3, 3]
@@ -115,7 +117,7 @@ def test_lokr_full_halves_use_their_exact_rank_and_scale_1(tmp_path):
     w1 = _randn(4, 1, seed=1) @ _randn(1, 3, seed=2)  # rank 1
     w2 = _randn(6, 2, seed=3) @ _randn(2, 8, seed=4)  # rank 2
     t = {f"{M}.lokr_w1": w1, f"{M}.lokr_w2": w2, f"{M}.alpha": torch.tensor(7.0)}
-    layer = ll.load_lora(_save(tmp_path, t))[M]
+    layer = ll.load_lora(_save(tmp_path, t))[LAYER]
     _assert_delta(layer, torch.kron(w1, w2))  # both halves full: LyCORIS ignores alpha
     assert layer.rank == 2 and layer.meta["scale"] == 1.0
     full = layer.meta["lokr_full"]
@@ -128,7 +130,7 @@ def test_lokr_whose_kronecker_factors_exceed_delta_w_is_read_exactly(tmp_path):
     """Full-rank full halves: kron factors of rank 20 for a 20 x 20 delta W (once refused)."""
     w1, w2 = _randn(4, 4, seed=1), _randn(5, 5, seed=2)
     t = {f"{M}.lokr_w1": w1, f"{M}.lokr_w2": w2}
-    layer = ll.load_lora(_save(tmp_path, t))[M]
+    layer = ll.load_lora(_save(tmp_path, t))[LAYER]
     golden = torch.einsum("ac,bd->abcd", w1, w2).reshape(20, 20)  # kron by hand
     _assert_delta(layer, golden)
     assert layer.rank == 20 and layer.meta["lokr_full"]["lokr_w1"]["rank"] == 4
@@ -140,7 +142,7 @@ def test_lokr_half_factored_above_its_smaller_side_is_reduced_exactly(tmp_path):
     w1a, w1b, w2a, w2b = _randn(3, 8, seed=1), _randn(8, 2, seed=2), _randn(4, 2), _randn(2, 5)
     t = {f"{M}.lokr_w1_a": w1a, f"{M}.lokr_w1_b": w1b, f"{M}.lokr_w2_a": w2a, f"{M}.lokr_w2_b": w2b}
     t[f"{M}.alpha"] = torch.tensor(4.0)
-    layer = ll.load_lora(_save(tmp_path, t))[M]
+    layer = ll.load_lora(_save(tmp_path, t))[LAYER]
     h1, h2 = w1a @ w1b, w2a @ w2b
     golden = torch.zeros(12, 10, dtype=torch.float64)
     for a in range(3):
@@ -158,7 +160,7 @@ def test_loha_whose_face_splitting_factors_exceed_delta_w_is_read_exactly(tmp_pa
     w = [_randn(out, r, seed=1), _randn(r, inn, seed=2), _randn(out, r, seed=3), _randn(r, inn)]
     names = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
     t = {f"{M}.{n}": v for n, v in zip(names, w)} | {f"{M}.alpha": torch.tensor(2.0)}
-    layer = ll.load_lora(_save(tmp_path, t))[M]
+    layer = ll.load_lora(_save(tmp_path, t))[LAYER]
     golden = torch.zeros(out, inn, dtype=torch.float64)
     for p in range(out):
         for q in range(inn):
@@ -174,7 +176,7 @@ def test_loha_whose_face_splitting_factors_exceed_delta_w_is_read_exactly(tmp_pa
     keys |= dict(hada_w2_a=wa[2], hada_w2_b=wa[3])
     conv = ll.load_lora(
         _save(tmp_path, {f"{M}.{k}": v for k, v in keys.items()}, "conv.safetensors")
-    )[M]
+    )[LAYER]
     h1 = torch.einsum("ijhw,jq,ip->pqhw", t1, wa[1], wa[0])
     h2 = torch.einsum("ijhw,jq,ip->pqhw", t2, wa[3], wa[2])
     _assert_delta(conv, h1 * h2)
@@ -224,7 +226,7 @@ def test_nonfinite_lycoris_factors_and_overflowing_scale_are_refused(tmp_path):
     path = _save(tmp_path, t)
     with pytest.raises(ll.LoRAFormatError, match="NaN/inf"):
         ll.load_lora(path)
-    assert not torch.isfinite(ll.load_lora(path, allow_nonfinite=True)[M].U).all()
+    assert not torch.isfinite(ll.load_lora(path, allow_nonfinite=True)[LAYER].U).all()
     t[f"{M}.hada_w1_a"] = _randn(12, 2)
     t[f"{M}.alpha"] = torch.tensor(3e38)
     with pytest.raises(ll.LoRAFormatError, match=r"NaN/inf|overflows"):
@@ -262,7 +264,7 @@ def test_loha_is_exact_for_small_random_shapes(tmp_path_factory, out, inn, r1, a
     t = {f"{M}.{n}": v for n, v in zip(names, w)} | {f"{M}.alpha": torch.tensor(alpha)}
     path = _save(tmp_path_factory.mktemp("loha"), t)
     golden = (w[0] @ w[1]) * (w[2] @ w[3]) * (alpha / r1 if alpha else 1.0)
-    layer = ll.load_lora(path)[M]
+    layer = ll.load_lora(path)[LAYER]
     _assert_delta(layer, golden)
     assert layer.rank == min(r1 * r1, out, inn)
 
@@ -288,7 +290,7 @@ def test_lokr_is_exact_for_small_random_shapes(tmp_path_factory, shape1, shape2,
     path = _save(tmp_path_factory.mktemp("lokr"), t)
     scale = 1.0 if factored == "none" else 2.0 / r
     out, inn = shape1[0] * shape2[0], shape1[1] * shape2[1]
-    layer = ll.load_lora(path)[M]
+    layer = ll.load_lora(path)[LAYER]
     _assert_delta(layer, torch.kron(halves[0], halves[1]) * scale)
     assert layer.rank <= min(out, inn)
 

@@ -158,7 +158,8 @@ def test_adapters_are_peft_and_match_loralens(dream, subsets):
         assert set(lora.ranks) == {int(row["rank"])}
         moved = 0.0
         for layer_name, delta in lora.delta_weights().items():
-            key = f"{layer_name}.weight"
+            assert layer_name.startswith("unet.")  # canonical: the pipeline's module path
+            key = f"{layer_name.removeprefix('unet.')}.weight"
             torch.testing.assert_close(merged[key] - base_w[key], delta, atol=1e-6, rtol=1e-4)
             moved = max(moved, float(delta.abs().max()))
         assert moved > 0  # the finetune changed the model

@@ -1,7 +1,21 @@
 """Readers and writers of real LoRA files: PEFT folders, kohya and diffusers single files."""
 
+from loralens.formats.canonical import model_family
+from loralens.formats.convert import convert, write_lora
 from loralens.formats.detect import FORMATS, detect_format, load_lora
 from loralens.formats.errors import LoRAFormatError
+from loralens.formats.file_writers import save_diffusers, save_kohya
 from loralens.formats.peft import save_peft as save_lora
 
-__all__ = ["FORMATS", "LoRAFormatError", "detect_format", "load_lora", "save_lora"]
+__all__ = [
+    "FORMATS",
+    "LoRAFormatError",
+    "convert",
+    "detect_format",
+    "load_lora",
+    "model_family",
+    "save_diffusers",
+    "save_kohya",
+    "save_lora",
+    "write_lora",
+]

@@ -6,6 +6,7 @@ import os
 import stat
 from pathlib import Path
 
+from loralens.formats.canonical import canonicalize
 from loralens.formats.diffusers import ADAPTER_METADATA_KEY, COMPONENTS, load_diffusers
 from loralens.formats.errors import LoRAFormatError
 from loralens.formats.keys import (
@@ -131,7 +132,9 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     return _resolve(Path(path))[0]
 
 
-def load_lora(path: str | os.PathLike[str], *, allow_nonfinite: bool = False) -> LoRA:
+def load_lora(
+    path: str | os.PathLike[str], *, allow_nonfinite: bool = False, canonical: bool = True
+) -> LoRA:
     """Read a LoRA from a PEFT adapter folder, or a PEFT/kohya/diffusers/ComfyUI/XLabs/LyCORIS
     .safetensors/.bin file (LyCORIS LoCon-Tucker, LoHa and LoKr exactly, as low rank).
 
@@ -140,8 +143,16 @@ def load_lora(path: str | os.PathLike[str], *, allow_nonfinite: bool = False) ->
     what the source library merges into that weight (math orientation, out x in). Pickled
     ``.bin`` files are read with ``torch.load(weights_only=True)`` only. NaN/inf weights raise
     ``LoRAFormatError`` naming the file and layer unless ``allow_nonfinite=True``.
+
+    Layer names are canonical (:mod:`loralens.formats.canonical`): the module paths diffusers
+    and transformers build, the same for one adapter in any format, with the file's own module
+    name in ``layer.meta["file_key"]``; ``canonical=False`` keeps the file's names.
     """
-    path = Path(path)
+    lora = _read(Path(path), allow_nonfinite)
+    return canonicalize(lora) if canonical else lora
+
+
+def _read(path: Path, allow_nonfinite: bool) -> LoRA:
     fmt, where = _resolve(path)
     if fmt == "peft":
         if peft_lycoris_algorithm(where if where.is_dir() else where.parent):

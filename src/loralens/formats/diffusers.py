@@ -21,7 +21,14 @@ from loralens.lora import LoRA
 
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"
 #: Key prefixes of the pipeline components diffusers saves LoRAs for.
-COMPONENTS = ("unet.", "text_encoder.", "text_encoder_2.", "transformer.", "prior.")
+COMPONENTS = (
+    "unet.",
+    "text_encoder.",
+    "text_encoder_2.",
+    "text_encoder_3.",
+    "transformer.",
+    "prior.",
+)
 
 
 def component_configs(st_meta: dict[str, str], path: Path) -> dict[str, dict[str, Any]]:

@@ -124,7 +124,34 @@ def finish_layer(
         _check_delta_fits(mod, U, V)
     if "mag" in mod.parts.keys:
         meta["magnitude"] = _magnitude(mod, meta, U, V)
+        meta["magnitude_convention"] = magnitude_convention(
+            mod.parts.keys["mag"], tuple(meta["magnitude"].shape), U.shape[0], _in_width(meta, V)
+        )
     return LoRALayer(name=mod.name, U=U, V=V, meta=meta)
+
+
+def _in_width(meta: dict[str, Any], V: torch.Tensor) -> int:
+    return int(meta.get("in_channels", V.shape[0]))
+
+
+def magnitude_convention(key: str, shape: tuple[int, ...], out: int, inp: int) -> str:
+    """Which DoRA magnitude ``key`` of ``shape`` holds, for a layer ``out`` x ``inp`` (input
+    channels for conv): "per_output" (one norm per output row: PEFT's ``lora_magnitude_vector``
+    and LyCORIS' ``dora_scale`` out x 1, ``wd_on_out``), "per_input" (one per input column:
+    kohya's and ComfyUI's ``dora_scale`` 1 x in), or "unknown" (a flat ``dora_scale`` of a
+    square layer, which could be either)."""
+    if not key.endswith("dora_scale"):
+        return "per_output"
+    if len(shape) >= 2:
+        if shape[0] == out and all(s == 1 for s in shape[1:]):
+            return "per_output"
+        if shape[0] == 1 and shape[1] == inp and all(s == 1 for s in shape[2:]):
+            return "per_input"
+        return "unknown"
+    n = math.prod(shape)
+    if out == inp:
+        return "unknown"
+    return "per_output" if n == out else "per_input"
 
 
 def _check_delta_fits(mod: ModuleReader, U: torch.Tensor, V: torch.Tensor) -> None:

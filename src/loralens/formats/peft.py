@@ -18,10 +18,7 @@ Other ``layer.meta`` keys set by every reader: ``kind`` ("linear", "conv", "embe
 from __future__ import annotations
 
 import json
-import math
-import re
 import warnings
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +29,12 @@ from loralens.formats.errors import LoRAFormatError
 from loralens.formats.keys import FULL_WEIGHT_KEY, ModuleParts, parse_keys, refuse_unknown
 from loralens.formats.layers import alpha_scale, build_layers
 from loralens.formats.tensor_file import TensorFile, open_tensor_file
+from loralens.formats.writing import (
+    by_component,
+    check_not_file_names,
+    peft_config,
+    peft_layer_tensors,
+)
 from loralens.lora import LoRA
 
 CONFIG_NAME = "adapter_config.json"
@@ -174,96 +177,40 @@ def save_peft(
 ) -> Path:
     """Write ``lora`` as a PEFT adapter folder that ``PeftModel.from_pretrained`` loads exactly.
 
-    The scale is already folded into U, so every module is written with lora_alpha = r (scale
-    1): the most common rank goes in ``r``/``lora_alpha`` and other ranks in ``rank_pattern`` /
-    ``alpha_pattern`` keyed by the escaped full module name. Layer names must be the base
-    model's module paths (as ``load_lora`` produces from a PEFT adapter). ``layer.meta`` decides
-    how each layer is written: ``kind`` "linear" (default), "conv" (with ``kernel_size``) or
-    "embedding"; ``fan_in_fan_out``; DoRA ``magnitude``; ``lora_bias``.
+    Layer names must be module paths: the canonical names ``load_lora`` gives (a pipeline
+    component's prefix such as ``unet.`` is dropped, since a PEFT adapter is one model's), or
+    names of your own model. Layers whose file names could not be mapped, and layers of several
+    pipeline components, are refused. Each module's rank and alpha are written as read (the
+    commonest in ``r`` / ``lora_alpha``, others in ``rank_pattern`` / ``alpha_pattern`` keyed
+    by the escaped full module name), so alpha / r folds back to the scale. ``layer.meta``
+    decides how each layer is written: ``kind`` "linear" (default), "conv" (with
+    ``kernel_size``) or "embedding"; ``fan_in_fan_out``; DoRA ``magnitude`` (PEFT's convention
+    only: see :func:`~loralens.formats.writing.peft_magnitude`); ``lora_bias``.
     """
     from safetensors.torch import save_file
 
     folder = Path(folder)
     if not lora.layers:
         raise ValueError("cannot save a LoRA with no layers")
-    ranks = Counter(layer.rank for layer in lora.layers)
-    r = max(ranks, key=lambda k: (ranks[k], k))
-    rank_pattern = {re.escape(la.name): la.rank for la in lora.layers if la.rank != r}
-    dora = [("magnitude" in la.meta) for la in lora.layers]
-    if any(dora) and not all(dora):
+    check_not_file_names(lora.layers, "a PEFT adapter")
+    groups = by_component(lora.layers)
+    if len(groups) > 1:
+        parts = ", ".join(sorted(str(c or "other") for c in groups))
         raise ValueError(
-            "cannot save a LoRA where only some layers are DoRA (have meta['magnitude']): "
-            "PEFT's use_dora is one flag per adapter"
+            f"cannot write one PEFT adapter for several models (layers of {parts}): a PEFT "
+            "folder adapts one model; write a diffusers file (convert --to diffusers) instead"
         )
-    lora_bias = any("lora_bias" in la.meta for la in lora.layers)
-    fan = [bool(la.meta.get("fan_in_fan_out")) for la in lora.layers if _kind(la) == "linear"]
-
+    ((component, layers),) = groups.items()
+    names = [la.name.removeprefix(f"{component}.") for la in layers]
+    config = peft_config(layers, names)
     tensors: dict[str, torch.Tensor] = {}
-    for la in lora.layers:
-        key = PREFIX + la.name
-        U, V = la.U.detach().to(torch.float32), la.V.detach().to(torch.float32)
-        kind = _kind(la)
-        if kind == "embedding":
-            tensors[f"{key}.lora_embedding_A"] = U.T.contiguous()
-            tensors[f"{key}.lora_embedding_B"] = V.contiguous()
-        elif kind == "conv":
-            kernel = [int(k) for k in la.meta["kernel_size"]]
-            n = math.prod(kernel)
-            if V.shape[0] % n:
-                raise ValueError(
-                    f"layer {la.name!r}: V has {V.shape[0]} rows, not a multiple of the kernel "
-                    f"size {kernel}"
-                )
-            tensors[f"{key}.lora_A.weight"] = V.T.reshape(
-                la.rank, V.shape[0] // n, *kernel
-            ).contiguous()
-            tensors[f"{key}.lora_B.weight"] = U.reshape(
-                U.shape[0], la.rank, *[1] * len(kernel)
-            ).contiguous()
-        elif kind == "linear":
-            tensors[f"{key}.lora_A.weight"] = V.T.contiguous()
-            tensors[f"{key}.lora_B.weight"] = U.contiguous()
-        else:
-            raise ValueError(f"layer {la.name!r}: unknown kind {kind!r}")
-        if "magnitude" in la.meta:
-            tensors[f"{key}.lora_magnitude_vector"] = (
-                torch.as_tensor(la.meta["magnitude"]).float().contiguous()
-            )
-        if lora_bias:
-            out = U.shape[0] if kind != "embedding" else None
-            bias = la.meta.get("lora_bias")
-            if bias is None and out is not None:
-                bias = torch.zeros(out)
-            if bias is not None:
-                tensors[f"{key}.lora_B.bias"] = torch.as_tensor(bias).float().contiguous()
-
+    for la, name in zip(layers, names):
+        tensors.update(peft_layer_tensors(la, PREFIX + name, lora_bias=config["lora_bias"]))
     base = base_model_name_or_path
     if base is None:
         base = lora.metadata.get("base_model")
-    config = {
-        "peft_type": "LORA",
-        "task_type": None,
-        "base_model_name_or_path": base,
-        "r": int(r),
-        "lora_alpha": int(r),
-        "rank_pattern": rank_pattern,
-        "alpha_pattern": dict(rank_pattern),
-        "target_modules": [la.name for la in lora.layers],
-        "use_rslora": False,
-        "use_dora": bool(all(dora)),
-        "fan_in_fan_out": bool(fan) and all(fan),
-        "lora_bias": lora_bias,
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "inference_mode": True,
-        "init_lora_weights": True,
-        "modules_to_save": None,
-    }
+    config["base_model_name_or_path"] = base
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return folder
-
-
-def _kind(layer) -> str:
-    return str(layer.meta.get("kind", "linear"))

@@ -1,0 +1,47 @@
+"""``convert``: one LoRA file or folder written in another format (PEFT folder, kohya or diffusers
+file), exactly: every layer's rank and alpha as read, LyCORIS layers (LoHa, LoKr, LoCon-Tucker)
+as plain LoRA at their exact rank, layers under the module names the target format's library
+loads (:mod:`loralens.formats.canonical`)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from loralens.errors import OutputExistsError
+from loralens.formats.file_writers import save_diffusers, save_kohya
+from loralens.formats.peft import save_peft
+from loralens.lora import LoRA
+
+#: Formats ``convert`` writes -> their writer.
+WRITERS = {"peft": save_peft, "kohya": save_kohya, "diffusers": save_diffusers}
+#: The format a LoRA read as each format is written back as by default (``resize``).
+SAME_FAMILY = {
+    "peft": "peft",
+    "kohya": "kohya",
+    "lycoris": "kohya",
+    "diffusers": "diffusers",
+    "comfyui": "diffusers",
+    "xlabs": "diffusers",
+}
+
+
+def write_lora(lora: LoRA, out: str | os.PathLike[str], to: str) -> Path:
+    """Write ``lora`` to ``out`` (a folder for peft, a .safetensors file otherwise) as ``to``;
+    refuses an ``out`` that exists (``OutputExistsError``)."""
+    if to not in WRITERS:
+        raise ValueError(f"unknown target format {to!r}: expected one of {', '.join(WRITERS)}")
+    out = Path(out)
+    if out.exists() or out.is_symlink():
+        raise OutputExistsError(f"{out}: already exists; remove it or choose another path")
+    return WRITERS[to](lora, out)
+
+
+def convert(src: str | os.PathLike[str], out: str | os.PathLike[str], *, to: str) -> Path:
+    """Read the LoRA at ``src`` (any format ``load_lora`` reads) and write it to ``out`` as
+    ``to`` ("peft", "kohya" or "diffusers"); returns the path written."""
+    from loralens.formats.detect import load_lora
+
+    if to not in WRITERS:
+        raise ValueError(f"unknown target format {to!r}: expected one of {', '.join(WRITERS)}")
+    return write_lora(load_lora(src), out, to)
