@@ -52,8 +52,9 @@ def screen_folder_ray(
 ) -> BatchSummary:
     """:func:`~loralens.serve.batch.screen_folder` as Ray tasks (``address``: see
     :func:`~loralens.raycluster.ray_session`); ``summary.lost`` counts the adapters whose task
-    failed (its worker died ``1 + max_retries`` times, or it raised). Raises ValueError when Ray is not installed or a run
-    cannot be loaded (checked here, before Ray starts), NotADirectoryError for ``folder``."""
+    failed (its worker died ``1 + max_retries`` times, or it raised). Raises ValueError when
+    Ray is not installed or a run cannot be loaded (checked here, before Ray starts),
+    NotADirectoryError for ``folder``."""
     import_ray()
     out = Path(out)
     todo, summary = plan_screening(folder, out)
