@@ -130,6 +130,9 @@ def test_a_gpu_request_the_cluster_cannot_meet_is_refused_first(cluster, tmp_pat
     assert "--ray-gpus: each task asks for 1 GPU but the cluster has no GPU" in res.output
     res = CliRunner().invoke(app, [*args[:4], "--ray-gpus", "0.5", "--preset", "causal-lm"])
     assert res.exit_code == 2 and "give --ray too" in res.output
+    res = CliRunner().invoke(app, [*args[:4], "--ray", "local", "--threads", "3"])
+    assert res.exit_code == 1
+    assert "--threads: each task asks for 3 CPU and 0 GPU, more than any node" in res.output
     assert not out.exists()
 
 
