@@ -65,8 +65,9 @@ def already_screened(out: Path) -> set[str]:
         return set()
     data = out.read_bytes()
     end = data.rfind(b"\n") + 1
+    lines = data[:end].split(b"\n")[:-1]
     kept, done = [], set()
-    for line in data[:end].splitlines(keepends=True):
+    for line in lines:
         try:
             record = json.loads(line)
             if record.get("status") == LOST:
@@ -74,8 +75,8 @@ def already_screened(out: Path) -> set[str]:
             done.add(record["path"])
         except (ValueError, KeyError, TypeError, AttributeError):
             pass  # not a line of ours: kept, and that adapter is screened again
-        kept.append(line)
-    if len(kept) < data.count(b"\n"):
+        kept.append(line + b"\n")
+    if len(kept) < len(lines):
         write_file_atomic(out, b"".join(kept))
     elif end < len(data):
         with open(out, "r+b") as f:
