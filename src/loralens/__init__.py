@@ -22,7 +22,7 @@ from loralens.symmetry import (
     gl_transform,
     o_transform,
 )
-from loralens.zoo import build_small_zoo, build_zoo, get_preset, merge_zoos
+from loralens.zoo import build_small_zoo, build_zoo, build_zoo_ray, get_preset, merge_zoos
 
 __version__ = "0.1.0"
 
@@ -39,6 +39,7 @@ __all__ = [
     "build_model",
     "build_small_zoo",
     "build_zoo",
+    "build_zoo_ray",
     "collate",
     "convert",
     "detect_format",

@@ -39,7 +39,9 @@ def test_saved_run_predicts_with_its_base(tmp_path):
     ids = [r.split(",")[0] for r in (tmp_path / "run" / "predictions.csv").read_text().split()[1:]]
     rows = [store.ids.index(i) for i in ids]
     pred = run.task.decode(run.raw(store.batch(np.array(rows))))[:, 0]
-    expected = np.loadtxt(tmp_path / "run" / "predictions.csv", delimiter=",", skiprows=1, usecols=2)
+    expected = np.loadtxt(
+        tmp_path / "run" / "predictions.csv", delimiter=",", skiprows=1, usecols=2
+    )
     np.testing.assert_allclose(pred, expected, rtol=1e-4, atol=1e-4)
 
 

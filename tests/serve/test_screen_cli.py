@@ -77,6 +77,14 @@ def test_already_screened_drops_a_cut_line(tmp_path):
     assert already_screened(tmp_path / "missing.jsonl") == set()
 
 
+def test_already_screened_drops_the_lines_of_lost_tasks(tmp_path):
+    out = tmp_path / "r.jsonl"
+    lost = '{"path": "b", "error": "b: not screened, its Ray task failed: X", "status": 503}'
+    out.write_text(f'{{"path": "a"}}\n{lost}\n{{"path": "c", "status": 422}}\n{{"path": "d", "fo')
+    assert already_screened(out) == {"a", "c"}  # b and the cut d are screened again
+    assert out.read_text() == '{"path": "a"}\n{"path": "c", "status": 422}\n'
+
+
 def test_a_run_that_cannot_load_or_a_missing_folder_is_exit_1(mirror, tmp_path):
     out = str(tmp_path / "r.jsonl")
     res = runner.invoke(app, ["screen", str(mirror), "--runs", str(tmp_path), "--out", out])

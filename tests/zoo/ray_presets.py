@@ -30,3 +30,15 @@ class ExitOnceSkillsLM(SkillsLM):
                 os._exit(1)
 
         return super().train(configs, out_dirs, on_done=done)
+
+
+class FailingSkillsLM(SkillsLM):
+    """skills-lm whose ``train`` raises, every time, for the group holding LoRA ``fails``
+    (before it commits any of them): a task that fails for good."""
+
+    fails = "000005"
+
+    def train(self, configs, out_dirs, on_done=None):
+        if any(Path(d).name.split("-")[1] == self.fails for d in out_dirs):
+            raise RuntimeError(f"planted failure of LoRA {self.fails}\nwith a second line")
+        return super().train(configs, out_dirs, on_done=on_done)

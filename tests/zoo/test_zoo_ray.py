@@ -1,6 +1,8 @@
 """Zoo builds on a local Ray (2 CPUs, loopback, started and stopped here): the same zoo, byte for
 byte, as a plain build with the same seed; a worker killed mid-task is retried and nothing is lost
-or duplicated; a killed driver resumes; without Ray, --ray says how to install it."""
+or duplicated; a task that fails is one line and the zoo keeps the rest; a killed driver resumes;
+a GPU request the cluster cannot meet is refused before anything runs; without Ray, --ray says
+how to install it."""
 
 from __future__ import annotations
 
@@ -14,11 +16,12 @@ from pathlib import Path
 
 import pytest
 import ray
-from ray_presets import MARKER, ExitOnceSkillsLM
+from ray_presets import MARKER, ExitOnceSkillsLM, FailingSkillsLM
 from typer.testing import CliRunner
 
 from helpers import tiny_skills
 from loralens.cli import app
+from loralens.raycluster import TasksFailed
 from loralens.zoo.ray_build import build_zoo_ray
 
 pytestmark = pytest.mark.slow
@@ -98,6 +101,39 @@ def test_worker_killed_mid_task_is_retried(cluster, reference, tmp_path):
     assert (out / MARKER).exists()  # the first attempt died after committing 000001
     (out / MARKER).unlink()
     _assert_same_zoo(out, reference)
+
+
+def test_a_failing_task_is_one_line_and_the_zoo_keeps_the_rest(cluster, reference, tmp_path):
+    out = tmp_path / "zoo"
+    with pytest.raises(TasksFailed) as err:
+        build_zoo_ray(FailingSkillsLM(), NUM, out, options=TINY, ranks=(2, 4), quiet=True)
+    head, *lines = str(err.value).splitlines()
+    assert (
+        head
+        == f"ray: 1 of 2 tasks failed; {out} keeps its 4 finished LoRAs and the same command resumes it"
+    )
+    assert lines == ["LoRAs 000004, 000005: RuntimeError: planted failure of LoRA 000005"]
+    assert _entries(out) == ALL[:4]
+    assert len((out / "labels.csv").read_text().splitlines()) == 1 + 4
+
+    build_zoo_ray("skills-lm", NUM, out, options=TINY, ranks=(2, 4), quiet=True)  # resumes
+    _assert_same_zoo(out, reference)
+
+
+def test_a_gpu_request_the_cluster_cannot_meet_is_refused_first(cluster, tmp_path):
+    out = tmp_path / "z"
+    args = ["zoo", "build", "--out", str(out), "--ray", "local", "--ray-gpus", "1"]
+    res = CliRunner().invoke(app, [*args, "--preset", "skills-lm"])
+    assert res.exit_code == 1 and "skills-lm trains on the CPU only" in res.output
+    res = CliRunner().invoke(app, [*args, "--preset", "causal-lm"])
+    assert res.exit_code == 1
+    assert "--ray-gpus: each task asks for 1 GPU but the cluster has no GPU" in res.output
+    res = CliRunner().invoke(app, [*args[:4], "--ray-gpus", "0.5", "--preset", "causal-lm"])
+    assert res.exit_code == 2 and "give --ray too" in res.output
+    res = CliRunner().invoke(app, [*args[:4], "--ray", "local", "--threads", "3"])
+    assert res.exit_code == 1
+    assert "--threads: each task asks for 3 CPU and 0 GPU, more than any node" in res.output
+    assert not out.exists()
 
 
 def test_killed_driver_resumes(cluster, reference, tmp_path):

@@ -32,12 +32,15 @@ def user_errors() -> Iterator[None]:
     """Turn the library's errors into one line on stderr and the exit code of their kind."""
     from loralens.errors import OutputExistsError
     from loralens.formats import LoRAFormatError
+    from loralens.raycluster import TasksFailed
     from loralens.store import StoreError
 
     try:
         yield
     except OutputExistsError as e:
         fail(str(e), EXIT_EXISTS)
+    except TasksFailed as e:  # Ray tasks that failed after their retries: one line each
+        fail(str(e))
     except (LoRAFormatError, StoreError, FileNotFoundError, NotADirectoryError, ValueError) as e:
         fail(str(e) if not isinstance(e, OSError) or not e.filename else _os_message(e))
 

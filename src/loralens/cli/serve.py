@@ -107,6 +107,8 @@ def serve(
     epilog="Examples:\n\n"
     "  loralens screen hub-mirror/ --runs runs/glnet runs/membership --out report.jsonl\n\n"
     "  loralens screen uploads/ --runs runs/glnet --out report.jsonl --html report.html\n\n"
+    "  loralens screen /shared/hub/ --runs /shared/runs/glnet --out report.jsonl --ray auto  "
+    "(on a Ray cluster; see the README)\n\n"
     "Run it again after an interruption: adapters already in the report are skipped."
 )
 def screen(
@@ -118,17 +120,30 @@ def screen(
     runs: list[str] = typer.Option(..., help="Run directories to predict with: --runs A B ..."),
     out: str = typer.Option(..., help="The report: one JSON line per adapter (appended)."),
     html: str = typer.Option(None, help="Also write the whole report as one HTML page."),
-    workers: int = typer.Option(1, help="Worker processes screening at once."),
+    workers: int = typer.Option(
+        1, help="Worker processes screening at once (with --ray: the cluster's CPUs)."
+    ),
     time_limit: float = typer.Option(60, help="Seconds one adapter may take."),
     worker_memory_mb: int = typer.Option(4096, help="Address-space limit of each worker, MB."),
+    ray: str = typer.Option(
+        None,
+        "--ray",
+        metavar="ADDRESS",
+        help="One Ray task per adapter: 'local' starts a Ray on this machine, 'auto' joins "
+        "RAY_ADDRESS (or the Ray running here), HOST:PORT joins that cluster (DIR and the runs "
+        "at the same paths on every node). Exit 1 if a task failed (its worker died after Ray's "
+        "retries, or it raised): a rerun screens its adapter again. Needs pip install 'loralens\\[ray]'.",
+    ),
 ) -> None:
     """Screen every adapter in a folder (PEFT folders, .safetensors files, .zip/.tar archives)
     like `loralens serve` does: inspect report, flags and each run's prediction, one JSON line
     each. Resumable; a file that cannot be read gets an error line and the batch goes on."""
+    from functools import partial
     from pathlib import Path
 
     from loralens.cli.common import progress
     from loralens.serve.batch import screen_folder
+    from loralens.serve.ray_screen import screen_folder_ray
 
     folder, runs = paths[0], [*runs, *paths[1:]]  # `--runs A B`: B arrives as an argument
     with progress() as bar:
@@ -142,18 +157,22 @@ def screen(
             if "error" in record:
                 bar.console.print(f"[yellow]{record['error']}[/yellow]", soft_wrap=True)
 
+        run = (
+            partial(screen_folder_ray, address=ray)
+            if ray
+            else partial(screen_folder, workers=workers)
+        )
         try:
-            summary = screen_folder(
+            summary = run(
                 folder,
                 runs,
                 out,
-                workers=workers,
                 time_limit_s=time_limit,
                 worker_memory_mb=worker_memory_mb or None,
                 on_start=started,
                 on_result=finished,
             )
-        except (RuntimeError, NotADirectoryError) as e:
+        except (RuntimeError, NotADirectoryError, ValueError) as e:
             fail(str(e))
     if html:
         from loralens.screening import load_screening_runs
@@ -165,3 +184,8 @@ def screen(
         f"({summary.errors} could not be), {summary.skipped} already in {out}"
         + (f"; wrote {html}" if html else "")
     )
+    if summary.lost:
+        fail(
+            f"{summary.lost} adapter(s) not screened, their Ray task failed (lines of status "
+            f"503 in {out}); the same command screens them again"
+        )

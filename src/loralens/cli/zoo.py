@@ -6,7 +6,7 @@ from functools import partial
 
 import typer
 
-from loralens.cli.common import user_errors
+from loralens.cli.common import EXIT_USAGE, fail, user_errors
 
 app = typer.Typer(help="Build datasets ('zoos') of real LoRA finetunes.", no_args_is_help=True)
 
@@ -79,6 +79,13 @@ def build(
         "(or the Ray running here), HOST:PORT joins that cluster (OUT and --cache-dir on a shared "
         "filesystem). Needs pip install 'loralens\\[ray]'.",
     ),
+    ray_gpus: float = typer.Option(
+        0,
+        "--ray-gpus",
+        metavar="N",
+        help="With --ray: GPUs each task asks for (1, or a fraction like 0.5 to run two tasks "
+        "per GPU); for presets that train on CUDA (causal-lm).",
+    ),
 ) -> None:
     """Build (or resume, or extend) a zoo of real PEFT LoRA finetunes with measured labels."""
     from loralens.zoo.builder import build_zoo
@@ -99,11 +106,10 @@ def build(
         rank_list = [int(r) for r in ranks.split(",") if r.strip()]
     except ValueError:
         raise typer.BadParameter(f"--ranks takes integers like 1,2,4, got {ranks!r}") from None
+    if ray_gpus and ray is None:
+        fail("--ray-gpus asks Ray for GPUs: give --ray too", EXIT_USAGE)
     with user_errors():
-        if ray is not None:
-            run = partial(build_zoo_ray, address=None if ray == "local" else ray)
-        else:
-            run = build_zoo
+        run = partial(build_zoo_ray, address=ray, gpus=ray_gpus) if ray else build_zoo
         run(
             name,
             num,

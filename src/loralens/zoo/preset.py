@@ -79,6 +79,9 @@ class Preset(ABC):
     name: str = ""
     #: how many LoRAs the builder hands to one ``train`` call
     group_size: int = 1
+    #: whether ``train`` runs on a CUDA GPU when one is visible (``zoo build --ray-gpus`` asks
+    #: Ray for GPUs only for such presets)
+    uses_cuda: bool = False
     #: default options; ``options()`` fills these in and rejects unknown keys
     default_options: Mapping[str, Any] = {}
     #: where the preset prints progress lines; the builder sets the build's log (silent if quiet)

@@ -4,9 +4,12 @@ by Ray tasks that share the zoo folder (a shared filesystem on a real cluster).
 One task opens the zoo (pretrains or loads the cached base, writes ``base/`` and ``zoo.json``);
 then each group of LoRAs that the preset finetunes together is one task asking for ``threads``
 CPUs (and ``gpus`` GPUs). Tasks commit adapters with the builder's atomic commit; Ray retries a
-task whose worker died or raised (``max_retries``), and the retry skips the LoRAs already
-committed. The driver shows one progress bar (counted from the zoo folder) and, at the end,
-rewrites labels.csv from the finished adapters, so a rerun after a lost driver resumes.
+task whose worker or node died (``max_retries``), and the retry skips the LoRAs already
+committed. A task that raised is not retried (the same recipe raises again, and Ray would print
+each attempt's traceback). The driver shows one progress bar (counted from the zoo folder) and,
+at the end, rewrites labels.csv from the finished adapters, so a rerun after a lost driver
+resumes. A task that fails does not stop the others: the build ends with one line per failed
+group (:class:`~loralens.raycluster.TasksFailed`), keeping every LoRA committed.
 """
 
 from __future__ import annotations
@@ -20,25 +23,22 @@ from pathlib import Path
 from typing import Any
 
 from loralens.cache import default_cache_dir
+from loralens.raycluster import (
+    TasksFailed,
+    as_finished,
+    check_resources,
+    ray_session,
+    unwrap,
+)
 from loralens.zoo.builder import OpenZoo, finish_zoo, open_zoo, silent, torch_threads, train_group
 from loralens.zoo.folder import ADAPTERS, adapter_id, drop_temp_dirs, rewrite_labels
 from loralens.zoo.preset import Preset, get_preset
 from loralens.zoo.progress import ProgressBar, log_stderr, silence_libraries
 
-INSTALL_HINT = "--ray needs Ray, an optional extra: pip install 'loralens[ray]'"
 #: every worker writes PEFT's adapter_config.json (which holds sets) in the same order
 WORKER_ENV = {"env_vars": {"PYTHONHASHSEED": "0"}}
 #: prepared presets of this worker process, reused by its later tasks (no reload of the base)
 _PREPARED: dict[tuple[str, ...], Preset] = {}
-
-
-def import_ray() -> Any:
-    """The ``ray`` module, or a ``ValueError`` that says how to install it."""
-    try:
-        import ray
-    except ImportError as err:
-        raise ValueError(INSTALL_HINT) from err
-    return ray
 
 
 def build_zoo_ray(
@@ -62,19 +62,29 @@ def build_zoo_ray(
 ) -> dict[str, Any]:
     """:func:`~loralens.zoo.builder.build_zoo` on Ray; returns its manifest (with ``summary``).
 
-    ``address``: ``None`` uses the Ray this process is connected to, or starts a local one;
-    ``"auto"`` joins the cluster of ``RAY_ADDRESS`` (or the one running on this machine);
-    anything else is a cluster address. ``out`` and ``cache_dir`` must be paths every node
-    sees (a shared filesystem). Each task asks for ``threads`` CPUs and ``gpus`` GPUs.
+    ``address``: see :func:`~loralens.raycluster.ray_session` (``None``: the Ray this process
+    is connected to, or a local one). ``out`` and ``cache_dir`` must be paths every node sees
+    (a shared filesystem). Each task asks for ``threads`` CPUs and ``gpus`` GPUs (a fraction
+    shares one GPU between tasks); GPUs only for a preset that trains on CUDA, and only from a
+    cluster that has them (else ``ValueError`` before anything runs). Raises
+    :class:`~loralens.raycluster.TasksFailed` when tasks failed (a task whose worker died is
+    retried ``max_retries`` times).
     """
-    ray = import_ray()
+    driver_preset = get_preset(preset) if isinstance(preset, str) else preset
+    if gpus and not driver_preset.uses_cuda:
+        raise ValueError(
+            f"--ray-gpus: preset {driver_preset.name} trains on the CPU only; a GPU asked for "
+            "its tasks would sit idle"
+        )
+    resources = {"num_cpus": max(1, int(threads)), "num_gpus": float(gpus)}
     log = silent if quiet else (log or log_stderr)
-    started = _connect(ray, address, quiet)
-    try:
+    with ray_session(address, quiet=quiet) as ray:
+        check_resources(ray, **resources, flag="--ray-gpus" if gpus else "--threads")
         with silence_libraries() if quiet else contextlib.nullcontext():
             return _build(
                 ray,
                 preset,
+                driver_preset,
                 num,
                 Path(out).resolve(),
                 recipe={
@@ -85,30 +95,17 @@ def build_zoo_ray(
                     "cache_dir": Path(cache_dir or default_cache_dir()).resolve(),
                     "options": options,
                 },
-                resources={"num_cpus": max(1, int(threads)), "num_gpus": float(gpus)},
+                resources=resources,
                 max_retries=max_retries,
                 progress=progress and not quiet,
                 log=log,
             )
-    finally:
-        if started:
-            ray.shutdown()
-
-
-def _connect(ray: Any, address: str | None, quiet: bool) -> bool:
-    """Join or start Ray; True when this call started it (and so must stop it)."""
-    if ray.is_initialized():
-        return False
-    kwargs: dict[str, Any] = {"log_to_driver": not quiet, "logging_level": "error"}
-    if address is None:  # a Ray of this machine only: on loopback, no dashboard
-        kwargs.update(include_dashboard=False, _node_ip_address="127.0.0.1")
-    ray.init(address=address, **kwargs)
-    return True
 
 
 def _build(
     ray: Any,
     preset: str | Preset,
+    driver_preset: Preset,
     num: int,
     out: Path,
     *,
@@ -122,26 +119,40 @@ def _build(
     opened = ray.remote(_open_task).options(
         **resources, max_retries=max_retries, runtime_env=WORKER_ENV
     )
-    manifest, todo, group = ray.get(opened.remote(preset, num, out, recipe, log is silent))
-    driver_preset = get_preset(preset) if isinstance(preset, str) else preset
+    manifest, todo, group = unwrap(
+        ray, opened.remote(preset, num, out, recipe, log is silent), "opening the zoo"
+    )
     zoo = OpenZoo(driver_preset, manifest, todo, group, t0)
     log(f"ray: {len(todo)} LoRAs in {len(zoo.groups())} tasks of up to {group}")
 
     task = ray.remote(_group_task).options(
-        **resources, max_retries=max_retries, retry_exceptions=True, runtime_env=WORKER_ENV
+        **resources, max_retries=max_retries, runtime_env=WORKER_ENV
     )
     threads = resources["num_cpus"]
     cache_dir = recipe["cache_dir"]
-    pending = [task.remote(preset, out, c, manifest, cache_dir, threads) for c in zoo.groups()]
+    refs = {
+        task.remote(preset, out, c, manifest, cache_dir, threads): tuple(c) for c in zoo.groups()
+    }
     bar = ProgressBar(len(todo), enabled=progress, eta_after=group)
     wanted = {adapter_id(i) for i in todo}
-    while pending:
-        ready, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
-        ray.get(ready)  # a task that failed after its retries ends the build here
+
+    def count() -> None:
         bar.update(len(wanted & set(os.listdir(out / ADAPTERS))) - bar.done)
+
+    failed = [
+        f"LoRAs {', '.join(adapter_id(i) for i in chunk)}: {reason}"
+        for chunk, _, reason in as_finished(ray, refs, tick=count)
+        if reason
+    ]
 
     drop_temp_dirs(out)  # left by workers that died; their tasks were retried
     done = rewrite_labels(out, manifest["label_columns"])
+    if failed:
+        raise TasksFailed(
+            f"ray: {len(failed)} of {len(refs)} tasks failed; "
+            f"{out} keeps its {len(done)} finished LoRAs and the same command resumes it\n"
+            + "\n".join(failed)
+        )
     missing = sorted(wanted - set(done))
     if missing:
         raise RuntimeError(f"ray build of {out} ended without adapters {missing[:5]} ...")

@@ -41,6 +41,7 @@ class CausalLM(Preset):
     """LoRAs of any transformers causal LM on a user's text (generic mode)."""
 
     name = "causal-lm"
+    uses_cuda = True
     default_options: Mapping[str, Any] = {
         "base_model": "",
         "text_file": "",
