@@ -32,6 +32,8 @@ KOHYA_META = {
     "ss_seed": "None",
 }
 STEM = "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_q"
+#: the layer's canonical name (formats.canonical), what inspect shows
+CANONICAL = "unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_q"
 
 
 def _kohya(path, metadata=None, rank=4, seed=0):
@@ -129,7 +131,7 @@ def test_cli_json_schema_for_several_adapters_and_exit_code(tmp_path, monkeypatc
     assert table.exit_code == 1
     assert "3 adapters (1 failed)" in table.output and "epochs 10" in table.output
     one = runner.invoke(app, ["inspect", str(a)])  # one adapter: its layer table
-    assert one.exit_code == 0 and STEM in one.output and "epochs 10" in one.output
+    assert one.exit_code == 0 and CANONICAL in one.output and "epochs 10" in one.output
 
 
 def test_what_reads_as_a_hub_id(tmp_path, monkeypatch):
