@@ -129,7 +129,8 @@ SHAPE_EDITS = {
     "blocks_2": (_hp(blocks=2), r"lacks \['equivariant.2.phi.0'"),
     "shapes_2e7": (
         lambda c: c["model"]["spec"].update(shapes=[[2**24, 2**24], [2**24, 2**24]]),
-        r"parameter 'equivariant.0.phi.0' has shape \[8, 12\].*needs \[8, 16777216\]",
+        # the first parameter whose shape follows the layer shapes: the linear base's weight
+        r"parameter 'linear_base.weight' has shape \[180, 1\].*needs \[562949953421312, 1\]",
     ),
 }
 
