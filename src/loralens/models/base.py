@@ -171,6 +171,8 @@ class LoLModel(nn.Module):
     #: Hyperparameters added after runs were saved, with the value older code used: a saved
     #: config that lacks one rebuilds with this, not with today's default.
     saved_defaults: ClassVar[dict[str, Any]] = {}
+    #: State-dict prefixes renamed since runs were saved (old -> new): checkpoints load either.
+    renamed: ClassVar[dict[str, str]] = {}
     #: True where the output is provably unchanged by per-layer GL(r) / O(r) transforms.
     gl_invariant: ClassVar[bool] = False
     o_invariant: ClassVar[bool] = False
@@ -186,6 +188,27 @@ class LoLModel(nn.Module):
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, layers={len(self.spec.names)}, out_dim={self.out_dim}"
+
+    def forward(self, batch: LoRABatch) -> torch.Tensor:
+        return self.readout(self.embed(batch))
+
+    def embed(self, batch: LoRABatch) -> torch.Tensor:
+        """(B, D) features each LoRA is represented by when the head reads them (GL-net: every
+        layer's invariant U' V'^T and log scale; the MLPs: their normalized inputs), invariant
+        wherever the model is; ``readout(embed(batch))`` is the output."""
+        raise NotImplementedError
+
+    def readout(self, z: torch.Tensor) -> torch.Tensor:
+        """The head: (B, D) embeddings -> (B, out_dim) outputs."""
+        raise NotImplementedError
+
+    @classmethod
+    def saved_key(cls, key: str) -> str:
+        """Today's name of a state_dict entry saved under ``key`` (see ``renamed``)."""
+        for old, new in cls.renamed.items():
+            if key.startswith(old):
+                return new + key[len(old) :]
+        return key
 
     def _param(self) -> torch.Tensor:
         return next(self.parameters())
