@@ -218,6 +218,18 @@ def kfold_rows(
     return out
 
 
+def hold_out(
+    rows: np.ndarray, share: float, seed: int, strata: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, held out) store ``rows``: a seeded ``share`` of them held out (at least one;
+    stratified by ``strata``, one per row, when given), e.g. to calibrate on."""
+    rows = np.asarray(rows)
+    strata = np.zeros(len(rows), dtype=np.int64) if strata is None else np.asarray(strata)
+    rng = np.random.default_rng([seed, 0xCA1])
+    parts = _stratified(strata, rng, (1.0 - share, share, 0.0))
+    return rows[parts["train"]], rows[parts["val"]]
+
+
 def class_strata(y: np.ndarray) -> np.ndarray:
     """One stratum per row for a classification split: the label of the target column whose
     minority class is rarest (missing: its own stratum)."""
@@ -339,6 +351,7 @@ __all__ = [
     "check_finite_labels",
     "class_strata",
     "encode_targets",
+    "hold_out",
     "hparam_columns",
     "kfold_rows",
     "make_loader",

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from loralens.jsonio import json_safe
+from loralens.learn.calibrate import calibrate_run, check_trust_settings, hold_out_calibration
 from loralens.learn.data import (
     SPLITS,
     check_finite_labels,
@@ -94,6 +95,14 @@ class TrainConfig:
     folds: int | None = None
     #: also fit the linear probes (learn.probes) on the same split(s)
     probes: bool = True
+    #: calibration (learn.trust): share of the labelled LoRAs held out of the one split's
+    #: training rows to calibrate on (cross-validated runs: out of fold); 0: no calibration
+    calibration: float = 0.1
+    #: coverage of intervals / prediction sets; "normalized" or "plain" intervals
+    coverage: float = 0.9
+    interval: str = "normalized"
+    #: share of in-distribution calibration LoRAs the fit check flags
+    ood_share: float = 0.05
 
     def __post_init__(self) -> None:
         """Refuse a setting of the wrong type or out of range now, before any store is read:
@@ -130,6 +139,7 @@ class TrainConfig:
                 raise ValueError(f"{key} must be a non-negative integer (threads: >= 1), got {v!r}")
         if self.where:
             compile_filter(self.where)
+        check_trust_settings(self)
 
     def resolved(self) -> dict[str, Any]:
         """The training settings used: the model's defaults, overridden where set here."""
@@ -205,6 +215,8 @@ def train(
         classification=kind == CLASSIFICATION,
         folds=config.folds,
     )
+    if len(splits) == 1 and config.calibration:
+        splits = [hold_out_calibration(splits[0], config, y_all, kind)]
     probes = {}
     if config.probes:
         fit_test = [(np.concatenate([s["train"], s["val"]]), s["test"]) for s in splits]
@@ -223,6 +235,9 @@ def train(
         )
         used = np.sort(np.concatenate([splits[0][k] for k in SPLITS]))
     metrics["probes"] = {name: _probe_summary(p, kind) for name, p in probes.items()}
+    calibration, metrics["calibration"] = calibrate_run(
+        base, store, data.task, y_all, splits, test, config
+    )
     if out_dir is not None and acc.is_main_process:
         save_run(
             out_dir,
@@ -233,6 +248,7 @@ def train(
             history=history,
             test=(*test, store, data.y_all),
             trained_on=trained_on(store, np.sort(used)),
+            calibration=calibration,
         )
     acc.wait_for_everyone()
     return json_safe(metrics)
