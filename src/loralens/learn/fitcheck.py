@@ -27,7 +27,7 @@ from loralens.lora import LayerSpec
 #: Share of in-distribution LoRAs the distribution layer flags by default.
 OOD_SHARE = 0.05
 #: An update this many times above the largest (or below the smallest) training RMS is flagged.
-NORM_FACTOR = 3.0
+NORM_FACTOR = 2.0
 
 
 class LayoutError(ValueError):
