@@ -2,6 +2,7 @@
 adapters the model has not seen the like of?
 
     python benchmarks/trust.py ZOOS_DIR --out results.json [--models glnet] [--targets eval_loss,src_sub]
+    python benchmarks/trust.py ZOOS_DIR --out - --table results-s0.json results-s1.json ...
 
 ZOOS_DIR holds the zoo folders built by ``benchmarks/trust_zoos.sh``: ``z-main`` (trained on),
 ``z-id`` (unseen recipes, same base: in distribution), ``z-ranks`` (unseen ranks),
@@ -93,6 +94,53 @@ def _auroc(inside: np.ndarray, outside: np.ndarray) -> float:
     return roc_auc(np.nan_to_num(score, posinf=1e300), label)
 
 
+def table(files: list[Path]) -> str:
+    """Markdown of several seeds' results: mean ± std per run and zoo."""
+    runs = [json.loads(f.read_text()) for f in files]
+
+    def ms(values: list) -> str:
+        v = [x for x in values if isinstance(x, (int, float))]
+        if not v:
+            return "-"
+        return f"{np.mean(v):.2f}" + (f" ± {np.std(v):.2f}" if len(v) > 1 else "")
+
+    lines = [
+        "| run | zoo | n | coverage | width / label std (no weights) or set size | ECE | "
+        "flagged | AUROC of ood_score |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for key in runs[0]:
+        cal = [r[key]["calibration"]["test"] for r in runs]
+        shape = (
+            f"{ms([c['set_size'] for c in cal])}"
+            if cal[0].get("set_size") is not None
+            else f"{ms([c['width_rel_std'] for c in cal])} "
+            f"({ms([c['width_no_weights_rel_std'] for c in cal])})"
+        )
+        lines.append(
+            f"| {key} | test split | {cal[0]['n']} | {ms([c['coverage'] for c in cal])} | {shape} "
+            f"| {ms([c.get('ece') for c in cal])} | {ms([c['flagged'] for c in cal])} | - |"
+        )
+        for zoo in runs[0][key]["shifts"]:
+            z = [r[key]["shifts"][zoo] for r in runs]
+            if "refused" in z[0]:
+                lines.append(
+                    f"| {key} | {zoo} | {z[0]['n']} | - | - | - | refused {ms([x['refused'] for x in z])} | - |"
+                )
+                continue
+            shape = (
+                ms([x.get("set_size") for x in z])
+                if z[0].get("set_size")
+                else ms([x.get("width_rel_std") for x in z])
+            )
+            lines.append(
+                f"| {key} | {zoo} | {z[0]['n']} | {ms([x.get('coverage') for x in z])} | {shape} "
+                f"| {ms([x.get('ece') for x in z])} | {ms([x['flagged'] for x in z])} "
+                f"| {ms([x.get('auroc') for x in z])} |"
+            )
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("zoos", type=Path)
@@ -100,7 +148,11 @@ def main() -> None:
     ap.add_argument("--models", default="glnet")
     ap.add_argument("--targets", default="eval_loss,src_sub")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--table", type=Path, nargs="+", help="Print the table of these results.")
     args = ap.parse_args()
+    if args.table:
+        print(table(args.table))
+        return
     pack_zoo_cached(args.zoos / "z-main", args.zoos / "z-main.store", print)
     runs = [(m, t) for m in args.models.split(",") for t in args.targets.split(",")]
     seconds = {}
