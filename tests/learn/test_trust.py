@@ -160,3 +160,18 @@ def test_a_damaged_calibration_is_refused_naming_the_file(reg_run, tmp_path):
     path.write_text(json.dumps(cal))
     with pytest.raises(RunError, match=r"calibration\.json"):
         load_run(tmp_path / "run")
+
+
+@pytest.mark.parametrize("with_cal", [True, False])
+def test_a_split_column_is_kept_and_its_cal_rows_calibrate(make_store, tmp_path, with_cal):
+    """A store's split column decides the rows: its ``cal`` rows calibrate, else its val rows
+    (method "val"); no training row is moved."""
+
+    def split(k, s):
+        part = ["train"] * 6 + ["val", "test"] + (["cal"] * 2 if with_cal else ["train"] * 2)
+        return {"split": part[k % 10]}
+
+    m = _train(make_store(tmp_path / "s", n=100, extra=split), tmp_path / "r")
+    cal = m["calibration"]
+    assert m["n"]["train"] == (60 if with_cal else 80)
+    assert (cal["method"], cal["n_calibration"]) == (("split", 20) if with_cal else ("val", 10))

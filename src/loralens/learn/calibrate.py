@@ -3,7 +3,8 @@ update sizes over store rows, the calibration fitted from them, and its report o
 split, all in one place so that ``train`` calls one function.
 
 ``split`` runs hold a share of the training split out (``TrainConfig.calibration``, seeded,
-stratified by class) before training; cross-validated runs calibrate on the out-of-fold outputs
+stratified by class) before training (a split read from a store column is kept: its ``cal``
+rows calibrate, or failing those its validation rows, ``val``); cross-validated runs calibrate on the out-of-fold outputs
 (cross-conformal) and report each fold judged by the other folds' quantiles and threshold.
 """
 
@@ -70,6 +71,7 @@ def calibrate(
     cal_rows: np.ndarray,
     cal_raw: np.ndarray | None = None,
     groups: np.ndarray | None = None,
+    method: str = "split",
     coverage: float = cp.COVERAGE,
     share: float = 0.05,
     normalized: bool = True,
@@ -78,14 +80,15 @@ def calibrate(
     """Fit the fit check on ``reference_rows`` (the training LoRAs) and calibrate on
     ``cal_rows``: held out (``cal_raw`` None: the model predicts them), or out-of-fold outputs
     ``cal_raw`` of rows among the reference, in folds ``groups`` (cross-conformal: each fold's
-    ood_score is taken against a reference of the other folds)."""
+    ood_score is taken against a reference of the other folds). ``method`` names a held-out
+    calibration: "split", or "val" (validation rows, also used to stop early: a little optimistic)."""
     ref = np.sort(np.asarray(reference_rows))
     if len(ref) > MAX_REFERENCE:
         ref = np.sort(np.random.default_rng(seed).choice(ref, MAX_REFERENCE, replace=False))
     _, emb_ref, rms_ref = store_outputs(model, store, ref)
     fit = FitCheck.fit(emb_ref, rms_ref, list(model.spec.names))
     cal_rows = np.asarray(cal_rows)
-    method = "split" if groups is None else "cross"
+    method = method if groups is None else "cross"
     raw, emb_cal, rms_cal = store_outputs(model, store, cal_rows)
     cal_raw = raw if cal_raw is None else cal_raw
     if groups is None:
@@ -134,10 +137,16 @@ def check_trust_settings(config: TrainConfig) -> None:
 
 
 def hold_out_calibration(
-    split: dict[str, np.ndarray], config: TrainConfig, y_all: np.ndarray, kind: str
+    split: dict[str, np.ndarray], config: TrainConfig, y_all: np.ndarray, kind: str, store: Any
 ) -> dict[str, np.ndarray]:
     """``split`` with ``config.calibration`` of its labelled LoRAs moved from train to "cal"
-    (seeded by ``config.seed``; stratified by class for classification)."""
+    (seeded by ``config.seed``; stratified by class for classification). A split read from a
+    column is kept as it is: its "cal" rows, else its validation rows, calibrate."""
+    column = config.split_column
+    if column == "auto":
+        column = "split" if "split" in store.index.columns else None
+    if column or "cal" in split:
+        return split
     n = sum(len(v) for v in split.values())
     share = min(config.calibration * n / max(len(split["train"]), 1), 0.5)
     strata = class_strata(y_all[split["train"]]) if kind == CLASSIFICATION else None
@@ -165,15 +174,17 @@ def calibrate_run(
     }
     if len(splits) == 1:
         split = splits[0]
-        if len(split.get("cal", ())) == 0:
+        if not config.calibration:
             return None, {}
+        held = len(split.get("cal", ())) > 0  # else a split column without cal rows: val
         cal = calibrate(
             model,
             store,
             task,
             y_all,
             reference_rows=split["train"],
-            cal_rows=split["cal"],
+            cal_rows=split["cal"] if held else split["val"],
+            method="split" if held else "val",
             **settings,
         )
         rows = split["test"]

@@ -216,7 +216,7 @@ def train(
         folds=config.folds,
     )
     if len(splits) == 1 and config.calibration:
-        splits = [hold_out_calibration(splits[0], config, y_all, kind)]
+        splits = [hold_out_calibration(splits[0], config, y_all, kind, store)]
     probes = {}
     if config.probes:
         fit_test = [(np.concatenate([s["train"], s["val"]]), s["test"]) for s in splits]

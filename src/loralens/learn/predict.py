@@ -53,7 +53,7 @@ def predict_adapters(
             items.append((str(a.metadata.get("source", f"adapter #{len(items)}")), a, None))
             continue
         for path in expand_adapters([a]):
-            items.append(_load(run, path))
+            items.append(_load(path))
     good = [k for k, (_, lora, err) in enumerate(items) if err is None]
     for k in good:
         name, lora, _ = items[k]
@@ -79,7 +79,8 @@ def predict_adapters(
     return json_safe(rows)
 
 
-def _load(run: Run, path: os.PathLike) -> tuple[str, LoRA | None, str | None]:
+def _load(path: os.PathLike) -> tuple[str, LoRA | None, str | None]:
+    """(name, the LoRA, None), or (name, None, why it cannot be read)."""
     from loralens.formats import LoRAFormatError, load_lora
 
     try:

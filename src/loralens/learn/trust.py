@@ -32,7 +32,7 @@ CALIBRATION = "calibration.json"
 ARRAYS = "calibration.safetensors"
 FORMAT = "loralens-calibration"
 VERSION = 1
-METHODS = ("split", "cross")
+METHODS = ("split", "val", "cross")
 #: Training LoRAs kept as the fit check's reference (a seeded sample above this).
 MAX_REFERENCE = 2048
 
@@ -64,7 +64,12 @@ class Calibration:
         return self.offset + ood if self.normalized else np.ones_like(ood)
 
     def apply(
-        self, task: Task, raw: np.ndarray, emb: np.ndarray, log_rms: np.ndarray, level=None
+        self,
+        task: Task,
+        raw: np.ndarray,
+        emb: np.ndarray,
+        log_rms: np.ndarray,
+        level: float | None = None,
     ) -> dict[str, Any]:
         """Calibrated predictions of raw outputs: ``pred`` (N, T) and ``lo``/``hi``, or ``prob``
         and ``sets`` (per target, per LoRA); ``fit``: the fit check's row per LoRA."""
