@@ -3,7 +3,8 @@ it looks like it was trained on (a base-model guess) and what trained runs predi
 
 :func:`screen_adapter` is the one implementation behind ``loralens serve`` (``POST /api/screen``)
 and ``loralens screen``; its ``layers`` rows are ``inspect --json``'s and each prediction entry
-holds ``predict --json``'s ``prediction`` (and ``label``) for one run.
+holds one run's ``predict --json`` row (``learn.predict``): prediction, interval or set, the fit
+check's verdict.
 """
 
 from __future__ import annotations

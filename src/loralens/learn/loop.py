@@ -227,7 +227,7 @@ def train(
         metrics = _summary(store, config, data, history, best, base, hp, acc, t0)
         test, used = (
             (best.test_rows, best.test_out),
-            np.concatenate([splits[0]["train"], splits[0]["val"]]),
+            np.concatenate([v for k, v in splits[0].items() if k != "test"]),  # cal: seen
         )
     else:
         base, history, data, metrics, test = _cross_validate(

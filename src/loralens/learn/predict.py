@@ -74,7 +74,10 @@ def predict_adapters(
     for k, (name, _, err) in enumerate(items):
         row = results.get(k) or _failed(run, err)
         if row.get("error") is None and not all(np.isfinite(list(row["prediction"].values()))):
-            row = _failed(run, f"the model gives a non-finite (NaN/inf) prediction for {name}")
+            row = _failed(
+                run,
+                f"the model gives a non-finite prediction for {name} (an overflow or an invalid value)",
+            )
         rows.append({"adapter": name, **row})
     return json_safe(rows)
 
@@ -102,7 +105,7 @@ def _problem(run: Run, lora: LoRA, name: str) -> str | None:
         if not (bool(torch.isfinite(layer.U).all()) and bool(torch.isfinite(layer.V).all()))
     ]
     if bad:
-        return f"{name}: non-finite (NaN/inf) weights in {', '.join(bad[:3])}"
+        return f"{name}: non-finite weights (not a number or infinite) in {', '.join(bad[:3])}"
     return None
 
 
