@@ -3,18 +3,18 @@ it looks like it was trained on (a base-model guess) and what trained runs predi
 
 :func:`screen_adapter` is the one implementation behind ``loralens serve`` (``POST /api/screen``)
 and ``loralens screen``; its ``layers`` rows are ``inspect --json``'s and each prediction entry
-holds ``predict --json``'s ``prediction`` (and ``label``) for one run.
+holds one run's ``predict --json`` row (``learn.predict``): prediction, interval or set, the fit
+check's verdict.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,23 +22,18 @@ from loralens.families import guess_base_model
 from loralens.flags import layer_flags
 from loralens.inspection import inspect_adapter
 from loralens.jsonio import json_safe
-from loralens.learn.runs import METRICS, Run, headline, load_run, predict
-from loralens.learn.tasks import CLASSIFICATION
+from loralens.learn.runs import METRICS, Run, headline, load_run
 
 #: singular values kept per layer (the page plots these spectra)
 SPECTRUM = 64
-#: coverage of the prediction intervals built from a run's test residuals
-INTERVAL_LEVEL = 0.9
 
 
 @dataclass
 class ScreeningRun:
-    """A trained run ready to predict on screened adapters, with its interval half-widths."""
+    """A trained run ready to predict on screened adapters (its calibration gives intervals)."""
 
     name: str
     run: Run
-    #: per regression target: half-width of the INTERVAL_LEVEL interval (None: too few test rows)
-    halfwidth: dict[str, float | None] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         """What the run predicts, what it was trained on and how well it did on its test split."""
@@ -46,6 +41,7 @@ class ScreeningRun:
         metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
         spec = self.run.spec
         store = metrics.get("store")
+        cal = self.run.calibration
         return json_safe(
             {
                 "name": self.name,
@@ -56,7 +52,7 @@ class ScreeningRun:
                 "test": headline(metrics.get("test", {}), self.run.task.kind),
                 "baseline_test": metrics.get("baseline", {}).get("test"),
                 "layout": {"num_layers": len(spec.names), "ranks": sorted(set(spec.ranks))},
-                "interval_level": INTERVAL_LEVEL if self.halfwidth else None,
+                "interval_level": None if cal is None else cal.coverage,
             }
         )
 
@@ -72,29 +68,8 @@ def load_screening_runs(paths: Sequence[str | os.PathLike]) -> list[ScreeningRun
         while name in seen:
             name, k = f"{base}-{k}", k + 1
         seen.add(name)
-        runs.append(ScreeningRun(name, run, _halfwidths(run)))
+        runs.append(ScreeningRun(name, run))
     return runs
-
-
-def _halfwidths(run: Run) -> dict[str, float | None]:
-    """Split-conformal half-widths from the run's test predictions (predictions.csv): the
-    ceil((n+1)·level)-th smallest |true - predicted|; regression runs only."""
-    csv = run.path / "predictions.csv"
-    if run.task.kind == CLASSIFICATION or not csv.is_file():
-        return {}
-    import numpy as np
-    import pandas as pd
-
-    frame = pd.read_csv(csv)
-    out: dict[str, float | None] = {}
-    for t in run.task.targets:
-        if f"{t}_true" not in frame or f"{t}_pred" not in frame:
-            continue
-        res = np.abs(frame[f"{t}_true"].to_numpy(float) - frame[f"{t}_pred"].to_numpy(float))
-        res = np.sort(res[np.isfinite(res)])
-        k = math.ceil((len(res) + 1) * INTERVAL_LEVEL)
-        out[t] = float(res[k - 1]) if 0 < k <= len(res) else None
-    return out
 
 
 def screen_adapter(
@@ -139,8 +114,8 @@ def _renamed_args(e: ValueError, path: str | os.PathLike, shown: str) -> tuple[A
 
 
 def _prediction(srun: ScreeningRun, path: str | os.PathLike, shown: str) -> dict[str, Any]:
-    """One run's ``predict`` row for the adapter, with intervals; an error entry if it does not
-    fit the run (or cannot be read at the run's strictness, e.g. NaN weights)."""
+    """One run's ``predict`` row for the adapter (interval or set, fit check); an error entry if
+    it does not fit the run (or cannot be read at the run's strictness, e.g. NaN weights)."""
     task = srun.run.task
     entry: dict[str, Any] = {
         "run": srun.name,
@@ -148,25 +123,18 @@ def _prediction(srun: ScreeningRun, path: str | os.PathLike, shown: str) -> dict
         "task": task.kind,
         "targets": list(task.targets),
     }
-    try:
-        row = predict(srun.run, [path])[0]
-    except (ValueError, OSError) as e:  # named by the upload and the run, not by server paths
-        message = str(e).replace(str(path), shown).replace(str(srun.run.path), srun.name)
+    row = srun.run.predict([path])[0]
+    if row["error"] is not None:  # named by the upload and the run, not by server paths
+        message = row["error"].replace(str(path), shown).replace(str(srun.run.path), srun.name)
         return {**entry, "error": message}
-    entry["prediction"] = row["prediction"]
-    if "label" in row:
-        entry["label"] = row["label"]
-    if srun.halfwidth:
-        entry["interval_level"] = INTERVAL_LEVEL
-        entry["interval"] = {
-            t: None if (h := srun.halfwidth.get(t)) is None else [v - h, v + h]
-            for t, v in row["prediction"].items()
-        }
+    keep = ("prediction", "label", "interval", "set", "in_distribution", "ood_score")
+    entry.update({k: row[k] for k in (*keep, "threshold", "reasons") if k in row})
+    entry["reasons"] = [r.replace(str(path), shown) for r in row["reasons"]]
+    entry["interval_level"] = row["coverage"]
     return entry
 
 
 __all__ = [
-    "INTERVAL_LEVEL",
     "SPECTRUM",
     "ScreeningRun",
     "guess_base_model",

@@ -62,7 +62,7 @@ def test_pack_train_evaluate_predict(peft_zoo, tmp_path):
     assert set(metrics["test"]) >= {"r2", "kendall_tau", "spearman"}
     assert set(metrics["val"]) >= {"r2", "kendall_tau", "spearman"}
     assert 1 <= metrics["best_epoch"] <= 8
-    assert metrics["n"] == {"train": 38, "val": 5, "test": 5}
+    assert metrics["n"] == {"train": 33, "val": 5, "cal": 5, "test": 5}
     for name in ("model.safetensors", "config.json", "pred_vs_true.png", "learning_curves.png"):
         assert (run / name).is_file()
 

@@ -76,7 +76,7 @@ def test_evaluate_leaves_out_seen_loras(tmp_path, make_store):
     store = make_store(tmp_path / "s", n=80)
     m = train(store, TrainConfig("mlp", ["y"], epochs=2, plots=False), tmp_path / "run")
     out = evaluate(tmp_path / "run", store)
-    assert out["n_seen"] == m["n"]["train"] + m["n"]["val"]
+    assert out["n_seen"] == m["n"]["train"] + m["n"]["val"] + m["n"]["cal"]  # cal: seen too
     assert out["n"] == m["n"]["test"]
     assert f"{out['n_seen']} of 80 LoRAs were used to train" in out["warnings"][0]
     rec = json.loads((tmp_path / "run" / "trained_on.json").read_text())

@@ -13,7 +13,6 @@ import loralens as ll
 from loralens.inspection import inspect_adapter
 from loralens.learn.runs import load_run, predict
 from loralens.screening import (
-    INTERVAL_LEVEL,
     SPECTRUM,
     guess_base_model,
     layer_flags,
@@ -41,35 +40,17 @@ def test_report_holds_inspect_rows_and_predict_rows(tmp_path, runs, screening_ru
         assert entry["prediction"] == pytest.approx(row["prediction"])
         assert entry.get("label") == row.get("label")
     assert cls["task"] == "classification" and 0 <= cls["prediction"]["c"] <= 1
-    assert reg["targets"] == ["y", "z"] and reg["interval_level"] == INTERVAL_LEVEL
+    assert reg["targets"] == ["y", "z"] and reg["interval_level"] == 0.9
     assert report["flags"] == [] and report["seconds"] > 0
 
 
-def test_interval_is_the_conformal_quantile_of_test_residuals(tmp_path, runs, screening_runs):
-    import numpy as np
-    import pandas as pd
-
-    frame = pd.read_csv(runs["reg"] / "predictions.csv")
-    res = np.sort(np.abs(frame["y_true"] - frame["y_pred"]))
-    k = math.ceil((len(res) + 1) * INTERVAL_LEVEL)
-    entry = screen_adapter(peft(tmp_path / "a", seed=3), screening_runs)["predictions"][0]
-    value = entry["prediction"]["y"]
-    assert k <= len(res)
-    assert entry["interval"]["y"] == pytest.approx([value - res[k - 1], value + res[k - 1]])
-
-
-def test_too_few_test_rows_give_no_interval(tmp_path, runs):
-    import pandas as pd
-
-    from loralens.screening import ScreeningRun, _halfwidths
-
-    run = load_run(runs["reg"])
-    frame = pd.read_csv(runs["reg"] / "predictions.csv")
-    frame.head(3).to_csv(tmp_path / "predictions.csv", index=False)
-    run.path = tmp_path  # ceil(4 * 0.9) = 4 > 3 rows: no interval rather than a false one
-    srun = ScreeningRun("few", run, _halfwidths(run))
-    entry = screen_adapter(peft(tmp_path / "a"), [srun])["predictions"][0]
-    assert entry["interval"] == {"y": None, "z": None}
+def test_screening_gives_the_runs_own_interval_and_fit_check(tmp_path, runs, screening_runs):
+    path = peft(tmp_path / "a", seed=3)
+    entry = screen_adapter(path, screening_runs)["predictions"][0]
+    row = load_run(runs["reg"]).predict(path)[0]
+    assert entry["interval"] == pytest.approx(row["interval"])
+    assert entry["ood_score"] == pytest.approx(row["ood_score"])
+    assert entry["in_distribution"] == row["in_distribution"]
 
 
 def test_a_run_the_adapter_does_not_fit_says_so(tmp_path, screening_runs):

@@ -77,6 +77,16 @@ def train(
         None, help="Cross-validation folds (default: 5 below 60 labelled LoRAs; 1: one split)."
     ),
     linear_base: str = typer.Option("auto", help=LINEAR_BASE_HELP),
+    coverage: float = typer.Option(0.9, help="Coverage of intervals / prediction sets."),
+    interval: str = typer.Option(
+        "normalized", help="'normalized' (wider for unusual LoRAs) or 'plain' intervals."
+    ),
+    calibration: float = typer.Option(
+        0.1, help="Share of LoRAs held out of training to calibrate on (0: none)."
+    ),
+    ood_share: float = typer.Option(
+        0.05, help="Share of in-distribution LoRAs the fit check flags (its threshold)."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder."),
     quiet: bool = typer.Option(False, "--quiet", help="No per-epoch lines."),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
@@ -90,7 +100,7 @@ def train(
     from loralens.learn.data import resolve_targets
     from loralens.learn.loop import TrainConfig
     from loralens.learn.loop import train as train_run
-    from loralens.learn.report import probe_verdict, train_columns, train_title
+    from loralens.learn.report import calibration_lines, probe_verdict, train_columns, train_title
     from loralens.store import LoRAStore
 
     hparams = _parse_hparams(hparam)
@@ -111,6 +121,10 @@ def train(
             threads=threads,
             folds=folds,
             linear_base=linear_base,
+            coverage=coverage,
+            interval=interval,
+            calibration=calibration,
+            ood_share=ood_share,
         )
         metrics = train_run(store, config, out, progress=not quiet, overwrite=overwrite)
     if int(os.environ.get("RANK", "0")) != 0:  # one report under `accelerate launch`
@@ -119,7 +133,7 @@ def train(
         echo_json(metrics)
         return
     _metrics_table(train_title(metrics), train_columns(metrics))
-    for line in probe_verdict(metrics):
+    for line in [*probe_verdict(metrics), *calibration_lines(metrics.get("calibration"))]:
         typer.echo(line)
     typer.echo(f"wrote {out}/metrics.json, model.safetensors, config.json and plots")
 
@@ -134,13 +148,16 @@ def evaluate(
     data: str = typer.Option(..., help="The store to evaluate on (other ranks, other base)."),
     where: str = typer.Option(None, metavar="FILTER", help=WHERE_HELP),
     out: str = typer.Option(None, help="Also write OUT/evaluate.json."),
+    coverage: float = typer.Option(None, help="Coverage of the intervals (default: the run's)."),
     as_json: bool = typer.Option(False, "--json", help="Print the full JSON."),
 ) -> None:
-    """Metrics of a trained model on every LoRA of a store."""
+    """Metrics of a trained model on every LoRA of a store, and how its intervals (or sets)
+    and its fit check hold there."""
+    from loralens.learn.report import calibration_lines
     from loralens.learn.runs import evaluate as evaluate_run
 
     with user_errors():
-        result = evaluate_run(run_dir, data, where=where, out_dir=out)
+        result = evaluate_run(run_dir, data, where=where, out_dir=out, coverage=coverage)
     if as_json:
         echo_json(result)
         return
@@ -152,6 +169,8 @@ def evaluate(
         f"{result['store']}",
         columns,
     )
+    for line in calibration_lines(result["calibration"], key="report"):
+        typer.echo(line)
     for note in result.get("warnings", []):
         typer.secho(f"warning: {note}", fg=typer.colors.YELLOW, err=True)
 
@@ -159,35 +178,87 @@ def evaluate(
 @commands.command(
     epilog="Examples:\n\n"
     "  loralens predict runs/glnet my_adapter/ other_lora.safetensors\n\n"
-    "  loralens predict runs/glnet uploads/*.safetensors --json > predictions.json"
+    "  loralens predict runs/glnet uploads/ --json > predictions.json   (a folder of adapters)\n\n"
+    "Exit code 1 when any adapter could not be read or does not fit (its row says why)."
 )
 def predict(
     run_dir: str = typer.Argument(..., help="A run directory written by `loralens train`."),
-    adapters: list[str] = typer.Argument(..., help="Adapters: PEFT folders or LoRA files."),
-    as_json: bool = typer.Option(False, "--json", help="A JSON list of {adapter, prediction}."),
+    adapters: list[str] = typer.Argument(
+        ..., help="Adapters: PEFT folders, LoRA files, or folders of them."
+    ),
+    as_json: bool = typer.Option(
+        False, "--json", help="A JSON list of rows: prediction, interval or set, fit check."
+    ),
+    coverage: float = typer.Option(None, help="Coverage of the intervals (default: the run's)."),
     batch_size: int = typer.Option(64, help="Adapters per forward pass."),
 ) -> None:
-    """Predict label(s) for new adapters in any supported format, without running them."""
+    """Predict label(s) for new adapters in any supported format, without running them: with an
+    interval (or probability and prediction set) and a check that each adapter fits the model
+    (! marks one that does not look like the training LoRAs; its reasons follow the table)."""
+    from rich.markup import escape
     from rich.table import Table
 
+    from loralens.learn.predict import UNCALIBRATED
     from loralens.learn.runs import load_run
     from loralens.learn.runs import predict as predict_rows
 
     with user_errors():
         run = load_run(run_dir)
-        rows = predict_rows(run, adapters, batch_size=batch_size)
+        rows = predict_rows(run, adapters, batch_size=batch_size, coverage=coverage)
+    failed = [r for r in rows if r["error"] is not None]
     if as_json:
         echo_json(rows)
-        return
-    task = run.task
-    kind = "probability" if task.kind == "classification" else "predicted"
-    table = Table(title=f"{run.config['model']['name']}: {kind} {', '.join(task.targets[:6])}")
-    table.add_column("adapter")
-    for t in task.targets:
-        table.add_column(t, justify="right")
-    for row in rows:
-        table.add_row(row["adapter"], *(num(row["prediction"][t], ".4g") for t in task.targets))
-    console().print(table)
+    else:
+        task = run.task
+        kind = "probability" if task.kind == "classification" else "predicted"
+        level = next((r["coverage"] for r in rows if r["coverage"] is not None), None)
+        extra = (
+            ""
+            if level is None
+            else f" ({level:.0%} {'set' if kind == 'probability' else 'interval'})"
+        )
+        table = Table(
+            title=f"{run.config['model']['name']}: {kind} {', '.join(task.targets[:6])}{extra}"
+        )
+        table.add_column("adapter")
+        table.add_column("fit")
+        for t in task.targets:
+            table.add_column(t, justify="right")
+        for row in rows:
+            cells = [_cell(row, t) for t in task.targets]
+            table.add_row(escape(row["adapter"]), _fit_mark(row), *cells)
+        console().print(table)
+        for row in rows:
+            for reason in row["reasons"]:
+                typer.secho(f"! {row['adapter']}: {reason}", fg=typer.colors.YELLOW, err=True)
+            if row["error"] is not None:
+                typer.secho(f"error: {row['error']}", fg=typer.colors.RED, err=True)
+        if not run.calibration:
+            typer.secho(f"note: {UNCALIBRATED}", fg=typer.colors.YELLOW, err=True)
+    if failed:
+        raise typer.Exit(code=1)
+
+
+def _fit_mark(row: dict[str, Any]) -> str:
+    """ "ok", "!" (flagged by the fit check), "error", or "-" (no fit check: uncalibrated)."""
+    if row["error"] is not None:
+        return "error"
+    if row["in_distribution"] is None:
+        return "-"
+    return "ok" if row["in_distribution"] else "!"
+
+
+def _cell(row: dict[str, Any], target: str) -> str:
+    """A prediction with its interval [lo, hi] or its probability and prediction set."""
+    if row["error"] is not None:
+        return ""
+    value = num(row["prediction"][target], ".4g")
+    if row.get("interval"):
+        lo, hi = row["interval"][target]
+        return f"{value} [{num(lo, '.4g')}, {num(hi, '.4g')}]"
+    if row.get("set"):
+        return f"{value} {{{', '.join(map(str, row['set'][target]))}}}"
+    return value
 
 
 @commands.command(

@@ -2,7 +2,13 @@
 
 from loralens.formats.canonical import model_family
 from loralens.formats.convert import convert, write_lora
-from loralens.formats.detect import FORMATS, detect_format, load_lora
+from loralens.formats.detect import (
+    FORMATS,
+    detect_format,
+    expand_adapters,
+    find_adapters,
+    load_lora,
+)
 from loralens.formats.errors import LoRAFormatError
 from loralens.formats.file_writers import save_diffusers, save_kohya
 from loralens.formats.peft import save_peft as save_lora
@@ -12,6 +18,8 @@ __all__ = [
     "LoRAFormatError",
     "convert",
     "detect_format",
+    "expand_adapters",
+    "find_adapters",
     "load_lora",
     "model_family",
     "save_diffusers",

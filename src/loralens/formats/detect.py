@@ -123,6 +123,37 @@ def _file_format(path: Path) -> str:
     raise LoRAFormatError(path, f"no LoRA keys found (keys like {shown}); {EXPECTED}")
 
 
+def find_adapters(folder: Path, suffixes: tuple[str, ...] = SAFETENSORS_SUFFIXES) -> list[Path]:
+    """Every adapter under ``folder``, sorted: PEFT folders (holding adapter_config.json; not
+    searched further) and files ending in ``suffixes``. Hidden folders and folder links are
+    not followed."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        here = Path(dirpath)
+        if CONFIG_NAME in filenames:
+            found.append(here)
+            dirnames.clear()
+            continue
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found += [here / f for f in filenames if f.endswith(suffixes)]
+    return sorted(found)
+
+
+def expand_adapters(paths: list[str | os.PathLike[str]]) -> list[Path]:
+    """``paths`` with every folder that is not itself an adapter replaced by the adapters in
+    it (:func:`find_adapters`); anything else, readable or not, is kept as given."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        found = []
+        if p.is_dir():
+            try:
+                _resolve(p)
+            except LoRAFormatError:
+                found = find_adapters(p)
+        out += found or [p]
+    return out
+
+
 def detect_format(path: str | os.PathLike[str]) -> str:
     """The LoRA format at ``path``: one of :data:`FORMATS` ("peft", "kohya", "diffusers",
     "comfyui", "xlabs", "lycoris"), named for what the file is.

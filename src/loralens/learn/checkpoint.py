@@ -18,7 +18,7 @@ import torch
 from loralens.learn.tasks import CLASSIFICATION, REGRESSION, Task
 from loralens.lora import LayerSpec
 from loralens.models.base import MAX_WIDTH
-from loralens.models.registry import MODEL_NAMES, check_hparams, state_shapes
+from loralens.models.registry import MODEL_NAMES, check_hparams, saved_key, state_shapes
 
 CHECKPOINT = "model.safetensors"
 CONFIG = "config.json"
@@ -68,24 +68,31 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON object from a run's file, read as untrusted input: a regular file under
+    ``MAX_CONFIG_BYTES``, strict JSON (no NaN/Infinity); :class:`RunError` naming ``path``."""
+    _regular_file(path)
+    with open(path, "rb") as f:
+        data = f.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise RunError(f"{path}: larger than {MAX_CONFIG_BYTES // 2**20} MiB; not a run's file")
+    try:
+        obj = json.loads(data, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError too
+        raise RunError(f"{path}: not valid JSON ({str(e)[:200] or type(e).__name__})") from None
+    if not isinstance(obj, dict):
+        raise RunError(f"{path}: not a JSON object")
+    return obj
+
+
 def read_config(path: Path) -> RunConfig:
     """``config.json`` of a run, parsed and checked (types, ranges, known model and
     hyperparameters, task scaling); :class:`RunError` naming ``path`` otherwise."""
-    _regular_file(path)
 
     def bad(what: str) -> RunError:
         return RunError(f"{path}: {what}")
 
-    with open(path, "rb") as f:
-        data = f.read(MAX_CONFIG_BYTES + 1)
-    if len(data) > MAX_CONFIG_BYTES:
-        raise bad(f"larger than {MAX_CONFIG_BYTES // 2**20} MiB; not a run config")
-    try:
-        cfg = json.loads(data, parse_constant=_no_constant)
-    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError too
-        raise bad(f"not valid JSON ({str(e)[:200] or type(e).__name__})") from None
-    if not isinstance(cfg, dict):
-        raise bad("not a JSON object")
+    cfg = read_json_object(path)
     if cfg.get("format", FORMAT) != FORMAT:
         raise bad(f"format is {cfg.get('format')!r:.60}, not {FORMAT!r}")
     if cfg.get("version", VERSION) != VERSION:
@@ -169,7 +176,10 @@ def load_checkpoint(path: Path, config: RunConfig) -> dict[str, torch.Tensor]:
         raise RunError(f"{path.parent / CONFIG}: {e}") from None
     try:
         with safe_open(path, framework="pt") as f:  # the header only: nothing is read yet
-            have = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+            have = {
+                saved_key(config.name, k): tuple(f.get_slice(k).get_shape())
+                for k in f.keys()  # noqa: SIM118
+            }
     except (SafetensorError, OSError, ValueError) as e:
         raise RunError(f"{path}: not a readable safetensors file ({e})") from None
     missing = [k for k in want if k not in have]
@@ -186,7 +196,7 @@ def load_checkpoint(path: Path, config: RunConfig) -> dict[str, torch.Tensor]:
                 f"{CONFIG} needs {list(t.shape)}"
             )
     try:
-        state = load_file(path)
+        state = {saved_key(config.name, k): t for k, t in load_file(path).items()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise RunError(f"{path}: {e}") from None
     for k, t in state.items():
@@ -204,4 +214,5 @@ __all__ = [
     "RunNotFoundError",
     "load_checkpoint",
     "read_config",
+    "read_json_object",
 ]

@@ -172,15 +172,16 @@ def split_rows(
     strata: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Deterministic train/val/test row indices: from a ``split`` column if given (values
-    train/val/test; 'valid'/'validation' accepted), else a seeded split of ``fractions``,
+    train/val/test, and cal for calibration rows; 'valid'/'validation' accepted), else a seeded split of ``fractions``,
     stratified by ``strata`` (e.g. the class of each row) when given."""
     if split_column is not None:
-        alias = {"valid": "val", "validation": "val", "dev": "val"}
+        alias = {"valid": "val", "validation": "val", "dev": "val", "calibration": "cal"}
         values = np.asarray([alias.get(str(v).lower(), str(v).lower()) for v in split_column])
-        bad = sorted(set(values) - set(SPLITS))
+        bad = sorted(set(values) - {*SPLITS, "cal"})
         if bad:
-            raise ValueError(f"split column has values {bad}; expected train/val/test")
-        return {s: np.flatnonzero(values == s) for s in SPLITS}
+            raise ValueError(f"split column has values {bad}; expected train/val/test (/cal)")
+        parts = {s: np.flatnonzero(values == s) for s in SPLITS}
+        return {**parts, "cal": np.flatnonzero(values == "cal")} if "cal" in values else parts
     if n < 3:
         raise ValueError(f"need at least 3 LoRAs to split into train/val/test, got {n}")
     rng = np.random.default_rng(seed)
@@ -216,6 +217,18 @@ def kfold_rows(
         inner = _stratified(strata[rest], rng, (1 - 1 / (k - 1), 1 / (k - 1), 0.0))
         out.append({"train": rest[inner["train"]], "val": rest[inner["val"]], "test": test})
     return out
+
+
+def hold_out(
+    rows: np.ndarray, share: float, seed: int, strata: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, held out) store ``rows``: a seeded ``share`` of them held out (at least one;
+    stratified by ``strata``, one per row, when given), e.g. to calibrate on."""
+    rows = np.asarray(rows)
+    strata = np.zeros(len(rows), dtype=np.int64) if strata is None else np.asarray(strata)
+    rng = np.random.default_rng([seed, 0xCA1])
+    parts = _stratified(strata, rng, (1.0 - share, share, 0.0))
+    return rows[parts["train"]], rows[parts["val"]]
 
 
 def class_strata(y: np.ndarray) -> np.ndarray:
@@ -339,6 +352,7 @@ __all__ = [
     "check_finite_labels",
     "class_strata",
     "encode_targets",
+    "hold_out",
     "hparam_columns",
     "kfold_rows",
     "make_loader",

@@ -32,6 +32,7 @@ import torch
 
 from loralens.jsonio import json_safe
 from loralens.learn.base_fit import fit_linear_base, linear_base_kind
+from loralens.learn.calibrate import calibrate_run, check_trust_settings, hold_out_calibration
 from loralens.learn.data import (
     SPLITS,
     check_finite_labels,
@@ -102,6 +103,14 @@ class TrainConfig:
     #: network learns what it misses: "auto" = "dense" where the training LoRAs' ΔW fit in
     #: probes.DENSE_MAX_BYTES, else "spectral"; "none" = the network alone
     linear_base: str = "auto"
+    #: calibration (learn.trust): share of the labelled LoRAs held out of the one split's
+    #: training rows to calibrate on (cross-validated runs: out of fold); 0: no calibration
+    calibration: float = 0.1
+    #: coverage of intervals / prediction sets; "normalized" or "plain" intervals
+    coverage: float = 0.9
+    interval: str = "normalized"
+    #: share of in-distribution calibration LoRAs the fit check flags
+    ood_share: float = 0.05
 
     def __post_init__(self) -> None:
         """Refuse a setting of the wrong type or out of range now, before any store is read:
@@ -142,6 +151,7 @@ class TrainConfig:
             raise ValueError(
                 f"linear_base must be one of {['auto', *LINEAR_BASES]}, got {self.linear_base!r}"
             )
+        check_trust_settings(self)
 
     def resolved(self) -> dict[str, Any]:
         """The training settings used: the model's defaults, overridden where set here."""
@@ -217,6 +227,8 @@ def train(
         classification=kind == CLASSIFICATION,
         folds=config.folds,
     )
+    if len(splits) == 1 and config.calibration:
+        splits = [hold_out_calibration(splits[0], config, y_all, kind, store)]
     probes = {}
     if config.probes:
         fit_test = [(np.concatenate([s["train"], s["val"]]), s["test"]) for s in splits]
@@ -227,7 +239,7 @@ def train(
         metrics = _summary(store, config, data, history, best, base, hp, acc, t0)
         test, used = (
             (best.test_rows, best.test_out),
-            np.concatenate([splits[0]["train"], splits[0]["val"]]),
+            np.concatenate([v for k, v in splits[0].items() if k != "test"]),  # cal: seen
         )
     else:
         base, history, data, metrics, test = _cross_validate(
@@ -235,6 +247,9 @@ def train(
         )
         used = np.sort(np.concatenate([splits[0][k] for k in SPLITS]))
     metrics["probes"] = {name: _probe_summary(p, kind) for name, p in probes.items()}
+    calibration, metrics["calibration"] = calibrate_run(
+        base, store, data.task, y_all, splits, test, config
+    )
     if out_dir is not None and acc.is_main_process:
         save_run(
             out_dir,
@@ -245,6 +260,7 @@ def train(
             history=history,
             test=(*test, store, data.y_all),
             trained_on=trained_on(store, np.sort(used)),
+            calibration=calibration,
         )
     acc.wait_for_everyone()
     return json_safe(metrics)

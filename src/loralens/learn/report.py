@@ -67,4 +67,28 @@ def probe_verdict(metrics: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-__all__ = ["cell", "probe_verdict", "train_columns", "train_title"]
+def calibration_lines(entry: dict[str, Any] | None, key: str = "test") -> list[str]:
+    """How a run's intervals or sets held (on its test split, or ``key``'s report) and what
+    share its fit check flagged; one line saying so when it has no calibration."""
+    if not entry or not entry.get(key):
+        note = (entry or {}).get("note", "no calibration: predictions come without intervals")
+        return [note]
+    rep = entry[key]
+    where = "the test split" if key == "test" else f"these {rep['n']} LoRAs"
+    level = f"{rep['level']:.0%}"
+    if rep.get("set_size") is not None:
+        shape = f"mean set size {cell(rep['set_size'], fmt='.2f')}, ECE {cell(rep.get('ece'), fmt='.3f')}"
+    else:
+        shape = (
+            f"mean width {cell(rep['width_rel_std'], fmt='.2f')} label std (no weights: "
+            f"{cell(rep['width_no_weights_rel_std'], fmt='.2f')})"
+        )
+    return [
+        f"{level} {'sets' if rep.get('set_size') is not None else 'intervals'} on the {where}: "
+        f"coverage {cell(rep['coverage'], fmt='.2f')}, {shape}; fit check flags {cell(rep['flagged'], fmt='.0%')} "
+        f"(threshold {cell(entry['ood_threshold'], fmt='.3g')}, {entry['method']} calibration on "
+        f"{entry['n_calibration']} LoRAs)"
+    ]
+
+
+__all__ = ["calibration_lines", "cell", "probe_verdict", "train_columns", "train_title"]

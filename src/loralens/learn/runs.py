@@ -30,6 +30,7 @@ import torch
 
 from loralens.errors import OutputExistsError
 from loralens.jsonio import json_safe, write_json
+from loralens.learn.calibrate import store_outputs
 from loralens.learn.checkpoint import (
     CHECKPOINT,
     CONFIG,
@@ -39,8 +40,11 @@ from loralens.learn.checkpoint import (
     read_config,
 )
 from loralens.learn.data import check_finite_labels, select_rows
+from loralens.learn.fitcheck import check_layout
+from loralens.learn.predict import UNCALIBRATED
 from loralens.learn.seen import TRAINED_ON, read_trained_on, seen_mask
-from loralens.learn.tasks import CLASSIFICATION, THRESHOLD, Task
+from loralens.learn.tasks import CLASSIFICATION, Task
+from loralens.learn.trust import Calibration, read_calibration
 from loralens.lora import LayerSpec, LoRA, LoRABatch, collate, spec_of
 from loralens.store import LoRAStore, StoreError
 
@@ -85,6 +89,7 @@ def save_run(
     history: Sequence[Mapping[str, Any]],
     test: tuple[np.ndarray, np.ndarray, LoRAStore, np.ndarray],
     trained_on: Mapping[str, Any],
+    calibration: Calibration | None = None,
 ) -> None:
     """Write a run directory; ``test`` is (store rows, raw outputs, store, all labels),
     ``trained_on`` the record of the LoRAs trained on (``learn.seen.trained_on``)."""
@@ -112,6 +117,8 @@ def save_run(
     write_json(out / METRICS, metrics)
     write_json(out / "history.json", history)
     write_json(out / TRAINED_ON, trained_on)
+    if calibration is not None:
+        calibration.save(out)
     rows, raw, store, y_all = test
     pred = task.decode(raw)
     import pandas as pd
@@ -136,18 +143,35 @@ class Run:
     model: torch.nn.Module
     task: Task
     config: dict[str, Any]
+    #: intervals / sets and the fit check (None: a run saved before calibration existed)
+    calibration: Calibration | None = None
 
     @property
     def spec(self) -> LayerSpec:
         return self.model.spec
 
     def check(self, lora_spec: LayerSpec, what: str = "adapter") -> None:
-        problem = self.spec.describe_mismatch(lora_spec)
-        if problem:
-            raise ValueError(
-                f"{what} does not fit the model in {self.path} "
-                f"({self.config['model']['name']}, {len(self.spec.names)} layers): {problem}"
-            )
+        """The fit check's first layer: refuse (LayoutError) a layout the model does not take."""
+        where = (
+            f"the model in {self.path} ({self.config['model']['name']}, "
+            f"{len(self.spec.names)} layers)"
+        )
+        check_layout(self.spec, lora_spec, what, where)
+
+    def predict(
+        self,
+        adapters: LoRA | str | os.PathLike | Sequence[LoRA | str | os.PathLike],
+        *,
+        coverage: float | None = None,
+        batch_size: int = 64,
+    ) -> list[dict[str, Any]]:
+        """Rows of :func:`loralens.learn.predict.predict_adapters` (prediction, interval or
+        probability and set, fit verdict, or the error) for one adapter or several."""
+        from loralens.learn.predict import predict_adapters
+
+        if isinstance(adapters, (LoRA, str, os.PathLike)):
+            adapters = [adapters]
+        return predict_adapters(self, adapters, coverage=coverage, batch_size=batch_size)
 
     @torch.no_grad()
     def raw(self, batch: LoRABatch) -> np.ndarray:
@@ -195,7 +219,8 @@ def load_run(run_dir: str | os.PathLike, *, device: str | torch.device = "cpu") 
     model = rebuild_model(cfg.name, cfg.spec, cfg.out_dim, cfg.hparams)
     model.load_state_dict(state)
     model.to(device).eval()
-    return Run(path=path, model=model, task=cfg.task, config=cfg.raw)
+    calibration = read_calibration(path, cfg.task, list(cfg.spec.names))
+    return Run(path=path, model=model, task=cfg.task, config=cfg.raw, calibration=calibration)
 
 
 # ---------------------------------------------------------------------------------- using
@@ -208,12 +233,15 @@ def evaluate(
     where: str | None = None,
     batch_size: int = 256,
     out_dir: str | os.PathLike | None = None,
+    coverage: float | None = None,
 ) -> dict[str, Any]:
     """Metrics of a trained model on the (selected) LoRAs of a store that it never trained on.
 
     LoRAs the run trained or early-stopped on (``learn.seen``: same content, or same id and
     source) are left out of the metrics and counted in ``warnings``; when every LoRA was seen,
     the metrics are on all of them and the warning says they are training-set numbers.
+    ``calibration`` says how the run's intervals (at ``coverage``, default the run's) or sets
+    hold on these LoRAs and what share of them the fit check flags.
     """
     run = run if isinstance(run, Run) else load_run(run)
     store = store if isinstance(store, LoRAStore) else LoRAStore(store)
@@ -225,11 +253,8 @@ def evaluate(
     rows = rows[~np.isnan(y_all[rows]).all(axis=1)]
     if len(rows) == 0:
         raise StoreError(f"no LoRA in {store.path} has labels {run.task.targets}")
-    outs = []
     t0 = time.time()
-    for _, batch in store.iter_batches(batch_size, rows=rows, pad_ranks=run.spec.ranks):
-        outs.append(run.raw(batch))
-    out = np.concatenate(outs)
+    out, emb, log_rms = store_outputs(run.model, store, rows, batch_size)
     bad = ~np.isfinite(run.task.decode(out)).all(axis=1)
     if bad.any():
         ids = [store.ids[r] for r in rows[bad][:5]]
@@ -261,6 +286,18 @@ def evaluate(
             f"the metrics are on the {len(rows) - n_seen} unseen ones"
         )
     metrics = run.task.metrics(out[~seen], y_all[rows[~seen]])
+    cal = run.calibration
+    trust = (
+        {"calibrated": False, "note": UNCALIBRATED}
+        if cal is None
+        else {
+            **cal.summary(),
+            "calibrated": True,
+            "report": cal.report(
+                run.task, out[~seen], emb[~seen], log_rms[~seen], y_all[rows[~seen]], coverage
+            ),
+        }
+    )
     result = json_safe(
         {
             "task": run.task.kind,
@@ -273,6 +310,7 @@ def evaluate(
             "warnings": warnings,
             "metrics": headline(metrics, run.task.kind),
             "detail": metrics,
+            "calibration": trust,
             "seconds": time.time() - t0,
         }
     )
@@ -283,35 +321,15 @@ def evaluate(
 
 
 def predict(
-    run: Run, adapters: Sequence[str | os.PathLike], *, batch_size: int = 64
+    run: Run,
+    adapters: Sequence[LoRA | str | os.PathLike],
+    *,
+    batch_size: int = 64,
+    coverage: float | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per adapter file or folder: ``{"adapter", "prediction": {target: value}}`` on
-    the original scale (probabilities for classification, with ``"label"``: 0/1 at THRESHOLD);
-    strict JSON (``json.dumps(rows, allow_nan=False)`` works).
-
-    Every adapter is read and checked against the model before any is predicted: a file that
-    cannot be read (``LoRAFormatError``, ``FileNotFoundError``) or does not fit (``ValueError``)
-    raises, naming it; so does a prediction that is not finite (:class:`NonFiniteOutputError`).
-    """
-    from loralens.formats import load_lora
-
-    loras = []
-    for path in adapters:
-        lora = load_lora(path)
-        run.check(spec_of(lora), str(path))
-        loras.append(lora)
-    pred = run.predict_loras(loras, batch_size=batch_size)
-    targets = run.task.targets
-    rows = []
-    for path, p in zip(adapters, pred):
-        row: dict[str, Any] = {
-            "adapter": str(path),
-            "prediction": {t: float(v) for t, v in zip(targets, p)},
-        }
-        if run.task.kind == CLASSIFICATION:
-            row["label"] = {t: int(v >= THRESHOLD) for t, v in zip(targets, p)}
-        rows.append(row)
-    return json_safe(rows)
+    """One strict-JSON row per adapter (files, adapter folders, folders of adapters): see
+    :mod:`loralens.learn.predict`. A row that failed holds ``error``; the others are predicted."""
+    return run.predict(list(adapters), coverage=coverage, batch_size=batch_size)
 
 
 __all__ = [

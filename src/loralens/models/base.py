@@ -165,12 +165,6 @@ COMMON: dict[str, tuple[HParam, Any, Any]] = {
 }
 
 
-def _add_linear_base(model: LoLModel, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
-    """The output of a model with a linear base: base(ΔW) + gate * network."""
-    base = model.linear_base(model.prepare(args[0]))
-    return base.to(out.dtype) + model.gate.to(out.dtype) * out
-
-
 class LoLModel(nn.Module):
     """Base of every model: ``model(batch) -> (B, out_dim)``.
 
@@ -186,6 +180,8 @@ class LoLModel(nn.Module):
     #: Hyperparameters added after runs were saved, with the value older code used: a saved
     #: config that lacks one rebuilds with this, not with today's default.
     saved_defaults: ClassVar[dict[str, Any]] = {}
+    #: State-dict prefixes renamed since runs were saved (old -> new): checkpoints load either.
+    renamed: ClassVar[dict[str, str]] = {}
     #: True where the output is provably unchanged by per-layer GL(r) / O(r) transforms.
     gl_invariant: ClassVar[bool] = False
     o_invariant: ClassVar[bool] = False
@@ -208,10 +204,39 @@ class LoLModel(nn.Module):
         if self.hparams["linear_base"] != "none":
             self.linear_base = LinearBase(self.hparams["linear_base"], spec, self.out_dim)
             self.gate = nn.Parameter(torch.zeros(()))
-            self.register_forward_hook(_add_linear_base)
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, layers={len(self.spec.names)}, out_dim={self.out_dim}"
+
+    def forward(self, batch: LoRABatch) -> torch.Tensor:
+        batch = self.prepare(batch)
+        return self.output(batch, self.embed(batch))
+
+    def output(self, batch: LoRABatch, z: torch.Tensor) -> torch.Tensor:
+        """The (B, out_dim) output for ``batch`` (prepared) whose embeddings are ``z``: the head's
+        readout, or with a linear base, base(ΔW) + gate * readout."""
+        out = self.readout(z)
+        if self.hparams["linear_base"] == "none":
+            return out
+        return self.linear_base(batch).to(out.dtype) + self.gate.to(out.dtype) * out
+
+    def embed(self, batch: LoRABatch) -> torch.Tensor:
+        """(B, D) features each LoRA is represented by when the head reads them (GL-net: every
+        layer's invariant U' V'^T and log scale; the MLPs: their normalized inputs), invariant
+        wherever the model is; ``output(batch, embed(batch))`` is the output."""
+        raise NotImplementedError
+
+    def readout(self, z: torch.Tensor) -> torch.Tensor:
+        """The head: (B, D) embeddings -> (B, out_dim) outputs."""
+        raise NotImplementedError
+
+    @classmethod
+    def saved_key(cls, key: str) -> str:
+        """Today's name of a state_dict entry saved under ``key`` (see ``renamed``)."""
+        for old, new in cls.renamed.items():
+            if key.startswith(old):
+                return new + key[len(old) :]
+        return key
 
     def _param(self) -> torch.Tensor:
         return next(self.parameters())

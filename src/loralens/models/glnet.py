@@ -137,6 +137,7 @@ class GLNet(LoLModel):
         "n_layers": HParam("int", 1, MAX_DEPTH),
     }
     gl_invariant = o_invariant = True
+    renamed: ClassVar[dict[str, str]] = {"embed.": "token_embed."}  # before LoLModel.embed
 
     def __init__(self, spec: LayerSpec, out_dim: int, *, like: Any = None, **hparams: Any):
         super().__init__(spec, out_dim, hparams)
@@ -159,7 +160,7 @@ class GLNet(LoLModel):
             self.head = mlp(dim, self.out_dim, h["head_hidden"], h["head_depth"], h["dropout"])
         else:
             dm = int(h["d_model"])
-            self.embed = nn.Linear(d * d + 1, dm)
+            self.token_embed = nn.Linear(d * d + 1, dm)
             self.position = nn.Parameter(torch.randn(n, dm) * 0.02)
             layer = nn.TransformerEncoderLayer(
                 dm, int(h["n_heads"]), 2 * dm, h["dropout"], batch_first=True, norm_first=True
@@ -199,7 +200,7 @@ class GLNet(LoLModel):
             Us, Vs = layer(Us, Vs)
         return Us, Vs, rms
 
-    def forward(self, batch: LoRABatch) -> torch.Tensor:
+    def embed(self, batch: LoRABatch) -> torch.Tensor:
         batch = self.prepare(batch)
         if len(self.equivariant) == 1:
             # One linear layer: (Phi U / s)(Psi V / s)^T = (Phi U)(Psi V)^T / rms, so scale the
@@ -211,9 +212,12 @@ class GLNet(LoLModel):
             div = 1.0
         heads = torch.stack([delta_weight(u, v) for u, v in zip(Us, Vs)], dim=1) / div
         scales = self.scale_norm(log_scale(rms)[..., None])  # (B, L, 1)
-        tokens = torch.cat([heads.flatten(2), scales], dim=2)  # (B, L, d*d + 1)
-        skip = self.scale_skip(scales.flatten(1))
+        return torch.cat([heads.flatten(2), scales], dim=2).flatten(1)  # (B, L (d*d + 1))
+
+    def readout(self, z: torch.Tensor) -> torch.Tensor:
+        tokens = z.reshape(len(z), len(self.spec.names), -1)  # (B, L, d*d + 1)
+        skip = self.scale_skip(tokens[..., -1])
         if self.hparams["head"] == "mlp":
-            return self.head(tokens.flatten(1)) + skip
-        z = self.transformer(self.embed(tokens) + self.position)
-        return self.out(z.mean(dim=1)) + skip
+            return self.head(z) + skip
+        out = self.transformer(self.token_embed(tokens) + self.position)
+        return self.out(out.mean(dim=1)) + skip

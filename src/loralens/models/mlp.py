@@ -94,7 +94,7 @@ class FlatMLP(LoLModel):
         """(B, n, r) -> (B, n r) in the model's ``layout`` (a view for rank-major factors)."""
         return f.mT.flatten(1) if self.hparams["layout"] == "rank-major" else f.flatten(1)
 
-    def forward(self, batch: LoRABatch) -> torch.Tensor:
+    def embed(self, batch: LoRABatch) -> torch.Tensor:
         batch = self.prepare(batch)
         Us, Vs = self.factors(batch)
         parts, scales = [], []
@@ -103,8 +103,10 @@ class FlatMLP(LoLModel):
             parts += [self._flat(u / ru.clamp_min(EPS)[:, None, None])]
             parts += [self._flat(v / rv.clamp_min(EPS)[:, None, None])]
             scales += [log_scale(ru), log_scale(rv)]
-        x = self.norm(torch.cat([*parts, torch.stack(scales, dim=1)], dim=1))
-        return self.head(x) + self.scale_skip(x[:, -len(scales) :])
+        return self.norm(torch.cat([*parts, torch.stack(scales, dim=1)], dim=1))
+
+    def readout(self, z: torch.Tensor) -> torch.Tensor:
+        return self.head(z) + self.scale_skip(z[:, -self.scale_skip.in_features :])
 
 
 class OAlignMLP(FlatMLP):
@@ -194,12 +196,15 @@ class SVDMLP(LoLModel):
         self.norm = RunningStandardize(dim)
         self.head = mlp(dim, self.out_dim, h["hidden"], h["depth"], h["dropout"])
 
-    def forward(self, batch: LoRABatch) -> torch.Tensor:
+    def embed(self, batch: LoRABatch) -> torch.Tensor:
         batch = self.prepare(batch)
         s, norm = features.svals_and_norms(batch, self.hparams["k"])  # (B, L, k), (B, L)
         norm = norm.to(s.dtype)  # |sigma| over all r, not just top-k
         x = torch.cat([(s / norm.clamp_min(EPS)[..., None]).flatten(1), log_scale(norm)], dim=1)
-        return self.head(self.norm(x))
+        return self.norm(x)
+
+    def readout(self, z: torch.Tensor) -> torch.Tensor:
+        return self.head(z)
 
 
 class DenseMLP(LoLModel):
@@ -252,7 +257,7 @@ class DenseMLP(LoLModel):
             nn.GELU(), *([nn.Dropout(h["dropout"])] if h["dropout"] else []), rest
         )
 
-    def forward(self, batch: LoRABatch) -> torch.Tensor:
+    def embed(self, batch: LoRABatch) -> torch.Tensor:
         batch = self.prepare(batch)
         rms = layer_rms(batch).to(batch.dtype)  # (B, L)
         scales = self.scale_norm(log_scale(rms))
@@ -260,4 +265,8 @@ class DenseMLP(LoLModel):
         for k, (u, v) in enumerate(zip(batch.U, batch.V)):
             d = delta_weight(u, v).flatten(1) / rms[:, k, None].clamp_min(EPS)
             z = z + self.norms[k](d) @ self.first[k].T
-        return self.head(z) + self.scale_skip(scales)
+        return torch.cat([z, scales], dim=1)
+
+    def readout(self, z: torch.Tensor) -> torch.Tensor:
+        cut = z.shape[1] - self.scale_skip.in_features
+        return self.head(z[:, :cut]) + self.scale_skip(z[:, cut:])

@@ -94,6 +94,11 @@ def state_shapes(
     return dict(model.state_dict())
 
 
+def saved_key(name: str, key: str) -> str:
+    """Today's name of the state_dict entry ``key`` of a checkpoint of model ``name``."""
+    return _model_class(name).saved_key(key)
+
+
 def check_fits(
     name: str, like: LoRABatch | LoRA | LayerSpec, out_dim: int, hparams: dict[str, Any]
 ) -> None:

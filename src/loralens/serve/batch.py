@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loralens import formats
 from loralens.atomic import write_file_atomic
 from loralens.serve import jobs
-from loralens.serve.unpack import PEFT_CONFIG, Limits
+from loralens.serve.unpack import Limits
 from loralens.serve.workers import TimeLimit, WorkerFailed, WorkerPool
 
 ARCHIVES = (".zip", ".tar", ".tar.gz", ".tgz")
@@ -43,19 +44,9 @@ class BatchSummary:
 
 
 def find_adapters(folder: Path) -> list[Path]:
-    """Every adapter under ``folder``: PEFT folders (holding adapter_config.json; not searched
-    further), other ``.safetensors`` files, and ``.zip`` / ``.tar`` archives. Hidden folders and
-    folder links are not followed."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        here = Path(dirpath)
-        if PEFT_CONFIG in filenames:
-            found.append(here)
-            dirnames.clear()
-            continue
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        found += [here / f for f in filenames if f.endswith((".safetensors", *ARCHIVES))]
-    return sorted(found)
+    """Every adapter under ``folder``: PEFT folders, other ``.safetensors`` files, and ``.zip``
+    / ``.tar`` archives (:func:`loralens.formats.find_adapters`)."""
+    return formats.find_adapters(folder, (".safetensors", *ARCHIVES))
 
 
 def already_screened(out: Path) -> set[str]:

@@ -95,15 +95,16 @@ function showFlags(rec) {
 
 function predictionCells(p, target) {
   const value = p.prediction[target];
+  const level = `(${Math.round((p.interval_level || 0) * 100)}%)`;
+  const flag = p.in_distribution === false ? ` \u26a0 does not look like the training LoRAs: ${(p.reasons || []).join("; ")}` : "";
   if (p.task === "classification") {
     const label = p.label ? p.label[target] : value >= 0.5 ? 1 : 0;
-    return [td("p = " + num(value), "num"), td(`label ${label}`)];
+    const set = p.set && p.set[target] ? `, set {${p.set[target].join(", ")}} ${level}` : "";
+    return [td("p = " + num(value), "num"), td(`label ${label}${set}${flag}`)];
   }
   const iv = p.interval && p.interval[target];
-  const text = iv
-    ? `[${num(iv[0])}, ${num(iv[1])}] (${Math.round((p.interval_level || 0) * 100)}%)`
-    : p.interval ? "too few test rows for an interval" : "";
-  return [td(num(value, 4), "num"), td(text)];
+  const text = iv ? `[${num(iv[0])}, ${num(iv[1])}] ${level}` : p.interval ? "no interval at this coverage" : "";
+  return [td(num(value, 4), "num"), td(text + flag)];
 }
 
 function showPredictions(rec) {

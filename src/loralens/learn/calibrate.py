@@ -1,0 +1,256 @@
+"""Calibrating a trained run (:mod:`loralens.learn.trust`): the model's outputs, embeddings and
+update sizes over store rows, the calibration fitted from them, and its report on the test
+split, all in one place so that ``train`` calls one function.
+
+``split`` runs hold a share of the training split out (``TrainConfig.calibration``, seeded,
+stratified by class) before training (a split read from a store column is kept: its ``cal``
+rows calibrate, or failing those its validation rows, ``val``); cross-validated runs calibrate on the out-of-fold outputs
+(cross-conformal) and report each fold judged by the other folds' quantiles and threshold.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from loralens.learn import conformal as cp
+from loralens.learn.data import class_strata, hold_out
+from loralens.learn.fitcheck import FitCheck
+from loralens.learn.tasks import CLASSIFICATION, Task
+from loralens.learn.trust import MAX_REFERENCE, Calibration
+from loralens.lora import LoRABatch
+from loralens.models.base import layer_rms, log_scale
+
+#: Kinds of regression interval: scaled by each LoRA's difficulty, or one width for all.
+INTERVALS = ("normalized", "plain")
+
+if TYPE_CHECKING:
+    from loralens.learn.loop import TrainConfig
+    from loralens.store import LoRAStore
+
+
+# ---------------------------------------------------------------------------------- fitting
+
+
+@torch.no_grad()
+def outputs(model: Any, batches: Iterable[LoRABatch]) -> tuple[np.ndarray, ...]:
+    """(raw outputs (N, out), embeddings (N, D), log RMS of delta W per layer (N, L)) of
+    ``model`` over ``batches``, from one forward pass each."""
+    model.eval()
+    raws, embs, rms = [], [], []
+    for batch in batches:
+        batch = model.prepare(batch)
+        z = model.embed(batch)
+        raws.append(model.output(batch, z).double().cpu().numpy())
+        embs.append(z.double().cpu().numpy())
+        rms.append(log_scale(layer_rms(batch)).double().cpu().numpy())
+    if not raws:
+        return np.zeros((0, model.out_dim)), np.zeros((0, 0)), np.zeros((0, len(model.spec.names)))
+    return np.concatenate(raws), np.concatenate(embs), np.concatenate(rms)
+
+
+def store_outputs(
+    model: Any, store: LoRAStore, rows: np.ndarray, batch_size: int = 256
+) -> tuple[np.ndarray, ...]:
+    """:func:`outputs` over store ``rows`` (padded to the model's ranks), in row order."""
+    pad = [int(r) for r in model.spec.ranks]
+    batches = (b for _, b in store.iter_batches(batch_size, rows=rows, pad_ranks=pad))
+    return outputs(model, batches)
+
+
+def calibrate(
+    model: Any,
+    store: LoRAStore,
+    task: Task,
+    y_all: np.ndarray,
+    *,
+    reference_rows: np.ndarray,
+    cal_rows: np.ndarray,
+    cal_raw: np.ndarray | None = None,
+    groups: np.ndarray | None = None,
+    method: str = "split",
+    coverage: float = cp.COVERAGE,
+    share: float = 0.05,
+    normalized: bool = True,
+    seed: int = 0,
+) -> Calibration:
+    """Fit the fit check on ``reference_rows`` (the training LoRAs) and calibrate on
+    ``cal_rows``: held out (``cal_raw`` None: the model predicts them), or out-of-fold outputs
+    ``cal_raw`` of rows among the reference, in folds ``groups`` (cross-conformal: each fold's
+    ood_score is taken against a reference of the other folds). ``method`` names a held-out
+    calibration: "split", or "val" (validation rows, also used to stop early: a little optimistic)."""
+    ref = np.sort(np.asarray(reference_rows))
+    if len(ref) > MAX_REFERENCE:
+        ref = np.sort(np.random.default_rng(seed).choice(ref, MAX_REFERENCE, replace=False))
+    _, emb_ref, rms_ref = store_outputs(model, store, ref)
+    fit = FitCheck.fit(emb_ref, rms_ref, list(model.spec.names))
+    cal_rows = np.asarray(cal_rows)
+    method = method if groups is None else "cross"
+    raw, emb_cal, rms_cal = store_outputs(model, store, cal_rows)
+    cal_raw = raw if cal_raw is None else cal_raw
+    if groups is None:
+        ood = fit.scores(emb_cal)
+    else:  # the refit saw every LoRA: each fold is scored against a reference of the others
+        ood = np.zeros(len(cal_rows))
+        for g in np.unique(groups):
+            m = groups == g
+            other = FitCheck.fit(emb_cal[~m], rms_cal[~m], fit.layer_names)
+            ood[m] = other.scores(emb_cal[m])
+    fit.calibrate(ood, share)
+    finite = ood[np.isfinite(ood)]
+    offset = float(np.median(finite)) if len(finite) else 1.0
+    y = y_all[cal_rows]
+    if task.kind == CLASSIFICATION:
+        temp = np.array([cp.fit_temperature(cal_raw[:, j], y[:, j]) for j in range(y.shape[1])])
+        scores = cp.set_scores(cp.sigmoid(cal_raw / temp), y)
+    else:
+        temp = np.ones(y.shape[1])
+        diff = offset + ood if normalized else np.ones(len(ood))
+        scores = np.abs(y - task.decode(cal_raw)) / diff[:, None]
+    return Calibration(
+        task.kind,
+        list(task.targets),
+        cp.check_level(coverage),
+        method,
+        bool(normalized) and task.kind != CLASSIFICATION,
+        scores,
+        np.abs(y - np.asarray(task.mean)),
+        temp,
+        offset,
+        fit,
+        ood,
+    )
+
+
+def check_trust_settings(config: TrainConfig) -> None:
+    """Refuse calibration settings of a TrainConfig out of range (ValueError naming them)."""
+    c = config.calibration
+    if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 <= c < 0.5:
+        raise ValueError(f"calibration must be a share in [0, 0.5), got {c!r}")
+    cp.check_level(config.coverage)
+    cp.check_level(config.ood_share, "ood_share")
+    if config.interval not in INTERVALS:
+        raise ValueError(f"interval must be one of {INTERVALS}, got {config.interval!r}")
+
+
+def hold_out_calibration(
+    split: dict[str, np.ndarray], config: TrainConfig, y_all: np.ndarray, kind: str, store: Any
+) -> dict[str, np.ndarray]:
+    """``split`` with ``config.calibration`` of its labelled LoRAs moved from train to "cal"
+    (seeded by ``config.seed``; stratified by class for classification). A split read from a
+    column is kept as it is: its "cal" rows, else its validation rows, calibrate."""
+    column = config.split_column
+    if column == "auto":
+        column = "split" if "split" in store.index.columns else None
+    if column or "cal" in split:
+        return split
+    n = sum(len(v) for v in split.values())
+    share = min(config.calibration * n / max(len(split["train"]), 1), 0.5)
+    strata = class_strata(y_all[split["train"]]) if kind == CLASSIFICATION else None
+    train, cal = hold_out(split["train"], share, config.seed, strata)
+    return {**split, "train": train, "cal": cal}
+
+
+def calibrate_run(
+    model: Any,
+    store: LoRAStore,
+    task: Task,
+    y_all: np.ndarray,
+    splits: list[dict[str, np.ndarray]],
+    oof: tuple[np.ndarray, np.ndarray],
+    config: TrainConfig,
+) -> tuple[Calibration | None, dict[str, Any]]:
+    """The calibration of a trained run and its metrics entry (settings and the test report):
+    on ``splits[0]["cal"]`` for one split, else on the out-of-fold (rows, raw outputs) ``oof``.
+    (None, {}) when the config asks for no calibration."""
+    settings = {
+        "coverage": config.coverage,
+        "share": config.ood_share,
+        "normalized": config.interval == "normalized",
+        "seed": config.seed,
+    }
+    if len(splits) == 1:
+        split = splits[0]
+        if not config.calibration:
+            return None, {}
+        held = len(split.get("cal", ())) > 0  # else a split column without cal rows: val
+        cal = calibrate(
+            model,
+            store,
+            task,
+            y_all,
+            reference_rows=split["train"],
+            cal_rows=split["cal"] if held else split["val"],
+            method="split" if held else "val",
+            **settings,
+        )
+        rows = split["test"]
+        rep = cal.report(task, *store_outputs(model, store, rows), y_all[rows])
+    else:
+        if not config.calibration:
+            return None, {}
+        rows, raw = oof
+        every = np.sort(np.concatenate([splits[0][k] for k in ("train", "val", "test")]))
+        groups = np.concatenate([np.full(len(s["test"]), i) for i, s in enumerate(splits)])
+        cal = calibrate(
+            model,
+            store,
+            task,
+            y_all,
+            reference_rows=every,
+            cal_rows=rows,
+            cal_raw=raw,
+            groups=groups,
+            **settings,
+        )
+        rep = cross_report(cal, task, y_all[rows], groups)
+    return cal, {**cal.summary(), "test": rep}
+
+
+def cross_report(cal: Calibration, task: Task, y: np.ndarray, groups: np.ndarray) -> dict[str, Any]:
+    """The test report of a cross-conformal calibration: the LoRAs of each fold judged by the
+    quantiles and ood threshold of the other folds' scores, pooled."""
+    y = np.asarray(y, dtype=np.float64).reshape(len(y), -1)
+    level, share = cal.coverage, cal.fit.share
+    n, t = cal.scores.shape
+    q = np.full((n, t), np.inf)
+    flagged = np.zeros(n, dtype=bool)
+    for g in np.unique(groups):
+        m = groups == g
+        q[m] = [cp.conformal_quantile(s, level) for s in cal.scores[~m].T]
+        flagged[m] = cal.ood[m] > cp.conformal_quantile(cal.ood[~m], 1.0 - share)
+    ok = ~np.isnan(y)
+    rep: dict[str, Any] = {"level": level, "n": n, "cross_fitted": True}
+    rep["coverage"] = float(np.mean((cal.scores <= q)[ok]))
+    if task.kind == CLASSIFICATION:
+        true = 1.0 - cal.scores  # probability of the true class
+        p1 = np.where(y >= 0.5, true, 1.0 - true)
+        sizes = (1.0 - p1 <= q).astype(int) + (p1 <= q).astype(int)
+        rep["set_size"] = float(np.mean(sizes[ok]))
+        rep["ece"] = float(np.nanmean([cp.ece(p1[ok[:, j], j], y[ok[:, j], j]) for j in range(t)]))
+    else:
+        width = 2.0 * q * cal.difficulty(cal.ood)[:, None]
+        std = np.asarray(task.std)
+        rep["width_rel_std"] = float(
+            np.mean([np.mean(width[ok[:, j], j]) / std[j] for j in range(t)])
+        )
+        qb = np.array([cp.conformal_quantile(s, level) for s in cal.baseline.T])
+        rep["width_no_weights_rel_std"] = float(np.mean(2 * qb / std))
+    rep["flagged"] = float(np.mean(flagged))
+    rep["ood_score_mean"] = float(np.mean(cal.ood))
+    return rep
+
+
+__all__ = [
+    "INTERVALS",
+    "calibrate",
+    "calibrate_run",
+    "check_trust_settings",
+    "cross_report",
+    "hold_out_calibration",
+    "outputs",
+    "store_outputs",
+]

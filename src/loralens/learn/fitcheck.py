@@ -1,0 +1,155 @@
+"""Does an adapter fit a trained model at all? Three layers, checked on every prediction:
+
+1. layout: the module names and shapes the model was built for; a mismatch is refused
+   (:class:`LayoutError`, naming the modules that differ);
+2. sanity: the size of the update per layer, RMS of delta W, against the range the training
+   LoRAs spanned (``NORM_FACTOR`` times beyond it is flagged: a LoRA scaled by 10 or 0.1, an
+   all-zero one);
+3. distribution: ``ood_score``, how far the adapter's embedding (the model's own invariant
+   features as its head reads them, ``LoLModel.embed``) lies from the training LoRAs' (a
+   shrunk Mahalanobis distance), against a threshold that flags a chosen share of held-out
+   in-distribution LoRAs (a conformal quantile, so the share holds for new ones).
+
+A flagged adapter is still predicted; its row says why it is not to be trusted.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from loralens.learn.conformal import conformal_quantile
+from loralens.lora import LayerSpec
+
+#: Share of in-distribution LoRAs the distribution layer flags by default.
+OOD_SHARE = 0.05
+#: An update this many times above the largest (or below the smallest) training RMS is flagged.
+NORM_FACTOR = 2.0
+
+
+class LayoutError(ValueError):
+    """An adapter (or store) whose modules or shapes are not those the model was built for."""
+
+
+def check_layout(model: LayerSpec, other: LayerSpec, what: str, where: str) -> None:
+    """Layer 1: refuse ``other`` unless it has the model's module names and shapes (any rank);
+    the message names ``what`` (the adapter), ``where`` (the run) and the modules that differ."""
+    problem = model.describe_mismatch(other)
+    if problem:
+        raise LayoutError(f"{what} does not fit {where}: {problem}")
+
+
+@dataclass
+class FitCheck:
+    """Layers 2 and 3, fitted on a run's training LoRAs and calibrated on held-out ones.
+
+    The ood_score is the Mahalanobis distance (over sqrt(D)) to the training embeddings under
+    their Ledoit-Wolf shrunk covariance, (1 - a) S + a m I, computed in the N x N dual so that
+    nothing D x D is ever formed (D can be far above N).
+    """
+
+    mean: np.ndarray  # (D,) embedding mean over the training LoRAs
+    scale: np.ndarray  # (D,) their per-dimension std (floored)
+    reference: np.ndarray  # (N, D) standardized, centered embeddings of the training LoRAs
+    shrinkage: float  # Ledoit-Wolf a
+    trace: float  # m: the mean variance, the identity's weight
+    log_rms_lo: np.ndarray  # (L,) smallest log RMS of delta W per layer among them
+    log_rms_hi: np.ndarray  # (L,) largest
+    layer_names: list[str]
+    threshold: float = math.inf
+    share: float = OOD_SHARE
+
+    @classmethod
+    def fit(cls, embeddings: np.ndarray, log_rms: np.ndarray, names: list[str]) -> FitCheck:
+        """The reference of the training LoRAs' embeddings (N, D) and per-layer log RMS (N, L)."""
+        e = np.asarray(embeddings, dtype=np.float64)
+        mean, std = e.mean(axis=0), e.std(axis=0)
+        scale = np.maximum(std, 1e-2 * max(float(std.mean()), 1e-12))
+        x = (e - mean) / scale
+        n, p = x.shape
+        gram = x @ x.T
+        trace = float(np.trace(gram)) / n / p
+        fro2 = float((gram * gram).sum()) / n**2  # |S|_F^2
+        d2 = (fro2 - 2 * trace * trace * p + trace * trace * p) / p
+        b2 = min((float((np.diag(gram) ** 2).sum()) / n - fro2) / n / p, d2)
+        a = b2 / d2 if d2 > 0 else 1.0
+        r = np.asarray(log_rms, dtype=np.float64)
+        return cls(mean, scale, x, float(a), trace, r.min(axis=0), r.max(axis=0), names)
+
+    def scores(self, embeddings: np.ndarray) -> np.ndarray:
+        """(N,) ood_score of embeddings (N, D): sqrt(z' Sigma^-1 z / D), z standardized."""
+        z = (np.asarray(embeddings, dtype=np.float64) - self.mean) / self.scale
+        x, n = self.reference, len(self.reference)
+        c = max(self.shrinkage * self.trace, 1e-12)
+        # Woodbury: Sigma^-1 = (I - X' (c n / (1 - a) I + X X')^-1 X) / c
+        k = (c * n / max(1.0 - self.shrinkage, 1e-12)) * np.eye(n) + x @ x.T
+        xz = x @ z.T
+        d2 = ((z * z).sum(axis=1) - (xz * np.linalg.solve(k, xz)).sum(axis=0)) / c
+        out = np.sqrt(np.maximum(d2, 0.0) / max(z.shape[1], 1))
+        return np.where(np.isfinite(z).all(axis=1), out, np.inf)
+
+    def calibrate(self, scores: np.ndarray, share: float = OOD_SHARE) -> None:
+        """Set the threshold so that at most ``share`` of LoRAs exchangeable with the held-out
+        ``scores`` lie above it (the conformal quantile at 1 - share); with too few scores for
+        that (fewer than 1/share - 1), the largest: about 1/(n+1) of them are flagged."""
+        self.share = float(share)
+        s = np.asarray(scores, dtype=np.float64)
+        s = s[np.isfinite(s)]
+        q = conformal_quantile(s, 1.0 - share)
+        self.threshold = float(s.max()) if math.isinf(q) and len(s) else q
+
+    def sanity(self, log_rms: np.ndarray) -> list[list[str]]:
+        """Layer 2: per LoRA, the reasons its per-layer update sizes are off (empty if none)."""
+        r = np.asarray(log_rms, dtype=np.float64)
+        far = math.log(NORM_FACTOR)
+        out = []
+        for row in r:
+            reasons = []
+            if not np.isfinite(row).all():
+                bad = [n for n, v in zip(self.layer_names, row) if not np.isfinite(v)]
+                reasons.append(f"non-finite update in {_names(bad)}")
+            else:
+                above = row - self.log_rms_hi
+                below = self.log_rms_lo - row
+                for side, gap in (("above", above), ("below", below)):
+                    hit = gap > far
+                    if hit.any():
+                        x = math.exp(float(gap[hit].max()))
+                        reasons.append(
+                            f"update norm {x:.3g}x {side} the training range in "
+                            f"{int(hit.sum())} of {len(row)} layers "
+                            f"({_names([n for n, h in zip(self.layer_names, hit) if h])})"
+                        )
+            out.append(reasons)
+        return out
+
+    def check(self, embeddings: np.ndarray, log_rms: np.ndarray) -> list[dict[str, Any]]:
+        """Per LoRA ``{"in_distribution", "ood_score", "threshold", "reasons"}`` (layers 2+3)."""
+        scores = self.scores(embeddings)
+        rows = []
+        for s, reasons in zip(scores, self.sanity(log_rms)):
+            if s > self.threshold:
+                reasons = [
+                    *reasons,
+                    f"ood_score {s:.3g} above the threshold {self.threshold:.3g} (which flags "
+                    f"{self.share:.0%} of in-distribution LoRAs): unlike the training LoRAs",
+                ]
+            rows.append(
+                {
+                    "in_distribution": not reasons,
+                    "ood_score": float(s),
+                    "threshold": self.threshold,
+                    "reasons": reasons,
+                }
+            )
+        return rows
+
+
+def _names(names: list[str], k: int = 3) -> str:
+    return ", ".join(names[:k]) + (f", ... ({len(names) - k} more)" if len(names) > k else "")
+
+
+__all__ = ["NORM_FACTOR", "OOD_SHARE", "FitCheck", "LayoutError", "check_layout"]

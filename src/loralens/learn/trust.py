@@ -1,0 +1,273 @@
+"""A run's calibration: conformal intervals (regression) or temperature-scaled probabilities and
+prediction sets (classification), and the fit check (:mod:`loralens.learn.fitcheck`), fitted
+once after training and stored beside the model.
+
+Calibration LoRAs are held apart from training and early stopping: a share of the training
+split (``split``), or, for runs cross-validated because the zoo is small, the out-of-fold
+predictions of every LoRA (``cross``: cross-conformal; the refit model predicts, the fit check's
+reference is every LoRA and each one's ood_score leaves itself out). With ``normalized``
+intervals, a LoRA's difficulty is ``offset + ood_score`` (offset: the median calibration
+ood_score), so intervals widen where the adapter lies far from the training LoRAs.
+
+Files: ``calibration.json`` (settings, scalars) and ``calibration.safetensors`` (arrays); both
+read as untrusted input. Runs without them (saved before) predict without intervals.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from loralens.jsonio import write_json
+from loralens.learn import conformal as cp
+from loralens.learn.checkpoint import RunError, read_json_object
+from loralens.learn.fitcheck import FitCheck
+from loralens.learn.tasks import CLASSIFICATION, Task
+
+CALIBRATION = "calibration.json"
+ARRAYS = "calibration.safetensors"
+FORMAT = "loralens-calibration"
+VERSION = 1
+METHODS = ("split", "val", "cross")
+#: Training LoRAs kept as the fit check's reference (a seeded sample above this).
+MAX_REFERENCE = 2048
+
+
+@dataclass
+class Calibration:
+    """What a run needs to put an interval (or set) and a fit verdict on a prediction."""
+
+    kind: str
+    targets: list[str]
+    coverage: float  # the default level
+    method: str
+    normalized: bool
+    scores: np.ndarray  # (n, T) calibration nonconformity: |res| / difficulty, or 1 - p(true)
+    baseline: np.ndarray  # (n, T) |y - train mean|: the no-weights interval's scores
+    temperature: np.ndarray  # (T,) 1 for regression
+    offset: float
+    fit: FitCheck
+    ood: np.ndarray  # (n,) ood_score of each calibration LoRA
+
+    def quantiles(self, level: float | None = None) -> np.ndarray:
+        """(T,) conformal quantile of the calibration scores at ``level`` (default: the run's)."""
+        level = cp.check_level(self.coverage if level is None else level)
+        return np.array([cp.conformal_quantile(s, level) for s in self.scores.T])
+
+    def difficulty(self, ood: np.ndarray) -> np.ndarray:
+        """(N,) per-LoRA scale of the intervals (ones when not ``normalized``)."""
+        ood = np.asarray(ood, dtype=np.float64)
+        return self.offset + ood if self.normalized else np.ones_like(ood)
+
+    def apply(
+        self,
+        task: Task,
+        raw: np.ndarray,
+        emb: np.ndarray,
+        log_rms: np.ndarray,
+        level: float | None = None,
+    ) -> dict[str, Any]:
+        """Calibrated predictions of raw outputs: ``pred`` (N, T) and ``lo``/``hi``, or ``prob``
+        and ``sets`` (per target, per LoRA); ``fit``: the fit check's row per LoRA."""
+        fit = self.fit.check(emb, log_rms)
+        q = self.quantiles(level)
+        if task.kind == CLASSIFICATION:
+            prob = cp.sigmoid(np.asarray(raw, dtype=np.float64) / self.temperature)
+            sets = [cp.prediction_sets(prob[:, j], q[j]) for j in range(prob.shape[1])]
+            return {"pred": prob, "prob": prob, "sets": sets, "fit": fit}
+        pred = task.decode(raw)
+        scale = self.difficulty([f["ood_score"] for f in fit])
+        lo, hi = cp.intervals(pred, scale, q)
+        return {"pred": pred, "lo": lo, "hi": hi, "fit": fit}
+
+    def report(
+        self,
+        task: Task,
+        raw: np.ndarray,
+        emb: np.ndarray,
+        log_rms: np.ndarray,
+        y: np.ndarray,
+        level: float | None = None,
+    ) -> dict[str, Any]:
+        """How the promise holds on labelled LoRAs: coverage, width (and the no-weights
+        interval's) or set size and ECE, and the share flagged by the fit check."""
+        level = self.coverage if level is None else cp.check_level(level)
+        out = self.apply(task, raw, emb, log_rms, level)
+        flagged = [not f["in_distribution"] for f in out["fit"]]
+        rep: dict[str, Any] = {"level": level, "n": len(y)}
+        if task.kind == CLASSIFICATION:
+            rep.update(cp.set_report(out["prob"], y, self.quantiles(level)))
+            rep["ece_uncalibrated"] = cp.set_report(task.decode(raw), y, self.quantiles(level))[
+                "ece"
+            ]
+        else:
+            rep.update(cp.interval_report(out["lo"], out["hi"], y, np.asarray(task.std)))
+            qb = np.array([cp.conformal_quantile(s, level) for s in self.baseline.T])
+            rep["width_no_weights_rel_std"] = float(np.mean(2 * qb / np.asarray(task.std)))
+        rep["flagged"] = float(np.mean(flagged)) if flagged else math.nan
+        rep["ood_score_mean"] = float(np.mean([f["ood_score"] for f in out["fit"]] or [math.nan]))
+        return rep
+
+    def summary(self) -> dict[str, Any]:
+        """The settings (for metrics.json)."""
+        return {
+            "method": self.method,
+            "coverage": self.coverage,
+            "normalized": self.normalized,
+            "n_calibration": len(self.scores),
+            "ood_share": self.fit.share,
+            "ood_threshold": self.fit.threshold,
+            "temperature": self.temperature.tolist() if self.kind == CLASSIFICATION else None,
+        }
+
+    # -------------------------------------------------------------------------- files
+
+    def save(self, out: Path) -> None:
+        from safetensors.numpy import save_file
+
+        f = self.fit
+        arrays = {
+            "scores": self.scores,
+            "baseline": self.baseline,
+            "temperature": self.temperature,
+            "mean": f.mean,
+            "scale": f.scale,
+            "reference": f.reference,
+            "log_rms_lo": f.log_rms_lo,
+            "log_rms_hi": f.log_rms_hi,
+            "ood": self.ood,
+        }
+        save_file(
+            {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in arrays.items()},
+            str(out / ARRAYS),
+            metadata={"format": FORMAT},
+        )
+        write_json(
+            out / CALIBRATION,
+            {
+                "format": FORMAT,
+                "version": VERSION,
+                "kind": self.kind,
+                "targets": self.targets,
+                "coverage": self.coverage,
+                "method": self.method,
+                "normalized": self.normalized,
+                "offset": self.offset,
+                "threshold": None if math.isinf(f.threshold) else f.threshold,
+                "share": f.share,
+                "shrinkage": f.shrinkage,
+                "trace": f.trace,
+                "layer_names": f.layer_names,
+            },
+        )
+
+
+def read_calibration(run_dir: Path, task: Task, layer_names: list[str]) -> Calibration | None:
+    """The calibration of the run in ``run_dir``, checked against its task and layers; None when
+    the run has none (saved before calibration existed); :class:`RunError` if it is damaged."""
+    path = run_dir / CALIBRATION
+    if not path.exists() and not (run_dir / ARRAYS).exists():
+        return None
+    d = read_json_object(path)
+
+    def bad(what: str) -> RunError:
+        return RunError(f"{path}: {what}")
+
+    if d.get("format") != FORMAT or d.get("version") != VERSION:
+        raise bad(f"not a {FORMAT} file of version {VERSION}")
+    if d.get("kind") != task.kind or d.get("targets") != task.targets:
+        raise bad("its task or targets differ from the run's config.json")
+    if d.get("method") not in METHODS or not isinstance(d.get("normalized"), bool):
+        raise bad(f"method must be one of {METHODS} and normalized true or false")
+    if d.get("layer_names") != layer_names:
+        raise bad("its layer names differ from the model's")
+    try:
+        coverage = cp.check_level(d.get("coverage"))
+        share = cp.check_level(d.get("share"), "share")
+    except ValueError as e:
+        raise bad(str(e)) from None
+    offset, threshold = d.get("offset"), d.get("threshold")
+    shrinkage, trace = d.get("shrinkage"), d.get("trace")
+    if not (_finite_number(shrinkage) and 0 <= shrinkage <= 1 and _finite_number(trace)):
+        raise bad("shrinkage must be a number in [0, 1] and trace a finite number")
+    for name, v in (("offset", offset), ("threshold", threshold)):
+        if not (v is None and name == "threshold") and not _finite_number(v):
+            raise bad(f"{name} must be a finite number")
+    a = _read_arrays(run_dir / ARRAYS)
+    T, L = len(task.targets), len(layer_names)
+    D = a["mean"].shape[0] if a["mean"].ndim == 1 else -1
+    want = {
+        "scores": (None, T),
+        "baseline": (None, T),
+        "temperature": (T,),
+        "mean": (D,),
+        "scale": (D,),
+        "reference": (None, D),
+        "log_rms_lo": (L,),
+        "log_rms_hi": (L,),
+        "ood": (len(a["scores"]),),
+    }
+    for key, shape in want.items():
+        got = a[key].shape
+        if len(got) != len(shape) or any(w is not None and g != w for g, w in zip(got, shape)):
+            raise RunError(f"{run_dir / ARRAYS}: {key} has shape {list(got)}")
+    if not 1 <= len(a["reference"]) <= MAX_REFERENCE or (a["scale"] <= 0).any():
+        raise RunError(f"{run_dir / ARRAYS}: reference or scale out of range")
+    fit = FitCheck(
+        a["mean"],
+        a["scale"],
+        a["reference"],
+        float(shrinkage),
+        float(trace),
+        a["log_rms_lo"],
+        a["log_rms_hi"],
+        list(layer_names),
+        math.inf if threshold is None else float(threshold),
+        share,
+    )
+    return Calibration(
+        task.kind,
+        list(task.targets),
+        coverage,
+        d["method"],
+        d["normalized"],
+        a["scores"],
+        a["baseline"],
+        a["temperature"],
+        float(offset),
+        fit,
+        a["ood"],
+    )
+
+
+def _finite_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _read_arrays(path: Path) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    if not path.is_file():
+        raise RunError(f"{path}: missing (calibration.json names it)")
+    try:
+        arrays = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise RunError(f"{path}: not a readable safetensors file ({e})") from None
+    missing = {"scores", "baseline", "temperature", "mean", "scale", "reference"}
+    missing |= {"log_rms_lo", "log_rms_hi", "ood"}
+    missing -= set(arrays)
+    if missing:
+        raise RunError(f"{path}: lacks {sorted(missing)}")
+    out = {k: v.astype(np.float64) for k, v in arrays.items()}
+    for k, v in out.items():
+        if k not in ("scores", "baseline", "ood") and not np.isfinite(v).all():
+            raise RunError(f"{path}: {k} holds NaN/inf")
+    return out
+
+
+__all__ = ["ARRAYS", "CALIBRATION", "Calibration", "read_calibration"]
