@@ -10,6 +10,9 @@ their regularization chosen by cross-validation on those rows only:
   everywhere. Logarithms too: these span orders of magnitude across a zoo, and on raw values
   the few largest LoRAs set the fit (eval_loss of a 250-LoRA skills-lm zoo, 3 seeds: R² -0.13
   on raw values, 0.40 on logarithms, 0.62 on both).
+- ``probe: spectral stats``: logistic / ridge regression on per-layer spectral statistics
+  (``features.spectral_stats``: singular values, norms, stable rank, energy entropy, kurtosis)
+  and the logarithms of their magnitudes: the weight-space backdoor detectors' baseline.
 
 Outputs are in the model's raw space (standardized targets, or logits), so ``Task.metrics``
 scores probes and models alike.
@@ -24,13 +27,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from loralens.features import svals_and_norms
+from loralens.features import spectral_stats, svals_and_norms
 from loralens.learn.tasks import CLASSIFICATION, Task
 from loralens.store import LoRAStore
 
 PROBE_DENSE = "probe: dense ΔW"
 PROBE_SPECTRAL = "probe: spectral"
-PROBES = (PROBE_DENSE, PROBE_SPECTRAL)
+PROBE_SPECTRAL_STATS = "probe: spectral stats"
+PROBES = (PROBE_DENSE, PROBE_SPECTRAL, PROBE_SPECTRAL_STATS)
 #: The dense probe is skipped when the float32 ΔW of the selected LoRAs exceed this.
 DENSE_MAX_BYTES = 1 << 30
 #: Added before the logarithm of spectral features (zero-padded singular values stay finite).
@@ -55,6 +59,9 @@ def probe_features(store: LoRAStore, rows: np.ndarray, which: str) -> np.ndarray
         for _, batch in store.iter_batches(64, rows=rows, pad_ranks=pad):
             if which == PROBE_DENSE:
                 feats = [w.reshape(len(batch), -1) for w in batch.delta_weights()]
+            elif which == PROBE_SPECTRAL_STATS:
+                st = spectral_stats(batch).reshape(len(batch), -1).double()
+                feats = [st, torch.log(st.abs() + LOG_EPS)]
             else:
                 s, norms = svals_and_norms(batch)
                 both = torch.cat([s.reshape(len(batch), -1), norms.reshape(len(batch), -1)], 1)
@@ -133,6 +140,7 @@ __all__ = [
     "PROBES",
     "PROBE_DENSE",
     "PROBE_SPECTRAL",
+    "PROBE_SPECTRAL_STATS",
     "dense_bytes",
     "fit_predict",
     "probe_features",

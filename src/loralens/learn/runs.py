@@ -40,7 +40,7 @@ from loralens.learn.checkpoint import (
 )
 from loralens.learn.data import check_finite_labels, select_rows
 from loralens.learn.seen import TRAINED_ON, read_trained_on, seen_mask
-from loralens.learn.tasks import CLASSIFICATION, THRESHOLD, Task
+from loralens.learn.tasks import CLASSIFICATION, FPR_LEVELS, THRESHOLD, Task, tpr_key
 from loralens.lora import LayerSpec, LoRA, LoRABatch, collate, spec_of
 from loralens.store import LoRAStore, StoreError
 
@@ -55,7 +55,7 @@ class NonFiniteOutputError(ValueError):
 def headline(metrics: Mapping[str, Any], kind: str) -> dict[str, Any]:
     """The metrics a run reports for a task ``kind`` (the per-target detail left out)."""
     keys = (
-        ("accuracy", "auroc", "loss")
+        ("accuracy", "auroc", *map(tpr_key, FPR_LEVELS), "loss")
         if kind == CLASSIFICATION
         else ("r2", "kendall_tau", "spearman", "mse", "mse_standardized", "loss")
     )
