@@ -1,5 +1,6 @@
 """loralens: learning on LoRAs. Read LoRA adapters as data, predict properties of the finetuned model."""
 
+from loralens.features import spectral_stats
 from loralens.formats import LoRAFormatError, detect_format, load_lora, save_lora
 from loralens.lora import LayerSpec, LoRA, LoRABatch, LoRALayer, collate
 from loralens.models import MODEL_NAMES, build_model, model_cost
@@ -37,4 +38,5 @@ __all__ = [
     "model_cost",
     "o_transform",
     "save_lora",
+    "spectral_stats",
 ]
