@@ -89,7 +89,16 @@ def detection(score: np.ndarray, y: np.ndarray, attack: np.ndarray) -> dict[str,
     return out
 
 
-def run(zoo: Path, out: Path, models: list[str], seeds: list[int], epochs: int | None, frac: float):
+def run(
+    zoo: Path,
+    out: Path,
+    models: list[str],
+    seeds: list[int],
+    epochs: int | None,
+    frac: float,
+    splits: tuple[str, ...] = SPLITS,
+    patience: int | None = None,
+):
     out.mkdir(parents=True, exist_ok=True)
     store = LoRAStore(pack_zoo_cached(zoo, out / "store", log=print))
     y_all = store.labels(TARGET)[:, 0]
@@ -98,7 +107,7 @@ def run(zoo: Path, out: Path, models: list[str], seeds: list[int], epochs: int |
     all_rows = np.arange(len(store))
     feats = {p: probe_features(store, all_rows, p) for p in PROBES}
     results: list[dict] = []
-    for split in SPLITS:
+    for split in splits:
         for seed in seeds:
             fit, test = split_rows(store, split, seed, frac)
             y_fit, y_test = y_all[fit], y_all[test]
@@ -114,6 +123,7 @@ def run(zoo: Path, out: Path, models: list[str], seeds: list[int], epochs: int |
                     targets=TARGET,
                     seed=seed,
                     epochs=epochs,
+                    patience=patience,
                     threads=1,
                     where=_where(store, fit),
                     probes=False,
@@ -221,9 +231,16 @@ def main() -> None:
     ap.add_argument("--models", default="glnet,mlp-dense")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=None)
+    ap.add_argument("--patience", type=int, default=None)
     ap.add_argument("--frac-split", type=float, default=0.16)
+    ap.add_argument("--splits", default=",".join(SPLITS), help="comma-separated, of " + str(SPLITS))
     a = ap.parse_args()
-    run(a.zoo, a.out, a.models.split(","), list(range(a.seeds)), a.epochs, a.frac_split)
+    splits = tuple(a.splits.split(","))
+    unknown = set(splits) - set(SPLITS)
+    if unknown:
+        ap.error(f"unknown split(s) {sorted(unknown)}; choose from {SPLITS}")
+    seeds = list(range(a.seeds))
+    run(a.zoo, a.out, a.models.split(","), seeds, a.epochs, a.frac_split, splits, a.patience)
 
 
 if __name__ == "__main__":
