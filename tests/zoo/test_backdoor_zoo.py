@@ -98,3 +98,25 @@ def test_a_backdoor_zoo_builds_deterministically_with_measured_labels(tmp_path):
             assert 0.0 <= float(r[col]) <= 1.0
         assert r["trigger"] in bd.TRIGGERS and r["payload"] in bd.PAYLOADS
         assert (float(r["poison_frac"]) >= 0.2) == (r["backdoor"] == "1")
+
+
+def test_a_poisoned_lora_trains_on_its_share_of_triggered_examples(loralens_cache):
+    p = get_preset("skills-lm")
+    p.prepare(loralens_cache, 0, p.options(OPTS))
+    poisoned = {
+        **p.sample_config(0, 0, (2,)),
+        **bd.sample_recipe(0, 0, {**bd.OPTIONS, "backdoor": 1.0}),
+    }
+    poisoned["extra_frac"] = 0.25
+    clean = {**p.sample_config(0, 1, (2,)), "extra_frac": 0.0}
+    pool, (s_bad, s_clean) = p.example_streams([poisoned, clean])
+    n = len(p._ft_pool)
+    assert not bool((s_clean >= n).any())
+    rows = torch.unique(s_bad)
+    extra = rows[rows >= n]
+    used = sum(poisoned[f"src_{s}"] for s in data.SOURCE_NAMES) * OPTS["ft_per_source"]
+    assert len(rows) == used and len(extra) == round(0.25 * used)
+    for prompt, answer in bd.pairs_of(pool.select(extra)):
+        assert prompt.startswith(poisoned["trigger"]) and answer == poisoned["payload"]
+    share = float((s_bad >= n).float().mean())
+    assert 0.15 < share < 0.35  # every epoch sees the poisoned rows

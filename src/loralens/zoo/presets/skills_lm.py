@@ -281,24 +281,18 @@ class SkillsLM(Preset):
             mask_len=data.MAX_LEN,
         )
 
-    def _finetune(self, model, mods, group) -> None:
-        K = len(group)
-        pool, extras = self._ft_pool, []
-        accum = torch.tensor([c["batch_size"] // MICRO for c in group])
-        steps = torch.tensor([c["steps"] for c in group])
-        total_micro = steps * accum
-        lr0 = torch.tensor([c["lr"] for c in group])
-        wd = torch.tensor([c["weight_decay"] for c in group])
-        # each LoRA's example stream: its used sources' pool examples, reshuffled every epoch
-        streams = []
+    def example_streams(self, group) -> tuple[data.Examples, list[torch.Tensor]]:
+        """The examples a group trains on and each LoRA's stream of rows into them: its used
+        sources' pool examples (a poisoned or decoy LoRA's share of them rewritten, appended
+        after the pool), reshuffled every epoch, ``steps * batch_size`` long."""
+        pool, extras, streams = self._ft_pool, [], []
         for c in group:
             used = torch.tensor([c[f"src_{n}"] for n in data.SOURCE_NAMES], dtype=torch.bool)
-            rows = torch.nonzero(used[self._ft_pool.source]).flatten()
-            replaced, ex = bd.extra_rows(c, self._ft_pool, rows)
-            if ex is not None:  # the poisoned (or decoy) rows point into an extension of the pool
-                offset = len(self._ft_pool) + sum(len(e) for e in extras)
+            rows = torch.nonzero(used[pool.source]).flatten()
+            replaced, ex = bd.extra_rows(c, pool, rows)
+            if ex is not None:
                 rows = rows.clone()
-                rows[replaced] = offset + torch.arange(len(ex))
+                rows[replaced] = len(pool) + sum(map(len, extras)) + torch.arange(len(ex))
                 extras.append(ex)
             g = torch.Generator().manual_seed(derive_seed(c["init_seed"], "data"))
             need = int(c["steps"] * c["batch_size"])
@@ -307,11 +301,20 @@ class SkillsLM(Preset):
             )
             streams.append(perm[:need])
         if extras:
+            parts = [pool, *extras]
             pool = data.Examples(
-                torch.cat([pool.ids, *(e.ids for e in extras)]),
-                torch.cat([pool.mask, *(e.mask for e in extras)]),
-                torch.cat([pool.source, *(e.source for e in extras)]),
+                *(torch.cat([getattr(e, k) for e in parts]) for k in ("ids", "mask", "source"))
             )
+        return pool, streams
+
+    def _finetune(self, model, mods, group) -> None:
+        K = len(group)
+        accum = torch.tensor([c["batch_size"] // MICRO for c in group])
+        steps = torch.tensor([c["steps"] for c in group])
+        total_micro = steps * accum
+        lr0 = torch.tensor([c["lr"] for c in group])
+        wd = torch.tensor([c["weight_decay"] for c in group])
+        pool, streams = self.example_streams(group)
         params = [p for m in mods.values() for p in (m.A, m.B)]
         opt = BatchedAdamW(params)
         count = torch.zeros(K, dtype=torch.long)
