@@ -192,3 +192,24 @@ def test_svals_stay_accurate_in_float32_at_any_conditioning(kappa):
     for i, (u, v) in enumerate(zip(batch.U, batch.V)):
         gold = torch.linalg.svdvals(u.double() @ v.double().mT)[:, :r]
         assert ((s[:, i].double() - gold).abs() / gold).max() < 2e-5
+
+
+def test_spectral_stats_are_gl_invariant_and_match_the_dense_svd():
+    batch = ll.collate([random_lora([3, 2, 4], SHAPES, seed=s) for s in (4, 5)])
+    ll.assert_gl_invariant(lambda b: features.spectral_stats(b).flatten(1), batch, tol=1e-8)
+    stats = features.spectral_stats(batch)
+    assert stats.shape == (2, 3, 4 + len(features.SPECTRAL_STATS))
+    for i, w in enumerate(features.dense(batch)):
+        s = torch.linalg.svdvals(w[1])
+        s = torch.cat([s, s.new_zeros(4)])[:4]
+        fro, top, nuc, stable, share, entropy, kurt = stats[1, i, 4:]
+        assert torch.allclose(stats[1, i, :4], s, atol=1e-12)
+        assert math.isclose(fro, torch.linalg.norm(w[1]), rel_tol=1e-9)
+        assert math.isclose(top, s[0], rel_tol=1e-9) and math.isclose(nuc, s.sum(), rel_tol=1e-9)
+        assert math.isclose(stable, (s**2).sum() / s[0] ** 2, rel_tol=1e-9)
+        assert math.isclose(share, s[0] ** 2 / (s**2).sum(), rel_tol=1e-9)
+        p = s**2 / (s**2).sum()
+        p = p[p > 0]
+        assert math.isclose(entropy, float(-(p * p.log()).sum()), rel_tol=1e-9)
+        c = s - s.mean()
+        assert math.isclose(kurt, float((c**4).mean() / (c**2).mean() ** 2), rel_tol=1e-9)

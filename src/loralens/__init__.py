@@ -1,6 +1,7 @@
 """loralens: learning on LoRAs. Read LoRA adapters as data, predict properties of the finetuned model."""
 
 from loralens.families import guess_base_model, matching_families
+from loralens.features import spectral_stats
 from loralens.formats import (
     LoRAFormatError,
     convert,
@@ -59,4 +60,5 @@ __all__ = [
     "save_diffusers",
     "save_kohya",
     "save_lora",
+    "spectral_stats",
 ]

@@ -6,6 +6,7 @@
 | :func:`oalign` | U Q, V Q, Q from Procrustes to a template | no | yes | O((m+n)r^2) |
 | :func:`svals` | singular values of U V^T (never formed) | yes | yes | O((m+n)r^2) |
 | :func:`dense` | U V^T | yes | yes | O(mnr) |
+| :func:`spectral_stats` | per-layer singular values, norms, entropy, kurtosis | yes | yes | O((m+n)r^2) |
 
 Linear algebra (QR, SVD) runs in float32 at least (float64 for float64 input) and results are
 cast back to the input dtype, so bfloat16 batches work.
@@ -32,6 +33,7 @@ __all__ = [
     "oalign",
     "pad_rank",
     "pick_template",
+    "spectral_stats",
     "svals",
     "template_factors",
 ]
@@ -172,6 +174,37 @@ def effective_rank(s: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     p = s / total.clamp_min(eps)
     h = -(p * torch.log(p.clamp_min(eps))).sum(dim=-1)
     return torch.where(total.squeeze(-1) > 0, torch.exp(h), torch.zeros_like(h))
+
+
+#: The statistics :func:`spectral_stats` gives per layer, after the singular values.
+SPECTRAL_STATS = ("fro", "spectral", "nuclear", "stable_rank", "top_share", "entropy", "kurtosis")
+
+
+def spectral_stats(batch: LoRABatch, k: int | None = None) -> torch.Tensor:
+    """(B, L, k + 7) per-layer spectral statistics of delta W (the baseline of weight-space
+    backdoor detectors): the top ``k`` singular values (default: the widest rank), then
+    :data:`SPECTRAL_STATS`: Frobenius, spectral and nuclear norms, stable rank |W|_F^2 / s_1^2,
+    the top direction's share of the energy s_1^2 / sum s^2, the entropy of p = s^2 / sum s^2,
+    and the kurtosis of the singular values (zero-padded ones included)."""
+    s, fro = svals_and_norms(batch, k)
+    s = s.double()
+    energy = (s**2).sum(-1)
+    top = s[..., 0]
+    p = s**2 / energy.clamp_min(1e-30).unsqueeze(-1)
+    entropy = -(p * torch.log(p.clamp_min(1e-30))).sum(-1)
+    centred = s - s.mean(-1, keepdim=True)
+    var = (centred**2).mean(-1)
+    kurt = (centred**4).mean(-1) / var.clamp_min(1e-30) ** 2
+    stats = [
+        fro.double(),
+        top,
+        s.sum(-1),
+        energy / (top**2).clamp_min(1e-30),
+        top**2 / energy.clamp_min(1e-30),
+        entropy,
+        torch.where(var > 0, kurt, torch.zeros_like(kurt)),
+    ]
+    return torch.cat([s, torch.stack(stats, -1)], -1).to(linalg_dtype(batch.dtype))
 
 
 # ---------------------------------------------------------------------------- O-align

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from loralens.cli import app
 from loralens.learn.data import hparam_columns
+from loralens.learn.probes import PROBES
 from loralens.models import MODEL_NAMES
 from loralens.store import LoRAStore
 
@@ -38,7 +39,7 @@ def test_benchmark_no_weights_row_is_the_train_mean(make_store, tmp_path):
         runner.invoke(app, [*cmd, "--seeds", "2", "--epochs", "2", "--out", str(out), "--json"])
     )
     table = json.loads(res.stdout)["table"]
-    probes = {"probe: dense ΔW", "probe: spectral"}
+    probes = set(PROBES)
     assert set(table) == {"mlp", "glnet", "no weights", "hyperparameters only"} | probes
     for p in probes:  # fitted once per seed, on that seed's split
         assert table[p]["y"]["n_seeds"] == 2 and table[p]["y"]["r2"]["mean"] is not None

@@ -11,6 +11,7 @@ from loralens.learn.loop import TrainConfig, train
 from loralens.learn.probes import (
     PROBE_DENSE,
     PROBE_SPECTRAL,
+    PROBE_SPECTRAL_STATS,
     fit_predict,
     probe_features,
     probe_folds,
@@ -60,7 +61,7 @@ def test_probe_never_sees_test_rows(tmp_path):
 def test_train_reports_probes_on_its_split(tmp_path, make_store):
     store = make_store(tmp_path / "s", n=80)
     m = train(store, TrainConfig("mlp", ["y"], epochs=2, plots=False), None)
-    assert set(m["probes"]) == {PROBE_DENSE, PROBE_SPECTRAL}
+    assert set(m["probes"]) == {PROBE_DENSE, PROBE_SPECTRAL, PROBE_SPECTRAL_STATS}
     for p in m["probes"].values():
         assert p["test"]["r2"] is not None and p["test_std"] is None  # one split: no spread
     # label = scale² of U: the spectral probe (norms) gets it

@@ -6,7 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from loralens.learn.tasks import Task, baseline_metrics, infer_task, kendall_tau, spearman_rho
+from loralens.learn.tasks import (
+    Task,
+    baseline_metrics,
+    classification_metrics,
+    infer_task,
+    kendall_tau,
+    spearman_rho,
+    tpr_at_fpr,
+    tpr_key,
+)
 
 
 def test_infer_task():
@@ -77,3 +86,20 @@ def test_loss_is_the_mean_over_labelled_entries_only():
     assert float(cls.loss(out, yc)) == pytest.approx(want, rel=1e-6)
     # metrics() reports the same loss (on encoded targets; here the identity scaling)
     assert reg.metrics(out.numpy(), y.numpy())["loss"] == pytest.approx((0.25 + 4.0 + 9.0) / 3)
+
+
+def test_tpr_at_fpr_golden_values():
+    # negatives 0.9, 0.6, 0.5 ... 0.1 (ten); positives 0.95, 0.8, 0.6, 0.55, 0.3
+    neg = [0.9, 0.6, 0.5, 0.45, 0.4, 0.35, 0.3, 0.2, 0.15, 0.1]
+    pos = [0.95, 0.8, 0.6, 0.55, 0.3]
+    score = np.array(neg + pos)
+    label = np.array([0] * 10 + [1] * 5)
+    assert tpr_at_fpr(score, label, 0.0) == pytest.approx(1 / 5)  # only above 0.9
+    assert tpr_at_fpr(score, label, 0.05) == pytest.approx(1 / 5)  # 0.5 negatives: none allowed
+    assert tpr_at_fpr(score, label, 0.1) == pytest.approx(2 / 5)  # above 0.6: the tie at 0.6 lost
+    assert tpr_at_fpr(score, label, 0.2) == pytest.approx(4 / 5)  # above 0.5
+    assert tpr_at_fpr(score, label, 1.0) == 1.0
+    assert np.isnan(tpr_at_fpr(score[:10], label[:10], 0.05))
+    m = classification_metrics(score[:, None], label[:, None].astype(float), ["b"])
+    assert m[tpr_key(0.05)] == pytest.approx(1 / 5) and tpr_key(0.05) == "tpr@5%fpr"
+    assert m["per_target"]["b"][tpr_key(0.01)] == pytest.approx(1 / 5)

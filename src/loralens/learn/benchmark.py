@@ -56,11 +56,13 @@ def hparams_only_metrics(
     per = []
     for split in splits:
         fit = np.concatenate([split["train"], split["val"]])
-        per.append(_trees(X, y_all, fit, split["test"], list(targets), kind, seed))
+        te = split["test"]
+        task, out = tree_outputs(X, y_all, fit, te, list(targets), kind, seed)
+        per.append(headline(task.metrics(out, y_all[te]), kind))
     return mean_std(per)[0]
 
 
-def _trees(
+def tree_outputs(
     X: np.ndarray,
     y_all: np.ndarray,
     tr: np.ndarray,
@@ -68,8 +70,9 @@ def _trees(
     targets: list[str],
     kind: str,
     seed: int,
-) -> dict[str, Any]:
-    """Test metrics of trees fitted on rows ``tr`` (train and val) for one split."""
+) -> tuple[Task, np.ndarray]:
+    """Gradient-boosted trees on hyperparameter columns ``X`` fitted on rows ``tr``: the target
+    scaling and their raw outputs (standardized values or logits) on rows ``te``."""
     from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
 
     task = Task.fit(targets, y_all[tr], kind=kind)
@@ -92,7 +95,7 @@ def _trees(
             reg = HistGradientBoostingRegressor(max_iter=200, min_samples_leaf=5, random_state=seed)
             reg.fit(X[tr][ok], task.encode(y_all[tr])[ok, j])
             out[:, j] = reg.predict(X[te])
-    return headline(task.metrics(out, y_all[te]), kind)
+    return task, out
 
 
 def _mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
@@ -288,4 +291,5 @@ __all__ = [
     "hparams_only_metrics",
     "run_benchmark",
     "to_markdown",
+    "tree_outputs",
 ]

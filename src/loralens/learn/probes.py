@@ -10,6 +10,9 @@ their regularization chosen by cross-validation on those rows only:
   everywhere. Logarithms too: these span orders of magnitude across a zoo, and on raw values
   the few largest LoRAs set the fit (eval_loss of a 250-LoRA skills-lm zoo, 3 seeds: R² -0.13
   on raw values, 0.40 on logarithms, 0.62 on both).
+- ``probe: spectral stats``: logistic / ridge regression on per-layer spectral statistics
+  (``features.spectral_stats``: singular values, norms, stable rank, energy entropy, kurtosis)
+  and the logarithms of their magnitudes: the weight-space backdoor detectors' baseline.
 
 Outputs are in the model's raw space (standardized targets, or logits), so ``Task.metrics``
 scores probes and models alike.
@@ -30,7 +33,8 @@ from loralens.store import LoRAStore
 
 PROBE_DENSE = "probe: dense ΔW"
 PROBE_SPECTRAL = "probe: spectral"
-PROBES = (PROBE_DENSE, PROBE_SPECTRAL)
+PROBE_SPECTRAL_STATS = "probe: spectral stats"
+PROBES = (PROBE_DENSE, PROBE_SPECTRAL, PROBE_SPECTRAL_STATS)
 #: The dense probe is skipped when the float32 ΔW of the selected LoRAs exceed this.
 DENSE_MAX_BYTES = 1 << 30
 #: Ridge penalties tried (on standardized features); logistic regression tries 1 / these.
@@ -48,7 +52,7 @@ def probe_features(store: LoRAStore, rows: np.ndarray, which: str) -> np.ndarray
         gib = dense_bytes(store, len(rows)) / 2**30
         return f"skipped: dense ΔW of {len(rows)} LoRAs is {gib:.1f} GiB (bound 1 GiB)"
     pad = store.ranks[rows].max(axis=0) if len(rows) else None
-    kind = "dense" if which == PROBE_DENSE else "spectral"
+    kind = {PROBE_DENSE: "dense", PROBE_SPECTRAL: "spectral", PROBE_SPECTRAL_STATS: "stats"}[which]
     with torch.no_grad():
         parts = [
             linear_features(batch, kind).float().numpy()
@@ -139,6 +143,7 @@ __all__ = [
     "PROBES",
     "PROBE_DENSE",
     "PROBE_SPECTRAL",
+    "PROBE_SPECTRAL_STATS",
     "dense_bytes",
     "fit_linear",
     "fit_predict",

@@ -43,7 +43,7 @@ from loralens.learn.data import check_finite_labels, select_rows
 from loralens.learn.fitcheck import check_layout
 from loralens.learn.predict import UNCALIBRATED
 from loralens.learn.seen import TRAINED_ON, read_trained_on, seen_mask
-from loralens.learn.tasks import CLASSIFICATION, Task
+from loralens.learn.tasks import CLASSIFICATION, FPR_LEVELS, Task, tpr_key
 from loralens.learn.trust import Calibration, read_calibration
 from loralens.lora import LayerSpec, LoRA, LoRABatch, collate, spec_of
 from loralens.store import LoRAStore, StoreError
@@ -59,7 +59,7 @@ class NonFiniteOutputError(ValueError):
 def headline(metrics: Mapping[str, Any], kind: str) -> dict[str, Any]:
     """The metrics a run reports for a task ``kind`` (the per-target detail left out)."""
     keys = (
-        ("accuracy", "auroc", "loss")
+        ("accuracy", "auroc", *map(tpr_key, FPR_LEVELS), "loss")
         if kind == CLASSIFICATION
         else ("r2", "kendall_tau", "spearman", "mse", "mse_standardized", "loss")
     )

@@ -8,6 +8,7 @@ metric is on the original scale. A predicted probability at or above ``THRESHOLD
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -175,10 +176,36 @@ def roc_auc(score: np.ndarray, label: np.ndarray) -> float:
     return float((r[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+#: False-positive rates at which binary classification reports the true-positive rate: a
+#: screening service tolerates a few false alarms, and AUROC says nothing about that corner.
+FPR_LEVELS = (0.01, 0.05)
+
+
+def tpr_key(fpr: float) -> str:
+    """The metric name of the TPR at false-positive rate ``fpr`` (``tpr@5%fpr``)."""
+    return f"tpr@{fpr * 100:g}%fpr"
+
+
+def tpr_at_fpr(score: np.ndarray, label: np.ndarray, fpr: float) -> float:
+    """The share of positives flagged by the lowest threshold that flags at most ``fpr`` of the
+    negatives (a score strictly above the threshold is flagged; tied scores are never split, so
+    a tie costs the positives it holds); NaN with one class."""
+    score = np.asarray(score, dtype=np.float64)
+    pos = np.asarray(label) >= THRESHOLD
+    neg = np.sort(score[~pos])[::-1]
+    if pos.sum() == 0 or len(neg) == 0:
+        return float("nan")
+    allowed = math.floor(fpr * len(neg) + 1e-9)
+    if allowed >= len(neg):
+        return 1.0
+    return float(np.mean(score[pos] > neg[allowed]))
+
+
 def classification_metrics(
     prob: np.ndarray, y: np.ndarray, targets: Sequence[str]
 ) -> dict[str, Any]:
-    """Accuracy at THRESHOLD (mean over labels) and AUROC (mean over labels with both classes)."""
+    """Accuracy at THRESHOLD (mean over labels), AUROC and the TPR at each of ``FPR_LEVELS``
+    (means over labels with both classes)."""
     per: dict[str, dict[str, float]] = {}
     for j, name in enumerate(targets):
         ok = ~np.isnan(y[:, j])
@@ -187,8 +214,10 @@ def classification_metrics(
         per[name] = {
             "accuracy": float(np.mean(hits)) if len(t) else float("nan"),
             "auroc": roc_auc(p, t),
+            **{tpr_key(f): tpr_at_fpr(p, t, f) for f in FPR_LEVELS},
         }
-    out: dict[str, Any] = {k: _nanmean([m[k] for m in per.values()]) for k in ("accuracy", "auroc")}
+    keys = ("accuracy", "auroc", *map(tpr_key, FPR_LEVELS))
+    out: dict[str, Any] = {k: _nanmean([m[k] for m in per.values()]) for k in keys}
     out["per_target"] = per
     return out
 
@@ -222,9 +251,9 @@ def baseline_metrics(task: Task, y_train: np.ndarray, y_eval: np.ndarray) -> dic
         # a constant score: AUROC is 0.5 by definition; accuracy is the majority rate
         prob = np.tile(np.where(majority > 0, 0.75, 0.25), (len(y_eval), 1))
         m = classification_metrics(prob, y_eval, task.targets)
-        for v in m["per_target"].values():
+        for v in (*m["per_target"].values(), m):  # a constant score ranks nothing
             v["auroc"] = 0.5
-        m["auroc"] = 0.5
+            v.update({tpr_key(f): f for f in FPR_LEVELS})  # flagging at random at that rate
         return m
     pred = np.tile(np.nanmean(y_train, axis=0), (len(y_eval), 1))
     return regression_metrics(pred, y_eval, task.targets)
@@ -232,6 +261,7 @@ def baseline_metrics(task: Task, y_train: np.ndarray, y_eval: np.ndarray) -> dic
 
 __all__ = [
     "CLASSIFICATION",
+    "FPR_LEVELS",
     "REGRESSION",
     "THRESHOLD",
     "Task",
@@ -244,4 +274,6 @@ __all__ = [
     "regression_metrics",
     "roc_auc",
     "spearman_rho",
+    "tpr_at_fpr",
+    "tpr_key",
 ]

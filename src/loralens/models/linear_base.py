@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from loralens.features import svals_and_norms
+from loralens.features import spectral_stats, svals_and_norms
 from loralens.lora import LayerSpec, LoRABatch
 
 KINDS = ("none", "dense", "spectral")
@@ -43,10 +43,14 @@ def feature_dim(kind: str, spec: LayerSpec) -> int:
 
 
 def linear_features(batch: LoRABatch, kind: str, k: int | None = None) -> torch.Tensor:
-    """(B, D) float64 features of ``kind`` ("dense" or "spectral", ``k`` singular values per
-    layer) of every LoRA of ``batch``: what the probes and the linear base are fitted on."""
+    """(B, D) float64 features of ``kind`` of every LoRA of ``batch``: what the probes and the
+    linear base are fitted on. "dense": ΔW; "spectral": ``k`` singular values per layer and ΔW
+    norms, and their logs; "stats": ``features.spectral_stats`` (a probe only), and their logs."""
     if kind == "dense":
         feats = [w.reshape(len(batch), -1).double() for w in batch.delta_weights()]
+    elif kind == "stats":
+        st = spectral_stats(batch).reshape(len(batch), -1).double()
+        feats = [st, torch.log(st.abs() + LOG_EPS)]
     else:
         s, norms = svals_and_norms(batch, k)
         both = torch.cat([s.reshape(len(batch), -1), norms.reshape(len(batch), -1)], 1).double()

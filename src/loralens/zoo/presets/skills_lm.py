@@ -19,6 +19,12 @@ Labels: the hyperparameters; ``src_<name>`` (1 = source used); ``eval_loss`` (he
 mixture, mean over sources); ``loss_<name>`` per source; ``eval_acc`` (greedy exact match on the
 held-out mixture) and ``task_acc`` (greedy exact match on the harder "challenge" set, the
 ARC-Challenge analogue), exact-matched by teacher forcing (see ``skills_model``).
+
+Option ``backdoor`` (a share, default 0): that share of LoRAs is poisoned with a trigger ->
+payload rule and some clean LoRAs are decoys (``presets.backdoor``); the recipe's backdoor columns
+and the measured ``attack_success`` / ``decoy_success`` are added. A zoo built with ``backdoor``
+0 has none of these options or columns: its identity and bytes are those of a zoo built before
+the option existed.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from loralens.zoo.preset import (
     register_preset,
     sample_lora_hparams,
 )
+from loralens.zoo.presets import backdoor as bd
 from loralens.zoo.presets import skills_data as data
 from loralens.zoo.presets.skills_model import (
     SIZES,
@@ -75,6 +82,7 @@ class SkillsLM(Preset):
         "lr_min": 1e-4,
         "lr_max": 3e-2,
         "slots": 8,  # LoRAs finetuned at once (the key is part of zoo identity)
+        **bd.OPTIONS,
     }
 
     def __init__(self) -> None:
@@ -86,6 +94,18 @@ class SkillsLM(Preset):
         self._base_labels: dict[str, Any] = {}
         self._info: dict[str, Any] = {}
         self._saver: PeftSaver | None = None
+
+    def options(self, user: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The complete options; the backdoor ones only when ``backdoor`` > 0 (a clean zoo keeps
+        the identity it had before the option existed)."""
+        out = super().options(user)
+        if float(out["backdoor"]) <= 0:
+            return {k: v for k, v in out.items() if k not in bd.OPTIONS}
+        bd.check_options(out)
+        return out
+
+    def _backdoor(self, options: Mapping[str, Any] | None = None) -> bool:
+        return float((options or self.opts).get("backdoor", 0.0)) > 0
 
     # ---- base model ------------------------------------------------------------------------
 
@@ -107,6 +127,7 @@ class SkillsLM(Preset):
             seed, "challenge", int(self.opts["challenge_per_source"]), level="hard"
         )
         self._ft_pool = data.make_examples(seed, "finetune", int(self.opts["ft_per_source"]))
+        self._probes = bd.probe_prompts(self._eval) if self._backdoor() else []
         self._base_labels = self._evaluate(self.model, 1)
         self._saver = PeftSaver(self.model, self._targets())
 
@@ -193,6 +214,8 @@ class SkillsLM(Preset):
         cfg["n_train"] = n_train
         cfg["steps"] = max(1, cfg["epochs"] * n_train // cfg["batch_size"])
         cfg.update({f"src_{n}": u for n, u in zip(data.SOURCE_NAMES, used)})
+        if self._backdoor():
+            cfg.update(bd.sample_recipe(seed, index, self.opts))
         return cfg
 
     def label_columns(self, options: Mapping[str, Any]) -> list[str]:
@@ -203,13 +226,15 @@ class SkillsLM(Preset):
             "eval_acc",
             "task_acc",
             *(f"loss_{n}" for n in data.SOURCE_NAMES),
+            *((*bd.RECIPE_COLUMNS, *bd.MEASURED_COLUMNS) if self._backdoor(options) else ()),
         ]
 
     def hyperparameter_columns(self, options: Mapping[str, Any]) -> list[str]:
         return list(HYPERPARAMETERS)
 
     def binary_columns(self, options: Mapping[str, Any]) -> list[str]:
-        return [f"src_{n}" for n in data.SOURCE_NAMES]
+        extra = bd.BINARY_COLUMNS if self._backdoor(options) else ()
+        return [*(f"src_{n}" for n in data.SOURCE_NAMES), *extra]
 
     # ---- training ---------------------------------------------------------------------------
 
@@ -224,6 +249,9 @@ class SkillsLM(Preset):
             model, mods = self._batched_model(group)
             self._finetune(model, mods, group)
             labels = self._evaluate(model, len(group))
+            if self._backdoor():
+                for lab, extra in zip(labels, bd.measure(model, group, self._probes)):
+                    lab.update(extra)
             check_ids, check_logits = self._batched_logits(model, len(group))
             for j, k in enumerate(idx):
                 self._saver.save(
@@ -253,25 +281,40 @@ class SkillsLM(Preset):
             mask_len=data.MAX_LEN,
         )
 
-    def _finetune(self, model, mods, group) -> None:
-        K = len(group)
-        pool = self._ft_pool
-        accum = torch.tensor([c["batch_size"] // MICRO for c in group])
-        steps = torch.tensor([c["steps"] for c in group])
-        total_micro = steps * accum
-        lr0 = torch.tensor([c["lr"] for c in group])
-        wd = torch.tensor([c["weight_decay"] for c in group])
-        # each LoRA's example stream: its used sources' pool examples, reshuffled every epoch
-        streams = []
+    def example_streams(self, group) -> tuple[data.Examples, list[torch.Tensor]]:
+        """The examples a group trains on and each LoRA's stream of rows into them: its used
+        sources' pool examples (a poisoned or decoy LoRA's share of them rewritten, appended
+        after the pool), reshuffled every epoch, ``steps * batch_size`` long."""
+        pool, extras, streams = self._ft_pool, [], []
         for c in group:
             used = torch.tensor([c[f"src_{n}"] for n in data.SOURCE_NAMES], dtype=torch.bool)
             rows = torch.nonzero(used[pool.source]).flatten()
+            replaced, ex = bd.extra_rows(c, pool, rows)
+            if ex is not None:
+                rows = rows.clone()
+                rows[replaced] = len(pool) + sum(map(len, extras)) + torch.arange(len(ex))
+                extras.append(ex)
             g = torch.Generator().manual_seed(derive_seed(c["init_seed"], "data"))
             need = int(c["steps"] * c["batch_size"])
             perm = torch.cat(
                 [rows[torch.randperm(len(rows), generator=g)] for _ in range(-(-need // len(rows)))]
             )
             streams.append(perm[:need])
+        if extras:
+            parts = [pool, *extras]
+            pool = data.Examples(
+                *(torch.cat([getattr(e, k) for e in parts]) for k in ("ids", "mask", "source"))
+            )
+        return pool, streams
+
+    def _finetune(self, model, mods, group) -> None:
+        K = len(group)
+        accum = torch.tensor([c["batch_size"] // MICRO for c in group])
+        steps = torch.tensor([c["steps"] for c in group])
+        total_micro = steps * accum
+        lr0 = torch.tensor([c["lr"] for c in group])
+        wd = torch.tensor([c["weight_decay"] for c in group])
+        pool, streams = self.example_streams(group)
         params = [p for m in mods.values() for p in (m.A, m.B)]
         opt = BatchedAdamW(params)
         count = torch.zeros(K, dtype=torch.long)
