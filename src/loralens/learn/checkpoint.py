@@ -18,7 +18,7 @@ import torch
 from loralens.learn.tasks import CLASSIFICATION, REGRESSION, Task
 from loralens.lora import LayerSpec
 from loralens.models.base import MAX_WIDTH
-from loralens.models.registry import MODEL_NAMES, check_hparams, state_shapes
+from loralens.models.registry import MODEL_NAMES, check_hparams, current_state_key, state_shapes
 
 CHECKPOINT = "model.safetensors"
 CONFIG = "config.json"
@@ -169,7 +169,10 @@ def load_checkpoint(path: Path, config: RunConfig) -> dict[str, torch.Tensor]:
         raise RunError(f"{path.parent / CONFIG}: {e}") from None
     try:
         with safe_open(path, framework="pt") as f:  # the header only: nothing is read yet
-            have = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+            have = {
+                current_state_key(config.name, k): tuple(f.get_slice(k).get_shape())
+                for k in f.keys()  # noqa: SIM118
+            }
     except (SafetensorError, OSError, ValueError) as e:
         raise RunError(f"{path}: not a readable safetensors file ({e})") from None
     missing = [k for k in want if k not in have]
@@ -186,7 +189,7 @@ def load_checkpoint(path: Path, config: RunConfig) -> dict[str, torch.Tensor]:
                 f"{CONFIG} needs {list(t.shape)}"
             )
     try:
-        state = load_file(path)
+        state = {current_state_key(config.name, k): t for k, t in load_file(path).items()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise RunError(f"{path}: {e}") from None
     for k, t in state.items():

@@ -171,6 +171,9 @@ class LoLModel(nn.Module):
     #: Hyperparameters added after runs were saved, with the value older code used: a saved
     #: config that lacks one rebuilds with this, not with today's default.
     saved_defaults: ClassVar[dict[str, Any]] = {}
+    #: State-dict key prefixes renamed since runs were saved (old -> new): a saved checkpoint is
+    #: read under today's names (``registry.current_state_key``).
+    renamed_state: ClassVar[dict[str, str]] = {}
     #: True where the output is provably unchanged by per-layer GL(r) / O(r) transforms.
     gl_invariant: ClassVar[bool] = False
     o_invariant: ClassVar[bool] = False

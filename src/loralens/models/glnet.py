@@ -137,6 +137,8 @@ class GLNet(LoLModel):
         "n_layers": HParam("int", 1, MAX_DEPTH),
     }
     gl_invariant = o_invariant = True
+    # the transformer head's input map was ``embed`` until ``embed()`` became the method
+    renamed_state: ClassVar[dict[str, str]] = {"embed.": "token_in."}
 
     def __init__(self, spec: LayerSpec, out_dim: int, *, like: Any = None, **hparams: Any):
         super().__init__(spec, out_dim, hparams)
@@ -159,7 +161,7 @@ class GLNet(LoLModel):
             self.head = mlp(dim, self.out_dim, h["head_hidden"], h["head_depth"], h["dropout"])
         else:
             dm = int(h["d_model"])
-            self.embed = nn.Linear(d * d + 1, dm)
+            self.token_in = nn.Linear(d * d + 1, dm)
             self.position = nn.Parameter(torch.randn(n, dm) * 0.02)
             layer = nn.TransformerEncoderLayer(
                 dm, int(h["n_heads"]), 2 * dm, h["dropout"], batch_first=True, norm_first=True
@@ -199,7 +201,9 @@ class GLNet(LoLModel):
             Us, Vs = layer(Us, Vs)
         return Us, Vs, rms
 
-    def forward(self, batch: LoRABatch) -> torch.Tensor:
+    def embed(self, batch: LoRABatch) -> torch.Tensor:
+        """(B, D): what the head reads, the flattened tokens (mlp head) or the mean transformer
+        output, then the standardized per-layer log scales (read by the skip path too)."""
         batch = self.prepare(batch)
         if len(self.equivariant) == 1:
             # One linear layer: (Phi U / s)(Psi V / s)^T = (Phi U)(Psi V)^T / rms, so scale the
@@ -212,8 +216,14 @@ class GLNet(LoLModel):
         heads = torch.stack([delta_weight(u, v) for u, v in zip(Us, Vs)], dim=1) / div
         scales = self.scale_norm(log_scale(rms)[..., None])  # (B, L, 1)
         tokens = torch.cat([heads.flatten(2), scales], dim=2)  # (B, L, d*d + 1)
-        skip = self.scale_skip(scales.flatten(1))
         if self.hparams["head"] == "mlp":
-            return self.head(tokens.flatten(1)) + skip
-        z = self.transformer(self.embed(tokens) + self.position)
-        return self.out(z.mean(dim=1)) + skip
+            return torch.cat([tokens.flatten(1), scales.flatten(1)], dim=1)
+        z = self.transformer(self.token_in(tokens) + self.position)
+        return torch.cat([z.mean(dim=1), scales.flatten(1)], dim=1)
+
+    def forward(self, batch: LoRABatch) -> torch.Tensor:
+        x = self.embed(batch)
+        n = len(self.spec.names)
+        x, scales = x[:, :-n], x[:, -n:]
+        head = self.head if self.hparams["head"] == "mlp" else self.out
+        return head(x) + self.scale_skip(scales)

@@ -94,7 +94,8 @@ class FlatMLP(LoLModel):
         """(B, n, r) -> (B, n r) in the model's ``layout`` (a view for rank-major factors)."""
         return f.mT.flatten(1) if self.hparams["layout"] == "rank-major" else f.flatten(1)
 
-    def forward(self, batch: LoRABatch) -> torch.Tensor:
+    def embed(self, batch: LoRABatch) -> torch.Tensor:
+        """(B, D): the standardized features the head reads (the last 2 L: log scales)."""
         batch = self.prepare(batch)
         Us, Vs = self.factors(batch)
         parts, scales = [], []
@@ -103,8 +104,11 @@ class FlatMLP(LoLModel):
             parts += [self._flat(u / ru.clamp_min(EPS)[:, None, None])]
             parts += [self._flat(v / rv.clamp_min(EPS)[:, None, None])]
             scales += [log_scale(ru), log_scale(rv)]
-        x = self.norm(torch.cat([*parts, torch.stack(scales, dim=1)], dim=1))
-        return self.head(x) + self.scale_skip(x[:, -len(scales) :])
+        return self.norm(torch.cat([*parts, torch.stack(scales, dim=1)], dim=1))
+
+    def forward(self, batch: LoRABatch) -> torch.Tensor:
+        x = self.embed(batch)
+        return self.head(x) + self.scale_skip(x[:, -2 * len(self.spec.names) :])
 
 
 class OAlignMLP(FlatMLP):
@@ -194,12 +198,16 @@ class SVDMLP(LoLModel):
         self.norm = RunningStandardize(dim)
         self.head = mlp(dim, self.out_dim, h["hidden"], h["depth"], h["dropout"])
 
-    def forward(self, batch: LoRABatch) -> torch.Tensor:
+    def embed(self, batch: LoRABatch) -> torch.Tensor:
+        """(B, L (k + 1)): standardized relative singular values and log norms, the head's input."""
         batch = self.prepare(batch)
         s, norm = features.svals_and_norms(batch, self.hparams["k"])  # (B, L, k), (B, L)
         norm = norm.to(s.dtype)  # |sigma| over all r, not just top-k
         x = torch.cat([(s / norm.clamp_min(EPS)[..., None]).flatten(1), log_scale(norm)], dim=1)
-        return self.head(self.norm(x))
+        return self.norm(x)
+
+    def forward(self, batch: LoRABatch) -> torch.Tensor:
+        return self.head(self.embed(batch))
 
 
 class DenseMLP(LoLModel):
@@ -252,7 +260,9 @@ class DenseMLP(LoLModel):
             nn.GELU(), *([nn.Dropout(h["dropout"])] if h["dropout"] else []), rest
         )
 
-    def forward(self, batch: LoRABatch) -> torch.Tensor:
+    def embed(self, batch: LoRABatch) -> torch.Tensor:
+        """(B, hidden + L): the first layer's pre-activations and the standardized log scales
+        (what the head and its skip path read)."""
         batch = self.prepare(batch)
         rms = layer_rms(batch).to(batch.dtype)  # (B, L)
         scales = self.scale_norm(log_scale(rms))
@@ -260,4 +270,9 @@ class DenseMLP(LoLModel):
         for k, (u, v) in enumerate(zip(batch.U, batch.V)):
             d = delta_weight(u, v).flatten(1) / rms[:, k, None].clamp_min(EPS)
             z = z + self.norms[k](d) @ self.first[k].T
-        return self.head(z) + self.scale_skip(scales)
+        return torch.cat([z, scales], dim=1)
+
+    def forward(self, batch: LoRABatch) -> torch.Tensor:
+        z = self.embed(batch)
+        hid = self.first_scale.out_features
+        return self.head(z[:, :hid]) + self.scale_skip(z[:, hid:])

@@ -13,6 +13,7 @@ from loralens.models import base
 from loralens.models.base import HParam, LoLModel, ModelSizeError, as_spec
 from loralens.models.glnet import GLNet
 from loralens.models.mlp import SVDMLP, DenseMLP, FlatMLP, OAlignMLP
+from loralens.models.w2t import W2T
 
 #: Training defaults shared by every model (``loralens train`` needs no flags); an entry of the
 #: registry overrides what its model trains better with.
@@ -51,6 +52,7 @@ _REGISTRY: dict[str, tuple[type[LoLModel], dict[str, Any]]] = {
         _entry(SVDMLP, lr=3e-3),
         _entry(DenseMLP, weight_decay=1e-3),
         _entry(GLNet),
+        _entry(W2T),
     )
 }
 
@@ -69,6 +71,14 @@ def training_defaults(name: str) -> dict[str, Any]:
     model ``name`` trains with unless told otherwise."""
     _model_class(name)
     return dict(_REGISTRY[name][1])
+
+
+def current_state_key(name: str, key: str) -> str:
+    """Today's name of a state-dict entry that a saved run of model ``name`` calls ``key``."""
+    for old, new in _model_class(name).renamed_state.items():
+        if key.startswith(old):
+            return new + key[len(old) :]
+    return key
 
 
 def check_hparams(name: str, hparams: dict[str, Any]) -> None:
