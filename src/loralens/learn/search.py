@@ -48,6 +48,13 @@ def exact_knn(base: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray
     return np.sqrt(np.take_along_axis(d2, rows, axis=1)), rows
 
 
+def standardizer(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-dimension mean and std of indexed vectors (std 1 where a dimension is constant), so
+    that no dimension's unit decides the distances."""
+    mean, std = raw.mean(0), raw.std(0)
+    return mean, np.where(std > 1e-6 * max(float(std.max(initial=0)), 1e-30), std, 1.0)
+
+
 def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
     """Mean fraction of each row's true neighbours (``truth``) that ``found`` also lists."""
     return float(np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found, truth)]))
@@ -111,8 +118,7 @@ def build_index(
     store = data if isinstance(data, LoRAStore) else LoRAStore(data)
     emb = Embedder.of_run(run) if run is not None else Embedder.unsupervised(store.spec)
     raw = emb.store(store, batch_size=batch_size)
-    mean, std = raw.mean(0), raw.std(0)
-    std = np.where(std > 1e-6 * max(float(std.max(initial=0)), 1e-30), std, 1.0)
+    mean, std = standardizer(raw)
     vectors = ((raw - mean) / std).astype(np.float32)
     if approximate is None:
         approximate = len(store) > APPROX_ABOVE
@@ -255,4 +261,5 @@ __all__ = [
     "load_index",
     "recall_at_k",
     "search",
+    "standardizer",
 ]
