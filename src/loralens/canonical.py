@@ -53,14 +53,13 @@ def _half_and_pinv(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (q * root[..., None, :]) @ q.mT, (q * inv[..., None, :]) @ q.mT
 
 
-def _gram_route(
-    u: torch.Tensor, v: torch.Tensor, gu: torch.Tensor, gv: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Left vectors, singular values, right vectors with Q = F (F^T F)^+1/2 from the Grams."""
+def _gram_maps(gu: torch.Tensor, gv: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """For stacked Grams (..., R, R): the maps P_U, P_V with left vectors U P_U and right
+    vectors V P_V (Q = F (F^T F)^+1/2 times the core's singular vectors), and the values."""
     hu, pu = _half_and_pinv(gu)
     hv, pv = _half_and_pinv(gv)
     a, s, bh = torch.linalg.svd(hu @ hv)
-    return u @ (pu @ a).to(u.dtype), s.to(u.dtype), v @ (pv @ bh.mT).to(v.dtype)
+    return pu @ a, s, pv @ bh.mT
 
 
 def _qr_route(u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -72,11 +71,11 @@ def _qr_route(u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return pad_rank(qu @ a, r), pad_rank(s, r), pad_rank(qv @ bh.mT, r)
 
 
-def _fix_signs(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flip each pair (l_k, r_k) so that the largest-magnitude entry of l_k is positive."""
-    peak = left.gather(1, left.abs().argmax(dim=1, keepdim=True))  # (B, 1, K)
-    sign = torch.where(peak < 0, -1.0, 1.0).to(left.dtype)
-    return left * sign, right * sign
+def _signs(left: torch.Tensor) -> torch.Tensor:
+    """(B, K) signs making the largest-magnitude entry of each left vector positive (one
+    min/max pass over the vectors, which are contiguous in the rank-major layout)."""
+    lo, hi = torch.aminmax(left.mT, dim=2)
+    return torch.where(hi >= -lo, 1.0, -1.0).to(left.dtype)
 
 
 def canonical_form(batch: LoRABatch) -> list[Canonical]:
@@ -87,22 +86,27 @@ def canonical_form(batch: LoRABatch) -> list[Canonical]:
     """
     w = linalg_dtype(batch.dtype)
     with torch.no_grad():
-        gu, gv = grams(batch.U), grams(batch.V)  # (B, L, R, R)
+        gu, gv = grams(batch.U), grams(batch.V)  # (B, L, R, R), every layer's r x r work at once
         lu, lv = torch.linalg.eigvalsh(gu), torch.linalg.eigvalsh(gv)
         cond = torch.maximum(gram_condition(lu, batch.ranks), gram_condition(lv, batch.ranks))
         bad = (cond > GRAM_MAX_COND).any(dim=0).tolist()
+        pu, s_all, pv = _gram_maps(gu, gv)
         out = []
         for i, (u, v) in enumerate(zip(batch.U, batch.V)):
             u, v = u.to(w), v.to(w)
             r = u.shape[2]
-            left, s, right = _gram_route(u, v, gu[:, i, :r, :r], gv[:, i, :r, :r])
-            if bad[i]:
-                rows = cond[:, i] > GRAM_MAX_COND
-                left, s, right = left.clone(), s.clone(), right.clone()
-                left[rows], s[rows], right[rows] = _qr_route(u[rows], v[rows])
-            left, right = _fix_signs(left, right)
+            # P^T U^T: factors are stored rank-major, so this is the cheap product
+            left = (pu[:, i, :r, :r].to(w).mT @ u.mT).mT
+            s = s_all[:, i, :r].to(w)
+            rows = cond[:, i] > GRAM_MAX_COND if bad[i] else None
+            if rows is not None:
+                left[rows], s[rows], qr_right = _qr_route(u[rows], v[rows])
             k = torch.arange(r, device=u.device)
             mask = (k < batch.ranks[:, i, None].to(u.device)) & (s > NULL_SVAL * s[:, :1])
-            m = mask.to(w)
-            out.append(Canonical(left * m[:, None], s * m, right * m[:, None], mask))
+            keep = _signs(left) * mask.to(w)  # (B, K): the sign rule and the mask in one
+            left.mul_(keep[:, None])
+            right = ((pv[:, i, :r, :r].to(w) * keep[:, None]).mT @ v.mT).mT
+            if rows is not None:
+                right[rows] = qr_right * keep[rows, None]
+            out.append(Canonical(left, s * mask.to(w), right, mask))
     return out
