@@ -35,6 +35,7 @@ GL_INVARIANT = [
         },
     ),
     ("w2t", {"d_model": 16, "n_heads": 2, "n_layers": 1}),
+    ("w2t", {"bilinear": True, "dropout": 0.1}),
 ]
 ALL = [*GL_INVARIANT, ("mlp", {}), ("mlp-oalign", {})]
 
@@ -251,6 +252,7 @@ def _toy_task(n=64, seed=0):
         ("glnet", {}),
         ("glnet", {"head": "transformer", "hidden": 8}),
         ("w2t", {}),
+        ("w2t", {"bilinear": True}),
     ],
 )
 def test_models_train_out_of_the_box_on_raw_lora_scales(name, hp):

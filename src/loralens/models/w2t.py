@@ -45,6 +45,9 @@ class W2T(LoLModel):
         "n_layers": 2,
         "dropout": 0.0,
         "components": 64,  # rows of the component embedding (later components share the last)
+        # add W ((A l) * (B r) s / |dW|) to each token: sign-free, and summed over a layer's
+        # components a linear map of delta W itself (not in the W2T paper)
+        "bilinear": False,
     }
     schema: ClassVar[dict[str, HParam]] = {
         "d_model": HParam("int", 1, 4096),
@@ -52,6 +55,7 @@ class W2T(LoLModel):
         "n_layers": HParam("int", 1, MAX_DEPTH),
         "dropout": HParam("float", 0, 1),
         "components": HParam("int", 1),
+        "bilinear": HParam("choice", choices=(False, True)),
     }
     gl_invariant = o_invariant = True
 
@@ -64,6 +68,7 @@ class W2T(LoLModel):
         self.left_in = nn.ModuleList(nn.Linear(o, dm, bias=False) for o, _ in spec.shapes)
         self.right_in = nn.ModuleList(nn.Linear(i, dm, bias=False) for _, i in spec.shapes)
         self.value_in = nn.Linear(2, dm)
+        self.bilinear_in = nn.Linear(dm, dm) if h["bilinear"] else None
         self.layer_pos = nn.Parameter(torch.randn(n, dm) * 0.02)
         self.component_pos = nn.Parameter(torch.randn(int(h["components"]), dm) * 0.02)
         self.scale_norm = RunningStandardize((n, 1))
@@ -93,13 +98,12 @@ class W2T(LoLModel):
             pos = self.component_pos[
                 torch.arange(k, device=batch.device).clamp_max(len(self.component_pos) - 1)
             ]
-            tokens.append(
-                self.left_in[i](c.left.mT.to(batch.dtype) * math.sqrt(o))
-                + self.right_in[i](c.right.mT.to(batch.dtype) * math.sqrt(n))
-                + self.value_in(value)
-                + pos
-                + self.layer_pos[i]
-            )
+            a = self.left_in[i](c.left.mT.to(batch.dtype) * math.sqrt(o))
+            b = self.right_in[i](c.right.mT.to(batch.dtype) * math.sqrt(n))
+            token = a + b + self.value_in(value) + pos + self.layer_pos[i]
+            if self.bilinear_in is not None:
+                token = token + self.bilinear_in(a * b * rel[..., None].to(batch.dtype))
+            tokens.append(token)
             masks.append(c.mask)
         return torch.cat(tokens, dim=1), torch.cat(masks, dim=1)
 
