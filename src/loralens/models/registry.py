@@ -52,7 +52,7 @@ _REGISTRY: dict[str, tuple[type[LoLModel], dict[str, Any]]] = {
         _entry(SVDMLP, lr=3e-3),
         _entry(DenseMLP, weight_decay=1e-3),
         _entry(GLNet),
-        _entry(W2T),
+        _entry(W2T, weight_decay=1e-2),
     )
 }
 
