@@ -112,12 +112,15 @@ def test_exact_knn_orders_by_distance_then_row():
     base = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [3.0, 3.0]])
     dist, rows = exact_knn(base, np.array([[0.0, 0.0]]), 3)
     assert rows.tolist() == [[0, 1, 2]] and np.allclose(dist, [[0, 1, 1]])
+    tied = np.array([[0.0, 0.0], [0.0, -1.0], [-1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [3.0, 3.0]])
+    assert exact_knn(tied, np.array([[0.0, 0.0]]), 3)[1].tolist() == [[0, 1, 2]]
     assert recall_at_k(np.array([[0, 1], [2, 3]]), np.array([[0, 1], [2, 0]])) == 0.75
 
 
 def test_embeddings_saved_as_npy_with_their_rows(store, run, tmp_path):
     names, vectors, desc = embed(run=run, data=store)
-    assert names == store.ids and vectors.shape == (40, 64) and desc["model"] == "w2t"
+    width = Embedder.of_run(run).run.model.hparams["d_model"]
+    assert names == store.ids and vectors.shape == (40, width) and desc["model"] == "w2t"
     direct = Embedder.of_run(run).store(store)
     assert np.array_equal(vectors, direct)
     side = save_embeddings(tmp_path / "e.npy", names, vectors, desc)

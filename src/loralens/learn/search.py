@@ -44,7 +44,11 @@ def exact_knn(base: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray
     d2 = (q * q).sum(1)[:, None] - 2 * q @ b.T + (b * b).sum(1)[None, :]
     d2 = np.maximum(d2, 0)
     k = min(k, len(b))
-    rows = np.argsort(d2, axis=1, kind="stable")[:, :k]
+    kth = np.partition(d2, k - 1, axis=1)[:, k - 1 : k]  # linear time; then sort only those
+    rows = np.empty((len(q), k), dtype=np.int64)
+    for i, near in enumerate(d2 <= kth):  # every row tied with the k-th too: ties go by row
+        cand = np.flatnonzero(near)
+        rows[i] = cand[np.argsort(d2[i, cand], kind="stable")[:k]]
     return np.sqrt(np.take_along_axis(d2, rows, axis=1)), rows
 
 
