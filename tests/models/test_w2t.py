@@ -57,9 +57,23 @@ def test_embed_is_what_the_head_reads_and_keeps_invariance(name):
         assert ll.gl_invariance_error(model.embed, batch, dtype=None) < 1e-6
 
 
-def test_glnet_runs_saved_before_embed_load_under_the_new_key():
-    from loralens.models.registry import current_state_key
+def test_glnet_runs_saved_before_embed_load_under_the_new_key(tmp_path):
+    from safetensors.torch import load_file, save_file
 
-    assert current_state_key("glnet", "embed.weight") == "token_in.weight"
-    assert current_state_key("glnet", "head.0.weight") == "head.0.weight"
-    assert current_state_key("w2t", "embed.weight") == "embed.weight"
+    from helpers import store_items
+    from loralens.learn.loop import TrainConfig, train
+    from loralens.learn.runs import load_run
+    from loralens.store import write_store
+
+    store = write_store(tmp_path / "s", store_items(24))
+    cfg = TrainConfig(model="glnet", targets=["y"], epochs=1, plots=False)
+    train(
+        store, TrainConfig(**{**cfg.__dict__, "hparams": {"head": "transformer"}}), tmp_path / "r"
+    )
+    path = tmp_path / "r" / "model.safetensors"
+    state = load_file(path)
+    old = {k.replace("token_in.", "embed."): v for k, v in state.items()}  # as saved before
+    assert any(k.startswith("embed.") for k in old)
+    save_file(old, path, metadata={"format": "loralens-run"})
+    model = load_run(tmp_path / "r").model
+    assert torch.equal(model.token_in.weight, state["token_in.weight"])
