@@ -28,10 +28,12 @@ def embed(
     items: list[str] = typer.Argument(None, help="RUN (unless --unsupervised), then adapters."),
     data: str = typer.Option(None, help="Embed every LoRA of this store instead of adapters."),
     unsupervised: bool = typer.Option(
-        False, help="Spectral features (log relative singular values, log norms): no run."
+        False,
+        "--unsupervised",
+        help="Spectral features (log relative singular values, log norms): no run.",
     ),
     out: str = typer.Option(..., help="Output .npy (N x D float32); OUT.json lists the rows."),
-    overwrite: bool = typer.Option(False, help="Replace OUT if it exists."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
 ) -> None:
     """Invariant embeddings of LoRAs: a trained model's representation before its head."""
     from loralens.learn.embed import embed as embed_loras
@@ -54,14 +56,16 @@ def embed(
 def index(
     run: str = typer.Argument(None, help="A run directory (omit with --unsupervised)."),
     data: str = typer.Option(..., help="The store whose LoRAs are indexed."),
-    unsupervised: bool = typer.Option(False, help="Index spectral features: no run needed."),
+    unsupervised: bool = typer.Option(
+        False, "--unsupervised", help="Index spectral features: no run needed."
+    ),
     out: str = typer.Option(..., help="The index folder to write."),
     approximate: bool = typer.Option(
         None,
         "--approximate/--exact",
         help="HNSW graph or exact search (default: HNSW above 50,000 LoRAs if hnswlib is here).",
     ),
-    overwrite: bool = typer.Option(False, help="Replace an existing index."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing index."),
     seed: int = typer.Option(0, help="Seed of the HNSW graph and of its recall sample."),
 ) -> None:
     """Index a store's LoRA embeddings for `loralens search`."""
