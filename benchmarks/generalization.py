@@ -5,9 +5,8 @@
         --transfer TRAIN_STORE TEST_STORE  # train on one base, test on a variant's LoRAs
 
 Rows: ``glnet`` with default flags, ``glnet`` without its linear base (the network alone),
-and the dense-ΔW ridge probe fitted on the same training rows (a ``glnet`` run whose network
-never moves: lr 0, so its output is its linear base alone, fitted on train + val exactly as
-the probe). Metrics: R², Kendall τ and Spearman ρ of ``evaluate`` on the held-out rows,
+and the dense-ΔW ridge probe (``learn.probes``) fitted on every LoRA the default run saw
+(train, val and calibration rows, read from its ``trained_on.json``). Metrics: R², Kendall τ and Spearman ρ of ``evaluate`` on the held-out rows,
 mean ± std over seeds (seed = split and init). Markdown to stdout, JSON to OUT/results.json.
 """
 
@@ -19,20 +18,25 @@ from pathlib import Path
 
 import numpy as np
 
+from loralens.learn.data import select_rows
 from loralens.learn.loop import TrainConfig, train
-from loralens.learn.runs import evaluate
+from loralens.learn.probes import PROBE_DENSE, fit_predict, probe_features
+from loralens.learn.runs import evaluate, headline
+from loralens.learn.seen import read_trained_on, seen_mask
+from loralens.learn.tasks import Task
+from loralens.store import LoRAStore
 
 RECIPES = {
     "glnet (defaults)": {},
     "glnet, network alone (--linear-base none)": {"linear_base": "none"},
-    "ridge on dense ΔW (probe)": {"linear_base": "dense", "lr": 0.0, "epochs": 1},
 }
+PROBE = "ridge on dense ΔW (probe)"
 METRICS = ("r2", "kendall_tau", "spearman")
 
 
 def _runs(train_store, tests, target, seeds, where, out):
     """{recipe: {test name: {metric: [per seed]}}} for runs trained on ``train_store`` rows
-    ``where`` and evaluated on each ``(name, store, filter)`` of ``tests``."""
+    ``where`` and evaluated on each ``(name, store, filter)`` of ``tests``, and the probe."""
     res: dict = {}
     for seed in range(seeds):
         for k, (name, kw) in enumerate(RECIPES.items()):
@@ -40,12 +44,33 @@ def _runs(train_store, tests, target, seeds, where, out):
             cfg = TrainConfig("glnet", [target], seed=seed, where=where, plots=False, **kw)
             train(train_store, cfg, run_dir, overwrite=True)
             for test_name, store, test_where in tests:
-                m = evaluate(run_dir, store, where=test_where)["metrics"]
-                cell = res.setdefault(name, {}).setdefault(test_name, {})
-                for k in METRICS:
-                    cell.setdefault(k, []).append(m.get(k))
-                print(f"{seed} {name} -> {test_name}: {m}", flush=True)
+                _add(res, name, test_name, evaluate(run_dir, store, where=test_where)["metrics"])
+            if k == 0:
+                for test_name, store, test_where in tests:
+                    m = _probe(train_store, run_dir, store, test_where, target)
+                    _add(res, PROBE, test_name, m)
+        print(f"seed {seed} done", flush=True)
     return res
+
+
+def _add(res: dict, name: str, test_name: str, m: dict) -> None:
+    cell = res.setdefault(name, {}).setdefault(test_name, {})
+    for k in METRICS:
+        cell.setdefault(k, []).append(m.get(k))
+
+
+def _probe(train_store, run_dir, store, where, target) -> dict:
+    """Test metrics of the dense-ΔW probe fitted on the LoRAs ``run_dir`` trained on."""
+    src, dst = LoRAStore(train_store), LoRAStore(store)
+    rows = np.arange(len(src))
+    fit = rows[seen_mask(read_trained_on(Path(run_dir)), src, rows)]
+    test = select_rows(dst, where)
+    y_fit, y_test = src.labels([target])[fit], dst.labels([target])[test]
+    task = Task.fit([target], y_fit)
+    raw = fit_predict(
+        probe_features(src, fit, PROBE_DENSE), y_fit, probe_features(dst, test, PROBE_DENSE), task
+    )
+    return headline(task.metrics(raw, y_test), task.kind)
 
 
 def _table(title: str, res: dict) -> str:

@@ -1,4 +1,5 @@
-"""Training recipes compared on development stores: R² of each variant, mean ± std over seeds.
+"""Training recipes compared on development stores: R² (accuracy for a classification target
+family such as 'src_*') of each variant, mean ± std over seeds.
 
     python benchmarks/recipe_search.py --target eval_loss --seeds 3 STORE [STORE ...] \\
         --variant default --variant 'glnet:weight_decay=1e-2,hidden=32'
@@ -16,8 +17,10 @@ import json
 
 import numpy as np
 
+from loralens.learn.data import resolve_targets
 from loralens.learn.loop import TrainConfig, train
 from loralens.models.registry import TRAINING_DEFAULTS
+from loralens.store import LoRAStore
 
 TRAINING = set(TRAINING_DEFAULTS) - {"grad_clip"}
 
@@ -45,7 +48,7 @@ def _value(text: str) -> int | float | str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("stores", nargs="+")
-    ap.add_argument("--target", default="eval_loss")
+    ap.add_argument("--target", default="eval_loss", help="a target family: COL[,COL] or a glob")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--variant", action="append", default=[])
     ap.add_argument("--json", dest="json_out")
@@ -53,19 +56,21 @@ def main() -> None:
     variants = a.variant or ["default"]
     results: dict[str, dict[str, list[float]]] = {}
     for store in a.stores:
+        targets = resolve_targets(LoRAStore(store), a.target)
         for seed in range(a.seeds):
             for k, v in enumerate(variants):
                 model, settings, hparams = parse_variant(v)
                 cfg = TrainConfig(
-                    model, [a.target], seed=seed, hparams=hparams, plots=False, threads=1,
+                    model, targets, seed=seed, hparams=hparams, plots=False, threads=1,
                     probes=k == 0, **settings,
                 )  # fmt: skip
                 m = train(store, cfg, None)
-                results.setdefault(store, {}).setdefault(v, []).append(m["test"]["r2"])
+                metric = "r2" if "r2" in m["test"] else "accuracy"
+                results.setdefault(store, {}).setdefault(v, []).append(m["test"][metric])
                 for name, p in m["probes"].items():
                     if "test" in p:
-                        results[store].setdefault(name, []).append(p["test"]["r2"])
-                print(f"{store} seed {seed} {v}: r2 {m['test']['r2']:.3f}", flush=True)
+                        results[store].setdefault(name, []).append(p["test"][metric])
+                print(f"{store} seed {seed} {v}: {metric} {m['test'][metric]:.3f}", flush=True)
     for store, rows in results.items():
         print(f"\n{store}")
         for name, vals in rows.items():

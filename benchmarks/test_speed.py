@@ -50,6 +50,7 @@ def test_every_model_shape_and_batch_size_has_a_row(result):
         assert _pos(r["forward_bytes"]) and r["forward_flops"] >= 0
         assert r["peak_mib"] >= 0 and r["peak_method"]
         assert (r["featurizer"] is None) == (r["model"] == "glnet")
+        assert (r["featurizer"] == "canonical") == (r["model"] == "w2t")
         if r["featurizer"]:
             assert _pos(r["featurize_s"]) and _pos(r["featurize_x_floor"])
 

@@ -11,18 +11,21 @@ import torch
 
 import loralens as ll
 from loralens import features
+from loralens.canonical_form import canonical_form
 from loralens.lora import LoRABatch
 from speedbench.measure import Floors, PeakMemory, count_flops, tensor_bytes, time_call
 from speedbench.shapes import synthetic_batch
 
-MODELS: tuple[str, ...] = ("mlp", "mlp-oalign", "mlp-svd", "mlp-dense", "glnet")
-# the featurizer each model runs before its MLP (GL-net reads U and V as they are)
+MODELS: tuple[str, ...] = ("mlp", "mlp-oalign", "mlp-svd", "mlp-dense", "glnet", "w2t")
+# the featurizer each model runs before its MLP or transformer (GL-net reads U and V as they are;
+# w2t's is the canonical form, loralens.canonical_form)
 FEATURIZER_OF: dict[str, str | None] = {
     "mlp": "flatten",
     "mlp-oalign": "oalign",
     "mlp-svd": "svals",
     "mlp-dense": "dense",
     "glnet": None,
+    "w2t": "canonical",
 }
 
 
@@ -33,6 +36,8 @@ def featurize_fn(name: str, batch: LoRABatch, model: torch.nn.Module | None = No
         if template is None:  # the first LoRA of the batch, as a training set would give
             template = batch.select([0])
         return lambda: features.oalign(batch, template)
+    if name == "canonical":
+        return lambda: canonical_form(batch)
     return lambda: getattr(features, name)(batch)
 
 

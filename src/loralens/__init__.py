@@ -1,5 +1,6 @@
 """loralens: learning on LoRAs. Read LoRA adapters as data, predict properties of the finetuned model."""
 
+from loralens.canonical_form import canonical_form
 from loralens.families import guess_base_model, matching_families
 from loralens.features import spectral_stats
 from loralens.formats import (
@@ -27,6 +28,23 @@ from loralens.zoo import build_small_zoo, build_zoo, build_zoo_ray, get_preset, 
 
 __version__ = "0.1.0"
 
+#: Public names whose modules load pandas and the store: imported on first use only.
+_LAZY = {
+    "embed": "loralens.learn.embed",
+    "build_index": "loralens.learn.search",
+    "load_index": "loralens.learn.search",
+    "search": "loralens.learn.search",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'loralens' has no attribute {name!r}")
+
+
 __all__ = [
     "MODEL_NAMES",
     "LayerSpec",
@@ -37,19 +55,23 @@ __all__ = [
     "__version__",
     "assert_gl_invariant",
     "assert_o_invariant",
+    "build_index",
     "build_model",
     "build_small_zoo",
     "build_zoo",
     "build_zoo_ray",
+    "canonical_form",
     "collate",
     "convert",
     "detect_format",
+    "embed",
     "get_preset",
     "gl_invariance_error",
     "gl_transform",
     "guess_base_model",
     "inspect_adapter",
     "inspect_adapters",
+    "load_index",
     "load_lora",
     "matching_families",
     "merge_zoos",
@@ -60,5 +82,6 @@ __all__ = [
     "save_diffusers",
     "save_kohya",
     "save_lora",
+    "search",
     "spectral_stats",
 ]

@@ -30,6 +30,7 @@ __all__ = [
     "describe_layers",
     "effective_rank",
     "flatten",
+    "gram_condition",
     "oalign",
     "pad_rank",
     "pick_template",
@@ -123,16 +124,20 @@ def _gram_svals(
     number of U and V over their ``rank`` (...) true columns (the rest is zero padding)."""
     lu, qu = torch.linalg.eigh(gu)  # ascending
     lv = torch.linalg.eigvalsh(gv)
-    R = gu.shape[-1]
-    low = (R - rank.to(lu.device).long()).clamp(0, R - 1)[..., None]
-
-    def cond(lam: torch.Tensor) -> torch.Tensor:
-        small = lam.gather(-1, low)[..., 0].clamp_min(0)
-        return (lam[..., -1].clamp_min(0) / small).sqrt().nan_to_num(nan=1.0, posinf=math.inf)
-
     half = (qu * lu.clamp_min(0).sqrt()[..., None, :]) @ qu.mT  # (U^T U)^(1/2)
     s2 = torch.linalg.eigvalsh(half @ gv @ half)
-    return s2.clamp_min(0).sqrt().flip(-1), torch.maximum(cond(lu), cond(lv))
+    return s2.clamp_min(0).sqrt().flip(-1), torch.maximum(
+        gram_condition(lu, rank), gram_condition(lv, rank)
+    )
+
+
+def gram_condition(lam: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
+    """Condition number of a factor from its Gram's ascending eigenvalues (..., R), over its
+    ``rank`` (...) true columns (the rest is zero padding)."""
+    R = lam.shape[-1]
+    low = (R - rank.to(lam.device).long()).clamp(0, R - 1)[..., None]
+    small = lam.gather(-1, low)[..., 0].clamp_min(0)
+    return (lam[..., -1].clamp_min(0) / small).sqrt().nan_to_num(nan=1.0, posinf=math.inf)
 
 
 def svals(batch: LoRABatch, k: int | None = None) -> torch.Tensor:

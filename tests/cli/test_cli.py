@@ -33,7 +33,9 @@ def test_version_flag_and_command_print_the_version():
         assert res.exit_code == 0 and res.stdout.strip() == __version__
 
 
-@pytest.mark.parametrize("command", ["pack", "train", "inspect", "predict", "zoo build"])
+@pytest.mark.parametrize(
+    "command", ["pack", "train", "inspect", "predict", "zoo build", "embed", "index", "search"]
+)
 def test_help_shows_boolean_options_as_flags(command):
     res = runner.invoke(app, [*command.split(), "--help"], env={"COLUMNS": "200"})
     assert res.exit_code == 0

@@ -1,4 +1,4 @@
-"""The five LoL models: invariances, padding, rank generalization, rebuild, cost, training."""
+"""The six LoL models: invariances, padding, rank generalization, rebuild, cost, training."""
 
 import io
 
@@ -34,6 +34,8 @@ GL_INVARIANT = [
             "n_layers": 1,
         },
     ),
+    ("w2t", {"d_model": 16, "n_heads": 2, "n_layers": 1}),
+    ("w2t", {"bilinear": True, "dropout": 0.1}),
 ]
 ALL = [*GL_INVARIANT, ("mlp", {}), ("mlp-oalign", {})]
 
@@ -117,7 +119,7 @@ def test_glnet_gates_rows_by_the_row_sums_of_the_product():
     assert torch.equal(gv, torch.zeros_like(v))  # column sums: 0, 0, 0 -> not > 0
 
 
-@pytest.mark.parametrize("name", ["glnet", "mlp-svd", "mlp-dense", "mlp", "mlp-oalign"])
+@pytest.mark.parametrize("name", ["glnet", "mlp-svd", "mlp-dense", "mlp", "mlp-oalign", "w2t"])
 def test_any_rank_at_inference(name):
     train_like = ll.collate([_lora([4, 4, 4], SHAPES, s) for s in range(3)])
     model = ll.build_model(name, like=train_like, out_dim=2).double().eval()
@@ -215,7 +217,7 @@ def test_model_cost_counts_params_and_featurization_flops():
     assert dense.training  # model_cost restores the mode
 
 
-@pytest.mark.parametrize("name", ["mlp", "mlp-oalign", "mlp-svd", "mlp-dense", "glnet"])
+@pytest.mark.parametrize("name", ll.MODEL_NAMES)
 def test_float32_and_bfloat16_forward_and_backward(name):
     batch = _mixed_batch().to(torch.float32)
     model = ll.build_model(name, like=batch, out_dim=2)
@@ -249,6 +251,8 @@ def _toy_task(n=64, seed=0):
         ("mlp-dense", {}),
         ("glnet", {}),
         ("glnet", {"head": "transformer", "hidden": 8}),
+        ("w2t", {}),
+        ("w2t", {"bilinear": True}),
     ],
 )
 def test_models_train_out_of_the_box_on_raw_lora_scales(name, hp):
@@ -275,7 +279,7 @@ def test_example_batch_follows_the_spec():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("name", ["mlp", "mlp-oalign", "mlp-svd", "mlp-dense", "glnet"])
+@pytest.mark.parametrize("name", ll.MODEL_NAMES)
 def test_models_on_cuda(name):
     batch = _mixed_batch()
     model = ll.build_model(name, like=batch, out_dim=2).double().eval()

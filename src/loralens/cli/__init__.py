@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import typer
 
-from loralens.cli import adapters, convert, learning, serve, stores, zoo
+from loralens.cli import adapters, convert, learning, search, serve, stores, zoo
 from loralens.cli.common import EXIT_CODES_HELP
 
 app = typer.Typer(
@@ -13,7 +13,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )
-for group in (adapters, convert, stores, learning, serve):
+for group in (adapters, convert, stores, learning, search, serve):
     app.registered_commands += group.commands.registered_commands
 app.add_typer(stores.store_app, name="store")
 app.add_typer(zoo.app, name="zoo")

@@ -65,8 +65,6 @@ from loralens.models.registry import (
 from loralens.store import LoRAStore
 
 Progress = bool | Callable[[dict[str, Any]], None]
-#: The gate between a linear base and the network learns this much faster than the network.
-GATE_LR_FACTOR = 20.0
 
 
 @dataclass
@@ -284,12 +282,7 @@ def _run(
         fit_linear_base(store, model, data.task, data.y_enc, data.split["train"])
     loaders = _loaders(store, data, pad, int(hp["batch_size"]), config.seed)
     params = [p for p in model.parameters() if p.requires_grad]
-    lr, wd = float(hp["lr"]), float(hp["weight_decay"])
-    gate = [p for n, p in model.named_parameters() if n == "gate"]
-    groups = [{"params": [p for p in params if all(p is not g for g in gate)]}]
-    if gate:  # the network's share opens at GATE_LR_FACTOR x the rate, never decayed to 0
-        groups.append({"params": gate, "lr": lr * GATE_LR_FACTOR, "weight_decay": 0.0})
-    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=wd)
+    opt = torch.optim.AdamW(params, lr=float(hp["lr"]), weight_decay=float(hp["weight_decay"]))
     model, opt, *prepared = acc.prepare(model, opt, *(loaders[s] for s in SPLITS))
     loaders = dict(zip(SPLITS, prepared))
     history, best = _fit(model, opt, params, loaders, data, acc, hp, progress)
@@ -448,8 +441,14 @@ def _fit(
     history: list[dict[str, Any]] = []
     best = _Best()
     if acc.unwrap_model(model).hparams["linear_base"] != "none":
-        # epoch 0 is the linear base alone (the gate starts at 0): a candidate like any epoch
+        # epoch 0 is the linear base alone (the gate shut): a candidate like any epoch
+        gate = acc.unwrap_model(model).gate
+        opened = float(gate)
+        with torch.no_grad():
+            gate.fill_(0.0)
         best, _ = _measure(model, loaders, data, acc, best, 0)
+        with torch.no_grad():
+            gate.fill_(opened)
     for epoch in range(1, int(hp["epochs"]) + 1):
         te = time.time()
         loss_sum, count = _train_epoch(model, opt, params, loaders["train"], data.task, acc, hp)

@@ -203,7 +203,7 @@ class LoLModel(nn.Module):
         self.hparams = {**self.defaults, **hparams}
         if self.hparams["linear_base"] != "none":
             self.linear_base = LinearBase(self.hparams["linear_base"], spec, self.out_dim)
-            self.gate = nn.Parameter(torch.zeros(()))
+            self.gate = nn.Parameter(torch.ones(()))
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, layers={len(self.spec.names)}, out_dim={self.out_dim}"

@@ -7,8 +7,8 @@ training on the training rows, and learn only what it misses:
 
     output = base(ΔW) + gate * network(LoRA)
 
-``gate`` is a learned scalar starting at 0, so before the first step the model *is* the linear
-fit and early stopping can keep it when the network adds nothing. Both bases are functions of
+``gate`` is a learned scalar starting at 1; training measures the base alone (the gate shut)
+as "epoch 0", so early stopping keeps the plain linear fit when the network never beats it. Both bases are functions of
 ΔW = U Vᵀ alone, so they keep every GL(r) invariance of the network they are added to:
 
 - ``dense``: ⟨A_l, ΔW_l⟩ summed over layers (needs ΔW of each LoRA in memory once per batch);

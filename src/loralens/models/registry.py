@@ -13,6 +13,7 @@ from loralens.models import base
 from loralens.models.base import HParam, LoLModel, ModelSizeError, as_spec
 from loralens.models.glnet import GLNet
 from loralens.models.mlp import SVDMLP, DenseMLP, FlatMLP, OAlignMLP
+from loralens.models.w2t import W2T
 
 #: Training defaults shared by every model (``loralens train`` needs no flags); an entry of the
 #: registry overrides what its model trains better with.
@@ -51,6 +52,7 @@ _REGISTRY: dict[str, tuple[type[LoLModel], dict[str, Any]]] = {
         _entry(SVDMLP, lr=3e-3),
         _entry(DenseMLP, weight_decay=1e-3),
         _entry(GLNet),
+        _entry(W2T, weight_decay=1e-2),
     )
 }
 
@@ -187,10 +189,22 @@ def _svd_flops(a_shape, *args, out_shape=None, **kwargs) -> int:
     return b * 14 * max(m, n) * k * k  # Golub-Van Loan estimate for a thin SVD
 
 
+def _eigh_flops(a_shape, *args, out_shape=None, **kwargs) -> int:
+    *batch, n, _ = a_shape
+    b = 1
+    for x in batch:
+        b *= x
+    return b * 9 * n**3  # Golub-Van Loan estimate for a symmetric eigendecomposition
+
+
 def custom_flops() -> dict[Any, Any]:
     aten = torch.ops.aten
     out = {}
-    for name, fn in (("linalg_qr", _qr_flops), ("_linalg_svd", _svd_flops)):
+    for name, fn in (
+        ("linalg_qr", _qr_flops),
+        ("_linalg_svd", _svd_flops),
+        ("_linalg_eigh", _eigh_flops),
+    ):
         op = getattr(aten, name, None)
         if op is not None:
             out[op] = fn
@@ -203,8 +217,9 @@ def model_cost(
     """Parameters and FLOPs of one forward pass on one LoRA, featurization included.
 
     FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` (matmuls and friends, 2 per
-    multiply-add) on one LoRA shaped like ``like`` (default: the model's own spec), with QR and
-    SVD added by their textbook estimates (2 m n^2 and 14 m n^2). Runs in eval mode, no grad.
+    multiply-add) on one LoRA shaped like ``like`` (default: the model's own spec), with QR, SVD
+    and symmetric eigendecompositions added by their textbook estimates (2 m n^2, 14 m n^2,
+    9 n^3). Runs in eval mode, no grad.
     """
     spec_like = like if like is not None else model.spec
     p = next(model.parameters())

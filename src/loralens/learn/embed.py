@@ -1,0 +1,164 @@
+"""Invariant embeddings of LoRAs: a trained run's representation before its head (``embed()`` of
+any model), or spectral features that need no labels (``--unsupervised``).
+
+The unsupervised embedding is, per layer, the log of the top-k singular values of delta W
+relative to its Frobenius norm (floored at 1e-6), then the log of that norm: GL(r)-invariant,
+computed from the factors (``features.svals_and_norms``), comparable across scales. Standardizing
+it is the index's job (``learn.search``), which keeps the statistics of what it holds.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from loralens import features
+from loralens.atomic import file_sha256
+from loralens.errors import OutputExistsError
+from loralens.jsonio import write_json
+from loralens.learn.checkpoint import CHECKPOINT
+from loralens.learn.runs import Run, load_run
+from loralens.lora import LayerSpec, LoRA, LoRABatch, collate, spec_of
+from loralens.models.base import EPS, log_scale
+from loralens.store import LoRAStore
+
+RUN, UNSUPERVISED = "run", "unsupervised"
+#: Relative singular values below this count as this (log floor of the spectral features).
+SVAL_FLOOR = 1e-6
+
+
+def spectral_features(batch: LoRABatch, k: int) -> torch.Tensor:
+    """(B, L (k + 1)) float32: per layer log(s_1..k / |delta W|), floored, then log |delta W|."""
+    s, norm = features.svals_and_norms(batch, k)
+    rel = s.to(norm.dtype) / norm.clamp_min(EPS)[..., None]
+    logs = torch.log(rel.clamp_min(SVAL_FLOOR)).flatten(1)
+    return torch.cat([logs, log_scale(norm)], dim=1).float()
+
+
+@dataclass
+class Embedder:
+    """Maps LoRAs of one layout (``spec``: layer names and shapes) to (N, D) float32 vectors:
+    a trained ``run``'s ``model.embed``, or the spectral features with ``k`` values per layer."""
+
+    kind: str
+    spec: LayerSpec
+    run: Run | None = None
+    k: int = 0
+    run_sha256: str = field(default="", repr=False)
+
+    @classmethod
+    def of_run(cls, run: Run | str | os.PathLike) -> Embedder:
+        run = run if isinstance(run, Run) else load_run(run)
+        return cls(RUN, run.spec, run=run, run_sha256=file_sha256(run.path / CHECKPOINT)[1])
+
+    @classmethod
+    def unsupervised(cls, spec: LayerSpec, k: int | None = None) -> Embedder:
+        return cls(UNSUPERVISED, spec, k=int(k if k is not None else max(spec.ranks)))
+
+    def describe(self) -> dict[str, Any]:
+        """What rebuilds this embedder (written into an index): kind, and the run or k."""
+        if self.kind == RUN:
+            assert self.run is not None
+            return {
+                "kind": RUN,
+                "run": str(self.run.path.resolve()),
+                "model": self.run.config["model"]["name"],
+                "checkpoint_sha256": self.run_sha256,
+            }
+        return {"kind": UNSUPERVISED, "k": self.k}
+
+    def check(self, spec: LayerSpec, what: str) -> None:
+        """Refuse LoRAs whose layers differ (names, order, shapes) from this embedder's."""
+        problem = self.spec.describe_mismatch(spec)
+        if problem:
+            raise ValueError(f"{what} does not fit this embedding's layers: {problem}")
+
+    @torch.no_grad()
+    def __call__(self, batch: LoRABatch) -> np.ndarray:
+        if self.kind == UNSUPERVISED:
+            return spectral_features(batch, self.k).cpu().numpy()
+        assert self.run is not None
+        model = self.run.model.eval()
+        batch = batch.pad_to(np.maximum(batch.spec.ranks, self.run.spec.ranks))
+        return model.embed(batch).float().cpu().numpy()
+
+    def store(self, store: LoRAStore, rows: Sequence[int] | None = None, batch_size: int = 256):
+        """(len(rows), D) vectors of the store's LoRAs (default: all rows), in row order."""
+        self.check(store.spec, f"store {store.path}")
+        outs = [self(b) for _, b in store.iter_batches(batch_size, rows=rows)]
+        return _finite(np.concatenate(outs) if outs else np.zeros((0, 0), np.float32), store.path)
+
+    def loras(self, loras: Sequence[LoRA], names: Sequence[str], batch_size: int = 64):
+        """(len(loras), D) vectors of LoRAs read from files (``names`` say which, in errors)."""
+        for lora, name in zip(loras, names):
+            self.check(spec_of(lora), str(name))
+        outs = [
+            self(collate(list(loras[s : s + batch_size]))) for s in range(0, len(loras), batch_size)
+        ]
+        return _finite(np.concatenate(outs), ", ".join(map(str, names[:3])))
+
+
+def _finite(x: np.ndarray, where: Any) -> np.ndarray:
+    if not np.isfinite(x).all():
+        raise ValueError(f"{where}: the embedding has NaN/inf values for some LoRAs")
+    return x.astype(np.float32, copy=False)
+
+
+def read_adapters(paths: Sequence[str | os.PathLike]) -> list[LoRA]:
+    """Every adapter file or folder read (``formats.load_lora``), in order."""
+    from loralens.formats import load_lora
+
+    return [load_lora(p) for p in paths]
+
+
+def embed(
+    *,
+    run: Run | str | os.PathLike | None = None,
+    data: LoRAStore | str | os.PathLike | None = None,
+    adapters: Sequence[str | os.PathLike] = (),
+    batch_size: int = 256,
+) -> tuple[list[str], np.ndarray, dict[str, Any]]:
+    """Embed a store's LoRAs (``data``) or adapter files with ``run``'s model, or with the
+    unsupervised spectral features when ``run`` is None. Returns (names, (N, D), description)."""
+    if (data is None) == (not adapters):
+        raise ValueError("embed either a store (data=) or adapter files (adapters=), not both")
+    if data is not None:
+        store = data if isinstance(data, LoRAStore) else LoRAStore(data)
+        emb = Embedder.of_run(run) if run is not None else Embedder.unsupervised(store.spec)
+        return store.ids, emb.store(store, batch_size=batch_size), emb.describe()
+    loras = read_adapters(adapters)
+    names = [str(p) for p in adapters]
+    spec = collate(loras[:1]).spec
+    emb = Embedder.of_run(run) if run is not None else Embedder.unsupervised(spec)
+    return names, emb.loras(loras, names), emb.describe()
+
+
+def save_embeddings(
+    out: str | os.PathLike,
+    names: Sequence[str],
+    vectors: np.ndarray,
+    description: dict[str, Any],
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """``out`` (.npy, float32 (N, D), no pickle) and beside it ``out`` with .json: the LoRAs
+    row by row and how they were embedded. Returns the JSON's path."""
+    out = Path(out)
+    if out.suffix != ".npy":
+        raise ValueError(f"{out}: embeddings are written as .npy (give a name ending in .npy)")
+    side = out.with_suffix(".json")
+    if not overwrite and (out.exists() or side.exists()):
+        raise OutputExistsError(f"{out} already exists (use --overwrite to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.save(out, np.ascontiguousarray(vectors, dtype=np.float32), allow_pickle=False)
+    write_json(side, {"embedding": description, "shape": list(vectors.shape), "rows": list(names)})
+    return side
+
+
+__all__ = ["RUN", "UNSUPERVISED", "Embedder", "embed", "save_embeddings", "spectral_features"]

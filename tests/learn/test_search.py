@@ -1,0 +1,132 @@
+"""Embeddings and nearest-adapter search: round trips, layouts refused, runs that changed."""
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import loralens as ll
+from helpers import random_lora
+from loralens.errors import OutputExistsError
+from loralens.learn.embed import Embedder, embed, save_embeddings
+from loralens.learn.loop import TrainConfig, train
+from loralens.learn.search import (
+    SearchIndexError,
+    build_index,
+    exact_knn,
+    load_index,
+    recall_at_k,
+    search,
+)
+
+
+@pytest.fixture(scope="module")
+def store(make_store, tmp_path_factory):
+    return make_store(tmp_path_factory.mktemp("s") / "store", n=40, ranks=(2, 3))
+
+
+@pytest.fixture(scope="module")
+def run(store, tmp_path_factory):
+    out = tmp_path_factory.mktemp("r") / "run"
+    train(store, TrainConfig(model="w2t", targets=["y"], epochs=2, plots=False), out)
+    return out
+
+
+def _adapters(store, rows, folder):
+    paths = []
+    for r in rows:
+        path = folder / store.ids[r]
+        ll.save_lora(store[r], path)
+        paths.append(str(path))
+    return paths
+
+
+@pytest.mark.parametrize("kind", ["unsupervised", "run"])
+def test_each_lora_finds_itself_first_at_distance_zero(kind, store, run, tmp_path):
+    build_index(store, tmp_path / "idx", run=run if kind == "run" else None)
+    rows = [0, 7, 33]
+    result = search(tmp_path / "idx", _adapters(store, rows, tmp_path), k=3)
+    for r, hit in zip(rows, result):
+        first = hit["neighbors"][0]
+        assert first["adapter"] == store.ids[r]
+        assert first["distance"] < 1e-3
+        assert first["y"] == pytest.approx(store.labels("y")[r, 0])
+        assert hit["neighbors"][1]["distance"] > 10 * first["distance"]
+        assert len(hit["neighbors"]) == 3
+
+
+def test_search_refuses_an_adapter_of_another_layout(store, tmp_path):
+    build_index(store, tmp_path / "idx")
+    other = tmp_path / "other"
+    lora = random_lora([2, 2], ((12, 10), (6, 9)), 0, torch.float32)
+    ll.save_lora(
+        ll.LoRA(
+            layers=[ll.LoRALayer(f"h.{i}.attn", la.U, la.V) for i, la in enumerate(lora.layers)]
+        ),
+        other,
+    )
+    with pytest.raises(SearchIndexError, match=r"does not fit.*shape mismatch.*built from"):
+        search(tmp_path / "idx", [str(other)])
+
+
+def test_an_index_of_a_run_retrained_since_is_refused(store, tmp_path):
+    run = tmp_path / "run"
+    cfg = TrainConfig(model="mlp-svd", targets=["y"], epochs=2, plots=False)
+    train(store, cfg, run)
+    build_index(store, tmp_path / "idx", run=run)
+    assert load_index(tmp_path / "idx").meta["embedding"]["model"] == "mlp-svd"
+    train(
+        store,
+        TrainConfig(model="mlp-svd", targets=["y"], epochs=3, seed=1, plots=False),
+        run,
+        overwrite=True,
+    )
+    with pytest.raises(SearchIndexError, match="checkpoint has changed since"):
+        load_index(tmp_path / "idx")
+
+
+def test_approximate_index_records_its_recall_and_checks_its_graph(store, tmp_path):
+    pytest.importorskip("hnswlib")
+    meta = build_index(store, tmp_path / "idx", approximate=True)
+    assert meta["backend"] == "hnsw" and meta["recall_at_10_vs_exact"] >= 0.9
+    index = load_index(tmp_path / "idx")
+    assert index.graph is not None
+    q = index.vectors[:5] * index.std + index.mean
+    assert index.nearest(q, 1)[1][:, 0].tolist() == [0, 1, 2, 3, 4]
+    (tmp_path / "idx" / "hnsw.bin").write_bytes(b"\0" * 64)
+    with pytest.raises(SearchIndexError, match="sha256"):
+        load_index(tmp_path / "idx")
+
+
+def test_exact_search_needs_no_hnswlib(store, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "hnswlib", None)  # import fails
+    assert build_index(store, tmp_path / "idx")["backend"] == "exact"
+    with pytest.raises(ValueError, match=r"loralens\[search\]"):
+        build_index(store, tmp_path / "idx2", approximate=True)
+    with pytest.raises(OutputExistsError):
+        build_index(store, tmp_path / "idx")
+
+
+def test_exact_knn_orders_by_distance_then_row():
+    base = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [3.0, 3.0]])
+    dist, rows = exact_knn(base, np.array([[0.0, 0.0]]), 3)
+    assert rows.tolist() == [[0, 1, 2]] and np.allclose(dist, [[0, 1, 1]])
+    tied = np.array([[0.0, 0.0], [0.0, -1.0], [-1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [3.0, 3.0]])
+    assert exact_knn(tied, np.array([[0.0, 0.0]]), 3)[1].tolist() == [[0, 1, 2]]
+    assert recall_at_k(np.array([[0, 1], [2, 3]]), np.array([[0, 1], [2, 0]])) == 0.75
+
+
+def test_embeddings_saved_as_npy_with_their_rows(store, run, tmp_path):
+    names, vectors, desc = embed(run=run, data=store)
+    width = Embedder.of_run(run).run.model.hparams["d_model"]
+    assert names == store.ids and vectors.shape == (40, width) and desc["model"] == "w2t"
+    direct = Embedder.of_run(run).store(store)
+    assert np.array_equal(vectors, direct)
+    side = save_embeddings(tmp_path / "e.npy", names, vectors, desc)
+    assert np.array_equal(np.load(tmp_path / "e.npy", allow_pickle=False), vectors)
+    assert '"rows"' in side.read_text()
+    with pytest.raises(OutputExistsError):
+        save_embeddings(tmp_path / "e.npy", names, vectors, desc)
+    names, spectral, desc = embed(data=store)
+    assert spectral.shape == (40, 2 * (3 + 1)) and desc == {"kind": "unsupervised", "k": 3}
