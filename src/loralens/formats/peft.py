@@ -121,17 +121,7 @@ def load_peft(path: Path, *, allow_nonfinite: bool = False, weights: Path | None
         st_meta = file.metadata
     if not layers:
         raise LoRAFormatError(weights, "holds no LoRA factors (no lora_A/lora_B keys)")
-    metadata: dict[str, Any] = {
-        "format": "peft",
-        "source": str(path),
-        "base_model": cfg.get("base_model_name_or_path"),
-        "target_modules": cfg.get("target_modules"),
-        "peft_config": cfg,
-        "safetensors_metadata": st_meta,
-    }
-    if extras:
-        metadata["non_lora_keys"] = extras
-    return LoRA(layers=layers, metadata=metadata)
+    return peft_lora(path, layers, cfg, st_meta, extras)
 
 
 def load_peft_weights_only(path: Path, *, allow_nonfinite: bool = False) -> LoRA:
@@ -214,3 +204,18 @@ def save_peft(
     save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return folder
+
+
+def peft_lora(path: Any, layers: list, cfg: dict[str, Any], st_meta: Any, extras: Any) -> LoRA:
+    """The LoRA of a PEFT folder's layers, with the metadata every PEFT reader records."""
+    metadata: dict[str, Any] = {
+        "format": "peft",
+        "source": str(path),
+        "base_model": cfg.get("base_model_name_or_path"),
+        "target_modules": cfg.get("target_modules"),
+        "peft_config": cfg,
+        "safetensors_metadata": st_meta,
+    }
+    if extras:
+        metadata["non_lora_keys"] = extras
+    return LoRA(layers=layers, metadata=metadata)

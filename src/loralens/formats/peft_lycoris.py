@@ -14,7 +14,13 @@ from typing import Any
 
 from loralens.formats.config import check_config, read_json_config
 from loralens.formats.errors import LoRAFormatError
-from loralens.formats.peft import CONFIG_NAME, has_config, parse_peft_tensors, weights_file
+from loralens.formats.peft import (
+    CONFIG_NAME,
+    has_config,
+    parse_peft_tensors,
+    peft_lora,
+    weights_file,
+)
 from loralens.formats.tensor_file import TensorFile, open_tensor_file
 from loralens.lora import LoRA
 
@@ -88,14 +94,4 @@ def load_peft_lycoris(path: Path, *, allow_nonfinite: bool = False) -> LoRA:
                 f"({layer.meta.get('lycoris') or 'plain LoRA'}), but {CONFIG_NAME} says "
                 f"peft_type {cfg['peft_type']}",
             )
-    metadata: dict[str, Any] = {
-        "format": "peft",
-        "source": str(path),
-        "base_model": cfg.get("base_model_name_or_path"),
-        "target_modules": cfg.get("target_modules"),
-        "peft_config": cfg,
-        "safetensors_metadata": st_meta,
-    }
-    if extras:
-        metadata["non_lora_keys"] = extras
-    return LoRA(layers=layers, metadata=metadata)
+    return peft_lora(path, layers, cfg, st_meta, extras)
