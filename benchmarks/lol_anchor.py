@@ -3,12 +3,13 @@ row of issue 13, on the same rows and splits as ``loralens train``.
 
     python benchmarks/lol_anchor.py --lol ~/src/LoL --target eval_loss --seeds 3 STORE [STORE ...]
         [--where F] [--train-where F --test-where F [--test-where F ...]] [--eval-store S2]
-        [--lrs 5e-5,1e-4,5e-4,1e-3,5e-3] [--json OUT]
+        [--lrs 5e-5,1e-4,5e-4,1e-3,5e-3] [--standardize] [--json OUT]
 
 Modes: one store split 80/10/10 (default); ``--train-where``/``--test-where``: train on the rows
 of one filter (split as ``train --where`` splits them), report on those of each other (rank
-generalization; rows used in training are left out and counted); ``--eval-store``: train on
-STORE, report on every labelled row of another store with the same layers (variant-base transfer).
+generalization); ``--eval-store``: train on STORE, report on every labelled row of another store
+with the same layers (variant-base transfer). Rows a model trained or early-stopped on are left
+out of every report (matched as ``loralens evaluate`` matches them) and counted.
 
 What is theirs, imported at run time from ``--lol`` (nothing of it is copied here): the model
 class ``models_metanet.GLInvariantMLP``, their per-epoch ``main.train`` (AdamW step on MSE of raw
@@ -35,6 +36,9 @@ What is adapted, and why:
   disabled by torch on a machine without CUDA (a warning), so CPU runs train in float32 where
   theirs ran in float16 autocast. Seeds: ``torch.manual_seed(seed)`` before each model and a
   seeded shuffle; their script seeds nothing.
+
+``--standardize`` (off by default, not their recipe) trains on labels standardized on the train
+split, as ``loralens train`` does, to tell their model from their raw-label MSE recipe.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ import torch
 
 from loralens.learn.data import make_splits, select_rows
 from loralens.learn.loop import TrainConfig
+from loralens.learn.seen import seen_mask, trained_on
 from loralens.learn.tasks import regression_metrics
 from loralens.lora import LoRABatch
 from loralens.store import LoRAStore
@@ -66,6 +71,9 @@ GLNET = {"n_layers": 2, "hidden_dim_equiv": 16, "hidden_dim_inv": 256, "k": 4, "
 EPOCHS, BATCH_SIZE, WEIGHT_DECAY = 60, 32, 1e-2
 
 Pairs = list[tuple[torch.Tensor, torch.Tensor]]
+#: (shift, scale) of the labels a model trains on: (0, 1) is their raw labels.
+Norm = tuple[float, float]
+RAW: Norm = (0.0, 1.0)
 
 
 def lol_pairs(batch: LoRABatch) -> Pairs:
@@ -107,9 +115,11 @@ class Data:
         i = torch.as_tensor([self.pos[int(r)] for r in rows], dtype=torch.long)
         return [(u[i], v[i]) for u, v in self.pairs], self.y[i]
 
-    def loader(self, rows: np.ndarray, batch_size: int, seed: int | None) -> Any:
-        """Batches ``(pairs, y)`` of ``rows`` as their loops read them; shuffled when seeded."""
+    def loader(self, rows: np.ndarray, batch_size: int, seed: int | None, norm: Norm) -> Any:
+        """Batches ``(pairs, (y - shift) / scale)`` of ``rows`` as their loops read them;
+        shuffled when seeded."""
         pairs, y = self.take(rows)
+        y = (y - norm[0]) / norm[1]
         g = None if seed is None else torch.Generator().manual_seed(seed)
         order = torch.utils.data.DataLoader(
             range(len(y)), batch_size=batch_size, shuffle=g is not None, generator=g
@@ -145,6 +155,7 @@ def fit(
     seed: int,
     device: torch.device,
     epochs: int = EPOCHS,
+    norm: Norm = RAW,
 ) -> dict[str, Any]:
     """Their recipe on one split: AdamW, ``epochs`` epochs, the best validation epoch's model."""
     models, main = lol
@@ -152,8 +163,8 @@ def fit(
     model = build_glnet(models, data.take(split["train"][:1])[0]).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=WEIGHT_DECAY)
     crit = torch.nn.MSELoss()
-    train = data.loader(split["train"], BATCH_SIZE, seed)
-    val = main.Tester("Val", data.loader(split["val"], 2 * BATCH_SIZE, None), crit,
+    train = data.loader(split["train"], BATCH_SIZE, seed, norm)
+    val = main.Tester("Val", data.loader(split["val"], 2 * BATCH_SIZE, None, norm), crit,
                       "regression", device, verbose=False)  # fmt: skip
     best = {"val_loss": float("inf"), "epoch": -1, "state": None}
     for epoch in range(epochs):
@@ -176,10 +187,13 @@ def predict(model: torch.nn.Module, pairs: Pairs, device: torch.device) -> np.nd
     return torch.cat(out).float().cpu().numpy()
 
 
-def score(model: torch.nn.Module, data: Data, rows: np.ndarray, device: torch.device) -> dict:
+def score(
+    model: torch.nn.Module, data: Data, rows: np.ndarray, device: torch.device, norm: Norm
+) -> dict:
     """R², Kendall tau, Spearman of the model on store ``rows`` (loralens' own metrics)."""
     pairs, y = data.take(rows)
-    m = regression_metrics(predict(model, pairs, device), y.numpy(), ["y"])
+    pred = predict(model, pairs, device) * norm[1] + norm[0]
+    m = regression_metrics(pred, y.numpy(), ["y"])
     return {k: m[k] for k in ("r2", "kendall_tau", "spearman")} | {"n": len(rows)}
 
 
@@ -220,13 +234,15 @@ def run_store(args: argparse.Namespace, lol: tuple, path: str, device: torch.dev
         folds = []
         for split in splits:
             t0 = time.time()
-            runs = [fit(lol, data, split, lr, seed, device, args.epochs) for lr in args.lrs]
+            y = y_all[split["train"], 0]
+            norm = (float(y.mean()), float(y.std())) if args.standardize else RAW
+            runs = [fit(lol, data, split, lr, seed, device, args.epochs, norm) for lr in args.lrs]
             run = min(runs, key=lambda r: r["val_loss"])
-            used = np.concatenate([split["train"], split["val"]])
-            res = {"test": score(run["model"], data, split["test"], device)}
+            used = trained_on(store, np.concatenate([split["train"], split["val"]]))
+            res = {"test": score(run["model"], data, split["test"], device, norm)}
             for name, (s, rows) in tests.items():
-                keep = rows[~np.isin(rows, used)] if s is store else rows
-                res[name] = score(run["model"], datas[name], keep, device)
+                keep = rows[~seen_mask(used, s, rows)]
+                res[name] = score(run["model"], datas[name], keep, device, norm)
                 res[name]["seen_left_out"] = len(rows) - len(keep)
             info = {k: run[k] for k in ("lr", "epoch", "val_loss", "train_loss")}
             folds.append(res | info | {"seconds": round(time.time() - t0, 1)})
@@ -268,6 +284,11 @@ def main() -> None:
     p.add_argument("--eval-store", help="a store with the same layers to report on")
     p.add_argument("--lrs", default=",".join(map(str, SWEEP_LRS)), help="rates swept per seed")
     p.add_argument("--epochs", type=int, default=EPOCHS)
+    p.add_argument(
+        "--standardize",
+        action="store_true",
+        help="not their recipe: train on labels standardized on the train split (as loralens)",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", type=Path, help="write every number here")

@@ -42,15 +42,16 @@ def test_pairs_are_each_rows_factors_padded_with_zeros_and_its_label(tmp_path):
             assert not u[b, :, true:].any() and not v[b, :, true:].any()
 
 
-def test_loader_reads_every_row_once_in_a_seeded_order(tmp_path):
+def test_loader_reads_every_row_once_in_a_seeded_order_and_shifts_labels(tmp_path):
     store, _ = _tiny_store(tmp_path / "s")
     rows = labelled(store, "y", None)
     data = Data(store, "y", rows, pad=store.ranks.max(axis=0))
 
-    def epoch(seed):
-        return [float(x) for _, y in data.loader(rows, 4, seed) for x in y.ravel()]
+    def epoch(seed, norm=(0.0, 1.0)):
+        return [float(x) for _, y in data.loader(rows, 4, seed, norm) for x in y.ravel()]
 
     first = epoch(0)
     assert sorted(first) == [float(r) for r in rows]
     assert epoch(0) == first and epoch(1) != first
     assert epoch(None) == [float(r) for r in rows]  # unseeded: in order
+    assert epoch(None, (2.0, 4.0)) == [(r - 2) / 4 for r in rows]  # --standardize
