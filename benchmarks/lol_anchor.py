@@ -3,7 +3,7 @@ row of issue 13, on the same rows and splits as ``loralens train``.
 
     python benchmarks/lol_anchor.py --lol ~/src/LoL --target eval_loss --seeds 3 STORE [STORE ...]
         [--where F] [--train-where F --test-where F [--test-where F ...]] [--eval-store S2]
-        [--lrs 5e-5,1e-4,5e-4,1e-3,5e-3] [--standardize] [--json OUT]
+        [--lrs 5e-5,1e-4,5e-4,1e-3,5e-3] [--standardize] [--probe] [--json OUT]
 
 Modes: one store split 80/10/10 (default); ``--train-where``/``--test-where``: train on the rows
 of one filter (split as ``train --where`` splits them), report on those of each other (rank
@@ -59,8 +59,9 @@ import torch
 
 from loralens.learn.data import make_splits, select_rows
 from loralens.learn.loop import TrainConfig
+from loralens.learn.probes import probe_folds
 from loralens.learn.seen import seen_mask, trained_on
-from loralens.learn.tasks import regression_metrics
+from loralens.learn.tasks import REGRESSION, regression_metrics
 from loralens.lora import LoRABatch
 from loralens.store import LoRAStore
 
@@ -244,11 +245,29 @@ def run_store(args: argparse.Namespace, lol: tuple, path: str, device: torch.dev
                 keep = rows[~seen_mask(used, s, rows)]
                 res[name] = score(run["model"], datas[name], keep, device, norm)
                 res[name]["seen_left_out"] = len(rows) - len(keep)
+            if args.probe:
+                res |= probe_scores(store, y_all, split, {n: rows for n, (s, rows) in
+                                    tests.items() if s is store})  # fmt: skip
             info = {k: run[k] for k in ("lr", "epoch", "val_loss", "train_loss")}
             folds.append(res | info | {"seconds": round(time.time() - t0, 1)})
             print(f"{path} seed {seed}: {json.dumps(folds[-1])}", flush=True)
         seeds.append(folds[0] if len(folds) == 1 else _fold_mean(folds))
     return {"store": path, "train_rows": len(train_rows), "seeds": seeds}
+
+
+def probe_scores(
+    store: LoRAStore, y_all: np.ndarray, split: dict[str, np.ndarray], tests: dict[str, np.ndarray]
+) -> dict[str, dict]:
+    """loralens' linear probes (learn.probes) fitted on the split's train and val rows, scored
+    on its test rows and on each same-store test set (``"<test set> [<probe>]"``)."""
+    fit_rows = np.concatenate([split["train"], split["val"]])
+    named = {"test": split["test"], **{n: r[~np.isin(r, fit_rows)] for n, r in tests.items()}}
+    probes = probe_folds(store, REGRESSION, ["y"], y_all, [(fit_rows, r) for r in named.values()])
+    out = {}
+    for probe, got in probes.items():
+        for name, m in zip(named, got.get("folds", [])):
+            out[f"{name} [{probe}]"] = {k: m[k] for k in ("r2", "kendall_tau", "spearman", "n")}
+    return out
 
 
 def _fold_mean(folds: list[dict]) -> dict:
@@ -289,6 +308,7 @@ def main() -> None:
         action="store_true",
         help="not their recipe: train on labels standardized on the train split (as loralens)",
     )
+    p.add_argument("--probe", action="store_true", help="also loralens' linear probes, same rows")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", type=Path, help="write every number here")
