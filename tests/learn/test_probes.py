@@ -66,3 +66,11 @@ def test_train_reports_probes_on_its_split(tmp_path, make_store):
         assert p["test"]["r2"] is not None and p["test_std"] is None  # one split: no spread
     # label = scale² of U: the spectral probe (norms) gets it
     assert m["probes"][PROBE_SPECTRAL]["test"]["r2"] > 0.8
+
+
+def test_below_the_probe_is_judged_at_the_precision_shown():
+    """A model equal to its probe but for float rounding is not marked below it; a real gap is."""
+    from loralens.learn.report import below
+
+    assert not below(0.29551, 0.29559) and not below(0.5, 0.5) and not below(None, 0.3)
+    assert below(0.294, 0.296) and below(-1e9, 0.0)

@@ -30,6 +30,7 @@ from loralens.jsonio import write_json
 from loralens.learn.data import hparam_columns, make_splits, resolve_targets, select_rows
 from loralens.learn.loop import TrainConfig, train
 from loralens.learn.probes import PROBES
+from loralens.learn.report import below
 from loralens.learn.runs import headline
 from loralens.learn.tasks import CLASSIFICATION, Task, infer_task, mean_std
 from loralens.models.registry import MODEL_NAMES
@@ -39,7 +40,7 @@ NO_WEIGHTS = "no weights"
 HPARAMS_ONLY = "hyperparameters only"
 PRIMARY = {"regression": "r2", CLASSIFICATION: "accuracy"}
 SECONDARY = {"regression": "kendall_tau", CLASSIFICATION: "auroc"}
-#: Marks a model cell whose mean is below the better probe's.
+#: Marks a model cell whose mean is below the better probe's (at the precision shown).
 BELOW_PROBE = "▼"
 
 
@@ -252,9 +253,11 @@ def to_markdown(result: dict[str, Any]) -> str:
                     continue
                 v = c[which[c["task"]]]
                 best = _best_probe(result["table"], spec, which[c["task"]])
-                below = n in result["models"] and best is not None and (v["mean"] or -1e9) < best
-                marked |= below
-                cells.append(_fmt(v["mean"], v["std"]) + (f" {BELOW_PROBE}" if below else ""))
+                lower = n in result["models"] and below(
+                    -1e9 if v["mean"] is None else v["mean"], best
+                )
+                marked |= lower
+                cells.append(_fmt(v["mean"], v["std"]) + (f" {BELOW_PROBE}" if lower else ""))
             lines.append(f"| {n} | " + " | ".join(cells) + " |")
         lines.append("")
     seeds = result["seeds"]

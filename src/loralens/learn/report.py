@@ -49,6 +49,12 @@ def train_columns(metrics: Mapping[str, Any]) -> dict[str, dict[str, str]]:
     return cols
 
 
+def below(mine: float | None, theirs: float | None) -> bool:
+    """``mine`` is below ``theirs`` at the three decimals every table shows (a model that is its
+    linear base, equal to the probe but for float rounding, is not "below" it)."""
+    return mine is not None and theirs is not None and round(mine, 3) < round(theirs, 3)
+
+
 def probe_verdict(metrics: Mapping[str, Any]) -> list[str]:
     """One line per probe the model loses to (on the primary metric), and skipped probes."""
     key = PRIMARY[metrics["task"]]
@@ -59,7 +65,7 @@ def probe_verdict(metrics: Mapping[str, Any]) -> list[str]:
             lines.append(f"{name}: {p['skipped']}")
             continue
         theirs = p["test"].get(key)
-        if mine is not None and theirs is not None and mine < theirs:
+        if below(mine, theirs):
             lines.append(
                 f"note: the model ({key} {mine:.3f}) does worse than the linear {name} "
                 f"({theirs:.3f}); prefer the probe, or more LoRAs"
