@@ -102,3 +102,22 @@ def tiny_skills(slots: int) -> dict:
         "challenge_per_source": 3,
         "slots": slots,
     }
+
+
+def tiny_unet(layers_per_block: int = 2):
+    """A seeded diffusers UNet2DConditionModel of SD's layout, small enough for a test."""
+    import diffusers
+
+    torch.manual_seed(0)
+    return diffusers.UNet2DConditionModel(
+        block_out_channels=(8, 16),
+        layers_per_block=layers_per_block,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=8,
+        norm_num_groups=4,
+        attention_head_dim=2,
+    )

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 import loralens as ll
-from helpers import write_peft_adapter
+from helpers import tiny_unet, write_peft_adapter
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -37,22 +37,6 @@ SGM = {
     "conv_out": "out.2",
 }
 TE = ("text_model.encoder.layers.0.self_attn.q_proj", "text_model.encoder.layers.1.mlp.fc1")
-
-
-def tiny_unet():
-    torch.manual_seed(0)
-    return diffusers.UNet2DConditionModel(
-        block_out_channels=(8, 16),
-        layers_per_block=2,
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=8,
-        norm_num_groups=4,
-        attention_head_dim=2,
-    )
 
 
 def factors(unet, seed=0, rank=3):

@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from test_formats_canonical import tiny_unet
 
 import loralens as ll
+from helpers import tiny_unet
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")

@@ -12,25 +12,10 @@ import torch
 from safetensors.torch import save_file
 
 import loralens as ll
+from helpers import tiny_unet
 
 diffusers = pytest.importorskip("diffusers")
 peft = pytest.importorskip("peft")
-
-
-def _unet():
-    torch.manual_seed(0)
-    return diffusers.UNet2DConditionModel(
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=8,
-        norm_num_groups=4,
-        attention_head_dim=2,
-    )
 
 
 def _fused_delta(unet, base, name):
@@ -45,7 +30,7 @@ def _rel(a, b):
 
 
 def test_kohya_file_matches_diffusers_fuse(tmp_path):
-    unet = _unet()
+    unet = tiny_unet(layers_per_block=1)
     base = copy.deepcopy(unet)
     names = [n for n, _ in unet.named_modules() if n.endswith(("attn1.to_q", "attn2.to_v"))]
     names += ["conv_in", "down_blocks.0.resnets.0.conv1"]
@@ -79,7 +64,7 @@ def test_kohya_file_matches_diffusers_fuse(tmp_path):
 def test_diffusers_save_lora_weights_file_matches_fuse(tmp_path):
     from peft.utils import get_peft_model_state_dict
 
-    unet = _unet()
+    unet = tiny_unet(layers_per_block=1)
     base = copy.deepcopy(unet)
     cfg = peft.LoraConfig(
         r=4,
