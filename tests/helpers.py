@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 
@@ -121,3 +122,28 @@ def tiny_unet(layers_per_block: int = 2):
         norm_num_groups=4,
         attention_head_dim=2,
     )
+
+
+def start_local_ray(importable: Path, setup_hook: str | None = None) -> str:
+    """Start a Ray of 2 CPUs on loopback for a test module whose workers can import the modules
+    in ``importable`` (and run ``setup_hook`` first when given); returns its GCS address."""
+    import os
+
+    import ray
+
+    env = {
+        "env_vars": {
+            "PYTHONPATH": os.pathsep.join([str(importable), os.environ.get("PYTHONPATH", "")])
+        }
+    }
+    if setup_hook:
+        env["worker_process_setup_hook"] = setup_hook
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        log_to_driver=False,
+        logging_level="error",
+        runtime_env=env,
+    )
+    return ray.get_runtime_context().gcs_address

@@ -6,7 +6,6 @@ screens it again; without Ray, --ray says how to install it."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from ray_faults import killed_marker
 from serve_support import peft, safetensors_file, zipped
 from typer.testing import CliRunner
 
+from helpers import start_local_ray
 from loralens.cli import app
 from loralens.serve.batch import LOST, screen_folder
 from loralens.serve.ray_screen import screen_folder_ray
@@ -28,18 +28,7 @@ HERE = Path(__file__).parent
 @pytest.fixture(scope="module")
 def cluster():
     """A Ray of 2 CPUs on loopback whose workers plant :mod:`ray_faults`."""
-    path = os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        log_to_driver=False,
-        logging_level="error",
-        runtime_env={
-            "env_vars": {"PYTHONPATH": path},
-            "worker_process_setup_hook": "ray_faults.plant",
-        },
-    )
+    start_local_ray(HERE, setup_hook="ray_faults.plant")
     yield
     ray.shutdown()
 

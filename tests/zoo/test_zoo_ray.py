@@ -19,7 +19,7 @@ import ray
 from ray_presets import MARKER, ExitOnceSkillsLM, FailingSkillsLM
 from typer.testing import CliRunner
 
-from helpers import tiny_skills
+from helpers import start_local_ray, tiny_skills
 from loralens.cli import app
 from loralens.raycluster import TasksFailed
 from loralens.zoo.ray_build import build_zoo_ray
@@ -37,16 +37,7 @@ HERE = Path(__file__).parent
 @pytest.fixture(scope="module")
 def cluster():
     """A Ray of 2 CPUs on loopback whose workers import tests/zoo (for :mod:`ray_presets`)."""
-    path = os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        log_to_driver=False,
-        logging_level="error",
-        runtime_env={"env_vars": {"PYTHONPATH": path}},
-    )
-    yield ray.get_runtime_context().gcs_address
+    yield start_local_ray(HERE)
     ray.shutdown()
 
 
