@@ -147,3 +147,20 @@ def start_local_ray(importable: Path, setup_hook: str | None = None) -> str:
         runtime_env=env,
     )
     return ray.get_runtime_context().gcs_address
+
+
+def tiny_llama(layers: int = 2):
+    """A seeded Llama of width 16 with ``layers`` layers (q/k/v/o and MLP modules), for PEFT."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=48,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
+    return transformers.LlamaForCausalLM(cfg)

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import loralens as ll
-from helpers import seeded_randn
+from helpers import seeded_randn, tiny_llama
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -26,20 +26,6 @@ def _gpt2():
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=40, n_positions=16)
     return transformers.GPT2LMHeadModel(cfg)
-
-
-def _llama(layers=11):
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=48,
-        hidden_size=16,
-        intermediate_size=24,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-    )
-    return transformers.LlamaForCausalLM(cfg)
 
 
 class ConvNet(nn.Module):
@@ -128,7 +114,7 @@ def test_gpt2_fan_in_fan_out_c_attn_matches_peft_merge_and_round_trips(tmp_path)
 
 
 def test_llama_rslora_rank_and_alpha_patterns_with_regex_keys(tmp_path):
-    base = _llama(layers=11)
+    base = tiny_llama(layers=11)
     cfg = peft.LoraConfig(
         r=4,
         lora_alpha=6,
@@ -188,7 +174,7 @@ def test_conv_lora_flattens_kernel_and_round_trips(tmp_path):
 
 
 def test_embedding_lora_is_in_the_embedding_weights_orientation(tmp_path):
-    base = _llama(layers=1)
+    base = tiny_llama(layers=1)
     cfg = peft.LoraConfig(
         r=3, lora_alpha=4, target_modules=["embed_tokens", "q_proj"], init_lora_weights=False
     )
@@ -203,7 +189,7 @@ def test_embedding_lora_is_in_the_embedding_weights_orientation(tmp_path):
 
 
 def test_dora_magnitude_kept_in_meta_and_round_trips(tmp_path):
-    base = _llama(layers=2)
+    base = tiny_llama(layers=2)
     cfg = peft.LoraConfig(
         r=2,
         lora_alpha=4,
@@ -228,7 +214,7 @@ def test_dora_magnitude_kept_in_meta_and_round_trips(tmp_path):
 def test_bin_weights_and_half_precision_storage(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    base = _llama(layers=2)
+    base = tiny_llama(layers=2)
     cfg = peft.LoraConfig(r=2, lora_alpha=3, target_modules=["q_proj"], init_lora_weights=False)
     folder, _, merged = _make_adapter(base, cfg, tmp_path, safe_serialization=False)
     assert (folder / "adapter_model.bin").is_file()
@@ -256,7 +242,7 @@ def test_bin_weights_and_half_precision_storage(tmp_path):
 def test_adapter_name_segment_and_weights_file_path(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    base = _llama(layers=1)
+    base = tiny_llama(layers=1)
     cfg = peft.LoraConfig(
         r=2, lora_alpha=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False
     )

@@ -14,23 +14,10 @@ import torch
 from torch import nn
 
 import loralens as ll
+from helpers import tiny_llama
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
-
-
-def _llama():
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=48,
-        hidden_size=16,
-        intermediate_size=24,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-    )
-    return transformers.LlamaForCausalLM(cfg)
 
 
 class ConvNet(nn.Module):
@@ -69,7 +56,7 @@ def _assert_matches_peft(lora, deltas, rel=1e-5):
 
 
 def test_peft_loha_with_patterns_matches_peft_merge(tmp_path):
-    base = _llama()
+    base = tiny_llama()
     config = peft.LoHaConfig(
         r=3,
         alpha=5,
@@ -95,7 +82,7 @@ def test_peft_loha_with_patterns_matches_peft_merge(tmp_path):
 def test_peft_loha_wider_than_delta_w_is_reduced_exactly(tmp_path):
     """r = 5 on 16-wide layers: r^2 = 25 > 16, read exactly at rank 16."""
     config = peft.LoHaConfig(r=5, alpha=2, target_modules=["k_proj", "o_proj"], init_weights=False)
-    base = _llama()
+    base = tiny_llama()
     deltas = _peft_deltas(base, config, tmp_path / "wide")
     lora = ll.load_lora(tmp_path / "wide")
     _assert_matches_peft(lora, deltas)
@@ -105,7 +92,7 @@ def test_peft_loha_wider_than_delta_w_is_reduced_exactly(tmp_path):
 
 @pytest.mark.parametrize("decompose_both", [False, True])
 def test_peft_lokr_matches_peft_merge_full_halves_scaled_by_alpha_over_r(tmp_path, decompose_both):
-    base = _llama()
+    base = tiny_llama()
     config = peft.LoKrConfig(
         r=2,
         alpha=3,
@@ -179,7 +166,7 @@ def _edit_config(folder, **changes):
 def test_peft_lycoris_refusals_name_the_file_and_reason(tmp_path):
     config = peft.LoHaConfig(r=2, alpha=3, target_modules=["q_proj"], init_weights=False)
     folder = tmp_path / "loha"
-    _peft_deltas(_llama(), config, folder)
+    _peft_deltas(tiny_llama(), config, folder)
     path = _edit_config(folder, alpha=-1)
     with pytest.raises(ll.LoRAFormatError, match="alpha must be a positive number") as info:
         ll.load_lora(folder)
