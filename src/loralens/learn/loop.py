@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from loralens.jsonio import json_safe
-from loralens.learn.base_fit import fit_linear_base, linear_base_kind
+from loralens.learn.base_fit import base_features, fit_linear_base, linear_base_kind
 from loralens.learn.calibrate import calibrate_run, check_trust_settings, hold_out_calibration
 from loralens.learn.data import (
     SPLITS,
@@ -279,7 +279,14 @@ def _run(
     model = _model(store, config, data)
     pad = [int(r) for r in model.spec.ranks]  # every batch padded to the model's widths
     if model.hparams["linear_base"] != "none":
-        fit_linear_base(store, model, data.task, data.y_enc, data.split["train"])
+        # features of train + val once: the base is fitted on train now, on both once the
+        # epoch is chosen
+        fit_rows = np.union1d(data.split["train"], data.split["val"])
+        x_fit = base_features(store, model, fit_rows)
+        train_rows = data.split["train"]
+        fit_linear_base(
+            model, data.task, data.y_enc[train_rows], x_fit[np.searchsorted(fit_rows, train_rows)]
+        )
     loaders = _loaders(store, data, pad, int(hp["batch_size"]), config.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=float(hp["lr"]), weight_decay=float(hp["weight_decay"]))
@@ -290,9 +297,7 @@ def _run(
     base.load_state_dict(best.state)  # the run's model is the best epoch's, not the last
     if base.hparams["linear_base"] != "none":
         # the epoch is chosen; the linear base may now learn from the validation rows too
-        fit_linear_base(
-            store, base, data.task, data.y_enc, np.union1d(data.split["train"], data.split["val"])
-        )
+        fit_linear_base(base, data.task, data.y_enc[fit_rows], x_fit)
         trows, tout = _outputs(model, loaders["test"], acc)
         best.test, best.test_rows, best.test_out = (
             data.task.metrics(tout, data.y_all[trows]),
