@@ -209,16 +209,16 @@ class LoLModel(nn.Module):
         return f"name={self.name!r}, layers={len(self.spec.names)}, out_dim={self.out_dim}"
 
     def forward(self, batch: LoRABatch) -> torch.Tensor:
-        batch = self.prepare(batch)
         return self.output(batch, self.embed(batch))
 
     def output(self, batch: LoRABatch, z: torch.Tensor) -> torch.Tensor:
-        """The (B, out_dim) output for ``batch`` (prepared) whose embeddings are ``z``: the head's
-        readout, or with a linear base, base(ΔW) + gate * readout."""
+        """The (B, out_dim) output for ``batch`` whose embeddings are ``z``: the head's readout,
+        or with a linear base, base(ΔW) + gate * readout (``embed`` checks the batch; the base
+        reads it cast like the model)."""
         out = self.readout(z)
         if self.hparams["linear_base"] == "none":
             return out
-        return self.linear_base(batch).to(out.dtype) + self.gate.to(out.dtype) * out
+        return self.linear_base(self.prepare(batch)).to(out.dtype) + self.gate.to(out.dtype) * out
 
     def embed(self, batch: LoRABatch) -> torch.Tensor:
         """(B, D) features each LoRA is represented by when the head reads them (GL-net: every
