@@ -156,9 +156,13 @@ def _unet(name: str, channels: set[int], cross: int, encoders: tuple) -> Family:
     return Family(name, "unet", cross, rules + encoders)
 
 
+#: A diffusers DiT block (Flux double blocks, SD3 joint blocks), not a UNet's transformer block.
+_DIFFUSERS_BLOCK = r"(?:^|_)(?<!single_)(?<!_\d_)transformer_blocks_(\d+)_"
+
+
 def _flux(name: str) -> Family:
     h, double, single = 3072, 19, 38
-    dbl = r"(?:^|_)(?<!single_)(?<!_\d_)transformer_blocks_(\d+)_"  # diffusers, not a UNet's
+    dbl = _DIFFUSERS_BLOCK
     sgl = r"single_transformer_blocks_(\d+)_"
     bfl, bfl1 = r"double_blocks_(\d+)_", r"single_blocks_(\d+)_"  # BFL / kohya / ComfyUI
     rules = (
@@ -185,7 +189,7 @@ def _flux(name: str) -> Family:
 
 
 def _sd3(name: str, h: int, blocks: int) -> Family:
-    tb = r"(?:^|_)(?<!single_)(?<!_\d_)transformer_blocks_(\d+)_"  # diffusers, not a UNet's
+    tb = _DIFFUSERS_BLOCK
     jb = r"joint_blocks_(\d+)_(?:x|context)_block_"  # SAI / kohya / ComfyUI
     rules = (
         _rule(tb + r"attn2?_(?:to_[qkv]|add_[qkv]_proj|to_out_0|to_add_out)$", h, h, blocks),
