@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from serve_support import train_run
+from serve_support import MAX_MEMBERS, MAX_UNPACKED, MAX_UPLOAD, train_run
 
 
 @pytest.fixture(scope="session")
@@ -18,12 +18,6 @@ def runs(tmp_path_factory) -> dict[str, Path]:
         ),
         "cls": train_run(root / "c", "cls", {"c": [k % 2 for k in range(12)]}),
     }
-
-
-#: the test service's caps: small, so the size tests send little
-MAX_UPLOAD = 256 * 1024
-MAX_MEMBERS = 8
-MAX_UNPACKED = 512 * 1024
 
 
 @pytest.fixture(scope="session")

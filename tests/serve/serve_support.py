@@ -21,6 +21,10 @@ import loralens as ll
 from loralens.cli import app
 
 LAYERS = ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj")
+#: the test service's caps: small, so the size tests send little
+MAX_UPLOAD = 256 * 1024
+MAX_MEMBERS = 8
+MAX_UNPACKED = 512 * 1024
 runner = CliRunner()
 
 

@@ -10,9 +10,17 @@ import struct
 from pathlib import Path
 
 import pytest
-from serve_support import LAYERS, lora, peft, safetensors_file, tarred, zipped
-
-from conftest import MAX_MEMBERS, MAX_UNPACKED, MAX_UPLOAD
+from serve_support import (
+    LAYERS,
+    MAX_MEMBERS,
+    MAX_UNPACKED,
+    MAX_UPLOAD,
+    lora,
+    peft,
+    safetensors_file,
+    tarred,
+    zipped,
+)
 
 MARKER = "PWNED-by-upload"
 
