@@ -97,8 +97,8 @@ def train(
     + OUT/config.json (all that `predict` needs), predictions.csv and PNG plots. The task type
     follows from the labels (all 0/1: classification; else regression).
     """
+    from loralens.learn.config import TrainConfig
     from loralens.learn.data import resolve_targets
-    from loralens.learn.loop import TrainConfig
     from loralens.learn.loop import train as train_run
     from loralens.learn.report import calibration_lines, probe_verdict, train_columns, train_title
     from loralens.store import LoRAStore

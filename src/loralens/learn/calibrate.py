@@ -28,7 +28,7 @@ from loralens.models.base import layer_rms, log_scale
 INTERVALS = ("normalized", "plain")
 
 if TYPE_CHECKING:
-    from loralens.learn.loop import TrainConfig
+    from loralens.learn.config import TrainConfig
     from loralens.store import LoRAStore
 
 

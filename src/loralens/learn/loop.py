@@ -18,13 +18,8 @@ and only the main process writes.
 
 from __future__ import annotations
 
-import copy
-import math
-import numbers
 import os
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -32,7 +27,8 @@ import torch
 
 from loralens.jsonio import json_safe
 from loralens.learn.base_fit import base_features, fit_linear_base, linear_base_kind
-from loralens.learn.calibrate import calibrate_run, check_trust_settings, hold_out_calibration
+from loralens.learn.calibrate import calibrate_run, hold_out_calibration
+from loralens.learn.config import TrainConfig
 from loralens.learn.data import (
     SPLITS,
     check_finite_labels,
@@ -41,148 +37,13 @@ from loralens.learn.data import (
     make_splits,
     select_rows,
 )
+from loralens.learn.epochs import Best, Progress, RunData, fit_epochs, outputs
 from loralens.learn.probes import probe_folds
-from loralens.learn.rowfilter import compile_filter
-from loralens.learn.runs import NonFiniteOutputError, check_run_dir, headline, save_run
+from loralens.learn.runs import check_run_dir, headline, save_run
 from loralens.learn.seen import trained_on
-from loralens.learn.tasks import (
-    CLASSIFICATION,
-    REGRESSION,
-    Task,
-    baseline_metrics,
-    infer_task,
-    mean_std,
-)
-from loralens.models.linear_base import KINDS as LINEAR_BASES
-from loralens.models.registry import (
-    TRAINING_SCHEMA,
-    build_model,
-    check_fits,
-    check_hparams,
-    check_training,
-    training_defaults,
-)
+from loralens.learn.tasks import CLASSIFICATION, Task, baseline_metrics, infer_task, mean_std
+from loralens.models.registry import build_model, check_fits
 from loralens.store import LoRAStore
-
-Progress = bool | Callable[[dict[str, Any]], None]
-
-
-@dataclass
-class TrainConfig:
-    """What to train. ``None`` means the model's default (``models.registry.training_defaults``)."""
-
-    model: str
-    targets: list[str]
-    seed: int = 0
-    epochs: int | None = None
-    lr: float | None = None
-    batch_size: int | None = None
-    weight_decay: float | None = None
-    patience: int | None = None
-    grad_clip: float | None = None
-    hparams: dict[str, Any] = field(default_factory=dict)
-    #: filter selecting the rows used at all, e.g. "rank == 4" (see learn.rowfilter)
-    where: str | None = None
-    #: split fractions when the store has no ``split`` column
-    fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
-    #: name of a column with train/val/test values; "auto" uses ``split`` when present
-    split_column: str | None = "auto"
-    #: force a task kind ("regression"/"classification"); default: inferred from labels
-    task: str | None = None
-    plots: bool = True
-    #: torch CPU threads (None: torch's default). 1 is fastest for small models on a busy CPU.
-    threads: int | None = None
-    #: cross-validation folds: None chooses (data.CV_FOLDS below data.CV_BELOW labelled LoRAs,
-    #: else one split); 1 always one train/val/test split; k >= 2 always k folds
-    folds: int | None = None
-    #: also fit the linear probes (learn.probes) on the same split(s)
-    probes: bool = True
-    #: the model's linear base (models.linear_base), fitted on the training rows before the
-    #: network learns what it misses: "auto" = "dense" where the training LoRAs' ΔW fit in
-    #: probes.DENSE_MAX_BYTES, else "spectral"; "none" = the network alone
-    linear_base: str = "auto"
-    #: calibration (learn.trust): share of the labelled LoRAs held out of the one split's
-    #: training rows to calibrate on (cross-validated runs: out of fold); 0: no calibration
-    calibration: float = 0.1
-    #: coverage of intervals / prediction sets; "normalized" or "plain" intervals
-    coverage: float = 0.9
-    interval: str = "normalized"
-    #: share of in-distribution calibration LoRAs the fit check flags
-    ood_share: float = 0.05
-
-    def __post_init__(self) -> None:
-        """Refuse a setting of the wrong type or out of range now, before any store is read:
-        an unknown model or hyperparameter, a width of 1e7, a filter outside the language."""
-        check_hparams(self.model, self.hparams)
-        check_training({k: getattr(self, k) for k in TRAINING_SCHEMA})
-        targets = self.targets
-        if isinstance(targets, str) or not targets or not all(isinstance(t, str) for t in targets):
-            raise ValueError(f"targets must be a non-empty list of column names, got {targets!r}")
-        if self.task not in (None, REGRESSION, CLASSIFICATION):
-            raise ValueError(
-                f"task must be {REGRESSION!r} or {CLASSIFICATION!r}, got {self.task!r}"
-            )
-        f = self.fractions
-        if not (
-            len(f) == 3
-            and all(isinstance(x, (int, float)) and 0 <= x <= 1 for x in f)
-            and sum(f) <= 1 + 1e-9
-        ):
-            raise ValueError(
-                f"fractions must be three numbers in [0, 1] summing to at most 1, got {f!r}"
-            )
-        if self.folds is not None and (
-            not isinstance(self.folds, numbers.Integral)
-            or isinstance(self.folds, bool)
-            or not 1 <= self.folds <= 100
-        ):
-            raise ValueError(f"folds must be an integer in [1, 100], got {self.folds!r}")
-        for key in ("seed", "threads"):
-            v = getattr(self, key)
-            if v is not None and (
-                not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < (key == "threads")
-            ):
-                raise ValueError(f"{key} must be a non-negative integer (threads: >= 1), got {v!r}")
-        if self.where:
-            compile_filter(self.where)
-        if self.linear_base not in ("auto", *LINEAR_BASES):
-            raise ValueError(
-                f"linear_base must be one of {['auto', *LINEAR_BASES]}, got {self.linear_base!r}"
-            )
-        check_trust_settings(self)
-
-    def resolved(self) -> dict[str, Any]:
-        """The training settings used: the model's defaults, overridden where set here."""
-        d = training_defaults(self.model)
-        for k in d:
-            v = getattr(self, k)
-            if v is not None:
-                d[k] = v
-        return d
-
-
-@dataclass
-class _Data:
-    """The labels of one run and the rows of its splits."""
-
-    targets: list[str]
-    y_all: np.ndarray  # (N, T) original-scale labels of every store row (NaN where missing)
-    split: dict[str, np.ndarray]  # store rows of train/val/test
-    task: Task
-    y_enc: np.ndarray  # (N, T) float32 targets as the model is trained on them
-
-
-@dataclass
-class _Best:
-    """The epoch with the lowest validation loss so far, and what was measured there."""
-
-    epoch: int = 0
-    val_loss: float = math.inf
-    val: dict[str, Any] = field(default_factory=dict)
-    test: dict[str, Any] = field(default_factory=dict)
-    test_rows: np.ndarray | None = None
-    test_out: np.ndarray | None = None
-    state: dict[str, torch.Tensor] | None = None
 
 
 def train(
@@ -267,11 +128,11 @@ def train(
 def _run(
     store: LoRAStore,
     config: TrainConfig,
-    data: _Data,
+    data: RunData,
     hp: dict[str, Any],
     acc: Any,
     progress: Progress,
-) -> tuple[torch.nn.Module, list[dict[str, Any]], _Best]:
+) -> tuple[torch.nn.Module, list[dict[str, Any]], Best]:
     """Build, train with early stopping and restore the best epoch: (model, history, best)."""
     from accelerate.utils import set_seed
 
@@ -292,13 +153,13 @@ def _run(
     opt = torch.optim.AdamW(params, lr=float(hp["lr"]), weight_decay=float(hp["weight_decay"]))
     model, opt, *prepared = acc.prepare(model, opt, *(loaders[s] for s in SPLITS))
     loaders = dict(zip(SPLITS, prepared))
-    history, best = _fit(model, opt, params, loaders, data, acc, hp, progress)
+    history, best = fit_epochs(model, opt, params, loaders, data, acc, hp, progress)
     base = acc.unwrap_model(model)
     base.load_state_dict(best.state)  # the run's model is the best epoch's, not the last
     if base.hparams["linear_base"] != "none":
         # the epoch is chosen; the linear base may now learn from the validation rows too
         fit_linear_base(base, data.task, data.y_enc[fit_rows], x_fit)
-        trows, tout = _outputs(model, loaders["test"], acc)
+        trows, tout = outputs(model, loaders["test"], acc)
         best.test, best.test_rows, best.test_out = (
             data.task.metrics(tout, data.y_all[trows]),
             trows,
@@ -318,7 +179,7 @@ def _cross_validate(
     acc: Any,
     progress: Progress,
     t0: float,
-) -> tuple[torch.nn.Module, list[dict[str, Any]], _Data, dict[str, Any], tuple]:
+) -> tuple[torch.nn.Module, list[dict[str, Any]], RunData, dict[str, Any], tuple]:
     """Train and test every fold, then refit on every row for the folds' median best epoch.
 
     Returns (refit model, its history, its data, metrics, (rows, raw outputs) out of fold).
@@ -390,14 +251,14 @@ def _data(
     y_all: np.ndarray,
     split: dict[str, np.ndarray],
     kind: str,
-) -> _Data:
+) -> RunData:
     """The labels of one split, with the task (its scaling) fitted on the train rows only."""
     task = Task.fit(targets, y_all[split["train"]], kind=kind)
     y_enc = encode_targets(store, task, y_all, np.concatenate(list(split.values())))
-    return _Data(targets, y_all, split, task, y_enc)
+    return RunData(targets, y_all, split, task, y_enc)
 
 
-def _model(store: LoRAStore, config: TrainConfig, data: _Data) -> torch.nn.Module:
+def _model(store: LoRAStore, config: TrainConfig, data: RunData) -> torch.nn.Module:
     """The model, built for the widest ranks among the training LoRAs.
 
     Every batch is padded to them (wider LoRAs at evaluation: invariant models take any rank,
@@ -413,7 +274,7 @@ def _model(store: LoRAStore, config: TrainConfig, data: _Data) -> torch.nn.Modul
 
 
 def _loaders(
-    store: LoRAStore, data: _Data, pad: list[int], batch_size: int, seed: int
+    store: LoRAStore, data: RunData, pad: list[int], batch_size: int, seed: int
 ) -> dict[str, torch.utils.data.DataLoader]:
     """Shuffled (seeded) training batches; validation and test in order, batches of >= 64."""
     eval_size = max(batch_size, 64)
@@ -431,142 +292,12 @@ def _loaders(
     }
 
 
-def _fit(
-    model: torch.nn.Module,
-    opt: torch.optim.Optimizer,
-    params: list[torch.nn.Parameter],
-    loaders: dict[str, Any],
-    data: _Data,
-    acc: Any,
-    hp: dict[str, Any],
-    progress: Progress,
-) -> tuple[list[dict[str, Any]], _Best]:
-    """Epochs until ``hp["epochs"]`` or ``hp["patience"]`` epochs without a better validation
-    loss; test metrics and a copy of the state are taken at every new best epoch."""
-    history: list[dict[str, Any]] = []
-    best = _Best()
-    if acc.unwrap_model(model).hparams["linear_base"] != "none":
-        # epoch 0 is the linear base alone (the gate shut): a candidate like any epoch
-        gate = acc.unwrap_model(model).gate
-        opened = float(gate)
-        with torch.no_grad():
-            gate.fill_(0.0)
-        best, _ = _measure(model, loaders, data, acc, best, 0)
-        with torch.no_grad():
-            gate.fill_(opened)
-    for epoch in range(1, int(hp["epochs"]) + 1):
-        te = time.time()
-        loss_sum, count = _train_epoch(model, opt, params, loaders["train"], data.task, acc, hp)
-        train_time = time.time() - te
-        best, val_loss = _measure(model, loaders, data, acc, best, epoch)
-        improved = best.epoch == epoch
-        rec = {
-            "epoch": epoch,
-            "train_loss": loss_sum / max(count, 1),
-            "val_loss": val_loss,
-            "seconds": train_time,
-            "loras_per_s": count * acc.num_processes / max(train_time, 1e-9),
-            "best": improved,
-        }
-        history.append(rec)
-        _report(progress, rec, acc)
-        if epoch - best.epoch >= int(hp["patience"]):
-            break
-    _check_finite(best, len(history))
-    return history, best
-
-
-def _measure(
-    model: torch.nn.Module, loaders: dict[str, Any], data: _Data, acc: Any, best: _Best, epoch: int
-) -> tuple[_Best, float]:
-    """Validate the model after ``epoch``: (the best epoch so far, this epoch's validation loss);
-    test metrics and a copy of the state are taken when this epoch is the new best."""
-    vrows, vout = _outputs(model, loaders["val"], acc)
-    val = data.task.metrics(vout, data.y_all[vrows])
-    if not (val["loss"] < best.val_loss - 1e-6 or best.state is None):
-        return best, val["loss"]
-    trows, tout = _outputs(model, loaders["test"], acc)
-    return _Best(
-        epoch=epoch,
-        val_loss=val["loss"] if math.isfinite(val["loss"]) else math.inf,
-        val=val,
-        test=data.task.metrics(tout, data.y_all[trows]),
-        test_rows=trows,
-        test_out=tout,
-        state=copy.deepcopy(acc.unwrap_model(model).state_dict()),
-    ), val["loss"]
-
-
-def _check_finite(best: _Best, epochs: int) -> None:
-    """Refuse a model that diverged: no finite validation loss in any epoch, or non-finite
-    outputs on test LoRAs at the best one (its metrics would be NaN, its predictions too)."""
-    if not math.isfinite(best.val_loss):
-        raise NonFiniteOutputError(
-            f"training diverged: the validation loss was not finite (NaN/inf) in any of {epochs} "
-            "epoch(s), so there is no model to save; lower --lr or check the labels' scale"
-        )
-    bad = int((~np.isfinite(best.test_out)).any(axis=1).sum())
-    if bad:
-        raise NonFiniteOutputError(
-            f"the model of the best epoch ({best.epoch}) gives non-finite outputs for {bad} of "
-            f"{len(best.test_out)} test LoRAs; their metrics would be NaN"
-        )
-
-
-def _train_epoch(
-    model: torch.nn.Module,
-    opt: torch.optim.Optimizer,
-    params: list[torch.nn.Parameter],
-    loader: Any,
-    task: Task,
-    acc: Any,
-    hp: dict[str, Any],
-) -> tuple[float, int]:
-    """One pass over the training batches: (sum of per-LoRA losses, LoRAs seen)."""
-    model.train()
-    total, count = 0.0, 0
-    for _, batch, y in loader:
-        loss = task.loss(model(batch), y)
-        opt.zero_grad(set_to_none=True)
-        acc.backward(loss)
-        if hp["grad_clip"]:
-            clip = params if acc.num_processes == 1 else model.parameters()
-            acc.clip_grad_norm_(clip, float(hp["grad_clip"]))
-        opt.step()
-        total += float(loss.detach()) * len(y)
-        count += len(y)
-    return total, count
-
-
-@torch.no_grad()
-def _outputs(model: torch.nn.Module, loader: Any, acc: Any) -> tuple[np.ndarray, np.ndarray]:
-    """(store rows, raw outputs) over a loader, gathered over processes under accelerate."""
-    model.eval()
-    rows, outs = [], []
-    for idx, batch, _ in loader:
-        out = model(batch).float()
-        idx, out = acc.gather_for_metrics((idx.to(out.device), out))
-        rows.append(idx.cpu().numpy())
-        outs.append(out.cpu().numpy())
-    return np.concatenate(rows), np.concatenate(outs)
-
-
-def _report(progress: Progress, rec: dict[str, Any], acc: Any) -> None:
-    if callable(progress):
-        progress(rec)
-    elif progress and acc.is_main_process:
-        print(
-            f"epoch {rec['epoch']:3d}  train {rec['train_loss']:.4f}  val {rec['val_loss']:.4f}"
-            + ("  *" if rec["best"] else "")
-        )
-
-
 def _summary(
     store: LoRAStore,
     config: TrainConfig,
-    data: _Data,
+    data: RunData,
     history: list[dict[str, Any]],
-    best: _Best,
+    best: Best,
     model: torch.nn.Module,
     hp: dict[str, Any],
     acc: Any,
@@ -601,9 +332,6 @@ def _no_accelerator() -> bool:
     return not (torch.cuda.is_available() or (mps is not None and mps.is_available()))
 
 
-__all__ = ["TrainConfig", "train"]
-
-
 def _run_facts(
     store: LoRAStore,
     config: TrainConfig,
@@ -624,3 +352,6 @@ def _run_facts(
         "num_processes": acc.num_processes,
         "store": str(store.path),
     }
+
+
+__all__ = ["TrainConfig", "train"]

@@ -49,7 +49,7 @@ from loralens.lora import LayerSpec, LoRA, LoRABatch, collate, spec_of
 from loralens.store import LoRAStore, StoreError
 
 if TYPE_CHECKING:
-    from loralens.learn.loop import TrainConfig
+    from loralens.learn.config import TrainConfig
 
 
 class NonFiniteOutputError(ValueError):

@@ -1,0 +1,176 @@
+"""The epochs of one training run: train, validate, keep the best epoch (early stopping on the
+validation loss), with the linear base alone measured as "epoch 0"."""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from loralens.learn.runs import NonFiniteOutputError
+from loralens.learn.tasks import Task
+
+Progress = bool | Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class RunData:
+    """The labels of one run and the rows of its splits."""
+
+    targets: list[str]
+    y_all: np.ndarray  # (N, T) original-scale labels of every store row (NaN where missing)
+    split: dict[str, np.ndarray]  # store rows of train/val/test
+    task: Task
+    y_enc: np.ndarray  # (N, T) float32 targets as the model is trained on them
+
+
+@dataclass
+class Best:
+    """The epoch with the lowest validation loss so far, and what was measured there."""
+
+    epoch: int = 0
+    val_loss: float = math.inf
+    val: dict[str, Any] = field(default_factory=dict)
+    test: dict[str, Any] = field(default_factory=dict)
+    test_rows: np.ndarray | None = None
+    test_out: np.ndarray | None = None
+    state: dict[str, torch.Tensor] | None = None
+
+
+def fit_epochs(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    params: list[torch.nn.Parameter],
+    loaders: dict[str, Any],
+    data: RunData,
+    acc: Any,
+    hp: dict[str, Any],
+    progress: Progress,
+) -> tuple[list[dict[str, Any]], Best]:
+    """Epochs until ``hp["epochs"]`` or ``hp["patience"]`` epochs without a better validation
+    loss; test metrics and a copy of the state are taken at every new best epoch."""
+    history: list[dict[str, Any]] = []
+    best = Best()
+    if acc.unwrap_model(model).hparams["linear_base"] != "none":
+        # epoch 0 is the linear base alone (the gate shut): a candidate like any epoch
+        gate = acc.unwrap_model(model).gate
+        opened = float(gate)
+        with torch.no_grad():
+            gate.fill_(0.0)
+        best, _ = _measure(model, loaders, data, acc, best, 0)
+        with torch.no_grad():
+            gate.fill_(opened)
+    for epoch in range(1, int(hp["epochs"]) + 1):
+        te = time.time()
+        loss_sum, count = _train_epoch(model, opt, params, loaders["train"], data.task, acc, hp)
+        train_time = time.time() - te
+        best, val_loss = _measure(model, loaders, data, acc, best, epoch)
+        improved = best.epoch == epoch
+        rec = {
+            "epoch": epoch,
+            "train_loss": loss_sum / max(count, 1),
+            "val_loss": val_loss,
+            "seconds": train_time,
+            "loras_per_s": count * acc.num_processes / max(train_time, 1e-9),
+            "best": improved,
+        }
+        history.append(rec)
+        _report(progress, rec, acc)
+        if epoch - best.epoch >= int(hp["patience"]):
+            break
+    check_finite(best, len(history))
+    return history, best
+
+
+def _measure(
+    model: torch.nn.Module, loaders: dict[str, Any], data: RunData, acc: Any, best: Best, epoch: int
+) -> tuple[Best, float]:
+    """Validate the model after ``epoch``: (the best epoch so far, this epoch's validation loss);
+    test metrics and a copy of the state are taken when this epoch is the new best."""
+    vrows, vout = outputs(model, loaders["val"], acc)
+    val = data.task.metrics(vout, data.y_all[vrows])
+    if not (val["loss"] < best.val_loss - 1e-6 or best.state is None):
+        return best, val["loss"]
+    trows, tout = outputs(model, loaders["test"], acc)
+    return Best(
+        epoch=epoch,
+        val_loss=val["loss"] if math.isfinite(val["loss"]) else math.inf,
+        val=val,
+        test=data.task.metrics(tout, data.y_all[trows]),
+        test_rows=trows,
+        test_out=tout,
+        state=copy.deepcopy(acc.unwrap_model(model).state_dict()),
+    ), val["loss"]
+
+
+def check_finite(best: Best, epochs: int) -> None:
+    """Refuse a model that diverged: no finite validation loss in any epoch, or non-finite
+    outputs on test LoRAs at the best one (its metrics would be NaN, its predictions too)."""
+    if not math.isfinite(best.val_loss):
+        raise NonFiniteOutputError(
+            f"training diverged: the validation loss was not finite (NaN/inf) in any of {epochs} "
+            "epoch(s), so there is no model to save; lower --lr or check the labels' scale"
+        )
+    bad = int((~np.isfinite(best.test_out)).any(axis=1).sum())
+    if bad:
+        raise NonFiniteOutputError(
+            f"the model of the best epoch ({best.epoch}) gives non-finite outputs for {bad} of "
+            f"{len(best.test_out)} test LoRAs; their metrics would be NaN"
+        )
+
+
+def _train_epoch(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    params: list[torch.nn.Parameter],
+    loader: Any,
+    task: Task,
+    acc: Any,
+    hp: dict[str, Any],
+) -> tuple[float, int]:
+    """One pass over the training batches: (sum of per-LoRA losses, LoRAs seen)."""
+    model.train()
+    total, count = 0.0, 0
+    for _, batch, y in loader:
+        loss = task.loss(model(batch), y)
+        opt.zero_grad(set_to_none=True)
+        acc.backward(loss)
+        if hp["grad_clip"]:
+            clip = params if acc.num_processes == 1 else model.parameters()
+            acc.clip_grad_norm_(clip, float(hp["grad_clip"]))
+        opt.step()
+        total += float(loss.detach()) * len(y)
+        count += len(y)
+    return total, count
+
+
+@torch.no_grad()
+def outputs(model: torch.nn.Module, loader: Any, acc: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(store rows, raw outputs) over a loader, gathered over processes under accelerate."""
+    model.eval()
+    rows, outs = [], []
+    for idx, batch, _ in loader:
+        out = model(batch).float()
+        idx, out = acc.gather_for_metrics((idx.to(out.device), out))
+        rows.append(idx.cpu().numpy())
+        outs.append(out.cpu().numpy())
+    return np.concatenate(rows), np.concatenate(outs)
+
+
+def _report(progress: Progress, rec: dict[str, Any], acc: Any) -> None:
+    if callable(progress):
+        progress(rec)
+    elif progress and acc.is_main_process:
+        print(
+            f"epoch {rec['epoch']:3d}  train {rec['train_loss']:.4f}  val {rec['val_loss']:.4f}"
+            + ("  *" if rec["best"] else "")
+        )
+
+
+__all__ = ["Best", "Progress", "fit_epochs", "outputs"]
