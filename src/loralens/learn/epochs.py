@@ -60,7 +60,7 @@ def fit_epochs(
     if acc.unwrap_model(model).hparams["linear_base"] != "none":
         # epoch 0 is the linear base alone (the gate shut): a candidate like any epoch
         gate = acc.unwrap_model(model).gate
-        opened = float(gate)
+        opened = float(gate.detach())
         with torch.no_grad():
             gate.fill_(0.0)
         best, _ = _measure(model, loaders, data, acc, best, 0)
