@@ -254,7 +254,7 @@ def evaluate(
     if len(rows) == 0:
         raise StoreError(f"no LoRA in {store.path} has labels {run.task.targets}")
     t0 = time.time()
-    out, emb, log_rms = store_outputs(run.model, store, rows, batch_size)
+    out, fit_in = store_outputs(run.model, store, rows, batch_size)
     bad = ~np.isfinite(run.task.decode(out)).all(axis=1)
     if bad.any():
         ids = [store.ids[r] for r in rows[bad][:5]]
@@ -294,7 +294,7 @@ def evaluate(
             **cal.summary(),
             "calibrated": True,
             "report": cal.report(
-                run.task, out[~seen], emb[~seen], log_rms[~seen], y_all[rows[~seen]], coverage
+                run.task, out[~seen], fit_in.take(~seen), y_all[rows[~seen]], coverage
             ),
         }
     )
