@@ -50,6 +50,7 @@ def test_metrics_report_coverage_width_and_flag_share_on_the_test_split(reg_run)
     test = cal["test"]
     assert test["n"] == 10 and 0 <= test["coverage"] <= 1 and test["width_rel_std"] > 0
     assert 0 <= test["flagged"] <= 1 and test["width_no_weights_rel_std"] > 0
+    assert cal["scale_threshold"] > 0 and cal["ood_threshold"] > 0
     assert (run_dir / "calibration.json").is_file() and (
         run_dir / "calibration.safetensors"
     ).is_file()
@@ -149,6 +150,30 @@ def test_runs_saved_before_calibration_predict_without_intervals_and_say_so(name
     assert row["calibrated"] is False and row["prediction"]["y"] is not None
     res = runner.invoke(app, ["predict", str(run_dir), str(tmp_path / "a")])
     assert res.exit_code == 0 and "no calibration" in res.output
+
+
+def test_calibrations_saved_before_the_scale_score_load_and_predict_with_the_ood_score(
+    reg_run, tmp_path
+):
+    """A version-1 calibration (no scale model) is this one without its size arrays and keys."""
+    from safetensors.numpy import load_file, save_file
+
+    store, run_dir = reg_run
+    assert load_run(run_dir).calibration.fit.size is not None
+    shutil.copytree(run_dir, tmp_path / "run")
+    path = tmp_path / "run" / "calibration.json"
+    cal = json.loads(path.read_text())
+    cal["version"] = 1
+    del cal["size_bias"], cal["size_threshold"]
+    path.write_text(json.dumps(cal))
+    arrays = load_file(str(tmp_path / "run" / "calibration.safetensors"))
+    del arrays["size"], arrays["size_coef"]
+    save_file(arrays, str(tmp_path / "run" / "calibration.safetensors"))
+    old = load_run(tmp_path / "run")
+    assert old.calibration.fit.size is None and old.calibration.fit.n_scores == 1
+    (row,) = old.predict(store[0])
+    assert row["error"] is None and isinstance(row["in_distribution"], bool)
+    assert row["interval"]["y"][0] <= row["prediction"]["y"] <= row["interval"]["y"][1]
 
 
 def test_a_damaged_calibration_is_refused_naming_the_file(reg_run, tmp_path):
