@@ -157,6 +157,7 @@ def main() -> None:
     ap.add_argument("--models", default="glnet")
     ap.add_argument("--targets", default="eval_loss,src_sub")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--calibration", type=float, default=0.1, help="Share held out to calibrate.")
     ap.add_argument("--table", type=Path, nargs="+", help="Print the table of these results.")
     args = ap.parse_args()
     if args.table:
@@ -165,18 +166,25 @@ def main() -> None:
     pack_zoo_cached(args.zoos / "z-main", args.zoos / "z-main.store", print)
     runs = [(m, t) for m in args.models.split(",") for t in args.targets.split(",")]
     seconds = {}
+    tag = "" if args.calibration == 0.1 else f"-cal{args.calibration:g}"
     for model, target in runs:
-        run_dir = args.zoos / "runs" / f"{model}-{target}-s{args.seed}"
+        run_dir = args.zoos / "runs" / f"{model}-{target}-s{args.seed}{tag}"
         t0 = time.time()
         if not (run_dir / "calibration.json").exists():
-            config = TrainConfig(model=model, targets=[target], seed=args.seed, threads=1)
+            config = TrainConfig(
+                model=model,
+                targets=[target],
+                seed=args.seed,
+                threads=1,
+                calibration=args.calibration,
+            )
             train(args.zoos / "z-main.store", config, run_dir, overwrite=True)
         seconds[run_dir] = time.time() - t0
     for name in ("z-id", *SHIFTS):
         pack_zoo_cached(args.zoos / name, args.zoos / f"{name}.store", print)
     results = {}
     for model, target in runs:
-        run_dir = args.zoos / "runs" / f"{model}-{target}-s{args.seed}"
+        run_dir = args.zoos / "runs" / f"{model}-{target}-s{args.seed}{tag}"
         t0 = time.time() - seconds[run_dir]
         key = f"{model} {target}"
         results[key] = {**measure(run_dir, args.zoos), "seconds": time.time() - t0}

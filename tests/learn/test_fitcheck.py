@@ -10,8 +10,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from tests.helpers import random_lora
 
+from helpers import random_lora
 from loralens.learn.fitcheck import FitCheck, FitInputs, out_of_fold_scores
 from loralens.lora import collate
 from loralens.models.linear_base import unit_features
