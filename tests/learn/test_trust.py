@@ -187,6 +187,19 @@ def test_a_damaged_calibration_is_refused_naming_the_file(reg_run, tmp_path):
         load_run(tmp_path / "run")
 
 
+def test_a_scale_model_of_the_wrong_length_is_refused_naming_the_file(reg_run, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    _, run_dir = reg_run
+    shutil.copytree(run_dir, tmp_path / "run")
+    path = tmp_path / "run" / "calibration.safetensors"
+    arrays = load_file(str(path))
+    arrays["size_coef"] = arrays["size_coef"][:-1]
+    save_file(arrays, str(path))
+    with pytest.raises(RunError, match=r"calibration\.safetensors: size_coef has shape"):
+        load_run(tmp_path / "run")
+
+
 @pytest.mark.parametrize("with_cal", [True, False])
 def test_a_split_column_is_kept_and_its_cal_rows_calibrate(make_store, tmp_path, with_cal):
     """A store's split column decides the rows: its ``cal`` rows calibrate, else its val rows

@@ -47,6 +47,14 @@ def unit_kind(model: Any) -> str:
     return "dense" if base is not None and base.kind == "dense" else "spectral"
 
 
+def unit_dim(model: Any) -> int:
+    """Length of the scale-free features :func:`outputs` gives for ``model``'s layout."""
+    spec = model.spec
+    if unit_kind(model) == "dense":
+        return sum(int(o) * int(i) for o, i in spec.shapes)
+    return len(spec.names) * spectral_width(spec)
+
+
 @torch.no_grad()
 def outputs(model: Any, batches: Iterable[LoRABatch]) -> tuple[np.ndarray, FitInputs]:
     """(raw outputs (N, out), what the fit check reads) of ``model`` over ``batches``: the
@@ -278,5 +286,6 @@ __all__ = [
     "hold_out_calibration",
     "outputs",
     "store_outputs",
+    "unit_dim",
     "unit_kind",
 ]

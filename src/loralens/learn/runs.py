@@ -30,7 +30,7 @@ import torch
 
 from loralens.errors import OutputExistsError
 from loralens.jsonio import json_safe, write_json
-from loralens.learn.calibrate import store_outputs
+from loralens.learn.calibrate import store_outputs, unit_dim
 from loralens.learn.checkpoint import (
     CHECKPOINT,
     CONFIG,
@@ -219,7 +219,7 @@ def load_run(run_dir: str | os.PathLike, *, device: str | torch.device = "cpu") 
     model = rebuild_model(cfg.name, cfg.spec, cfg.out_dim, cfg.hparams)
     model.load_state_dict(state)
     model.to(device).eval()
-    calibration = read_calibration(path, cfg.task, list(cfg.spec.names))
+    calibration = read_calibration(path, cfg.task, list(cfg.spec.names), unit_dim(model))
     return Run(path=path, model=model, task=cfg.task, config=cfg.raw, calibration=calibration)
 
 

@@ -173,9 +173,12 @@ class Calibration:
         )
 
 
-def read_calibration(run_dir: Path, task: Task, layer_names: list[str]) -> Calibration | None:
-    """The calibration of the run in ``run_dir``, checked against its task and layers; None when
-    the run has none (saved before calibration existed); :class:`RunError` if it is damaged."""
+def read_calibration(
+    run_dir: Path, task: Task, layer_names: list[str], unit_dim: int | None = None
+) -> Calibration | None:
+    """The calibration of the run in ``run_dir``, checked against its task and layers (and the
+    length ``unit_dim`` of the model's scale-free features, when given); None when the run has
+    none (saved before calibration existed); :class:`RunError` if it is damaged."""
     path = run_dir / CALIBRATION
     if not path.exists() and not (run_dir / ARRAYS).exists():
         return None
@@ -228,7 +231,7 @@ def read_calibration(run_dir: Path, task: Task, layer_names: list[str]) -> Calib
             raise bad("size_bias must be a finite number and size_threshold one or null")
         if "size_coef" not in a:
             raise RunError(f"{run_dir / ARRAYS}: lacks size_coef (calibration.json has size_bias)")
-        want["size_coef"] = (None,)
+        want["size_coef"] = (unit_dim,)
         size = ScaleModel(a["size_coef"], float(bias))
     for key, shape in want.items():
         got = a[key].shape
