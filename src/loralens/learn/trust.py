@@ -5,7 +5,8 @@ once after training and stored beside the model.
 Calibration LoRAs are held apart from training and early stopping: a share of the training
 split (``split``), or, for runs cross-validated because the zoo is small, the out-of-fold
 predictions of every LoRA (``cross``: cross-conformal; the refit model predicts, the fit check's
-reference is every LoRA and each one's fit scores leave itself out). With ``normalized``
+reference is every LoRA and each one's fit scores leave itself out); a split run that is its
+linear base alone adds the base's out-of-fold residuals (``split+cv``). With ``normalized``
 intervals, a LoRA's difficulty is ``offset + ood_score`` (offset: the median calibration
 ood_score), so intervals widen where the adapter lies far from the training LoRAs.
 
@@ -34,7 +35,7 @@ ARRAYS = "calibration.safetensors"
 FORMAT = "loralens-calibration"
 VERSION = 2
 VERSIONS = (1, 2)
-METHODS = ("split", "val", "cross")
+METHODS = ("split", "split+cv", "val", "cross")
 #: Training LoRAs kept as the fit check's reference (a seeded sample above this).
 MAX_REFERENCE = 2048
 
