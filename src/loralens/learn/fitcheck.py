@@ -187,7 +187,7 @@ class FitCheck:
         """Per LoRA ``{"in_distribution", "ood_score", "threshold", "reasons"}`` (layers 2+3)."""
         scores = self.scores(inputs.embed)
         sizes = self.size_residuals(inputs)
-        per = f"{self.share / self.n_scores:.3g}"
+        per = f"{100 * self.share / self.n_scores:.3g}%"
         rows = []
         for s, r, reasons in zip(scores, sizes, self.sanity(inputs.log_rms)):
             if s > self.threshold:
