@@ -32,21 +32,25 @@ from loralens.store import LoRAStore, pack_zoo_cached
 SHIFTS = ("z-ranks", "z-variant", "z-seed1")
 
 
-def ood_scores(run, store: LoRAStore, scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    """(ood_score, flagged) of every LoRA of ``store`` with delta W scaled by ``scale``."""
+def ood_scores(run, store: LoRAStore, scale: float = 1.0) -> tuple[np.ndarray, ...]:
+    """(ood_score, flagged, scale_score) of every LoRA of ``store`` with delta W scaled by
+    ``scale``."""
     rows = np.arange(len(store))
     if scale == 1.0:
-        _, emb, rms = store_outputs(run.model, store, rows)
+        _, fit_in = store_outputs(run.model, store, rows)
     else:
         loras = [store[int(r)] for r in rows]
         scaled = [
             ll.LoRA([ll.LoRALayer(x.name, x.U * scale, x.V) for x in a.layers]) for a in loras
         ]
         batch = ll.collate(scaled).pad_to(run.spec.ranks)
-        _, emb, rms = outputs(run.model, [batch])
-    fit = run.calibration.fit.check(emb, rms)
-    return np.array([f["ood_score"] for f in fit]), np.array(
-        [not f["in_distribution"] for f in fit]
+        _, fit_in = outputs(run.model, [batch])
+    check = run.calibration.fit
+    fit = check.check(fit_in)
+    return (
+        np.array([f["ood_score"] for f in fit]),
+        np.array([not f["in_distribution"] for f in fit]),
+        np.abs(check.size_residuals(fit_in)),
     )
 
 
@@ -55,11 +59,13 @@ def measure(run_dir: Path, zoos: Path) -> dict:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     out = {"test": metrics["test"], "calibration": metrics["calibration"], "shifts": {}}
     ind = LoRAStore(zoos / "z-id.store")
-    base_scores, base_flag = ood_scores(run, ind)
+    base_scores, base_flag, base_size = ood_scores(run, ind)
     for name in ("z-id", *SHIFTS):
         store = LoRAStore(zoos / f"{name}.store")
         ev = evaluate(run, store)
-        scores, flagged = ood_scores(run, store) if name != "z-id" else (base_scores, base_flag)
+        scores, flagged, size = (
+            ood_scores(run, store) if name != "z-id" else (base_scores, base_flag, base_size)
+        )
         rep = ev["calibration"]["report"]
         out["shifts"][name] = {
             "n": ev["n"],
@@ -70,13 +76,15 @@ def measure(run_dir: Path, zoos: Path) -> dict:
             "ece": rep.get("ece"),
             "flagged": float(flagged.mean()),
             "auroc": None if name == "z-id" else _auroc(base_scores, scores),
+            "auroc_scale": None if name == "z-id" else _auroc(base_size, size),
         }
     for scale in (10.0, 0.1):
-        scores, flagged = ood_scores(run, ind, scale)
+        scores, flagged, size = ood_scores(run, ind, scale)
         out["shifts"][f"z-id x{scale:g}"] = {
             "n": len(scores),
             "flagged": float(flagged.mean()),
             "auroc": _auroc(base_scores, scores),
+            "auroc_scale": _auroc(base_size, size),
         }
     small = sorted((zoos / "z-small" / "adapters").iterdir())
     rows = run.predict(small)
@@ -106,8 +114,8 @@ def table(files: list[Path]) -> str:
 
     lines = [
         "| run | zoo | n | coverage | width / label std (no weights) or set size | ECE | "
-        "flagged | AUROC of ood_score |",
-        "|---|---|---|---|---|---|---|---|",
+        "flagged | AUROC of ood_score | of scale_score |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for key in runs[0]:
         cal = [r[key]["calibration"]["test"] for r in runs]
@@ -119,13 +127,14 @@ def table(files: list[Path]) -> str:
         )
         lines.append(
             f"| {key} | test split | {cal[0]['n']} | {ms([c['coverage'] for c in cal])} | {shape} "
-            f"| {ms([c.get('ece') for c in cal])} | {ms([c['flagged'] for c in cal])} | - |"
+            f"| {ms([c.get('ece') for c in cal])} | {ms([c['flagged'] for c in cal])} | - | - |"
         )
         for zoo in runs[0][key]["shifts"]:
             z = [r[key]["shifts"][zoo] for r in runs]
             if "refused" in z[0]:
                 lines.append(
-                    f"| {key} | {zoo} | {z[0]['n']} | - | - | - | refused {ms([x['refused'] for x in z])} | - |"
+                    f"| {key} | {zoo} | {z[0]['n']} | - | - | - "
+                    f"| refused {ms([x['refused'] for x in z])} | - | - |"
                 )
                 continue
             shape = (
@@ -136,7 +145,7 @@ def table(files: list[Path]) -> str:
             lines.append(
                 f"| {key} | {zoo} | {z[0]['n']} | {ms([x.get('coverage') for x in z])} | {shape} "
                 f"| {ms([x.get('ece') for x in z])} | {ms([x['flagged'] for x in z])} "
-                f"| {ms([x.get('auroc') for x in z])} |"
+                f"| {ms([x.get('auroc') for x in z])} | {ms([x.get('auroc_scale') for x in z])} |"
             )
     return "\n".join(lines)
 
@@ -148,6 +157,7 @@ def main() -> None:
     ap.add_argument("--models", default="glnet")
     ap.add_argument("--targets", default="eval_loss,src_sub")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--calibration", type=float, default=0.1, help="Share held out to calibrate.")
     ap.add_argument("--table", type=Path, nargs="+", help="Print the table of these results.")
     args = ap.parse_args()
     if args.table:
@@ -156,18 +166,25 @@ def main() -> None:
     pack_zoo_cached(args.zoos / "z-main", args.zoos / "z-main.store", print)
     runs = [(m, t) for m in args.models.split(",") for t in args.targets.split(",")]
     seconds = {}
+    tag = "" if args.calibration == 0.1 else f"-cal{args.calibration:g}"
     for model, target in runs:
-        run_dir = args.zoos / "runs" / f"{model}-{target}-s{args.seed}"
+        run_dir = args.zoos / "runs" / f"{model}-{target}-s{args.seed}{tag}"
         t0 = time.time()
         if not (run_dir / "calibration.json").exists():
-            config = TrainConfig(model=model, targets=[target], seed=args.seed, threads=1)
+            config = TrainConfig(
+                model=model,
+                targets=[target],
+                seed=args.seed,
+                threads=1,
+                calibration=args.calibration,
+            )
             train(args.zoos / "z-main.store", config, run_dir, overwrite=True)
         seconds[run_dir] = time.time() - t0
     for name in ("z-id", *SHIFTS):
         pack_zoo_cached(args.zoos / name, args.zoos / f"{name}.store", print)
     results = {}
     for model, target in runs:
-        run_dir = args.zoos / "runs" / f"{model}-{target}-s{args.seed}"
+        run_dir = args.zoos / "runs" / f"{model}-{target}-s{args.seed}{tag}"
         t0 = time.time() - seconds[run_dir]
         key = f"{model} {target}"
         results[key] = {**measure(run_dir, args.zoos), "seconds": time.time() - t0}

@@ -46,10 +46,15 @@ def _scaled(lora: ll.LoRA, factor: float) -> ll.LoRA:
 def test_metrics_report_coverage_width_and_flag_share_on_the_test_split(reg_run):
     _, run_dir = reg_run
     cal = json.loads((run_dir / "metrics.json").read_text())["calibration"]
-    assert cal["method"] == "split" and cal["coverage"] == 0.9 and cal["n_calibration"] == 10
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    # 10 held out; a run that is its linear base alone adds the base's 80 out-of-fold residuals
+    held = {"split": 10, "split+cv": 90}
+    assert cal["method"] == ("split+cv" if metrics["best_epoch"] == 0 else "split")
+    assert cal["coverage"] == 0.9 and cal["n_calibration"] == held[cal["method"]]
     test = cal["test"]
     assert test["n"] == 10 and 0 <= test["coverage"] <= 1 and test["width_rel_std"] > 0
     assert 0 <= test["flagged"] <= 1 and test["width_no_weights_rel_std"] > 0
+    assert cal["scale_threshold"] > 0 and cal["ood_threshold"] > 0
     assert (run_dir / "calibration.json").is_file() and (
         run_dir / "calibration.safetensors"
     ).is_file()
@@ -151,6 +156,30 @@ def test_runs_saved_before_calibration_predict_without_intervals_and_say_so(name
     assert res.exit_code == 0 and "no calibration" in res.output
 
 
+def test_calibrations_saved_before_the_scale_score_load_and_predict_with_the_ood_score(
+    reg_run, tmp_path
+):
+    """A version-1 calibration (no scale model) is this one without its size arrays and keys."""
+    from safetensors.numpy import load_file, save_file
+
+    store, run_dir = reg_run
+    assert load_run(run_dir).calibration.fit.size is not None
+    shutil.copytree(run_dir, tmp_path / "run")
+    path = tmp_path / "run" / "calibration.json"
+    cal = json.loads(path.read_text())
+    cal["version"] = 1
+    del cal["size_bias"], cal["size_threshold"]
+    path.write_text(json.dumps(cal))
+    arrays = load_file(str(tmp_path / "run" / "calibration.safetensors"))
+    del arrays["size"], arrays["size_coef"]
+    save_file(arrays, str(tmp_path / "run" / "calibration.safetensors"))
+    old = load_run(tmp_path / "run")
+    assert old.calibration.fit.size is None and old.calibration.fit.n_scores == 1
+    (row,) = old.predict(store[0])
+    assert row["error"] is None and isinstance(row["in_distribution"], bool)
+    assert row["interval"]["y"][0] <= row["prediction"]["y"] <= row["interval"]["y"][1]
+
+
 def test_a_damaged_calibration_is_refused_naming_the_file(reg_run, tmp_path):
     _, run_dir = reg_run
     shutil.copytree(run_dir, tmp_path / "run")
@@ -159,6 +188,19 @@ def test_a_damaged_calibration_is_refused_naming_the_file(reg_run, tmp_path):
     cal["targets"] = ["other"]
     path.write_text(json.dumps(cal))
     with pytest.raises(RunError, match=r"calibration\.json"):
+        load_run(tmp_path / "run")
+
+
+def test_a_scale_model_of_the_wrong_length_is_refused_naming_the_file(reg_run, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    _, run_dir = reg_run
+    shutil.copytree(run_dir, tmp_path / "run")
+    path = tmp_path / "run" / "calibration.safetensors"
+    arrays = load_file(str(path))
+    arrays["size_coef"] = arrays["size_coef"][:-1]
+    save_file(arrays, str(path))
+    with pytest.raises(RunError, match=r"calibration\.safetensors: size_coef has shape"):
         load_run(tmp_path / "run")
 
 
@@ -174,4 +216,7 @@ def test_a_split_column_is_kept_and_its_cal_rows_calibrate(make_store, tmp_path,
     m = _train(make_store(tmp_path / "s", n=100, extra=split), tmp_path / "r")
     cal = m["calibration"]
     assert m["n"]["train"] == (60 if with_cal else 80)
-    assert (cal["method"], cal["n_calibration"]) == (("split", 20) if with_cal else ("val", 10))
+    want = ("val", 10)
+    if with_cal:  # 20 cal rows, and the linear base's 70 out-of-fold residuals if it alone won
+        want = ("split+cv", 90) if m["best_epoch"] == 0 else ("split", 20)
+    assert (cal["method"], cal["n_calibration"]) == want

@@ -3,12 +3,17 @@
 1. layout: the module names and shapes the model was built for; a mismatch is refused
    (:class:`LayoutError`, naming the modules that differ);
 2. sanity: the size of the update per layer, RMS of delta W, against the range the training
-   LoRAs spanned (``NORM_FACTOR`` times beyond it is flagged: a LoRA scaled by 10 or 0.1, an
-   all-zero one);
-3. distribution: ``ood_score``, how far the adapter's embedding (the model's own invariant
-   features as its head reads them, ``LoLModel.embed``) lies from the training LoRAs' (a
-   shrunk Mahalanobis distance), against a threshold that flags a chosen share of held-out
-   in-distribution LoRAs (a conformal quantile, so the share holds for new ones).
+   LoRAs spanned (``NORM_FACTOR`` times beyond it is flagged: an all-zero LoRA, one scaled far
+   beyond what any learning rate reached);
+3. distribution, two scores against the training LoRAs:
+   ``ood_score``, how far the adapter's embedding (the model's own invariant features as its
+   head reads them, ``LoLModel.embed``) lies from theirs (a shrunk Mahalanobis distance); and
+   ``scale_score``, how far its update size (mean log RMS over layers) lies from the size a ridge
+   predicts from its scale-free features (ΔW or singular values over their norm), so a LoRA
+   scaled by 10 scores about log 10 even where a higher learning rate reaches that size.
+   Each score's threshold flags share / 2 of in-distribution LoRAs (a conformal quantile of
+   held-out scores: the calibration LoRAs and the training LoRAs scored out of fold), so
+   together they flag at most ``share`` of them (Bonferroni on the two conformal p-values).
 
 A flagged adapter is still predicted; its row says why it is not to be trusted.
 """
@@ -43,12 +48,47 @@ def check_layout(model: LayerSpec, other: LayerSpec, what: str, where: str) -> N
 
 
 @dataclass
+class FitInputs:
+    """What the fit check reads of each of N LoRAs (rows in one order)."""
+
+    embed: np.ndarray  # (N, D) the model's embedding
+    log_rms: np.ndarray  # (N, L) log RMS of delta W per layer
+    unit: np.ndarray  # (N, U) scale-free features (``linear_base.unit_features``)
+
+    def __len__(self) -> int:
+        return len(self.embed)
+
+    def take(self, rows: np.ndarray) -> FitInputs:
+        return FitInputs(self.embed[rows], self.log_rms[rows], self.unit[rows])
+
+
+@dataclass
+class ScaleModel:
+    """A ridge of a LoRA's mean log RMS over layers on its scale-free features."""
+
+    coef: np.ndarray  # (U,)
+    bias: float
+
+    @classmethod
+    def fit(cls, unit: np.ndarray, log_rms: np.ndarray) -> ScaleModel:
+        from loralens.learn.probes import fit_linear
+
+        coef, bias = fit_linear(np.asarray(unit), np.asarray(log_rms).mean(axis=1), False)
+        return cls(coef, bias)
+
+    def residual(self, unit: np.ndarray, log_rms: np.ndarray) -> np.ndarray:
+        """(N,) signed: mean log RMS minus the predicted one (log of "times larger")."""
+        return np.asarray(log_rms).mean(axis=1) - (np.asarray(unit) @ self.coef + self.bias)
+
+
+@dataclass
 class FitCheck:
     """Layers 2 and 3, fitted on a run's training LoRAs and calibrated on held-out ones.
 
     The ood_score is the Mahalanobis distance (over sqrt(D)) to the training embeddings under
     their Ledoit-Wolf shrunk covariance, (1 - a) S + a m I, computed in the N x N dual so that
-    nothing D x D is ever formed (D can be far above N).
+    nothing D x D is ever formed (D can be far above N). ``scale`` is None for runs saved
+    before the scale score existed (then the ood_score alone flags ``share``).
     """
 
     mean: np.ndarray  # (D,) embedding mean over the training LoRAs
@@ -61,11 +101,13 @@ class FitCheck:
     layer_names: list[str]
     threshold: float = math.inf
     share: float = OOD_SHARE
+    size: ScaleModel | None = None
+    size_threshold: float = math.inf
 
     @classmethod
-    def fit(cls, embeddings: np.ndarray, log_rms: np.ndarray, names: list[str]) -> FitCheck:
-        """The reference of the training LoRAs' embeddings (N, D) and per-layer log RMS (N, L)."""
-        e = np.asarray(embeddings, dtype=np.float64)
+    def fit(cls, inputs: FitInputs, names: list[str]) -> FitCheck:
+        """The reference of the training LoRAs' embeddings, update sizes and size model."""
+        e = np.asarray(inputs.embed, dtype=np.float64)
         mean, std = e.mean(axis=0), e.std(axis=0)
         scale = np.maximum(std, 1e-2 * max(float(std.mean()), 1e-12))
         x = (e - mean) / scale
@@ -76,8 +118,9 @@ class FitCheck:
         d2 = (fro2 - 2 * trace * trace * p + trace * trace * p) / p
         b2 = min((float((np.diag(gram) ** 2).sum()) / n - fro2) / n / p, d2)
         a = b2 / d2 if d2 > 0 else 1.0
-        r = np.asarray(log_rms, dtype=np.float64)
-        return cls(mean, scale, x, float(a), trace, r.min(axis=0), r.max(axis=0), names)
+        r = np.asarray(inputs.log_rms, dtype=np.float64)
+        size = ScaleModel.fit(inputs.unit, r) if inputs.unit.shape[1] else None
+        return cls(mean, scale, x, float(a), trace, r.min(axis=0), r.max(axis=0), names, size=size)
 
     def scores(self, embeddings: np.ndarray) -> np.ndarray:
         """(N,) ood_score of embeddings (N, D): sqrt(z' Sigma^-1 z / D), z standardized."""
@@ -91,15 +134,29 @@ class FitCheck:
         out = np.sqrt(np.maximum(d2, 0.0) / max(z.shape[1], 1))
         return np.where(np.isfinite(z).all(axis=1), out, np.inf)
 
-    def calibrate(self, scores: np.ndarray, share: float = OOD_SHARE) -> None:
-        """Set the threshold so that at most ``share`` of LoRAs exchangeable with the held-out
-        ``scores`` lie above it (the conformal quantile at 1 - share); with too few scores for
-        that (fewer than 1/share - 1), the largest: about 1/(n+1) of them are flagged."""
+    def size_residuals(self, inputs: FitInputs) -> np.ndarray:
+        """(N,) signed log of how many times larger each update is than its direction predicts
+        (zeros without a size model); the scale_score is its absolute value."""
+        if self.size is None:
+            return np.zeros(len(inputs))
+        res = self.size.residual(inputs.unit, inputs.log_rms)
+        return np.where(np.isfinite(res), res, np.inf)
+
+    @property
+    def n_scores(self) -> int:
+        return 1 if self.size is None else 2
+
+    def calibrate(
+        self, scores: np.ndarray, size_scores: np.ndarray | None = None, share: float = OOD_SHARE
+    ) -> None:
+        """Set each threshold so that at most ``share`` / n_scores of LoRAs exchangeable with
+        the held-out scores lie above it (the conformal quantile); with too few scores for that,
+        the largest (about 1/(n+1) of them are flagged)."""
         self.share = float(share)
-        s = np.asarray(scores, dtype=np.float64)
-        s = s[np.isfinite(s)]
-        q = conformal_quantile(s, 1.0 - share)
-        self.threshold = float(s.max()) if math.isinf(q) and len(s) else q
+        alpha = share / self.n_scores
+        self.threshold = _threshold(scores, alpha)
+        if self.size is not None and size_scores is not None:
+            self.size_threshold = _threshold(size_scores, alpha)
 
     def sanity(self, log_rms: np.ndarray) -> list[list[str]]:
         """Layer 2: per LoRA, the reasons its per-layer update sizes are off (empty if none)."""
@@ -126,16 +183,26 @@ class FitCheck:
             out.append(reasons)
         return out
 
-    def check(self, embeddings: np.ndarray, log_rms: np.ndarray) -> list[dict[str, Any]]:
+    def check(self, inputs: FitInputs) -> list[dict[str, Any]]:
         """Per LoRA ``{"in_distribution", "ood_score", "threshold", "reasons"}`` (layers 2+3)."""
-        scores = self.scores(embeddings)
+        scores = self.scores(inputs.embed)
+        sizes = self.size_residuals(inputs)
+        per = f"{100 * self.share / self.n_scores:.3g}%"
         rows = []
-        for s, reasons in zip(scores, self.sanity(log_rms)):
+        for s, r, reasons in zip(scores, sizes, self.sanity(inputs.log_rms)):
             if s > self.threshold:
                 reasons = [
                     *reasons,
                     f"ood_score {s:.3g} above the threshold {self.threshold:.3g} (which flags "
-                    f"{self.share:.0%} of in-distribution LoRAs): unlike the training LoRAs",
+                    f"{per} of in-distribution LoRAs): unlike the training LoRAs",
+                ]
+            if abs(r) > self.size_threshold:
+                x = math.exp(min(abs(float(r)), 700.0))
+                reasons = [
+                    *reasons,
+                    f"update {x:.3g}x {'larger' if r > 0 else 'smaller'} than training LoRAs "
+                    f"of its direction (scale_score {abs(r):.3g} above {self.size_threshold:.3g}, "
+                    f"which flags {per} of in-distribution LoRAs)",
                 ]
             rows.append(
                 {
@@ -148,8 +215,39 @@ class FitCheck:
         return rows
 
 
+def out_of_fold_scores(
+    inputs: FitInputs, groups: np.ndarray, names: list[str]
+) -> tuple[np.ndarray, np.ndarray]:
+    """(ood_score, scale_score) of every LoRA against a fit check fitted on the other groups:
+    held-out scores of LoRAs the check's reference contains."""
+    ood, size = np.zeros(len(inputs)), np.zeros(len(inputs))
+    for g in np.unique(groups):
+        m = groups == g
+        other = FitCheck.fit(inputs.take(~m), names)
+        held = inputs.take(m)
+        ood[m] = other.scores(held.embed)
+        size[m] = np.abs(other.size_residuals(held))
+    return ood, size
+
+
+def _threshold(scores: np.ndarray, alpha: float) -> float:
+    s = np.asarray(scores, dtype=np.float64)
+    s = s[np.isfinite(s)]
+    q = conformal_quantile(s, 1.0 - alpha)
+    return float(s.max()) if math.isinf(q) and len(s) else q
+
+
 def _names(names: list[str], k: int = 3) -> str:
     return ", ".join(names[:k]) + (f", ... ({len(names) - k} more)" if len(names) > k else "")
 
 
-__all__ = ["NORM_FACTOR", "OOD_SHARE", "FitCheck", "LayoutError", "check_layout"]
+__all__ = [
+    "NORM_FACTOR",
+    "OOD_SHARE",
+    "FitCheck",
+    "FitInputs",
+    "LayoutError",
+    "ScaleModel",
+    "check_layout",
+    "out_of_fold_scores",
+]

@@ -22,6 +22,7 @@ import torch
 
 from loralens.jsonio import json_safe
 from loralens.learn.calibrate import outputs
+from loralens.learn.fitcheck import FitInputs
 from loralens.learn.tasks import CLASSIFICATION, THRESHOLD
 from loralens.lora import LoRA, collate, spec_of
 
@@ -67,8 +68,8 @@ def predict_adapters(
         batch = collate([items[k][1] for k in chunk])
         batch = batch.pad_to(np.maximum(batch.spec.ranks, run.spec.ranks))
         with torch.no_grad():
-            raw, emb, log_rms = outputs(run.model, [batch])
-        for k, row in zip(chunk, _rows(run, raw, emb, log_rms, coverage)):
+            raw, fit_in = outputs(run.model, [batch])
+        for k, row in zip(chunk, _rows(run, raw, fit_in, coverage)):
             results[k] = row
     rows = []
     for k, (name, _, err) in enumerate(items):
@@ -110,7 +111,7 @@ def _problem(run: Run, lora: LoRA, name: str) -> str | None:
 
 
 def _rows(
-    run: Run, raw: np.ndarray, emb: np.ndarray, log_rms: np.ndarray, coverage: float | None
+    run: Run, raw: np.ndarray, fit_in: FitInputs, coverage: float | None
 ) -> list[dict[str, Any]]:
     """The rows of predicted adapters, calibrated when the run has a calibration."""
     task, cal = run.task, run.calibration
@@ -121,7 +122,7 @@ def _rows(
         fit *= len(raw)
         level = None
     else:
-        out = cal.apply(task, raw, emb, log_rms, coverage)
+        out = cal.apply(task, raw, fit_in, coverage)
         pred, fit = out["pred"], out["fit"]
         level = cal.coverage if coverage is None else coverage
     rows = []

@@ -30,7 +30,7 @@ import torch
 
 from loralens.errors import OutputExistsError
 from loralens.jsonio import json_safe, write_json
-from loralens.learn.calibrate import store_outputs
+from loralens.learn.calibrate import store_outputs, unit_dim
 from loralens.learn.checkpoint import (
     CHECKPOINT,
     CONFIG,
@@ -219,7 +219,7 @@ def load_run(run_dir: str | os.PathLike, *, device: str | torch.device = "cpu") 
     model = rebuild_model(cfg.name, cfg.spec, cfg.out_dim, cfg.hparams)
     model.load_state_dict(state)
     model.to(device).eval()
-    calibration = read_calibration(path, cfg.task, list(cfg.spec.names))
+    calibration = read_calibration(path, cfg.task, list(cfg.spec.names), unit_dim(model))
     return Run(path=path, model=model, task=cfg.task, config=cfg.raw, calibration=calibration)
 
 
@@ -254,7 +254,7 @@ def evaluate(
     if len(rows) == 0:
         raise StoreError(f"no LoRA in {store.path} has labels {run.task.targets}")
     t0 = time.time()
-    out, emb, log_rms = store_outputs(run.model, store, rows, batch_size)
+    out, fit_in = store_outputs(run.model, store, rows, batch_size)
     bad = ~np.isfinite(run.task.decode(out)).all(axis=1)
     if bad.any():
         ids = [store.ids[r] for r in rows[bad][:5]]
@@ -294,7 +294,7 @@ def evaluate(
             **cal.summary(),
             "calibrated": True,
             "report": cal.report(
-                run.task, out[~seen], emb[~seen], log_rms[~seen], y_all[rows[~seen]], coverage
+                run.task, out[~seen], fit_in.take(~seen), y_all[rows[~seen]], coverage
             ),
         }
     )

@@ -5,12 +5,14 @@ once after training and stored beside the model.
 Calibration LoRAs are held apart from training and early stopping: a share of the training
 split (``split``), or, for runs cross-validated because the zoo is small, the out-of-fold
 predictions of every LoRA (``cross``: cross-conformal; the refit model predicts, the fit check's
-reference is every LoRA and each one's ood_score leaves itself out). With ``normalized``
+reference is every LoRA and each one's fit scores leave itself out); a split run that is its
+linear base alone adds the base's out-of-fold residuals (``split+cv``). With ``normalized``
 intervals, a LoRA's difficulty is ``offset + ood_score`` (offset: the median calibration
 ood_score), so intervals widen where the adapter lies far from the training LoRAs.
 
 Files: ``calibration.json`` (settings, scalars) and ``calibration.safetensors`` (arrays); both
-read as untrusted input. Runs without them (saved before) predict without intervals.
+read as untrusted input. Runs without them (saved before) predict without intervals; version 1
+files (saved before the fit check's scale score) load with the ood_score alone.
 """
 
 from __future__ import annotations
@@ -25,14 +27,15 @@ import numpy as np
 from loralens.jsonio import write_json
 from loralens.learn import conformal as cp
 from loralens.learn.checkpoint import RunError, read_json_object
-from loralens.learn.fitcheck import FitCheck
+from loralens.learn.fitcheck import FitCheck, FitInputs, ScaleModel
 from loralens.learn.tasks import CLASSIFICATION, Task
 
 CALIBRATION = "calibration.json"
 ARRAYS = "calibration.safetensors"
 FORMAT = "loralens-calibration"
-VERSION = 1
-METHODS = ("split", "val", "cross")
+VERSION = 2
+VERSIONS = (1, 2)
+METHODS = ("split", "split+cv", "val", "cross")
 #: Training LoRAs kept as the fit check's reference (a seeded sample above this).
 MAX_REFERENCE = 2048
 
@@ -52,6 +55,7 @@ class Calibration:
     offset: float
     fit: FitCheck
     ood: np.ndarray  # (n,) ood_score of each calibration LoRA
+    size: np.ndarray  # (n,) its scale_score (zeros for version 1 files)
 
     def quantiles(self, level: float | None = None) -> np.ndarray:
         """(T,) conformal quantile of the calibration scores at ``level`` (default: the run's)."""
@@ -67,13 +71,12 @@ class Calibration:
         self,
         task: Task,
         raw: np.ndarray,
-        emb: np.ndarray,
-        log_rms: np.ndarray,
+        inputs: FitInputs,
         level: float | None = None,
     ) -> dict[str, Any]:
         """Calibrated predictions of raw outputs: ``pred`` (N, T) and ``lo``/``hi``, or ``prob``
         and ``sets`` (per target, per LoRA); ``fit``: the fit check's row per LoRA."""
-        fit = self.fit.check(emb, log_rms)
+        fit = self.fit.check(inputs)
         q = self.quantiles(level)
         if task.kind == CLASSIFICATION:
             prob = cp.sigmoid(np.asarray(raw, dtype=np.float64) / self.temperature)
@@ -88,15 +91,14 @@ class Calibration:
         self,
         task: Task,
         raw: np.ndarray,
-        emb: np.ndarray,
-        log_rms: np.ndarray,
+        inputs: FitInputs,
         y: np.ndarray,
         level: float | None = None,
     ) -> dict[str, Any]:
         """How the promise holds on labelled LoRAs: coverage, width (and the no-weights
         interval's) or set size and ECE, and the share flagged by the fit check."""
         level = self.coverage if level is None else cp.check_level(level)
-        out = self.apply(task, raw, emb, log_rms, level)
+        out = self.apply(task, raw, inputs, level)
         flagged = [not f["in_distribution"] for f in out["fit"]]
         rep: dict[str, Any] = {"level": level, "n": len(y)}
         if task.kind == CLASSIFICATION:
@@ -121,6 +123,7 @@ class Calibration:
             "n_calibration": len(self.scores),
             "ood_share": self.fit.share,
             "ood_threshold": self.fit.threshold,
+            "scale_threshold": self.fit.size_threshold if self.fit.size else None,
             "temperature": self.temperature.tolist() if self.kind == CLASSIFICATION else None,
         }
 
@@ -140,7 +143,10 @@ class Calibration:
             "log_rms_lo": f.log_rms_lo,
             "log_rms_hi": f.log_rms_hi,
             "ood": self.ood,
+            "size": self.size,
         }
+        if f.size is not None:
+            arrays["size_coef"] = f.size.coef
         save_file(
             {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in arrays.items()},
             str(out / ARRAYS),
@@ -162,13 +168,18 @@ class Calibration:
                 "shrinkage": f.shrinkage,
                 "trace": f.trace,
                 "layer_names": f.layer_names,
+                "size_bias": None if f.size is None else f.size.bias,
+                "size_threshold": None if math.isinf(f.size_threshold) else f.size_threshold,
             },
         )
 
 
-def read_calibration(run_dir: Path, task: Task, layer_names: list[str]) -> Calibration | None:
-    """The calibration of the run in ``run_dir``, checked against its task and layers; None when
-    the run has none (saved before calibration existed); :class:`RunError` if it is damaged."""
+def read_calibration(
+    run_dir: Path, task: Task, layer_names: list[str], unit_dim: int | None = None
+) -> Calibration | None:
+    """The calibration of the run in ``run_dir``, checked against its task and layers (and the
+    length ``unit_dim`` of the model's scale-free features, when given); None when the run has
+    none (saved before calibration existed); :class:`RunError` if it is damaged."""
     path = run_dir / CALIBRATION
     if not path.exists() and not (run_dir / ARRAYS).exists():
         return None
@@ -177,8 +188,9 @@ def read_calibration(run_dir: Path, task: Task, layer_names: list[str]) -> Calib
     def bad(what: str) -> RunError:
         return RunError(f"{path}: {what}")
 
-    if d.get("format") != FORMAT or d.get("version") != VERSION:
-        raise bad(f"not a {FORMAT} file of version {VERSION}")
+    version = d.get("version")
+    if d.get("format") != FORMAT or version not in VERSIONS:
+        raise bad(f"not a {FORMAT} file of version {' or '.join(map(str, VERSIONS))}")
     if d.get("kind") != task.kind or d.get("targets") != task.targets:
         raise bad("its task or targets differ from the run's config.json")
     if d.get("method") not in METHODS or not isinstance(d.get("normalized"), bool):
@@ -197,7 +209,7 @@ def read_calibration(run_dir: Path, task: Task, layer_names: list[str]) -> Calib
     for name, v in (("offset", offset), ("threshold", threshold)):
         if not (v is None and name == "threshold") and not _finite_number(v):
             raise bad(f"{name} must be a finite number")
-    a = _read_arrays(run_dir / ARRAYS)
+    a = _read_arrays(run_dir / ARRAYS, version)
     T, L = len(task.targets), len(layer_names)
     D = a["mean"].shape[0] if a["mean"].ndim == 1 else -1
     want = {
@@ -210,7 +222,18 @@ def read_calibration(run_dir: Path, task: Task, layer_names: list[str]) -> Calib
         "log_rms_lo": (L,),
         "log_rms_hi": (L,),
         "ood": (len(a["scores"]),),
+        "size": (len(a["scores"]),),
     }
+    size, bias, size_threshold = None, d.get("size_bias"), d.get("size_threshold")
+    if version > 1 and bias is not None:
+        if not _finite_number(bias) or not (
+            size_threshold is None or _finite_number(size_threshold)
+        ):
+            raise bad("size_bias must be a finite number and size_threshold one or null")
+        if "size_coef" not in a:
+            raise RunError(f"{run_dir / ARRAYS}: lacks size_coef (calibration.json has size_bias)")
+        want["size_coef"] = (unit_dim,)
+        size = ScaleModel(a["size_coef"], float(bias))
     for key, shape in want.items():
         got = a[key].shape
         if len(got) != len(shape) or any(w is not None and g != w for g, w in zip(got, shape)):
@@ -228,6 +251,8 @@ def read_calibration(run_dir: Path, task: Task, layer_names: list[str]) -> Calib
         list(layer_names),
         math.inf if threshold is None else float(threshold),
         share,
+        size,
+        math.inf if size is None or size_threshold is None else float(size_threshold),
     )
     return Calibration(
         task.kind,
@@ -241,6 +266,7 @@ def read_calibration(run_dir: Path, task: Task, layer_names: list[str]) -> Calib
         float(offset),
         fit,
         a["ood"],
+        a["size"],
     )
 
 
@@ -248,7 +274,7 @@ def _finite_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _read_arrays(path: Path) -> dict[str, np.ndarray]:
+def _read_arrays(path: Path, version: int) -> dict[str, np.ndarray]:
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
@@ -260,12 +286,14 @@ def _read_arrays(path: Path) -> dict[str, np.ndarray]:
         raise RunError(f"{path}: not a readable safetensors file ({e})") from None
     missing = {"scores", "baseline", "temperature", "mean", "scale", "reference"}
     missing |= {"log_rms_lo", "log_rms_hi", "ood"}
+    missing |= {"size"} if version > 1 else set()
     missing -= set(arrays)
     if missing:
         raise RunError(f"{path}: lacks {sorted(missing)}")
     out = {k: v.astype(np.float64) for k, v in arrays.items()}
+    out.setdefault("size", np.zeros(len(out["scores"])))
     for k, v in out.items():
-        if k not in ("scores", "baseline", "ood") and not np.isfinite(v).all():
+        if k not in ("scores", "baseline", "ood", "size") and not np.isfinite(v).all():
             raise RunError(f"{path}: {k} holds NaN/inf")
     return out
 

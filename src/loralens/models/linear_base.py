@@ -58,6 +58,18 @@ def linear_features(batch: LoRABatch, kind: str, k: int | None = None) -> torch.
     return torch.cat(feats, dim=1)
 
 
+def unit_features(batch: LoRABatch, kind: str, k: int) -> torch.Tensor:
+    """(B, D) float64 scale-free features: each layer's ΔW ("dense") or its ``k`` singular values
+    ("spectral") divided by the layer's ΔW norm, so a LoRA scaled by any factor keeps them (the
+    fit check predicts a LoRA's update size from them: :mod:`loralens.learn.fitcheck`)."""
+    if kind == "dense":
+        feats = [w.reshape(len(batch), -1).double() for w in batch.delta_weights()]
+        return torch.cat([f / f.norm(dim=1, keepdim=True).clamp_min(LOG_EPS) for f in feats], 1)
+    s, norms = svals_and_norms(batch, k)
+    s, norms = s.double(), norms.double()
+    return (s / norms.clamp_min(LOG_EPS)[..., None]).reshape(len(batch), -1)
+
+
 class LinearBase(nn.Module):
     """``features(batch) @ weight + bias``: zero until :meth:`set` gives it a fit."""
 
@@ -82,4 +94,11 @@ class LinearBase(nn.Module):
         return self.features(batch) @ self.weight + self.bias
 
 
-__all__ = ["KINDS", "LinearBase", "feature_dim", "linear_features", "spectral_width"]
+__all__ = [
+    "KINDS",
+    "LinearBase",
+    "feature_dim",
+    "linear_features",
+    "spectral_width",
+    "unit_features",
+]
