@@ -178,7 +178,7 @@ def calibrate(
 
 def base_only(model: Any) -> bool:
     """Whether ``model`` predicts with its linear base alone (early stopping chose epoch 0)."""
-    return getattr(model, "linear_base", None) is not None and float(model.gate) == 0.0
+    return getattr(model, "linear_base", None) is not None and float(model.gate.detach()) == 0.0
 
 
 def base_out_of_fold(
