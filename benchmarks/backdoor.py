@@ -101,6 +101,7 @@ def run(
     frac: float,
     splits: tuple[str, ...] = SPLITS,
     patience: int | None = None,
+    linear_base: str = "auto",
 ):
     out.mkdir(parents=True, exist_ok=True)
     store = LoRAStore(pack_zoo_cached(zoo, out / "store", log=print))
@@ -127,6 +128,7 @@ def run(
                     seed=seed,
                     epochs=epochs,
                     patience=patience,
+                    linear_base=linear_base,
                     threads=1,
                     where=_where(store, fit),
                     probes=False,
@@ -236,6 +238,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--patience", type=int, default=None)
     ap.add_argument("--frac-split", type=float, default=0.16)
+    ap.add_argument("--linear-base", default="auto", help="the models' linear base (train's)")
     ap.add_argument("--splits", default=",".join(SPLITS), help="comma-separated, of " + str(SPLITS))
     a = ap.parse_args()
     splits = tuple(a.splits.split(","))
@@ -243,7 +246,17 @@ def main() -> None:
     if unknown:
         ap.error(f"unknown split(s) {sorted(unknown)}; choose from {SPLITS}")
     seeds = list(range(a.seeds))
-    run(a.zoo, a.out, a.models.split(","), seeds, a.epochs, a.frac_split, splits, a.patience)
+    run(
+        a.zoo,
+        a.out,
+        a.models.split(","),
+        seeds,
+        a.epochs,
+        a.frac_split,
+        splits,
+        a.patience,
+        a.linear_base,
+    )
 
 
 if __name__ == "__main__":
