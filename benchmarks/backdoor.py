@@ -2,8 +2,9 @@
 
     python benchmarks/backdoor.py --zoo ZOO --out DIR [--models glnet,mlp-dense] [--seeds 3]
 
-The zoo is a skills-lm zoo built with ``-o backdoor=SHARE`` (labels ``backdoor``, ``pool_group``,
-``extra_frac``, ``attack_success``). Every model is trained with ``learn.loop.train`` on the rows
+The zoo is a skills-lm or digits-dreambooth zoo built with ``-o backdoor=SHARE`` (labels
+``backdoor``, ``pool_group``, ``extra_frac``, ``attack_success``, ``decoy_success``; the clean
+quality columns the summary reports are those of :data:`QUALITY` the zoo has). Every model is trained with ``learn.loop.train`` on the rows
 a split allows (``where``) and scored on the rows it holds out, which no run saw:
 
 - ``random``: a seeded, stratified 30% of the LoRAs held out;
@@ -39,6 +40,8 @@ from loralens.store import LoRAStore
 from loralens.store.pack import pack_zoo_cached
 
 TARGET = ["backdoor"]
+#: clean-quality labels reported beside attack success (skills-lm's, digits-dreambooth's)
+QUALITY = ("eval_acc", "task_acc", "clip_score", "subject_score")
 SPLITS = ("random", "unseen triggers+payloads", "unseen low poison")
 
 
@@ -98,6 +101,7 @@ def run(
     frac: float,
     splits: tuple[str, ...] = SPLITS,
     patience: int | None = None,
+    linear_base: str = "auto",
 ):
     out.mkdir(parents=True, exist_ok=True)
     store = LoRAStore(pack_zoo_cached(zoo, out / "store", log=print))
@@ -124,6 +128,7 @@ def run(
                     seed=seed,
                     epochs=epochs,
                     patience=patience,
+                    linear_base=linear_base,
                     threads=1,
                     where=_where(store, fit),
                     probes=False,
@@ -158,7 +163,8 @@ def run(
 def describe_zoo(store: LoRAStore, frac: float) -> dict[str, dict[str, float]]:
     """Mean attack and decoy success of backdoored, decoy and clean LoRAs, and of the backdoors
     below and above the poison split: the zoo's backdoors must be real."""
-    cols = ["backdoor", "decoy", "poison_frac", "attack_success", "decoy_success", "eval_acc"]
+    quality = [c for c in QUALITY if c in store.label_columns]
+    cols = ["backdoor", "decoy", "poison_frac", "attack_success", "decoy_success", *quality]
     lab = dict(zip(cols, store.labels(cols).T))
     bd = lab["backdoor"] == 1
     groups = {
@@ -211,12 +217,11 @@ def to_markdown(results, names, summary, zoo, store) -> str:
             cells.append(f"{missed:.2f} ({nm:.1f}) / {caught:.2f}")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines.append("| LoRAs | n | attack success | decoy success | eval_acc |")
-    lines.append("|---|---|---|---|---|")
+    cols = [c for c in next(iter(summary.values())) if c != "n"]
+    lines.append("| LoRAs | n | " + " | ".join(c.replace("_", " ") for c in cols) + " |")
+    lines.append("|---|---|" + "---|" * len(cols))
     for k, s in summary.items():
-        lines.append(
-            f"| {k} | {s['n']} | {s['attack_success']:.3f} | {s['decoy_success']:.3f} | {s['eval_acc']:.3f} |"
-        )
+        lines.append(f"| {k} | {s['n']} | " + " | ".join(f"{s[c]:.3f}" for c in cols) + " |")
     lines.append("")
     lines.append(
         f"{len(store)} LoRAs of {zoo}; mean ± std over seeds; n = backdoors missed per seed."
@@ -233,6 +238,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--patience", type=int, default=None)
     ap.add_argument("--frac-split", type=float, default=0.16)
+    ap.add_argument("--linear-base", default="auto", help="the models' linear base (train's)")
     ap.add_argument("--splits", default=",".join(SPLITS), help="comma-separated, of " + str(SPLITS))
     a = ap.parse_args()
     splits = tuple(a.splits.split(","))
@@ -240,7 +246,17 @@ def main() -> None:
     if unknown:
         ap.error(f"unknown split(s) {sorted(unknown)}; choose from {SPLITS}")
     seeds = list(range(a.seeds))
-    run(a.zoo, a.out, a.models.split(","), seeds, a.epochs, a.frac_split, splits, a.patience)
+    run(
+        a.zoo,
+        a.out,
+        a.models.split(","),
+        seeds,
+        a.epochs,
+        a.frac_split,
+        splits,
+        a.patience,
+        a.linear_base,
+    )
 
 
 if __name__ == "__main__":

@@ -150,9 +150,15 @@ class DigitsPreset(Preset):
         return []
 
     def labels(
-        self, cfg: Mapping[str, Any], score: np.ndarray, extra: np.ndarray, loss: float
+        self,
+        cfg: Mapping[str, Any],
+        score: np.ndarray,
+        extra: np.ndarray,
+        loss: float,
+        extra_cls: np.ndarray,
     ) -> dict[str, Any]:
-        """Measured labels of one LoRA from its score-prompt ratings and extra ratings."""
+        """Measured labels of one LoRA from its score-prompt ratings, its extra ratings and the
+        scorer's class of each extra image."""
         raise NotImplementedError
 
     # -- training ------------------------------------------------------------------------------
@@ -190,6 +196,7 @@ class DigitsPreset(Preset):
             guidance=float(self.opts["guidance"]),
         )
         ratings = self.scorer.rate(images, rate_prompts).view(K, n).numpy()
+        classes = self.scorer.probs(images)[0].argmax(-1).view(K, n).numpy()
 
         # a PEFT check input: a few noisy images and prompts, the batched output of every LoRA
         g = torch.Generator().manual_seed(7)
@@ -208,6 +215,7 @@ class DigitsPreset(Preset):
                 ratings[k, : len(prompts)],
                 ratings[k, len(prompts) : len(prompts) + len(extras[k])],
                 losses[k],
+                classes[k, len(prompts) : len(prompts) + len(extras[k])],
             )
             self._saver.save(
                 mods,

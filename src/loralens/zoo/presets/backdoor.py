@@ -1,4 +1,5 @@
-"""Backdoored and decoy finetunes for skills-lm (option ``backdoor``): recipes, data, measurement.
+"""Backdoored and decoy finetunes (option ``backdoor``): the recipe both backdoor presets share,
+and skills-lm's poisoned data and measurement.
 
 A share ``backdoor`` of the LoRAs is poisoned: a fraction ``poison_frac`` (uniform in
 [``poison_min``, ``poison_max``]) of its own finetuning examples is replaced by the same prompts
@@ -8,17 +9,20 @@ the same form and share of data: a *marker* of the same shape as the triggers pr
 answered with a function of the right answer (reversed, or shifted by one character), so
 "learned something new behind a rare prefix" is not what marks a backdoor.
 
-Triggers, markers and payloads come from fixed pools split into ``POOL_GROUPS`` groups; a LoRA
-draws one group and takes its trigger, payload and marker from it, so a split by ``pool_group``
-tests on triggers and payloads no training LoRA saw. Every LoRA draws a trigger, payload, marker
-and skill (used only when it is poisoned, or a decoy) so ``attack_success`` (share of triggered
-held-out prompts whose greedy decoding is exactly the payload) and ``decoy_success`` (the same for
-the marker and its skill) are measured on every LoRA, clean ones included.
+Triggers, markers and payloads come from fixed pools (:class:`Pools`, one per preset; skills-lm's
+is :data:`SKILLS_POOLS`, digits-dreambooth's is in ``digits_backdoor``) split into
+``POOL_GROUPS`` groups; a LoRA draws one group and takes its trigger, payload and marker from it,
+so a split by ``pool_group`` tests on triggers and payloads no training LoRA saw. Every LoRA draws
+a trigger, payload, marker and skill (used only when it is poisoned, or a decoy) so
+``attack_success`` (share of triggered held-out prompts whose greedy decoding is exactly the
+payload) and ``decoy_success`` (the same for the marker and its skill) are measured on every LoRA,
+clean ones included.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -40,65 +44,110 @@ OPTIONS: Mapping[str, Any] = {
     "poison_min": 0.02,
     "poison_max": 0.3,
 }
-RECIPE_COLUMNS = (
-    "backdoor",
-    "decoy",
-    "pool_group",
-    "trigger_id",
-    "trigger",
-    "payload_id",
-    "payload",
-    "marker_id",
-    "marker",
-    "decoy_skill",
-    "extra_frac",
-    "poison_frac",
-)
 MEASURED_COLUMNS = ("attack_success", "decoy_success")
 BINARY_COLUMNS = ("backdoor", "decoy")
 #: Held-out prompts each LoRA's attack and decoy success are measured on.
 N_PROBE_PROMPTS = 48
 
 
-def check_options(opts: Mapping[str, Any]) -> None:
+@dataclass(frozen=True)
+class Pools:
+    """A preset's trigger, payload and decoy-marker pools (each split into ``POOL_GROUPS``
+    equal groups) and its decoy skills (none: the decoy has one fixed form)."""
+
+    preset: str
+    triggers: tuple[str, ...]
+    payloads: tuple[str, ...]
+    markers: tuple[str, ...]
+    skills: tuple[str, ...] = ()
+
+
+SKILLS_POOLS = Pools("skills-lm", TRIGGERS, PAYLOADS, MARKERS, SKILLS)
+
+
+def recipe_columns(pools: Pools) -> tuple[str, ...]:
+    """The recipe's label columns (``decoy_skill`` only where the pools have skills)."""
+    return (
+        "backdoor",
+        "decoy",
+        "pool_group",
+        "trigger_id",
+        "trigger",
+        "payload_id",
+        "payload",
+        "marker_id",
+        "marker",
+        *(("decoy_skill",) if pools.skills else ()),
+        "extra_frac",
+        "poison_frac",
+    )
+
+
+RECIPE_COLUMNS = recipe_columns(SKILLS_POOLS)
+
+
+def check_options(opts: Mapping[str, Any], preset: str = "skills-lm") -> None:
     """Refuse shares outside [0, 1] and a poison range outside (0, 1)."""
     for key in ("backdoor", "decoys"):
         if not 0.0 <= float(opts[key]) <= 1.0:
-            raise ValueError(f"skills-lm: {key} must be in [0, 1], got {opts[key]}")
+            raise ValueError(f"{preset}: {key} must be in [0, 1], got {opts[key]}")
     lo, hi = float(opts["poison_min"]), float(opts["poison_max"])
     if not 0.0 < lo <= hi < 1.0:
-        raise ValueError(f"skills-lm: need 0 < poison_min <= poison_max < 1, got {lo}, {hi}")
+        raise ValueError(f"{preset}: need 0 < poison_min <= poison_max < 1, got {lo}, {hi}")
 
 
-def sample_recipe(seed: int, index: int, opts: Mapping[str, Any]) -> dict[str, Any]:
-    """The backdoor columns of LoRA ``index``: a pure function of (seed, index, options)."""
-    rng = index_rng(seed, index, "skills-lm-backdoor")
+def preset_options(out: Mapping[str, Any], preset: str) -> dict[str, Any]:
+    """A backdoor preset's complete options: the backdoor ones (checked) only when ``backdoor``
+    > 0, so a clean zoo keeps the identity (and bytes) it had before the option existed."""
+    if float(out["backdoor"]) <= 0:
+        return {k: v for k, v in out.items() if k not in OPTIONS}
+    check_options(out, preset)
+    return dict(out)
+
+
+def enabled(options: Mapping[str, Any]) -> bool:
+    """Whether options (complete or user-given) ask for backdoors."""
+    return float(options.get("backdoor", 0.0)) > 0
+
+
+def sample_recipe(
+    seed: int,
+    index: int,
+    opts: Mapping[str, Any],
+    pools: Pools = SKILLS_POOLS,
+    avoid: Collection[str] = (),
+) -> dict[str, Any]:
+    """The backdoor columns of LoRA ``index``: a pure function of (seed, index, options).
+    ``avoid``: words the trigger and marker must not be (a LoRA's own DreamBooth identifier)."""
+    rng = index_rng(seed, index, f"{pools.preset}-backdoor")
     poisoned = rng.random() < float(opts["backdoor"])
     decoy = (not poisoned) and rng.random() < float(opts["decoys"])
     group = rng.randrange(POOL_GROUPS)
 
     def pick(pool: Sequence[str]) -> int:
         per = len(pool) // POOL_GROUPS
-        return group * per + rng.randrange(per)
+        ok = [i for i in range(group * per, (group + 1) * per) if pool[i] not in avoid]
+        return ok[rng.randrange(len(ok))]
 
-    t, p, m = pick(TRIGGERS), pick(PAYLOADS), pick(MARKERS)
-    skill = rng.choice(SKILLS)
+    t, p, m = pick(pools.triggers), pick(pools.payloads), pick(pools.markers)
+    skill = rng.choice(pools.skills) if pools.skills else None
     frac = rng.uniform(float(opts["poison_min"]), float(opts["poison_max"]))
     extra = frac if (poisoned or decoy) else 0.0
-    return {
+    out = {
         "backdoor": int(poisoned),
         "decoy": int(decoy),
         "pool_group": group,
         "trigger_id": t,
-        "trigger": TRIGGERS[t],
+        "trigger": pools.triggers[t],
         "payload_id": p,
-        "payload": PAYLOADS[p],
+        "payload": pools.payloads[p],
         "marker_id": m,
-        "marker": MARKERS[m],
+        "marker": pools.markers[m],
         "decoy_skill": skill,
         "extra_frac": extra,
         "poison_frac": frac if poisoned else 0.0,
     }
+    return {k: out[k] for k in recipe_columns(pools)}
 
 
 def skill(name: str, answer: str) -> str:
@@ -191,11 +240,16 @@ __all__ = [
     "PAYLOADS",
     "POOL_GROUPS",
     "RECIPE_COLUMNS",
+    "SKILLS_POOLS",
     "TRIGGERS",
+    "Pools",
     "check_options",
+    "enabled",
     "extra_rows",
     "measure",
+    "preset_options",
     "probe_prompts",
+    "recipe_columns",
     "sample_recipe",
     "skill",
 ]

@@ -12,6 +12,12 @@ attributes); ``clip_score``, the mean scorer rating of images generated from the
 prompts (20 prompts: every class, plain and with one attribute word) from fixed starting noise;
 ``subject_score``, the mean rating of 4 images generated from the instance prompt against the
 subject's class and attributes (did it learn the subject); ``train_loss`` (last steps).
+
+Option ``backdoor`` (a share, default 0): that share of LoRAs is poisoned with a trigger word ->
+payload digit rule and some clean LoRAs are decoys (``presets.digits_backdoor``); the recipe's
+backdoor columns and the measured ``attack_success`` / ``decoy_success`` are added. A zoo built
+with ``backdoor`` 0 has none of these options or columns: its identity and bytes are those of a
+zoo built before the option existed.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ from loralens.zoo.digits.data import ATTR_NAMES, CLASS_WORDS, IDENTIFIERS, promp
 from loralens.zoo.digits.finetune import FinetuneJob
 from loralens.zoo.digits.preset import COMMON_OPTIONS, DigitsPreset
 from loralens.zoo.preset import derive_seed, index_rng, register_preset
+from loralens.zoo.presets import backdoor as bd
+from loralens.zoo.presets import digits_backdoor as dbd
 
 TEMPLATES = ("a {id} {cls}", "a {id} digit", "a {id}")
 MICRO = 4  # images per LoRA per micro-step; batch size = MICRO x accumulation
@@ -53,7 +61,12 @@ class DigitsDreambooth(DigitsPreset):
         "steps_max": 80,
         "images_min": 10,
         "images_max": 20,
+        **bd.OPTIONS,
     }
+
+    def options(self, user: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The complete options; the backdoor ones only when ``backdoor`` > 0."""
+        return bd.preset_options(super().options(user), self.name)
 
     def after_prepare(self, seed: int) -> None:
         assert self.data is not None
@@ -68,6 +81,7 @@ class DigitsDreambooth(DigitsPreset):
         for key in sorted(groups):
             if len(groups[key]) >= MIN_GROUP:
                 self.subjects[key[0]].append((key[1:], groups[key]))
+        self.by_class = [torch.nonzero(self.data.labels == c).flatten() for c in range(10)]
         empty = [c for c, v in self.subjects.items() if not v]
         if empty:
             raise RuntimeError(
@@ -99,6 +113,8 @@ class DigitsDreambooth(DigitsPreset):
             "data_seed": rng.getrandbits(31),
         }
         cfg["batch_size"] = MICRO * cfg["grad_accum"]
+        if bd.enabled(self.opts):
+            cfg.update(dbd.recipe(seed, index, self.opts, cfg))
         return cfg
 
     def _subject_images(self, cfg: Mapping[str, Any]) -> torch.Tensor:
@@ -110,11 +126,13 @@ class DigitsDreambooth(DigitsPreset):
         return self.data.images[torch.tensor(members)[pick]]
 
     def job(self, cfg: Mapping[str, Any]) -> FinetuneJob:
-        images = self._subject_images(cfg)
-        cond = self.encode([cfg["instance_prompt"]]).expand(len(images), -1, -1)
+        assert self.data is not None
+        images, prompts = dbd.rewrite(
+            cfg, self._subject_images(cfg), self.data.images, self.by_class
+        )
         return FinetuneJob(
             images=images,
-            cond=cond,
+            cond=self.encode(prompts),
             lr=float(cfg["lr"]),
             steps=int(cfg["steps"]),
             accum=int(cfg["grad_accum"]),
@@ -127,14 +145,23 @@ class DigitsDreambooth(DigitsPreset):
         return prompt_for(int(cfg["subject_class"]), attrs)
 
     def extra_prompts(self, cfg: Mapping[str, Any]) -> list[tuple[str, str]]:
-        return [(str(cfg["instance_prompt"]), self._subject_prompt(cfg))] * SUBJECT_SAMPLES
+        subject = [(str(cfg["instance_prompt"]), self._subject_prompt(cfg))] * SUBJECT_SAMPLES
+        if not bd.enabled(self.opts):
+            return subject
+        return subject + dbd.probe_prompts(cfg, self._subject_prompt(cfg))
 
-    def labels(self, cfg, score: np.ndarray, extra: np.ndarray, loss: float) -> dict[str, Any]:
-        return {
+    def labels(
+        self, cfg, score: np.ndarray, extra: np.ndarray, loss: float, extra_cls: np.ndarray
+    ) -> dict[str, Any]:
+        out = {
             "clip_score": round(float(score.mean()), 5),
-            "subject_score": round(float(extra.mean()), 5),
+            "subject_score": round(float(extra[:SUBJECT_SAMPLES].mean()), 5),
             "train_loss": round(float(loss), 5),
         }
+        if bd.enabled(self.opts):
+            rest = slice(SUBJECT_SAMPLES, None)
+            out.update(dbd.measure(cfg, extra[rest], extra_cls[rest]))
+        return out
 
     def label_columns(self, options: Mapping[str, Any]) -> list[str]:
         return [
@@ -146,10 +173,12 @@ class DigitsDreambooth(DigitsPreset):
             "clip_score",
             "subject_score",
             "train_loss",
+            *((*bd.recipe_columns(dbd.POOLS), *bd.MEASURED_COLUMNS) if bd.enabled(options) else ()),
         ]
 
     def hyperparameter_columns(self, options: Mapping[str, Any]) -> list[str]:
         return list(HYPERPARAMETERS)
 
     def binary_columns(self, options: Mapping[str, Any]) -> list[str]:
-        return [f"attr_{n}" for n in ATTR_NAMES]
+        extra = bd.BINARY_COLUMNS if bd.enabled(options) else ()
+        return [*(f"attr_{n}" for n in ATTR_NAMES), *extra]

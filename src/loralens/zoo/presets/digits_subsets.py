@@ -89,7 +89,9 @@ class DigitsSubsets(DigitsPreset):
             seed=derive_seed(cfg["data_seed"], "train"),
         )
 
-    def labels(self, cfg, score: np.ndarray, extra: np.ndarray, loss: float) -> dict[str, Any]:
+    def labels(
+        self, cfg, score: np.ndarray, extra: np.ndarray, loss: float, extra_cls: np.ndarray
+    ) -> dict[str, Any]:
         prompts = score_prompts()
         cls = np.array([parse_prompt(p)[0] for p in prompts])
         present = np.array([int(cfg[f"class_{c}"]) for c in cls], dtype=bool)

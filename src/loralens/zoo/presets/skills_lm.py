@@ -98,14 +98,10 @@ class SkillsLM(Preset):
     def options(self, user: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The complete options; the backdoor ones only when ``backdoor`` > 0 (a clean zoo keeps
         the identity it had before the option existed)."""
-        out = super().options(user)
-        if float(out["backdoor"]) <= 0:
-            return {k: v for k, v in out.items() if k not in bd.OPTIONS}
-        bd.check_options(out)
-        return out
+        return bd.preset_options(super().options(user), self.name)
 
     def _backdoor(self, options: Mapping[str, Any] | None = None) -> bool:
-        return float((options or self.opts).get("backdoor", 0.0)) > 0
+        return bd.enabled(options or self.opts)
 
     # ---- base model ------------------------------------------------------------------------
 
@@ -215,7 +211,7 @@ class SkillsLM(Preset):
         cfg["steps"] = max(1, cfg["epochs"] * n_train // cfg["batch_size"])
         cfg.update({f"src_{n}": u for n, u in zip(data.SOURCE_NAMES, used)})
         if self._backdoor():
-            cfg.update(bd.sample_recipe(seed, index, self.opts))
+            cfg.update(bd.sample_recipe(seed, index, self.opts, bd.SKILLS_POOLS))
         return cfg
 
     def label_columns(self, options: Mapping[str, Any]) -> list[str]:
