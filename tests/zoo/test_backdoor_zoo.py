@@ -65,6 +65,28 @@ def test_recipes_draw_trigger_payload_and_marker_from_one_pool_group():
     assert not set(bd.TRIGGERS) & set(bd.MARKERS)
 
 
+def test_a_wide_pool_holds_many_disjoint_triggers_split_in_groups():
+    assert bd.skills_pools(8) is bd.SKILLS_POOLS
+    pools = bd.skills_pools(64)
+    assert pools == bd.skills_pools.__wrapped__(64)  # drawn the same way every time
+    assert len(set(pools.triggers)) == len(set(pools.markers)) == 64
+    assert len(set(pools.payloads)) == 32 and not set(pools.triggers) & set(pools.markers)
+    for word in (*pools.triggers, *pools.markers):
+        assert len(word) == 3 and set(word) <= set(bd.SYMBOLS) and {"?", "%"} & set(word)
+        assert all(c in data.STOI for c in word)
+    assert max(map(len, pools.payloads)) <= max(map(len, bd.PAYLOADS))  # probe prompts fit
+    opts = {**bd.OPTIONS, "backdoor": 0.5}
+    recipes = [bd.sample_recipe(3, i, opts, pools) for i in range(400)]
+    for r in recipes:
+        assert r["trigger_id"] // 32 == r["pool_group"] == r["payload_id"] // 16
+    assert len({r["trigger"] for r in recipes}) > 48
+    p = get_preset("skills-lm")
+    assert p.options({"backdoor": 0.5, "pool": 64})["pool"] == 64
+    assert "pool" not in p.options({"pool": 64})  # a clean zoo: no backdoor options at all
+    with pytest.raises(ValueError, match="pool"):
+        p.options({"backdoor": 0.5, "pool": 10})
+
+
 def test_poisoned_rows_are_the_triggered_prompts_answered_with_the_payload():
     pool = data.make_examples(0, "finetune", 6)
     rows = torch.arange(0, len(pool), 2)

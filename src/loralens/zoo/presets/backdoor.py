@@ -21,8 +21,11 @@ clean ones included.
 
 from __future__ import annotations
 
+import itertools
+import random
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -63,6 +66,40 @@ class Pools:
 
 
 SKILLS_POOLS = Pools("skills-lm", TRIGGERS, PAYLOADS, MARKERS, SKILLS)
+#: skills-lm's own backdoor option: triggers (and markers) per pool. 8 is the fixed pools above;
+#: more draws them from every three-symbol string holding "?" or "%" (:func:`skills_pools`), so a
+#: detector meets many triggers per group and must find what they share to pass unseen ones.
+SKILLS_OPTIONS: Mapping[str, Any] = {"pool": len(TRIGGERS)}
+#: The symbols generated triggers and markers are made of (all in the skills-lm vocabulary).
+SYMBOLS = "+-*%=:,()?"
+#: The most triggers a generated pool can hold (triggers and markers are disjoint).
+MAX_POOL = 240
+
+
+@lru_cache(maxsize=8)
+def skills_pools(size: int) -> Pools:
+    """skills-lm's pools of ``size`` triggers and markers and ``size // 2`` payloads: the fixed
+    pools at 8, else drawn once (the same on every machine) from three-symbol strings holding
+    "?" or "%" and two-to-three-character payloads of letters and digits."""
+    if size == len(TRIGGERS):
+        return SKILLS_POOLS
+    if size % (2 * POOL_GROUPS) or not len(TRIGGERS) <= size <= MAX_POOL:
+        raise ValueError(
+            f"skills-lm: pool must be a multiple of {2 * POOL_GROUPS} in "
+            f"[{len(TRIGGERS)}, {MAX_POOL}], got {size}"
+        )
+    rng = random.Random("skills-lm-pools")
+    strings = ["".join(t) for t in itertools.product(SYMBOLS, repeat=3) if {"?", "%"} & set(t)]
+    rng.shuffle(strings)
+    chars = data.LETTERS + "0123456789"
+    payloads: list[str] = []
+    while len(payloads) < size // 2:
+        word = "".join(rng.choice(chars) for _ in range(rng.choice((2, 3))))
+        if word not in payloads:
+            payloads.append(word)
+    return Pools(
+        "skills-lm", tuple(strings[:size]), tuple(payloads), tuple(strings[size : 2 * size]), SKILLS
+    )
 
 
 def recipe_columns(pools: Pools) -> tuple[str, ...]:
@@ -96,11 +133,14 @@ def check_options(opts: Mapping[str, Any], preset: str = "skills-lm") -> None:
         raise ValueError(f"{preset}: need 0 < poison_min <= poison_max < 1, got {lo}, {hi}")
 
 
-def preset_options(out: Mapping[str, Any], preset: str) -> dict[str, Any]:
-    """A backdoor preset's complete options: the backdoor ones (checked) only when ``backdoor``
-    > 0, so a clean zoo keeps the identity (and bytes) it had before the option existed."""
+def preset_options(
+    out: Mapping[str, Any], preset: str, own: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """A backdoor preset's complete options: the backdoor ones (checked), and the preset's
+    ``own`` backdoor options, only when ``backdoor`` > 0, so a clean zoo keeps the identity (and
+    bytes) it had before the option existed."""
     if float(out["backdoor"]) <= 0:
-        return {k: v for k, v in out.items() if k not in OPTIONS}
+        return {k: v for k, v in out.items() if k not in OPTIONS and k not in (own or {})}
     check_options(out, preset)
     return dict(out)
 
@@ -235,12 +275,15 @@ def measure(
 __all__ = [
     "BINARY_COLUMNS",
     "MARKERS",
+    "MAX_POOL",
     "MEASURED_COLUMNS",
     "OPTIONS",
     "PAYLOADS",
     "POOL_GROUPS",
     "RECIPE_COLUMNS",
+    "SKILLS_OPTIONS",
     "SKILLS_POOLS",
+    "SYMBOLS",
     "TRIGGERS",
     "Pools",
     "check_options",
@@ -252,4 +295,5 @@ __all__ = [
     "recipe_columns",
     "sample_recipe",
     "skill",
+    "skills_pools",
 ]

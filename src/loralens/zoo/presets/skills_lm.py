@@ -83,6 +83,7 @@ class SkillsLM(Preset):
         "lr_max": 3e-2,
         "slots": 8,  # LoRAs finetuned at once (the key is part of zoo identity)
         **bd.OPTIONS,
+        **bd.SKILLS_OPTIONS,
     }
 
     def __init__(self) -> None:
@@ -98,7 +99,10 @@ class SkillsLM(Preset):
     def options(self, user: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The complete options; the backdoor ones only when ``backdoor`` > 0 (a clean zoo keeps
         the identity it had before the option existed)."""
-        return bd.preset_options(super().options(user), self.name)
+        out = bd.preset_options(super().options(user), self.name, bd.SKILLS_OPTIONS)
+        if bd.enabled(out):
+            bd.skills_pools(int(out["pool"]))  # refuses a pool size it cannot make
+        return out
 
     def _backdoor(self, options: Mapping[str, Any] | None = None) -> bool:
         return bd.enabled(options or self.opts)
@@ -211,7 +215,8 @@ class SkillsLM(Preset):
         cfg["steps"] = max(1, cfg["epochs"] * n_train // cfg["batch_size"])
         cfg.update({f"src_{n}": u for n, u in zip(data.SOURCE_NAMES, used)})
         if self._backdoor():
-            cfg.update(bd.sample_recipe(seed, index, self.opts, bd.SKILLS_POOLS))
+            pools = bd.skills_pools(int(self.opts["pool"]))
+            cfg.update(bd.sample_recipe(seed, index, self.opts, pools))
         return cfg
 
     def label_columns(self, options: Mapping[str, Any]) -> list[str]:
