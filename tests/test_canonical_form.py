@@ -113,6 +113,23 @@ def test_cache_gives_each_lora_its_own_form_in_any_batch_order_padding_or_dtype(
     assert len(cache) == 6 + 2 + 6 + 6  # each LoRA once per layout (padding, dtype)
 
 
+def test_cache_tells_apart_loras_and_layouts_that_share_bytes():
+    cache = CanonicalCache()
+    lora = random_lora([3, 2, 3], SHAPES, 0)
+    other_v = lora.map_factors(lambda i, la: (la.U, la.V.flip(0)))  # the same U, another V
+    cache(ll.collate([lora]))
+    _close(cache(ll.collate([other_v])), canonical_form(ll.collate([other_v])), tol=1e-12)
+    # zero factors: the same bytes in float64 at width 2 as in float32 at width 4
+    zero = random_lora([2, 2, 2], SHAPES, 1).map_factors(
+        lambda i, la: (torch.zeros_like(la.U), torch.zeros_like(la.V))  # +0.0, not -0.0
+    )
+    zero = ll.collate([zero])
+    cache(zero)
+    wide32 = zero.to(torch.float32).pad_to([4, 4, 4])
+    _close(cache(wide32), canonical_form(wide32))
+    assert all(c.s.shape == (1, 4) and c.s.dtype == torch.float32 for c in cache(wide32))
+
+
 def test_cache_past_its_budget_computes_without_keeping():
     batch = _batch()
     cache = CanonicalCache(max_bytes=0)
