@@ -31,12 +31,12 @@ def test_w2t_outputs_are_the_same_with_its_canonical_form_cache_as_without():
     cached = ll.build_model("w2t", like=batch, out_dim=2).double().eval()
     plain = ll.build_model("w2t", like=batch, out_dim=2).double().eval()
     plain.load_state_dict(cached.state_dict())
-    plain.canonical = canonical_form
-    with torch.no_grad():
+    with torch.no_grad(), cached.caching():
         for order in ([4, 1, 3], [0, 1, 2, 3, 4], [3, 2, 1, 0, 4]):  # hits in other positions
             sub = batch.select(order)
             assert torch.allclose(cached(sub), plain(sub), rtol=1e-10, atol=1e-12)
-    assert len(cached.canonical) == 5
+        assert len(cached.canonical) == 5
+    assert cached.canonical is canonical_form  # nothing kept past the context
 
 
 def test_w2t_on_tied_singular_values_runs_forward_and_backward():

@@ -11,20 +11,21 @@ table shares its last row, so any rank works). One scale token per layer carries
 log RMS (|s| / sqrt(out_i in_i), standardized) and a class token is read out. Masked components (zero padding, zero
 singular values) are left out of attention, so a padded batch gives each LoRA its own output.
 GL(r)-invariant wherever the SVD is unique (ties between singular values: measure zero).
-Each LoRA's canonical form is computed once per model and reused (``canonical``, a
-:class:`~loralens.canonical_form.CanonicalCache`): training sees the same LoRAs every epoch.
+Within ``caching()`` (a training run) each LoRA's canonical form is computed once and reused
+(:class:`~loralens.canonical_form.CanonicalCache`): training sees the same LoRAs every epoch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from loralens.canonical_form import Canonical, CanonicalCache
+from loralens.canonical_form import Canonical, CanonicalCache, canonical_form
 from loralens.lora import LayerSpec, LoRABatch
 from loralens.models.base import (
     EPS,
@@ -62,7 +63,7 @@ class W2T(LoLModel):
         "bilinear": HParam("choice", choices=(False, True)),
     }
     gl_invariant = o_invariant = True
-    #: the bytes of canonical forms a model keeps (``canonical``; 0: recompute every batch)
+    #: the most bytes of canonical forms kept within ``caching()`` (0: none, recompute each batch)
     cache_bytes: ClassVar[int] = 1 << 30
 
     def __init__(self, spec: LayerSpec, out_dim: int, *, like: Any = None, **hparams: Any):
@@ -88,7 +89,20 @@ class W2T(LoLModel):
         )
         self.norm_out = nn.LayerNorm(dm)
         self.head = nn.Linear(dm, self.out_dim)
-        self.canonical: Callable[[LoRABatch], list[Canonical]] = CanonicalCache(self.cache_bytes)
+        self.canonical: Callable[[LoRABatch], list[Canonical]] = canonical_form
+
+    @contextlib.contextmanager
+    def caching(self) -> Iterator[None]:
+        """Keep each LoRA's canonical form while in the context (a training run: every epoch
+        and validation sees the same LoRAs), then drop them: a model serving new LoRAs keeps
+        nothing."""
+        saved = self.canonical
+        if self.cache_bytes:
+            self.canonical = CanonicalCache(self.cache_bytes)
+        try:
+            yield
+        finally:
+            self.canonical = saved
 
     def _tokens(self, batch: LoRABatch) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, T, d_model) tokens and the (B, T) mask of those that carry data."""
