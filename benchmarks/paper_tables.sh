@@ -28,7 +28,7 @@ pack skills-lm-variant variant
 pack digits-dreambooth-1000 dreambooth
 pack digits-subsets-1000 subsets
 
-# 1. The paper's tables: all five models on every label family.
+# 1. The paper's tables: every model (the five and w2t) on every label family.
 bench() {
   local name=$1; shift
   [ -d "$OUT/$name.store" ] && [ ! -f "$OUT/bench-$name/benchmark.json" ] || return 0

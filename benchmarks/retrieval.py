@@ -1,20 +1,23 @@
 """Adapter retrieval measured like W2T: queries from each run's test split against an index of
 the rest of the store; relevance = shared training data.
 
-    python benchmarks/retrieval.py --data STORE --bench BENCH_DIR --out retrieval.json
+    python benchmarks/retrieval.py --data STORE --bench BENCH_DIR --out retrieval.json \
+        [--relevance 'sets:src_*' | --relevance 'same:subject_class,attr_*']
 
 BENCH_DIR is a ``loralens benchmark --out`` folder: its runs (``runs/<family>/<model>/seed<k>``)
 give the embeddings (``model.embed``, the representation before the head) and the test split of
-each seed. Beside them: the unsupervised spectral embedding (``loralens index --unsupervised``),
-a dense-ΔW baseline (every ΔW flattened) and random rankings. Every embedding is standardized
-with the statistics of the indexed rows and searched exactly (Euclidean), as ``loralens search``
-does.
+each seed. Beside them, on each family's test split: the unsupervised spectral embedding
+(``loralens index --unsupervised``), a dense-ΔW baseline (every ΔW flattened) and random
+rankings. Every embedding is standardized with the statistics of the indexed rows and searched
+exactly (Euclidean), as ``loralens search`` does.
 
-Relevance (skills-lm): the Jaccard similarity of the query's and the candidate's training source
-sets (``src_*`` columns) is the graded gain of NDCG@10; recall@10 is the fraction of the ideal
-top 10 by Jaccard (every candidate at least as similar as the 10th best counts) that the search
-returns in its top 10. Exact duplicates of a source set are rare (14 sources), so graded
-relevance is what separates methods.
+Relevance, ``--relevance``: ``sets:GLOB`` (default ``sets:src_*``, skills-lm's training sources;
+``sets:class_*`` for digits-subsets' class sets): the Jaccard similarity of the query's and the
+candidate's 0/1 sets is the graded gain of NDCG@10; ``same:COLUMNS`` (digits-dreambooth's
+subject: ``same:subject_class,attr_*``): gain 1 where the two LoRAs agree on every column, else 0.
+recall@10 is the share of the ideal top 10 (every candidate with a positive gain at least that of
+the 10th best, ties included; fewer when fewer are relevant) that the search returns in its top
+10; queries without any relevant candidate are left out of both scores.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from loralens.jsonio import write_json
+from loralens.learn.data import resolve_targets
 from loralens.learn.embed import Embedder
 from loralens.learn.search import exact_knn, standardizer
 from loralens.learn.tasks import mean_std
@@ -35,30 +39,43 @@ from loralens.store import LoRAStore
 K = 10
 
 
-def source_sets(store: LoRAStore) -> np.ndarray:
-    """(N, S) 0/1 matrix of the sources each LoRA was finetuned on (its ``src_*`` labels)."""
-    cols = [c for c in store.label_columns if c.startswith("src_")]
-    if not cols:
-        raise SystemExit(f"{store.path} has no src_* columns: no training-data relevance")
-    return (store.labels(cols) > 0.5).astype(np.float64)
+def relevance(store: LoRAStore, spec: str) -> np.ndarray:
+    """(N, N) gains between every pair of LoRAs for ``--relevance`` ``spec`` (see above)."""
+    kind, _, columns = spec.partition(":")
+    if kind not in ("sets", "same") or not columns:
+        raise SystemExit(f"--relevance must be sets:GLOB or same:COLUMNS, got {spec!r}")
+    labels = store.labels(resolve_targets(store, columns)).astype(np.float64)
+    if kind == "same":
+        return (labels[:, None, :] == labels[None, :, :]).all(axis=2).astype(np.float64)
+    return jaccard(labels > 0.5, labels > 0.5)
 
 
 def jaccard(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """(len(a), len(b)) Jaccard similarity of 0/1 rows."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
     inter = a @ b.T
     union = a.sum(1)[:, None] + b.sum(1)[None, :] - inter
     return inter / np.maximum(union, 1)
 
 
 def ranking_scores(found: np.ndarray, gains: np.ndarray, k: int = K) -> dict[str, float]:
-    """recall@k and NDCG@k of ``found`` (M, k) candidate columns of ``gains`` (M, N)."""
+    """recall@k and NDCG@k of ``found`` (M, k) candidate columns of ``gains`` (M, N), over
+    the queries with a relevant candidate (and how many those are)."""
+    asked = (gains > 0).any(axis=1)
+    found, gains = found[asked], gains[asked]
     discount = 1 / np.log2(np.arange(2, k + 2))
     got = np.take_along_axis(gains, found, axis=1)
     ideal = -np.sort(-gains, axis=1)[:, :k]
-    ndcg = (got * discount).sum(1) / np.maximum((ideal * discount).sum(1), 1e-12)
-    relevant = gains >= ideal[:, -1:]  # the ideal top k, ties included
+    ndcg = (got * discount).sum(1) / (ideal * discount).sum(1)
+    # the ideal top k, ties included; only candidates with a positive gain are relevant
+    relevant = (gains >= ideal[:, -1:]) & (gains > 0)
     hits = np.take_along_axis(relevant, found, axis=1).sum(1)
-    return {"recall@10": float(np.mean(hits / k)), "ndcg@10": float(np.mean(ndcg))}
+    recall = hits / np.minimum(relevant.sum(1), k)
+    return {
+        "recall@10": float(np.mean(recall)),
+        "ndcg@10": float(np.mean(ndcg)),
+        "queries": int(asked.sum()),
+    }
 
 
 def retrieval(vectors: np.ndarray, queries: np.ndarray, base: np.ndarray, gains: np.ndarray):
@@ -88,10 +105,12 @@ def main() -> None:
     ap.add_argument("--bench", required=True, help="a `loralens benchmark --out` folder")
     ap.add_argument("--out", required=True, help="JSON results (a .md table is written beside)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random rankings")
+    ap.add_argument(
+        "--relevance", default="sets:src_*", help="sets:GLOB (Jaccard) or same:COLUMNS (0/1)"
+    )
     args = ap.parse_args()
     store = LoRAStore(args.data)
-    sets = source_sets(store)
-    gains_all = jaccard(sets, sets)
+    gains_all = relevance(store, args.relevance)
     runs = sorted(Path(args.bench, "runs").glob("*/*/seed*"))
     seeds = sorted({r.name for r in runs})
     fixed = {
@@ -110,19 +129,29 @@ def main() -> None:
             vectors = Embedder.of_run(run).store(store)
             score = retrieval(vectors, test, base, gains_all[np.ix_(test, base)])
             per.setdefault(f"{model} ({family} run)", []).append(score)
-        test = splits[sorted(splits)[-1]]
-        base = np.setdiff1d(np.arange(len(store)), test)
-        gains = gains_all[np.ix_(test, base)]
-        for name, vectors in fixed.items():
-            per.setdefault(name, []).append(retrieval(vectors, test, base, gains))
-        order = np.argsort(rng.random(gains.shape), axis=1)[:, :K]
-        per.setdefault("random ranking", []).append(ranking_scores(order, gains))
+        # label-free rows on each family's test split (classification splits are stratified,
+        # so they may differ from a regression family's): compared with that family's runs
+        for family, test in sorted(splits.items()):
+            base = np.setdiff1d(np.arange(len(store)), test)
+            gains = gains_all[np.ix_(test, base)]
+            for name, vectors in fixed.items():
+                score = retrieval(vectors, test, base, gains)
+                per.setdefault(f"{name} ({family} split)", []).append(score)
+            order = np.argsort(rng.random(gains.shape), axis=1)[:, :K]
+            per.setdefault(f"random ranking ({family} split)", []).append(
+                ranking_scores(order, gains)
+            )
     result = {name: mean_std(scores) for name, scores in per.items()}
-    write_json(args.out, {"store": str(store.path), "bench": args.bench, "k": K, "rows": result})
-    lines = ["| embedding | recall@10 | NDCG@10 |", "|---|---|---|"]
+    facts = {"store": str(store.path), "bench": args.bench, "relevance": args.relevance, "k": K}
+    write_json(args.out, {**facts, "rows": result})
+    lines = ["| embedding | recall@10 | NDCG@10 | queries |", "|---|---|---|---|"]
     for name, (mean, std) in result.items():
-        cells = [f"{mean[m]:.3f} ± {std[m]:.3f}" for m in ("recall@10", "ndcg@10")]
-        lines.append(f"| {name} | {' | '.join(cells)} |")
+        spread = std or {}  # None from a single seed
+        cells = [
+            f"{mean[m]:.3f}" + (f" ± {spread[m]:.3f}" if spread.get(m) is not None else "")
+            for m in ("recall@10", "ndcg@10")
+        ]
+        lines.append(f"| {name} | {' | '.join(cells)} | {mean['queries']:g} |")
     table = "\n".join(lines)
     Path(args.out).with_suffix(".md").write_text(table + "\n")
     print(table)

@@ -7,7 +7,7 @@ import torch
 
 import loralens as ll
 from helpers import random_lora
-from loralens.canonical_form import canonical_form
+from loralens.canonical_form import CanonicalCache, canonical_form
 
 #: the module (``loralens.canonical_form`` is also the function, re-exported by the package)
 canonical_module = importlib.import_module("loralens.canonical_form")
@@ -94,3 +94,44 @@ def test_tied_singular_values_do_not_crash():
     c = canonical_form(ll.gl_transform(ll.collate([lora]), 0))[0]
     assert torch.isfinite(c.left).all() and torch.allclose(c.s, torch.ones(1, 3, dtype=c.s.dtype))
     assert torch.allclose((c.left * c.s[:, None]) @ c.right.mT, q @ p.T, atol=1e-12)
+
+
+def test_cache_gives_each_lora_its_own_form_in_any_batch_order_padding_or_dtype():
+    ranks = [[1 + (k + i) % 4 for i in range(3)] for k in range(6)]  # mixed ranks
+    batch = ll.collate([random_lora(r, SHAPES, k) for k, r in enumerate(ranks)])
+    cache = CanonicalCache()
+    cache(batch.select([4, 2, 0]))  # kept in other batch positions than asked for below
+    cache(batch.select([5, 1]).pad_to([6, 6, 6]))  # and some padded wider first
+    for order in ([1, 3, 5, 0, 2, 4], [2, 0, 4]):
+        sub = batch.select(order)
+        _close(cache(sub), canonical_form(sub), tol=1e-12)
+    wide = batch.pad_to([5, 5, 5])
+    _close(cache(wide), canonical_form(wide), tol=1e-12)
+    single = batch.to(torch.float32)
+    assert all(c.left.dtype == torch.float32 for c in cache(single))
+    _close(cache(single), canonical_form(single), tol=1e-6)
+    assert len(cache) == 6 + 2 + 6 + 6  # each LoRA once per layout (padding, dtype)
+
+
+def test_cache_tells_apart_loras_and_layouts_that_share_bytes():
+    cache = CanonicalCache()
+    lora = random_lora([3, 2, 3], SHAPES, 0)
+    other_v = lora.map_factors(lambda i, la: (la.U, la.V.flip(0)))  # the same U, another V
+    cache(ll.collate([lora]))
+    _close(cache(ll.collate([other_v])), canonical_form(ll.collate([other_v])), tol=1e-12)
+    # zero factors: the same bytes in float64 at width 2 as in float32 at width 4
+    zero = random_lora([2, 2, 2], SHAPES, 1).map_factors(
+        lambda i, la: (torch.zeros_like(la.U), torch.zeros_like(la.V))  # +0.0, not -0.0
+    )
+    zero = ll.collate([zero])
+    cache(zero)
+    wide32 = zero.to(torch.float32).pad_to([4, 4, 4])
+    _close(cache(wide32), canonical_form(wide32))
+    assert all(c.s.shape == (1, 4) and c.s.dtype == torch.float32 for c in cache(wide32))
+
+
+def test_cache_past_its_budget_computes_without_keeping():
+    batch = _batch()
+    cache = CanonicalCache(max_bytes=0)
+    _close(cache(batch), canonical_form(batch), tol=1e-12)
+    assert len(cache) == 0 and cache.nbytes == 0

@@ -1,6 +1,6 @@
 """loralens: learning on LoRAs. Read LoRA adapters as data, predict properties of the finetuned model."""
 
-from loralens.canonical_form import canonical_form
+from loralens.canonical_form import CanonicalCache, canonical_form
 from loralens.families import guess_base_model, matching_families
 from loralens.features import spectral_stats
 from loralens.formats import (
@@ -47,6 +47,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "MODEL_NAMES",
+    "CanonicalCache",
     "LayerSpec",
     "LoRA",
     "LoRABatch",

@@ -19,6 +19,7 @@ What canonicalization cannot fix, and how it is handled:
 
 from __future__ import annotations
 
+import hashlib
 from typing import NamedTuple
 
 import torch
@@ -110,3 +111,68 @@ def canonical_form(batch: LoRABatch) -> list[Canonical]:
                 right[rows] = qr_right * keep[rows, None]
             out.append(Canonical(left, s * mask.to(w), right, mask))
     return out
+
+
+class CanonicalCache:
+    """:func:`canonical_form` that computes each LoRA's form once and then reuses it.
+
+    A training run sees the same LoRAs every epoch (shuffled into other batches) and at every
+    validation; the form is a deterministic function of the factors, so it is kept per LoRA,
+    keyed by a hash of the LoRA's content (factor bytes, true ranks) and of the batch's layout
+    (shapes, padded widths, dtype, device): a key can never name another row, and a LoRA in any
+    batch, order or padding gets its own form. Forms past ``max_bytes`` in all are computed,
+    not kept. A batch's form is the same as :func:`canonical_form`'s up to float rounding.
+    """
+
+    def __init__(self, max_bytes: int = 1 << 30):
+        self.max_bytes = int(max_bytes)
+        self.nbytes = 0
+        self._forms: dict[bytes, list[Canonical]] = {}
+
+    def __len__(self) -> int:
+        return len(self._forms)
+
+    def __call__(self, batch: LoRABatch) -> list[Canonical]:
+        if len(batch) == 0:
+            return canonical_form(batch)
+        keys = _content_keys(batch)
+        first: dict[bytes, int] = {}  # each LoRA not yet kept -> its first row in the batch
+        for b, key in enumerate(keys):
+            if key not in self._forms:
+                first.setdefault(key, b)
+        new: dict[bytes, list[Canonical]] = {}
+        if first:
+            form = canonical_form(batch.select(list(first.values())))
+            for j, key in enumerate(first):
+                new[key] = [Canonical(*(t[j] for t in c)) for c in form]
+                size = sum(t.nbytes for c in new[key] for t in c)
+                if self.nbytes + size <= self.max_bytes:
+                    self._forms[key] = new[key]
+                    self.nbytes += size
+        per_lora = [new[k] if k in new else self._forms[k] for k in keys]
+        # stacked along the rank-major layout the form is computed in (left.mT contiguous)
+        return [
+            Canonical(
+                torch.stack([f[i].left.mT for f in per_lora]).mT,
+                torch.stack([f[i].s for f in per_lora]),
+                torch.stack([f[i].right.mT for f in per_lora]).mT,
+                torch.stack([f[i].mask for f in per_lora]),
+            )
+            for i in range(batch.num_layers)
+        ]
+
+
+def _content_keys(batch: LoRABatch) -> list[bytes]:
+    """One digest per LoRA of its factor bytes and true ranks, prefixed by the batch layout."""
+    layout = repr((batch.shapes, [int(u.shape[2]) for u in batch.U], batch.dtype, batch.device))
+    hashes = [hashlib.blake2b(layout.encode(), digest_size=20) for _ in range(len(batch))]
+    ranks = batch.ranks.to(device="cpu", dtype=torch.int64).contiguous().numpy()
+    for h, r in zip(hashes, ranks):
+        h.update(r)
+    for factors in (batch.U, batch.V):
+        for f in factors:
+            # rank-major bytes: a copy-free view in the layout collate and the store use
+            arr = f.detach().mT.contiguous().cpu().view(torch.uint8).numpy()
+            for h, a in zip(hashes, arr):
+                h.update(a)
+    return [h.digest() for h in hashes]

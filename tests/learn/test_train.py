@@ -98,3 +98,21 @@ def test_new_runs_flatten_rank_major_and_reload_so(tmp_path):
     cfg = json.loads((tmp_path / "r" / "config.json").read_text())
     assert cfg["model"]["hparams"]["layout"] == "rank-major"
     assert load_run(tmp_path / "r").model.hparams["layout"] == "rank-major"
+
+
+def test_a_w2t_run_computes_each_loras_canonical_form_once(tmp_path, monkeypatch):
+    import importlib
+
+    cf = importlib.import_module("loralens.canonical_form")  # the module, not the function
+    plain, seen = cf.canonical_form, []  # LoRAs the run's cache put through the canonical form
+
+    def counting(batch):
+        seen.append(len(batch))
+        return plain(batch)
+
+    monkeypatch.setattr(cf, "canonical_form", counting)
+    cfg = TrainConfig(model="w2t", targets=["y"], epochs=6, patience=10, plots=False)
+    metrics = train(_store(tmp_path / "s", n=80), cfg)
+    n = metrics["n"]
+    # 6 epochs and validations, yet every train, validation and test LoRA computed once
+    assert metrics["epochs_run"] == 6 and sum(seen) == n["train"] + n["val"] + n["test"]

@@ -23,6 +23,22 @@ def test_w2t_ignores_zero_padded_components():
     assert torch.allclose(wide, out, rtol=1e-9, atol=1e-12)
 
 
+def test_w2t_outputs_are_the_same_with_its_canonical_form_cache_as_without():
+    from loralens.canonical_form import canonical_form
+
+    batch = _batch(rows=[(1 + k % 3, 2, 1 + k % 4) for k in range(5)])
+    torch.manual_seed(0)
+    cached = ll.build_model("w2t", like=batch, out_dim=2).double().eval()
+    plain = ll.build_model("w2t", like=batch, out_dim=2).double().eval()
+    plain.load_state_dict(cached.state_dict())
+    with torch.no_grad(), cached.caching():
+        for order in ([4, 1, 3], [0, 1, 2, 3, 4], [3, 2, 1, 0, 4]):  # hits in other positions
+            sub = batch.select(order)
+            assert torch.allclose(cached(sub), plain(sub), rtol=1e-10, atol=1e-12)
+        assert len(cached.canonical) == 5
+    assert cached.canonical is canonical_form  # nothing kept past the context
+
+
 def test_w2t_on_tied_singular_values_runs_forward_and_backward():
     # orthonormal factors: every layer's singular values tie (the measure-zero case)
     def orthonormal(n):

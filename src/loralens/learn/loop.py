@@ -153,18 +153,19 @@ def _run(
     opt = torch.optim.AdamW(params, lr=float(hp["lr"]), weight_decay=float(hp["weight_decay"]))
     model, opt, *prepared = acc.prepare(model, opt, *(loaders[s] for s in SPLITS))
     loaders = dict(zip(SPLITS, prepared))
-    history, best = fit_epochs(model, opt, params, loaders, data, acc, hp, progress)
     base = acc.unwrap_model(model)
-    base.load_state_dict(best.state)  # the run's model is the best epoch's, not the last
-    if base.hparams["linear_base"] != "none":
-        # the epoch is chosen; the linear base may now learn from the validation rows too
-        fit_linear_base(base, data.task, data.y_enc[fit_rows], x_fit)
-        trows, tout = outputs(model, loaders["test"], acc)
-        best.test, best.test_rows, best.test_out = (
-            data.task.metrics(tout, data.y_all[trows]),
-            trows,
-            tout,
-        )
+    with base.caching():  # what the model derives from each LoRA, kept for the run (w2t)
+        history, best = fit_epochs(model, opt, params, loaders, data, acc, hp, progress)
+        base.load_state_dict(best.state)  # the run's model is the best epoch's, not the last
+        if base.hparams["linear_base"] != "none":
+            # the epoch is chosen; the linear base may now learn from the validation rows too
+            fit_linear_base(base, data.task, data.y_enc[fit_rows], x_fit)
+            trows, tout = outputs(model, loaders["test"], acc)
+            best.test, best.test_rows, best.test_out = (
+                data.task.metrics(tout, data.y_all[trows]),
+                trows,
+                tout,
+            )
     return base, history, best
 
 

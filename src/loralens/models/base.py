@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import os
@@ -219,6 +220,12 @@ class LoLModel(nn.Module):
         if self.hparams["linear_base"] == "none":
             return out
         return self.linear_base(self.prepare(batch)).to(out.dtype) + self.gate.to(out.dtype) * out
+
+    def caching(self) -> contextlib.AbstractContextManager:
+        """A context in which the model may keep what it derives from each LoRA alone, for
+        reuse (a training run sees the same LoRAs every epoch); dropped on exit. Nothing here;
+        ``w2t`` keeps canonical forms."""
+        return contextlib.nullcontext()
 
     def embed(self, batch: LoRABatch) -> torch.Tensor:
         """(B, D) features each LoRA is represented by when the head reads them (GL-net: every

@@ -8,20 +8,24 @@ with a nonzero singular value is a token:
 
 (A_i, B_i per-layer linear maps; layer and component embeddings learned; component k past the
 table shares its last row, so any rank works). One scale token per layer carries the layer's
-log RMS (standardized) and a class token is read out. Masked components (zero padding, zero
+log RMS (|s| / sqrt(out_i in_i), standardized) and a class token is read out. Masked components (zero padding, zero
 singular values) are left out of attention, so a padded batch gives each LoRA its own output.
 GL(r)-invariant wherever the SVD is unique (ties between singular values: measure zero).
+Within ``caching()`` (a training run) each LoRA's canonical form is computed once and reused
+(:class:`~loralens.canonical_form.CanonicalCache`): training sees the same LoRAs every epoch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from loralens.canonical_form import canonical_form
+from loralens.canonical_form import Canonical, CanonicalCache, canonical_form
 from loralens.lora import LayerSpec, LoRABatch
 from loralens.models.base import (
     EPS,
@@ -29,7 +33,6 @@ from loralens.models.base import (
     HParam,
     LoLModel,
     RunningStandardize,
-    layer_rms,
     log_scale,
 )
 
@@ -60,6 +63,8 @@ class W2T(LoLModel):
         "bilinear": HParam("choice", choices=(False, True)),
     }
     gl_invariant = o_invariant = True
+    #: the most bytes of canonical forms kept within ``caching()`` (0: none, recompute each batch)
+    cache_bytes: ClassVar[int] = 1 << 30
 
     def __init__(self, spec: LayerSpec, out_dim: int, *, like: Any = None, **hparams: Any):
         super().__init__(spec, out_dim, hparams)
@@ -84,18 +89,35 @@ class W2T(LoLModel):
         )
         self.norm_out = nn.LayerNorm(dm)
         self.head = nn.Linear(dm, self.out_dim)
+        self.canonical: Callable[[LoRABatch], list[Canonical]] = canonical_form
+
+    @contextlib.contextmanager
+    def caching(self) -> Iterator[None]:
+        """Keep each LoRA's canonical form while in the context (a training run: every epoch
+        and validation sees the same LoRAs), then drop them: a model serving new LoRAs keeps
+        nothing."""
+        saved = self.canonical
+        if self.cache_bytes:
+            self.canonical = CanonicalCache(self.cache_bytes)
+        try:
+            yield
+        finally:
+            self.canonical = saved
 
     def _tokens(self, batch: LoRABatch) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, T, d_model) tokens and the (B, T) mask of those that carry data."""
-        rms = layer_rms(batch).to(batch.dtype)  # (B, L)
+        forms = self.canonical(batch)
+        # |delta W_i|_F = |s|: the layer's RMS entry from its singular values
+        norms = torch.stack([torch.linalg.vector_norm(c.s, dim=1) for c in forms], dim=1)
+        sizes = torch.tensor([math.sqrt(o * i) for o, i in self.spec.shapes], dtype=norms.dtype)
+        rms = (norms / sizes.to(norms.device)).to(batch.dtype)  # (B, L)
         scales = self.scale_norm(log_scale(rms)[..., None])  # (B, L, 1)
         tokens = [self.cls.expand(len(batch), -1, -1), self.scale_in(scales) + self.layer_pos]
         n = 1 + len(self.spec.names)
         masks = [torch.ones(len(batch), n, dtype=torch.bool, device=batch.device)]
-        for i, c in enumerate(canonical_form(batch)):
+        for i, c in enumerate(forms):
             (o, n), k = self.spec.shapes[i], c.s.shape[1]
-            norm = torch.linalg.vector_norm(c.s, dim=1, keepdim=True).clamp_min(EPS)
-            rel = c.s / norm
+            rel = c.s / norms[:, i, None].clamp_min(EPS)
             value = torch.stack([rel, torch.log(rel.clamp_min(1e-6))], dim=-1).to(batch.dtype)
             pos = self.component_pos[
                 torch.arange(k, device=batch.device).clamp_max(len(self.component_pos) - 1)
