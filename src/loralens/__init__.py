@@ -1,6 +1,7 @@
 """loralens: learning on LoRAs. Read LoRA adapters as data, predict properties of the finetuned model."""
 
 from loralens.canonical_form import CanonicalCache, canonical_form
+from loralens.errors import LoRALensWarning
 from loralens.families import guess_base_model, matching_families
 from loralens.features import spectral_stats
 from loralens.formats import (
@@ -52,6 +53,7 @@ __all__ = [
     "LoRA",
     "LoRABatch",
     "LoRAFormatError",
+    "LoRALensWarning",
     "LoRALayer",
     "__version__",
     "assert_gl_invariant",

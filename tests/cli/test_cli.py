@@ -110,3 +110,17 @@ def test_pack_skip_missing_packs_what_both_name(tmp_path):
     res = runner.invoke(app, [*args, str(tmp_path / "s"), "--skip-missing", "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["num_loras"] == 2
+
+
+def test_library_warnings_print_as_warning_lines_and_others_pass_through(capsys):
+    import warnings
+
+    from loralens.cli.common import user_errors
+    from loralens.errors import LoRALensWarning
+
+    with user_errors():
+        warnings.warn("the run is its linear base alone", LoRALensWarning, stacklevel=1)
+        warnings.warn("some library's notice", DeprecationWarning, stacklevel=1)
+    err = capsys.readouterr().err
+    assert "warning: the run is its linear base alone" in err
+    assert "LoRALensWarning" not in err  # one line, not Python's traceback-like form

@@ -1,6 +1,7 @@
 """Embeddings and nearest-adapter search: round trips, layouts refused, runs that changed."""
 
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ import torch
 
 import loralens as ll
 from helpers import random_lora
-from loralens.errors import OutputExistsError
+from loralens.errors import LoRALensWarning, OutputExistsError
 from loralens.learn.embed import Embedder, embed, save_embeddings
 from loralens.learn.loop import TrainConfig, train
 from loralens.learn.search import (
@@ -130,3 +131,18 @@ def test_embeddings_saved_as_npy_with_their_rows(store, run, tmp_path):
         save_embeddings(tmp_path / "e.npy", names, vectors, desc)
     names, spectral, desc = embed(data=store)
     assert spectral.shape == (40, 2 * (3 + 1)) and desc == {"kind": "unsupervised", "k": 3}
+
+
+def test_embeddings_of_a_run_that_is_its_linear_base_alone_come_with_a_warning(run):
+    from loralens.learn.runs import load_run
+
+    loaded = load_run(run)
+    with torch.no_grad():
+        loaded.model.gate.fill_(1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LoRALensWarning)
+        Embedder.of_run(loaded)  # a network that was trained: no warning
+        with torch.no_grad():
+            loaded.model.gate.fill_(0.0)  # what early stopping at epoch 0 saves
+        with pytest.warns(LoRALensWarning, match="untrained network"):
+            Embedder.of_run(loaded)

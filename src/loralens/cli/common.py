@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, NoReturn
@@ -29,20 +30,30 @@ def fail(message: str, code: int = EXIT_INPUT) -> NoReturn:
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn the library's errors into one line on stderr and the exit code of their kind."""
-    from loralens.errors import OutputExistsError
+    """Turn the library's errors into one line on stderr and the exit code of their kind, and
+    its warnings (``LoRALensWarning``) into ``warning:`` lines."""
+    from loralens.errors import LoRALensWarning, OutputExistsError
     from loralens.formats import LoRAFormatError
     from loralens.raycluster import TasksFailed
     from loralens.store import StoreError
 
+    caught: list[warnings.WarningMessage] = []
     try:
-        yield
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", LoRALensWarning)
+            yield
     except OutputExistsError as e:
         fail(str(e), EXIT_EXISTS)
     except TasksFailed as e:  # Ray tasks that failed after their retries: one line each
         fail(str(e))
     except (LoRAFormatError, StoreError, FileNotFoundError, NotADirectoryError, ValueError) as e:
         fail(str(e) if not isinstance(e, OSError) or not e.filename else _os_message(e))
+    finally:  # out of the recording context: showwarning is Python's own again
+        for w in caught:
+            if issubclass(w.category, LoRALensWarning):
+                typer.secho(f"warning: {w.message}", fg=typer.colors.YELLOW, err=True)
+            else:
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
 
 
 def _os_message(e: OSError) -> str:

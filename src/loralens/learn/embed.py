@@ -10,6 +10,7 @@ it is the index's job (``learn.search``), which keeps the statistics of what it 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +21,9 @@ import torch
 
 from loralens import features
 from loralens.atomic import file_sha256
-from loralens.errors import OutputExistsError
+from loralens.errors import LoRALensWarning, OutputExistsError
 from loralens.jsonio import write_json
+from loralens.learn.calibrate import base_only
 from loralens.learn.checkpoint import CHECKPOINT
 from loralens.learn.runs import Run, load_run
 from loralens.lora import LayerSpec, LoRA, LoRABatch, collate, spec_of
@@ -55,6 +57,14 @@ class Embedder:
     @classmethod
     def of_run(cls, run: Run | str | os.PathLike) -> Embedder:
         run = run if isinstance(run, Run) else load_run(run)
+        if base_only(run.model):
+            warnings.warn(
+                f"{run.path}: this run is its linear base alone (early stopping kept epoch 0), "
+                "so its network was never trained and its embeddings are an untrained "
+                "network's; use --unsupervised, or a run trained with --linear-base none",
+                LoRALensWarning,
+                stacklevel=2,
+            )
         return cls(RUN, run.spec, run=run, run_sha256=file_sha256(run.path / CHECKPOINT)[1])
 
     @classmethod
