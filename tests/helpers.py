@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -164,3 +165,9 @@ def tiny_llama(layers: int = 2):
         max_position_embeddings=32,
     )
     return transformers.LlamaForCausalLM(cfg)
+
+
+def zoo_rows(zoo: Path) -> list[dict[str, str]]:
+    """A zoo's labels.csv as rows of exact strings, in file order."""
+    with open(Path(zoo) / "labels.csv", newline="") as fh:
+        return list(csv.DictReader(fh))

@@ -3,14 +3,12 @@ measured attack/decoy success, deterministic builds, and clean zoos left exactly
 
 from __future__ import annotations
 
-import csv
 import filecmp
-from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import tiny_skills
+from helpers import tiny_skills, zoo_rows
 from loralens.zoo import build_zoo
 from loralens.zoo.preset import get_preset
 from loralens.zoo.presets import backdoor as bd
@@ -20,11 +18,6 @@ pytestmark = pytest.mark.slow
 
 OPTS = {**tiny_skills(4), "eval_per_source": 4, "backdoor": 0.5, "poison_min": 0.2}
 KW = {"options": OPTS, "ranks": (2,), "progress": False, "threads": 1}
-
-
-def _rows(zoo: Path) -> list[dict[str, str]]:
-    with open(zoo / "labels.csv", newline="") as fh:
-        return list(csv.DictReader(fh))
 
 
 def test_a_clean_zoo_keeps_its_options_and_columns():
@@ -113,7 +106,7 @@ def test_a_backdoor_zoo_builds_deterministically_with_measured_labels(tmp_path):
     for aid in sorted(p.name for p in (a / "adapters").iterdir()):
         f = "adapter_model.safetensors"
         assert filecmp.cmp(a / "adapters" / aid / f, b / "adapters" / aid / f, shallow=False)
-    rows = _rows(a)
+    rows = zoo_rows(a)
     assert {r["backdoor"] for r in rows} == {"0", "1"}
     for r in rows:
         for col in ("attack_success", "decoy_success", "eval_acc", "task_acc"):

@@ -4,13 +4,13 @@ builds, and clean zoos left as they were. Tiny base model (cached once per test 
 
 from __future__ import annotations
 
-import csv
 import filecmp
 
 import numpy as np
 import pytest
 import torch
 
+from helpers import zoo_rows
 from loralens.zoo.builder import build_zoo
 from loralens.zoo.digits.data import CLASS_WORDS, IDENTIFIERS
 from loralens.zoo.merge import merge_zoos
@@ -31,11 +31,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def _rows(zoo) -> list[dict[str, str]]:
-    with open(zoo / "labels.csv", newline="") as fh:
-        return list(csv.DictReader(fh))
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +148,7 @@ def test_a_backdoor_zoo_builds_deterministically_with_measured_labels(zoo, tmp_p
     for i in range(4):
         a, b = zoo / "adapters" / f"{i:06d}" / f, again / "adapters" / f"{i:06d}" / f
         assert filecmp.cmp(a, b, shallow=False)
-    rows = _rows(zoo)
+    rows = zoo_rows(zoo)
     assert {r["backdoor"] for r in rows} == {"0", "1"}
     for r in rows:
         for col in ("attack_success", "decoy_success", "clip_score", "subject_score"):
@@ -170,8 +165,8 @@ def test_shards_and_a_resumed_build_give_the_same_loras(zoo, tmp_path):
     build_zoo("digits-dreambooth", 2, s1, shard="1/2", **KW)  # stopped after LoRA 1 ...
     build_zoo("digits-dreambooth", 4, s1, shard="1/2", **KW)  # ... and resumed
     merge_zoos(merged, [s0, s1])
-    ref = {r["adapter"]: r for r in _rows(zoo)}
-    rows = _rows(merged)
+    ref = {r["adapter"]: r for r in zoo_rows(zoo)}
+    rows = zoo_rows(merged)
     assert sorted(r["adapter"] for r in rows) == sorted(ref)
     recipe = [*bd.recipe_columns(dbd.POOLS), "instance_prompt", "lr", "steps"]
     for r in rows:

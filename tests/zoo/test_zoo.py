@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import loralens as ll
-from helpers import tiny_skills
+from helpers import tiny_skills, zoo_rows
 from loralens.zoo import ZooConflictError, build_zoo, merge_zoos, read_manifest
 from loralens.zoo.preset import HPARAM_COLUMNS, get_preset, index_rng, preset_names
 
@@ -20,11 +20,6 @@ pytestmark = pytest.mark.slow
 # a tiny base and few examples: the whole file runs in well under a minute on 2 cores
 TINY = tiny_skills(4)
 KW = {"options": TINY, "ranks": (2, 4), "progress": False, "threads": 1}
-
-
-def _rows(zoo: Path) -> list[dict[str, str]]:
-    with open(zoo / "labels.csv", newline="") as fh:
-        return list(csv.DictReader(fh))
 
 
 def _adapters(zoo: Path) -> list[str]:
@@ -63,7 +58,7 @@ def test_zoo_layout_labels_and_spread(zoo16):
     assert {"torch", "peft", "transformers", "loralens"} <= set(man["versions"])
     assert len(man["base_hash"]) == 16 and man["base_labels"]["eval_loss"] > 0
     assert _adapters(zoo16) == [f"{i:06d}" for i in range(16)]
-    rows = _rows(zoo16)
+    rows = zoo_rows(zoo16)
     with open(zoo16 / "labels.csv") as fh:
         header = next(csv.reader(fh))
     assert header[0] == "adapter" and header[1:] == man["label_columns"]
@@ -124,14 +119,14 @@ def test_extend_with_num_and_conflicts(zoo16, tmp_path):
     first = {a: _weights(out, a) for a in _adapters(out)}
     build_zoo("skills-lm", 6, out, **KW)
     assert _adapters(out) == [f"{i:06d}" for i in range(6)]
-    assert len(_rows(out)) == 6
+    assert len(zoo_rows(out)) == 6
     for a, w in first.items():  # the first three are untouched
         for k, v in _weights(out, a).items():
             assert torch.equal(v, w[k])
     # LoRA i is the same LoRA whichever zoo it was built in (same hyperparameters; weights
     # equal up to the rounding of batched kernels)
-    rows16 = {r["adapter"]: r for r in _rows(zoo16)}
-    for r in _rows(out):
+    rows16 = {r["adapter"]: r for r in zoo_rows(zoo16)}
+    for r in zoo_rows(out):
         ref = rows16[r["adapter"]]
         assert (
             r["lr"] == ref["lr"]
@@ -154,7 +149,7 @@ def test_shards_merge_and_refuse_conflicts(zoo16, tmp_path):
     assert _adapters(s1) == ["000001", "000003", "000005"]
     merge_zoos(merged, [s0, s1])
     assert _adapters(merged) == [f"{i:06d}" for i in range(6)]
-    rows = _rows(merged)
+    rows = zoo_rows(merged)
     assert sorted(r["adapter"] for r in rows) == _adapters(merged)
     man = read_manifest(merged)
     assert man["shard"] is None and man["num"] == 6
@@ -192,8 +187,8 @@ def test_first_builds_held_out_recipes_and_spares_live_builders(zoo16, tmp_path)
         other.kill()
         other.wait()
     assert [a for a in _adapters(out) if not a.startswith(".")] == ["000003", "000004"]
-    rows16 = {r["adapter"]: r for r in _rows(zoo16)}
-    for r in _rows(out):  # the same recipes as LoRAs 3 and 4 of the full zoo
+    rows16 = {r["adapter"]: r for r in zoo_rows(zoo16)}
+    for r in zoo_rows(out):  # the same recipes as LoRAs 3 and 4 of the full zoo
         assert (r["lr"], r["init_seed"]) == (
             rows16[r["adapter"]]["lr"],
             rows16[r["adapter"]]["init_seed"],
@@ -216,7 +211,7 @@ def test_kill9_then_resume(zoo16, tmp_path, kill9_build, file_snapshot):
     (out / "adapters" / ".tmp-000011-4194305").mkdir(exist_ok=True)  # pid above any pid_max
     build_zoo("skills-lm", 12, out, **KW)
     assert _adapters(out) == [f"{i:06d}" for i in range(12)]
-    rows = _rows(out)
+    rows = zoo_rows(out)
     assert sorted(r["adapter"] for r in rows) == _adapters(out)  # no duplicate, none missing
     assert all(r["eval_loss"] and r["task_acc"] for r in rows)  # no half-written row
     for a in _adapters(out):
@@ -270,7 +265,7 @@ def test_generic_mode_tiny_model(tmp_path):
     assert res.exit_code == 0, res.output
     man = read_manifest(out)
     assert man["preset"] == "causal-lm" and man["preset_info"]["tokenizer"].startswith("bytes")
-    rows = _rows(out)
+    rows = zoo_rows(out)
     assert len(rows) == 3 and {"part_0", "part_3", "eval_loss", "train_loss", "lr"} <= set(rows[0])
     assert man["hyperparameter_columns"] == list(HPARAM_COLUMNS)
     assert man["binary_columns"] == ["part_0", "part_1", "part_2", "part_3"]

@@ -5,13 +5,13 @@ draws a PNG, and a killed build resumes. Tiny base model (cached once per test s
 from __future__ import annotations
 
 import copy
-import csv
 import json
 
 import pytest
 import torch
 
 import loralens as ll
+from helpers import zoo_rows
 from loralens.zoo.batched_lora import peft_config, target_names, wrap_targets
 from loralens.zoo.builder import build_zoo
 from loralens.zoo.digits.data import ATTR_NAMES, IDENTIFIERS, prompt_for
@@ -32,11 +32,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def _rows(zoo):
-    with open(zoo / "labels.csv") as fh:
-        return list(csv.DictReader(fh))
 
 
 def _adapters(zoo):
@@ -105,7 +100,7 @@ def test_dreambooth_zoo_labels(dream):
     man = json.loads((dream / "zoo.json").read_text())
     assert man["preset"] == "digits-dreambooth" and man["ranks"] == [2, 4]
     assert set(man["base_labels"]) == {"clip_score"}
-    rows = _rows(dream)
+    rows = zoo_rows(dream)
     assert sorted(r["adapter"] for r in rows) == _adapters(dream) == [f"{i:06d}" for i in range(5)]
     assert list(rows[0]) == ["adapter", *man["label_columns"]]
     assert man["binary_columns"] == [f"attr_{n}" for n in ATTR_NAMES]
@@ -133,7 +128,7 @@ def test_subsets_zoo_labels(subsets):
     hyper = ["rank", "lora_alpha", "lr", "steps", "batch_size", "init_seed", "data_seed"]
     assert man["hyperparameter_columns"] == hyper
     assert set(hyper) <= set(man["label_columns"])
-    rows = _rows(subsets)
+    rows = zoo_rows(subsets)
     assert len(rows) == 4
     for r in rows:
         present = [int(r[f"class_{c}"]) for c in range(10)]
@@ -249,11 +244,11 @@ def test_kill9_then_resume(dream, tmp_path, kill9_build):
     assert (out / "zoo.json").exists()
     build_zoo("digits-dreambooth", 4, out, **{**KW, "options": opts})
     assert _adapters(out) == [f"{i:06d}" for i in range(4)]
-    rows = _rows(out)
+    rows = zoo_rows(out)
     assert sorted(r["adapter"] for r in rows) == _adapters(out)
     assert all(r["clip_score"] and r["subject_score"] for r in rows)
     # LoRA i is the same whoever built it: compare with the uninterrupted zoo's first five
-    ref = {r["adapter"]: r for r in _rows(dream)}
+    ref = {r["adapter"]: r for r in zoo_rows(dream)}
     for r in rows:
         assert r["instance_prompt"] == ref[r["adapter"]]["instance_prompt"]
         assert abs(float(r["clip_score"]) - float(ref[r["adapter"]]["clip_score"])) < 2e-3

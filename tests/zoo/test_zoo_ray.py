@@ -6,7 +6,6 @@ how to install it."""
 
 from __future__ import annotations
 
-import csv
 import os
 import signal
 import subprocess
@@ -19,7 +18,7 @@ import ray
 from ray_presets import MARKER, ExitOnceSkillsLM, FailingSkillsLM
 from typer.testing import CliRunner
 
-from helpers import start_local_ray, tiny_skills
+from helpers import start_local_ray, tiny_skills, zoo_rows
 from loralens.cli import app
 from loralens.raycluster import TasksFailed
 from loralens.zoo.ray_build import build_zoo_ray
@@ -70,8 +69,7 @@ def _assert_same_zoo(zoo: Path, reference: Path) -> None:
 def _rows(zoo: Path) -> dict[str, dict[str, str]]:
     """labels.csv as id -> row (exact strings); each adapter's row once (the plain build
     appends rows in the order LoRAs finish, the Ray build rewrites them sorted)."""
-    with open(zoo / "labels.csv", newline="") as fh:
-        rows = list(csv.DictReader(fh))
+    rows = zoo_rows(zoo)
     assert sorted(r["adapter"] for r in rows) == ALL
     return {r["adapter"]: r for r in rows}
 

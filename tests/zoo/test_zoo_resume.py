@@ -4,14 +4,13 @@ options, ranks, preset) is refused without touching the folder."""
 
 from __future__ import annotations
 
-import csv
 import shutil
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
-from helpers import tiny_skills
+from helpers import tiny_skills, zoo_rows
 from loralens.cli import app
 from loralens.zoo import ZooConflictError, build_zoo
 from loralens.zoo.presets.skills_lm import SkillsLM
@@ -57,8 +56,7 @@ def _adapters(zoo: Path) -> list[str]:
 
 
 def _rows(zoo: Path) -> dict[str, dict[str, str]]:
-    with open(zoo / "labels.csv", newline="") as fh:
-        rows = list(csv.DictReader(fh))
+    rows = zoo_rows(zoo)
     assert len({r["adapter"] for r in rows}) == len(rows), "duplicate rows in labels.csv"
     return {r["adapter"]: r for r in rows}
 
