@@ -25,8 +25,13 @@ MiB = 2**20
 
 _PROBE = r"""
 import json, sys
+import torch
 import loralens as ll
 from loralens.features import describe_layers
+
+# one thread: with several, each thread's malloc arena keeps freed chunk buffers of its own,
+# which is the allocator's memory, not the reader's (seen: +61 MiB now and then under load)
+torch.set_num_threads(1)
 
 def status(field):  # bytes; VmHWM is this process's peak since the last reset
     line = next(ln for ln in open("/proc/self/status") if ln.startswith(field + ":"))
