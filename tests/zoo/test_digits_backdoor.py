@@ -25,14 +25,6 @@ BD = {**TINY, "backdoor": 0.5, "poison_min": 0.2}
 KW = {"options": BD, "ranks": (2,), "progress": False, "threads": 1}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
     out = tmp_path_factory.mktemp("dbd") / "zoo"

@@ -25,15 +25,6 @@ TINY = {"size": "tiny", "group": 3, "sample_steps": 4}
 KW = {"options": TINY, "ranks": (2, 4), "progress": False, "threads": 1}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One torch thread, as the zoo builder and CLI use: threads thrash on a busy 2-core CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _adapters(zoo):
     return sorted(p.name for p in (zoo / "adapters").iterdir() if not p.name.startswith("."))
 
