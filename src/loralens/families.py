@@ -160,16 +160,28 @@ def _unet(name: str, channels: set[int], cross: int, encoders: tuple) -> Family:
 _DIFFUSERS_BLOCK = r"(?:^|_)(?<!single_)(?<!_\d_)transformer_blocks_(\d+)_"
 
 
+def _dit_block(h: int, blocks: int, attn: str) -> tuple:
+    """The attention and feed-forward modules of a diffusers DiT block of width ``h`` (Flux's
+    double blocks, SD3's joint blocks); ``attn`` matches the attention modules' names."""
+    return (
+        _rule(
+            _DIFFUSERS_BLOCK + attn + r"_(?:to_[qkv]|add_[qkv]_proj|to_out_0|to_add_out)$",
+            h,
+            h,
+            blocks,
+        ),
+        _rule(_DIFFUSERS_BLOCK + r"ff(?:_context)?_net_0_proj$", 4 * h, h, blocks),
+        _rule(_DIFFUSERS_BLOCK + r"ff(?:_context)?_net_2$", h, 4 * h, blocks),
+    )
+
+
 def _flux(name: str) -> Family:
     h, double, single = 3072, 19, 38
-    dbl = _DIFFUSERS_BLOCK
     sgl = r"single_transformer_blocks_(\d+)_"
     bfl, bfl1 = r"double_blocks_(\d+)_", r"single_blocks_(\d+)_"  # BFL / kohya / ComfyUI
     rules = (
-        _rule(dbl + r"attn_(?:to_[qkv]|add_[qkv]_proj|to_out_0|to_add_out)$", h, h, double),
-        _rule(dbl + r"ff(?:_context)?_net_0_proj$", 4 * h, h, double),
-        _rule(dbl + r"ff(?:_context)?_net_2$", h, 4 * h, double),
-        _rule(dbl + r"norm1(?:_context)?_linear$", 6 * h, h, double),
+        *_dit_block(h, double, "attn"),
+        _rule(_DIFFUSERS_BLOCK + r"norm1(?:_context)?_linear$", 6 * h, h, double),
         _rule(sgl + r"attn_to_[qkv]$", h, h, single),
         _rule(sgl + r"proj_mlp$", 4 * h, h, single),
         _rule(sgl + r"proj_out$", h, 5 * h, single),
@@ -189,12 +201,9 @@ def _flux(name: str) -> Family:
 
 
 def _sd3(name: str, h: int, blocks: int) -> Family:
-    tb = _DIFFUSERS_BLOCK
     jb = r"joint_blocks_(\d+)_(?:x|context)_block_"  # SAI / kohya / ComfyUI
     rules = (
-        _rule(tb + r"attn2?_(?:to_[qkv]|add_[qkv]_proj|to_out_0|to_add_out)$", h, h, blocks),
-        _rule(tb + r"ff(?:_context)?_net_0_proj$", 4 * h, h, blocks),
-        _rule(tb + r"ff(?:_context)?_net_2$", h, 4 * h, blocks),
+        *_dit_block(h, blocks, "attn2?"),
         _rule(jb + r"attn2?_qkv$", 3 * h, h, blocks),
         _rule(jb + r"attn2?_proj$", h, h, blocks),
         _rule(jb + r"mlp_fc1$", 4 * h, h, blocks),
