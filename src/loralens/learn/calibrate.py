@@ -137,11 +137,14 @@ def calibrate(
         fit.calibrate(np.r_[ood, ref_ood], np.r_[size, ref_size], share)
         if pooled is not None:
             p_rows, p_raw = pooled
-            _, p_in = store_outputs(model, store, p_rows)
-            p_ood, p_size = fit.scores(p_in.embed), np.abs(fit.size_residuals(p_in))
             at = np.searchsorted(ref, p_rows).clip(max=len(ref) - 1)
             in_ref = ref[at] == p_rows  # scored out of fold above
+            p_ood, p_size = np.empty(len(p_rows)), np.empty(len(p_rows))
             p_ood[in_ref], p_size[in_ref] = ref_ood[at[in_ref]], ref_size[at[in_ref]]
+            if not in_ref.all():  # the others (validation rows) against the whole reference
+                _, p_in = store_outputs(model, store, p_rows[~in_ref])
+                p_ood[~in_ref] = fit.scores(p_in.embed)
+                p_size[~in_ref] = np.abs(fit.size_residuals(p_in))
     else:  # the refit saw every LoRA: each fold is scored against a reference of the others
         ood, size = out_of_fold_scores(cal_in, groups, names)
         fit.calibrate(ood, size, share)

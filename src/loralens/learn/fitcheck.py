@@ -87,8 +87,8 @@ class FitCheck:
 
     The ood_score is the Mahalanobis distance (over sqrt(D)) to the training embeddings under
     their Ledoit-Wolf shrunk covariance, (1 - a) S + a m I, computed in the N x N dual so that
-    nothing D x D is ever formed (D can be far above N). ``scale`` is None for runs saved
-    before the scale score existed (then the ood_score alone flags ``share``).
+    nothing D x D is ever formed (D can be far above N). ``size`` (the scale score's model) is None
+    for runs saved before the scale score existed (then the ood_score alone flags ``share``).
     """
 
     mean: np.ndarray  # (D,) embedding mean over the training LoRAs
