@@ -2,7 +2,9 @@
 chunk at a time into their float32 destination, never memory-mapped or held narrow whole.
 
 Peak memory is the child's VmHWM, reset after warm-up (``ru_maxrss`` would not do: Linux keeps
-the parent's peak in it across fork and exec)."""
+the parent's peak in it across fork and exec). The child's allocator maps every block of 64 KiB
+or more on its own and unmaps it when freed, so its resident size is the memory the reader holds,
+not heap holes glibc keeps for reuse (seen in CI: +48 MiB with glibc's sliding mmap threshold)."""
 
 from __future__ import annotations
 
@@ -29,9 +31,6 @@ import torch
 import loralens as ll
 from loralens.features import describe_layers
 
-# one thread: with several, each thread's malloc arena keeps freed chunk buffers of its own,
-# which is the allocator's memory, not the reader's (seen: +61 MiB now and then under load)
-torch.set_num_threads(1)
 
 def status(field):  # bytes; VmHWM is this process's peak since the last reset
     line = next(ln for ln in open("/proc/self/status") if ln.startswith(field + ":"))
@@ -52,6 +51,15 @@ print(json.dumps({
 """
 
 
+# glibc tunables: a fixed mmap threshold (a set one no longer slides up after frees), heap tops
+# trimmed at the same size, one arena for every thread
+_EXACT_MALLOC = {
+    "MALLOC_MMAP_THRESHOLD_": "65536",
+    "MALLOC_TRIM_THRESHOLD_": "65536",
+    "MALLOC_ARENA_MAX": "1",
+}
+
+
 def _adapter(folder: Path, layers: int) -> Path:
     """A PEFT adapter of ``layers`` rank-32 8192 x 8192 float16 layers (1 MiB each)."""
     g = torch.Generator().manual_seed(0)
@@ -70,6 +78,7 @@ def test_inspecting_a_float16_file_peaks_near_its_float32_result(tmp_path):
     big, small = _adapter(tmp_path / "big", 64), _adapter(tmp_path / "small", 1)
     proc = subprocess.run(
         [sys.executable, "-c", _PROBE, str(big), str(small)],
+        env={**os.environ, **_EXACT_MALLOC},
         capture_output=True,
         text=True,
         timeout=120,
