@@ -10,7 +10,8 @@ ZOOS_DIR holds the zoo folders built by ``benchmarks/trust_zoos.sh``: ``z-main``
 and ``z-small`` (another architecture). Each is packed once beside it (``<zoo>.store``).
 Per model and target: test coverage/width from ``metrics.json``; coverage and share flagged on
 every other zoo (``evaluate``); flag rates of z-id LoRAs scaled by 10 and 0.1; refusals of
-z-small; AUROC of the ood_score of each shift against the z-id LoRAs.
+z-small; AUROC of the ood_score, scale score and span score of each shift against the z-id
+LoRAs.
 """
 
 from __future__ import annotations
@@ -33,24 +34,25 @@ SHIFTS = ("z-ranks", "z-variant", "z-seed1")
 
 
 def ood_scores(run, store: LoRAStore, scale: float = 1.0) -> tuple[np.ndarray, ...]:
-    """(ood_score, flagged, scale_score) of every LoRA of ``store`` with delta W scaled by
-    ``scale``."""
+    """(ood_score, flagged, scale_score, span_score) of every LoRA of ``store`` with delta W
+    scaled by ``scale``."""
     rows = np.arange(len(store))
+    check = run.calibration.fit
     if scale == 1.0:
-        _, fit_in = store_outputs(run.model, store, rows)
+        _, fit_in = store_outputs(run.model, store, rows, span=check.span)
     else:
         loras = [store[int(r)] for r in rows]
         scaled = [
             ll.LoRA([ll.LoRALayer(x.name, x.U * scale, x.V) for x in a.layers]) for a in loras
         ]
         batch = ll.collate(scaled).pad_to(run.spec.ranks)
-        _, fit_in = outputs(run.model, [batch])
-    check = run.calibration.fit
+        _, fit_in = outputs(run.model, [batch], check.span)
     fit = check.check(fit_in)
     return (
         np.array([f["ood_score"] for f in fit]),
         np.array([not f["in_distribution"] for f in fit]),
         np.abs(check.size_residuals(fit_in)),
+        fit_in.span,
     )
 
 
@@ -59,13 +61,11 @@ def measure(run_dir: Path, zoos: Path) -> dict:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     out = {"test": metrics["test"], "calibration": metrics["calibration"], "shifts": {}}
     ind = LoRAStore(zoos / "z-id.store")
-    base_scores, base_flag, base_size = ood_scores(run, ind)
+    base = ood_scores(run, ind)
     for name in ("z-id", *SHIFTS):
         store = LoRAStore(zoos / f"{name}.store")
         ev = evaluate(run, store)
-        scores, flagged, size = (
-            ood_scores(run, store) if name != "z-id" else (base_scores, base_flag, base_size)
-        )
+        scores, flagged, size, span = ood_scores(run, store) if name != "z-id" else base
         rep = ev["calibration"]["report"]
         out["shifts"][name] = {
             "n": ev["n"],
@@ -75,16 +75,14 @@ def measure(run_dir: Path, zoos: Path) -> dict:
             "set_size": rep.get("set_size"),
             "ece": rep.get("ece"),
             "flagged": float(flagged.mean()),
-            "auroc": None if name == "z-id" else _auroc(base_scores, scores),
-            "auroc_scale": None if name == "z-id" else _auroc(base_size, size),
+            **_aurocs(base, (scores, flagged, size, span), name != "z-id"),
         }
     for scale in (10.0, 0.1):
-        scores, flagged, size = ood_scores(run, ind, scale)
+        scores, flagged, size, span = ood_scores(run, ind, scale)
         out["shifts"][f"z-id x{scale:g}"] = {
             "n": len(scores),
             "flagged": float(flagged.mean()),
-            "auroc": _auroc(base_scores, scores),
-            "auroc_scale": _auroc(base_size, size),
+            **_aurocs(base, (scores, flagged, size, span)),
         }
     small = sorted((zoos / "z-small" / "adapters").iterdir())
     rows = run.predict(small)
@@ -94,6 +92,13 @@ def measure(run_dir: Path, zoos: Path) -> dict:
         "example": rows[0]["error"],
     }
     return out
+
+
+def _aurocs(inside: tuple, outside: tuple, shifted: bool = True) -> dict:
+    """AUROC of the ood, scale and span scores of ``outside`` against ``inside`` (None each
+    when not ``shifted``)."""
+    keys = {"auroc": 0, "auroc_scale": 2, "auroc_span": 3}
+    return {k: _auroc(inside[i], outside[i]) if shifted else None for k, i in keys.items()}
 
 
 def _auroc(inside: np.ndarray, outside: np.ndarray) -> float:
@@ -114,8 +119,8 @@ def table(files: list[Path]) -> str:
 
     lines = [
         "| run | zoo | n | coverage | width / label std (no weights) or set size | ECE | "
-        "flagged | AUROC of ood_score | of scale_score |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "flagged | AUROC of ood_score | of scale_score | of span_score |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key in runs[0]:
         cal = [r[key]["calibration"]["test"] for r in runs]
@@ -127,14 +132,14 @@ def table(files: list[Path]) -> str:
         )
         lines.append(
             f"| {key} | test split | {cal[0]['n']} | {ms([c['coverage'] for c in cal])} | {shape} "
-            f"| {ms([c.get('ece') for c in cal])} | {ms([c['flagged'] for c in cal])} | - | - |"
+            f"| {ms([c.get('ece') for c in cal])} | {ms([c['flagged'] for c in cal])} | - | - | - |"
         )
         for zoo in runs[0][key]["shifts"]:
             z = [r[key]["shifts"][zoo] for r in runs]
             if "refused" in z[0]:
                 lines.append(
                     f"| {key} | {zoo} | {z[0]['n']} | - | - | - "
-                    f"| refused {ms([x['refused'] for x in z])} | - | - |"
+                    f"| refused {ms([x['refused'] for x in z])} | - | - | - |"
                 )
                 continue
             shape = (
@@ -145,7 +150,8 @@ def table(files: list[Path]) -> str:
             lines.append(
                 f"| {key} | {zoo} | {z[0]['n']} | {ms([x.get('coverage') for x in z])} | {shape} "
                 f"| {ms([x.get('ece') for x in z])} | {ms([x['flagged'] for x in z])} "
-                f"| {ms([x.get('auroc') for x in z])} | {ms([x.get('auroc_scale') for x in z])} |"
+                f"| {ms([x.get('auroc') for x in z])} | {ms([x.get('auroc_scale') for x in z])} "
+                f"| {ms([x.get('auroc_span') for x in z])} |"
             )
     return "\n".join(lines)
 

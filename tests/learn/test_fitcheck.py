@@ -30,7 +30,7 @@ def _loras(n: int, seed: int) -> FitInputs:
     size = 3.0 * np.tanh(u @ w)  # log RMS in about [-3, 3]
     log_rms = size[:, None] + 0.15 * rng.standard_normal((n, len(NAMES)))
     embed = u[:, :E_DIM] + 0.05 * rng.standard_normal((n, E_DIM))
-    return FitInputs(embed, log_rms, u)
+    return FitInputs(embed, log_rms, u, np.zeros(n))
 
 
 def _calibrated(share: float = 0.05, n_train: int = 100, n_cal: int = 60) -> FitCheck:
@@ -41,13 +41,13 @@ def _calibrated(share: float = 0.05, n_train: int = 100, n_cal: int = 60) -> Fit
     folds = np.random.default_rng(0).permutation(np.arange(n_train) % 5)
     ood, size = out_of_fold_scores(train, folds, NAMES)
     fit.calibrate(
-        np.r_[fit.scores(cal.embed), ood], np.r_[np.abs(fit.size_residuals(cal)), size], share
+        np.r_[fit.scores(cal.embed), ood], np.r_[np.abs(fit.size_residuals(cal)), size], share=share
     )
     return fit
 
 
 def _scaled(x: FitInputs, factor: float) -> FitInputs:
-    return FitInputs(x.embed, x.log_rms + math.log(factor), x.unit)
+    return FitInputs(x.embed, x.log_rms + math.log(factor), x.unit, x.span)
 
 
 @pytest.mark.parametrize("factor", [10.0, 0.1])
@@ -71,7 +71,7 @@ def test_both_scores_together_flag_about_the_chosen_share_of_new_in_distribution
     rows = fit.check(_loras(3000, 4))
     flagged = np.mean([not r["in_distribution"] for r in rows])
     assert 0.06 <= flagged <= 0.13, flagged
-    assert fit.n_scores == 2 and math.isfinite(fit.size_threshold)
+    assert fit.shares() == (0.05, 0.05, 0.0) and math.isfinite(fit.size_threshold)
 
 
 def test_unit_features_ignore_the_scale_of_a_lora():

@@ -174,7 +174,7 @@ def test_calibrations_saved_before_the_scale_score_load_and_predict_with_the_ood
     del arrays["size"], arrays["size_coef"]
     save_file(arrays, str(tmp_path / "run" / "calibration.safetensors"))
     old = load_run(tmp_path / "run")
-    assert old.calibration.fit.size is None and old.calibration.fit.n_scores == 1
+    assert old.calibration.fit.size is None and old.calibration.fit.shares() == (0.05, 0.0, 0.0)
     (row,) = old.predict(store[0])
     assert row["error"] is None and isinstance(row["in_distribution"], bool)
     assert row["interval"]["y"][0] <= row["prediction"]["y"] <= row["interval"]["y"][1]

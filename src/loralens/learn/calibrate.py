@@ -15,6 +15,7 @@ coverage from one draw to the next, 180 by about ±2.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -25,6 +26,7 @@ from loralens.learn.base_fit import base_features
 from loralens.learn.data import class_strata, hold_out
 from loralens.learn.fitcheck import FitCheck, FitInputs, out_of_fold_scores
 from loralens.learn.probes import fit_predict
+from loralens.learn.span import SPAN_REFERENCE, Span, fit_out_of_fold, side_factors
 from loralens.learn.tasks import CLASSIFICATION, Task
 from loralens.learn.trust import MAX_REFERENCE, Calibration
 from loralens.lora import LoRABatch
@@ -62,13 +64,17 @@ def unit_dim(model: Any) -> int:
 
 
 @torch.no_grad()
-def outputs(model: Any, batches: Iterable[LoRABatch]) -> tuple[np.ndarray, FitInputs]:
+def outputs(
+    model: Any, batches: Iterable[LoRABatch], span: Span | None = None
+) -> tuple[np.ndarray, FitInputs]:
     """(raw outputs (N, out), what the fit check reads) of ``model`` over ``batches``: the
-    embedding from the same forward pass, per-layer log RMS of delta W, scale-free features."""
+    embedding from the same forward pass, per-layer log RMS of delta W, scale-free features,
+    and the span_score against ``span`` (zeros without)."""
     model.eval()
     kind, k = unit_kind(model), spectral_width(model.spec)
-    raws, embs, rms, units = [], [], [], []
+    raws, embs, rms, units, spans = [], [], [], [], []
     for batch in batches:
+        spans.append(np.zeros(len(batch)) if span is None else span.scores(batch))
         batch = model.prepare(batch)
         z = model.embed(batch)
         raws.append(model.output(batch, z).double().cpu().numpy())
@@ -78,20 +84,61 @@ def outputs(model: Any, batches: Iterable[LoRABatch]) -> tuple[np.ndarray, FitIn
     if not raws:
         empty = np.zeros((0, 0))
         return np.zeros((0, model.out_dim)), FitInputs(
-            empty, np.zeros((0, len(model.spec.names))), empty
+            empty, np.zeros((0, len(model.spec.names))), empty, np.zeros(0)
         )
     return np.concatenate(raws), FitInputs(
-        np.concatenate(embs), np.concatenate(rms), np.concatenate(units)
+        np.concatenate(embs), np.concatenate(rms), np.concatenate(units), np.concatenate(spans)
     )
 
 
 def store_outputs(
-    model: Any, store: LoRAStore, rows: np.ndarray, batch_size: int = 256
+    model: Any, store: LoRAStore, rows: np.ndarray, batch_size: int = 256, span: Span | None = None
 ) -> tuple[np.ndarray, FitInputs]:
     """:func:`outputs` over store ``rows`` (padded to the model's ranks), in row order."""
     pad = [int(r) for r in model.spec.ranks]
     batches = (b for _, b in store.iter_batches(batch_size, rows=rows, pad_ranks=pad))
-    return outputs(model, batches)
+    return outputs(model, batches, span)
+
+
+@dataclass
+class SpanFit:
+    """The span score's bases, fitted on ``rows`` (sorted), and those rows' out-of-fold scores."""
+
+    span: Span
+    rows: np.ndarray
+    oof: np.ndarray
+
+    @classmethod
+    def of(
+        cls, model: Any, store: LoRAStore, rows: np.ndarray, folds: np.ndarray, seed: int
+    ) -> SpanFit:
+        """Bases from ``rows`` (a seeded sample of SPAN_REFERENCE above that), each sampled
+        row scored against bases of the other ``folds`` (one label per row)."""
+        rows, folds = np.asarray(rows), np.asarray(folds)
+        keep = np.arange(len(rows))
+        if len(rows) > SPAN_REFERENCE:
+            keep = np.sort(np.random.default_rng(seed).choice(keep, SPAN_REFERENCE, replace=False))
+        rows, folds = rows[keep], folds[keep]
+        pad = [int(r) for r in model.spec.ranks]
+        _, batch = next(store.iter_batches(len(rows), rows=rows, pad_ranks=pad))
+        factors = side_factors([batch])
+        oof = np.zeros(len(rows))
+        labels = np.unique(folds)
+        for g, span in zip(labels, fit_out_of_fold(factors, folds)):
+            at = np.flatnonzero(folds == g)
+            oof[at] = span.scores(batch.select(at))
+        order = np.argsort(rows)
+        return cls(Span.fit(factors), rows[order], oof[order])
+
+    def held_out(self, rows: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        """``scores`` of ``rows`` against the bases, the fitted rows' replaced by their
+        out-of-fold scores: every score held out from the bases that gave it."""
+        rows = np.asarray(rows)
+        at = np.searchsorted(self.rows, rows).clip(max=len(self.rows) - 1)
+        hit = self.rows[at] == rows
+        out = np.array(scores, dtype=np.float64)
+        out[hit] = self.oof[at[hit]]
+        return out
 
 
 def calibrate(
@@ -124,37 +171,47 @@ def calibrate(
     ref = np.sort(np.asarray(reference_rows))
     if len(ref) > MAX_REFERENCE:
         ref = np.sort(rng.choice(ref, MAX_REFERENCE, replace=False))
-    _, ref_in = store_outputs(model, store, ref)
-    fit = FitCheck.fit(ref_in, names)
     cal_rows = np.asarray(cal_rows)
     method = method if groups is None else "cross"
-    raw, cal_in = store_outputs(model, store, cal_rows)
+    if groups is None:
+        folds = rng.permutation(np.arange(len(ref)) % OOF_FOLDS)
+    else:  # each reference row in the fold it is held out in (one more fold: those in none)
+        fold_of = dict(zip(cal_rows.tolist(), np.asarray(groups).tolist()))
+        folds = np.array([fold_of.get(r, -1) for r in ref.tolist()])
+    span_fit = SpanFit.of(model, store, ref, folds, seed)
+    _, ref_in = store_outputs(model, store, ref, span=span_fit.span)
+    fit = FitCheck.fit(ref_in, names)
+    fit.span = span_fit.span
+    raw, cal_in = store_outputs(model, store, cal_rows, span=span_fit.span)
     cal_raw = raw if cal_raw is None else cal_raw
+    span = span_fit.held_out(cal_rows, cal_in.span)
     if groups is None:
         ood, size = fit.scores(cal_in.embed), np.abs(fit.size_residuals(cal_in))
-        folds = rng.permutation(np.arange(len(ref)) % OOF_FOLDS)
         ref_ood, ref_size = out_of_fold_scores(ref_in, folds, names)
-        fit.calibrate(np.r_[ood, ref_ood], np.r_[size, ref_size], share)
+        ref_span = span_fit.held_out(ref, ref_in.span)
+        fit.calibrate(np.r_[ood, ref_ood], np.r_[size, ref_size], np.r_[span, ref_span], share)
         if pooled is not None:
             p_rows, p_raw = pooled
             at = np.searchsorted(ref, p_rows).clip(max=len(ref) - 1)
             in_ref = ref[at] == p_rows  # scored out of fold above
-            p_ood, p_size = np.empty(len(p_rows)), np.empty(len(p_rows))
+            p_ood, p_size, p_span = (np.empty(len(p_rows)) for _ in range(3))
             p_ood[in_ref], p_size[in_ref] = ref_ood[at[in_ref]], ref_size[at[in_ref]]
+            p_span[in_ref] = ref_span[at[in_ref]]
             if not in_ref.all():  # the others (validation rows) against the whole reference
-                _, p_in = store_outputs(model, store, p_rows[~in_ref])
+                _, p_in = store_outputs(model, store, p_rows[~in_ref], span=span_fit.span)
                 p_ood[~in_ref] = fit.scores(p_in.embed)
                 p_size[~in_ref] = np.abs(fit.size_residuals(p_in))
+                p_span[~in_ref] = p_in.span
     else:  # the refit saw every LoRA: each fold is scored against a reference of the others
         ood, size = out_of_fold_scores(cal_in, groups, names)
-        fit.calibrate(ood, size, share)
+        fit.calibrate(ood, size, span, share)
     finite = ood[np.isfinite(ood)]
     offset = float(np.median(finite)) if len(finite) else 1.0
     baseline = np.abs(y_all[cal_rows] - np.asarray(task.mean))
     if groups is None and pooled is not None:
         method = "split+cv"
         cal_rows, cal_raw = np.r_[cal_rows, p_rows], np.r_[cal_raw, p_raw]
-        ood, size = np.r_[ood, p_ood], np.r_[size, p_size]
+        ood, size, span = np.r_[ood, p_ood], np.r_[size, p_size], np.r_[span, p_span]
     y = y_all[cal_rows]
     if task.kind == CLASSIFICATION:
         temp = np.array([cp.fit_temperature(cal_raw[:, j], y[:, j]) for j in range(y.shape[1])])
@@ -176,6 +233,7 @@ def calibrate(
         fit,
         ood,
         size,
+        span,
     )
 
 
@@ -268,7 +326,7 @@ def calibrate_run(
             **settings,
         )
         rows = split["test"]
-        rep = cal.report(task, *store_outputs(model, store, rows), y_all[rows])
+        rep = cal.report(task, *store_outputs(model, store, rows, span=cal.fit.span), y_all[rows])
     else:
         if not config.calibration:
             return None, {}
@@ -294,16 +352,16 @@ def cross_report(cal: Calibration, task: Task, y: np.ndarray, groups: np.ndarray
     """The test report of a cross-conformal calibration: the LoRAs of each fold judged by the
     quantiles and fit-check thresholds of the other folds' scores, pooled."""
     y = np.asarray(y, dtype=np.float64).reshape(len(y), -1)
-    level, alpha = cal.coverage, cal.fit.share / cal.fit.n_scores
+    level = cal.coverage
     n, t = cal.scores.shape
     q = np.full((n, t), np.inf)
     flagged = np.zeros(n, dtype=bool)
     for g in np.unique(groups):
         m = groups == g
         q[m] = [cp.conformal_quantile(s, level) for s in cal.scores[~m].T]
-        flagged[m] = (cal.ood[m] > cp.conformal_quantile(cal.ood[~m], 1.0 - alpha)) | (
-            cal.size[m] > cp.conformal_quantile(cal.size[~m], 1.0 - alpha)
-        )
+        for score, alpha in zip((cal.ood, cal.size, cal.span), cal.fit.shares()):
+            if alpha > 0:
+                flagged[m] |= score[m] > cp.conformal_quantile(score[~m], 1.0 - alpha)
     ok = ~np.isnan(y)
     rep: dict[str, Any] = {"level": level, "n": n, "cross_fitted": True}
     rep["coverage"] = float(np.mean((cal.scores <= q)[ok]))

@@ -5,15 +5,20 @@
 2. sanity: the size of the update per layer, RMS of delta W, against the range the training
    LoRAs spanned (``NORM_FACTOR`` times beyond it is flagged: an all-zero LoRA, one scaled far
    beyond what any learning rate reached);
-3. distribution, two scores against the training LoRAs:
+3. distribution, three scores against the training LoRAs:
    ``ood_score``, how far the adapter's embedding (the model's own invariant features as its
    head reads them, ``LoLModel.embed``) lies from theirs (a shrunk Mahalanobis distance); and
    ``scale_score``, how far its update size (mean log RMS over layers) lies from the size a ridge
    predicts from its scale-free features (ΔW or singular values over their norm), so a LoRA
-   scaled by 10 scores about log 10 even where a higher learning rate reaches that size.
-   Each score's threshold flags share / 2 of in-distribution LoRAs (a conformal quantile of
-   held-out scores: the calibration LoRAs and the training LoRAs scored out of fold), so
-   together they flag at most ``share`` of them (Bonferroni on the two conformal p-values).
+   scaled by 10 scores about log 10 even where a higher learning rate reaches that size; and
+   ``span_score``, the share of its update outside the directions the training LoRAs' updates
+   use, layer by layer (:mod:`loralens.learn.span`; no model involved, so it catches a LoRA of a
+   base pretrained from another seed whatever the model's embedding makes of it).
+   Each score's threshold flags its part of ``share`` of in-distribution LoRAs (a conformal
+   quantile of held-out scores: the calibration LoRAs and the training LoRAs scored out of
+   fold), so together they flag at most ``share`` of them (Bonferroni on the conformal
+   p-values). Size and direction are two questions and get half each; the direction's half is
+   split between the model's view of it (ood_score) and the model-free one (span_score).
 
 A flagged adapter is still predicted; its row says why it is not to be trusted.
 """
@@ -27,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from loralens.learn.conformal import conformal_quantile
+from loralens.learn.span import SPAN_FLOOR, Span
 from loralens.lora import LayerSpec
 
 #: Share of in-distribution LoRAs the distribution layer flags by default.
@@ -54,12 +60,13 @@ class FitInputs:
     embed: np.ndarray  # (N, D) the model's embedding
     log_rms: np.ndarray  # (N, L) log RMS of delta W per layer
     unit: np.ndarray  # (N, U) scale-free features (``linear_base.unit_features``)
+    span: np.ndarray  # (N,) span_score against the run's bases (zeros where it has none)
 
     def __len__(self) -> int:
         return len(self.embed)
 
     def take(self, rows: np.ndarray) -> FitInputs:
-        return FitInputs(self.embed[rows], self.log_rms[rows], self.unit[rows])
+        return FitInputs(self.embed[rows], self.log_rms[rows], self.unit[rows], self.span[rows])
 
 
 @dataclass
@@ -87,8 +94,9 @@ class FitCheck:
 
     The ood_score is the Mahalanobis distance (over sqrt(D)) to the training embeddings under
     their Ledoit-Wolf shrunk covariance, (1 - a) S + a m I, computed in the N x N dual so that
-    nothing D x D is ever formed (D can be far above N). ``size`` (the scale score's model) is None
-    for runs saved before the scale score existed (then the ood_score alone flags ``share``).
+    nothing D x D is ever formed (D can be far above N). ``size`` (the scale score's model) and
+    ``span`` (the span score's bases) are None for runs saved before those scores existed; the
+    others then share ``share``.
     """
 
     mean: np.ndarray  # (D,) embedding mean over the training LoRAs
@@ -103,6 +111,8 @@ class FitCheck:
     share: float = OOD_SHARE
     size: ScaleModel | None = None
     size_threshold: float = math.inf
+    span: Span | None = None
+    span_threshold: float = math.inf
 
     @classmethod
     def fit(cls, inputs: FitInputs, names: list[str]) -> FitCheck:
@@ -142,21 +152,30 @@ class FitCheck:
         res = self.size.residual(inputs.unit, inputs.log_rms)
         return np.where(np.isfinite(res), res, np.inf)
 
-    @property
-    def n_scores(self) -> int:
-        return 1 if self.size is None else 2
+    def shares(self) -> tuple[float, float, float]:
+        """The part of ``share`` that the ood, scale and span scores each flag (0 for a score
+        the check lacks: runs saved before it existed)."""
+        size = self.share / 2 if self.size is not None else 0.0
+        span = (self.share - size) / 2 if self.span is not None else 0.0
+        return self.share - size - span, size, span
 
     def calibrate(
-        self, scores: np.ndarray, size_scores: np.ndarray | None = None, share: float = OOD_SHARE
+        self,
+        scores: np.ndarray,
+        size_scores: np.ndarray | None = None,
+        span_scores: np.ndarray | None = None,
+        share: float = OOD_SHARE,
     ) -> None:
-        """Set each threshold so that at most ``share`` / n_scores of LoRAs exchangeable with
-        the held-out scores lie above it (the conformal quantile); with too few scores for that,
-        the largest (about 1/(n+1) of them are flagged)."""
+        """Set each threshold so that at most its part of ``share`` (:meth:`shares`) of LoRAs
+        exchangeable with the held-out scores lie above it (the conformal quantile); with too
+        few scores for that, the largest (about 1/(n+1) of them are flagged)."""
         self.share = float(share)
-        alpha = share / self.n_scores
-        self.threshold = _threshold(scores, alpha)
+        ood, size, span = self.shares()
+        self.threshold = _threshold(scores, ood)
         if self.size is not None and size_scores is not None:
-            self.size_threshold = _threshold(size_scores, alpha)
+            self.size_threshold = _threshold(size_scores, size)
+        if self.span is not None and span_scores is not None:
+            self.span_threshold = max(_threshold(span_scores, span), SPAN_FLOOR)
 
     def sanity(self, log_rms: np.ndarray) -> list[list[str]]:
         """Layer 2: per LoRA, the reasons its per-layer update sizes are off (empty if none)."""
@@ -187,14 +206,14 @@ class FitCheck:
         """Per LoRA ``{"in_distribution", "ood_score", "threshold", "reasons"}`` (layers 2+3)."""
         scores = self.scores(inputs.embed)
         sizes = self.size_residuals(inputs)
-        per = f"{100 * self.share / self.n_scores:.3g}%"
+        per = [f"{100 * a:.3g}%" for a in self.shares()]
         rows = []
-        for s, r, reasons in zip(scores, sizes, self.sanity(inputs.log_rms)):
+        for s, r, sp, reasons in zip(scores, sizes, inputs.span, self.sanity(inputs.log_rms)):
             if s > self.threshold:
                 reasons = [
                     *reasons,
                     f"ood_score {s:.3g} above the threshold {self.threshold:.3g} (which flags "
-                    f"{per} of in-distribution LoRAs): unlike the training LoRAs",
+                    f"{per[0]} of in-distribution LoRAs): unlike the training LoRAs",
                 ]
             if abs(r) > self.size_threshold:
                 x = math.exp(min(abs(float(r)), 700.0))
@@ -202,7 +221,14 @@ class FitCheck:
                     *reasons,
                     f"update {x:.3g}x {'larger' if r > 0 else 'smaller'} than training LoRAs "
                     f"of its direction (scale_score {abs(r):.3g} above {self.size_threshold:.3g}, "
-                    f"which flags {per} of in-distribution LoRAs)",
+                    f"which flags {per[1]} of in-distribution LoRAs)",
+                ]
+            if sp > self.span_threshold:
+                reasons = [
+                    *reasons,
+                    f"{100 * sp:.0f}% of its update lies outside the directions the training "
+                    f"LoRAs' updates use (span_score {sp:.3g} above {self.span_threshold:.3g}, "
+                    f"which flags {per[2]} of in-distribution LoRAs): a LoRA of another base model?",
                 ]
             rows.append(
                 {

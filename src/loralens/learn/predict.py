@@ -68,7 +68,8 @@ def predict_adapters(
         batch = collate([items[k][1] for k in chunk])
         batch = batch.pad_to(np.maximum(batch.spec.ranks, run.spec.ranks))
         with torch.no_grad():
-            raw, fit_in = outputs(run.model, [batch])
+            span = None if run.calibration is None else run.calibration.fit.span
+            raw, fit_in = outputs(run.model, [batch], span)
         for k, row in zip(chunk, _rows(run, raw, fit_in, coverage)):
             results[k] = row
     rows = []

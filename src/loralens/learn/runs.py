@@ -219,7 +219,7 @@ def load_run(run_dir: str | os.PathLike, *, device: str | torch.device = "cpu") 
     model = rebuild_model(cfg.name, cfg.spec, cfg.out_dim, cfg.hparams)
     model.load_state_dict(state)
     model.to(device).eval()
-    calibration = read_calibration(path, cfg.task, list(cfg.spec.names), unit_dim(model))
+    calibration = read_calibration(path, cfg.task, cfg.spec, unit_dim(model))
     return Run(path=path, model=model, task=cfg.task, config=cfg.raw, calibration=calibration)
 
 
@@ -254,7 +254,8 @@ def evaluate(
     if len(rows) == 0:
         raise StoreError(f"no LoRA in {store.path} has labels {run.task.targets}")
     t0 = time.time()
-    out, fit_in = store_outputs(run.model, store, rows, batch_size)
+    span = None if run.calibration is None else run.calibration.fit.span
+    out, fit_in = store_outputs(run.model, store, rows, batch_size, span)
     bad = ~np.isfinite(run.task.decode(out)).all(axis=1)
     if bad.any():
         ids = [store.ids[r] for r in rows[bad][:5]]

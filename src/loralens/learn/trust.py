@@ -12,7 +12,8 @@ ood_score), so intervals widen where the adapter lies far from the training LoRA
 
 Files: ``calibration.json`` (settings, scalars) and ``calibration.safetensors`` (arrays); both
 read as untrusted input. Runs without them (saved before) predict without intervals; version 1
-files (saved before the fit check's scale score) load with the ood_score alone.
+files (saved before the fit check's scale score) load with the ood_score alone, version 2 files
+(before the span score) with the ood and scale scores.
 """
 
 from __future__ import annotations
@@ -28,13 +29,15 @@ from loralens.jsonio import write_json
 from loralens.learn import conformal as cp
 from loralens.learn.checkpoint import RunError, read_json_object
 from loralens.learn.fitcheck import FitCheck, FitInputs, ScaleModel
+from loralens.learn.span import SPAN_MAX_RANK, Span
 from loralens.learn.tasks import CLASSIFICATION, Task
+from loralens.lora import LayerSpec
 
 CALIBRATION = "calibration.json"
 ARRAYS = "calibration.safetensors"
 FORMAT = "loralens-calibration"
-VERSION = 2
-VERSIONS = (1, 2)
+VERSION = 3
+VERSIONS = (1, 2, 3)
 METHODS = ("split", "split+cv", "val", "cross")
 #: Training LoRAs kept as the fit check's reference (a seeded sample above this).
 MAX_REFERENCE = 2048
@@ -56,6 +59,7 @@ class Calibration:
     fit: FitCheck
     ood: np.ndarray  # (n,) ood_score of each calibration LoRA
     size: np.ndarray  # (n,) its scale_score (zeros for version 1 files)
+    span: np.ndarray  # (n,) its span_score (zeros before version 3)
 
     def quantiles(self, level: float | None = None) -> np.ndarray:
         """(T,) conformal quantile of the calibration scores at ``level`` (default: the run's)."""
@@ -124,6 +128,7 @@ class Calibration:
             "ood_share": self.fit.share,
             "ood_threshold": self.fit.threshold,
             "scale_threshold": self.fit.size_threshold if self.fit.size else None,
+            "span_threshold": self.fit.span_threshold if self.fit.span else None,
             "temperature": self.temperature.tolist() if self.kind == CLASSIFICATION else None,
         }
 
@@ -144,9 +149,13 @@ class Calibration:
             "log_rms_hi": f.log_rms_hi,
             "ood": self.ood,
             "size": self.size,
+            "span": self.span,
         }
         if f.size is not None:
             arrays["size_coef"] = f.size.coef
+        if f.span is not None:
+            for i, (b_in, b_out) in enumerate(zip(f.span.inputs, f.span.outputs)):
+                arrays[f"span_in.{i}"], arrays[f"span_out.{i}"] = b_in, b_out
         save_file(
             {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in arrays.items()},
             str(out / ARRAYS),
@@ -170,16 +179,20 @@ class Calibration:
                 "layer_names": f.layer_names,
                 "size_bias": None if f.size is None else f.size.bias,
                 "size_threshold": None if math.isinf(f.size_threshold) else f.size_threshold,
+                "span": f.span is not None,
+                "span_threshold": None if math.isinf(f.span_threshold) else f.span_threshold,
             },
         )
 
 
 def read_calibration(
-    run_dir: Path, task: Task, layer_names: list[str], unit_dim: int | None = None
+    run_dir: Path, task: Task, spec: LayerSpec, unit_dim: int | None = None
 ) -> Calibration | None:
-    """The calibration of the run in ``run_dir``, checked against its task and layers (and the
-    length ``unit_dim`` of the model's scale-free features, when given); None when the run has
-    none (saved before calibration existed); :class:`RunError` if it is damaged."""
+    """The calibration of the run in ``run_dir``, checked against its task and layers (names
+    and shapes of ``spec``; and the length ``unit_dim`` of the model's scale-free features, when
+    given); None when the run has none (saved before calibration existed); :class:`RunError` if
+    it is damaged."""
+    layer_names = list(spec.names)
     path = run_dir / CALIBRATION
     if not path.exists() and not (run_dir / ARRAYS).exists():
         return None
@@ -223,6 +236,7 @@ def read_calibration(
         "log_rms_hi": (L,),
         "ood": (len(a["scores"]),),
         "size": (len(a["scores"]),),
+        "span": (len(a["scores"]),),
     }
     size, bias, size_threshold = None, d.get("size_bias"), d.get("size_threshold")
     if version > 1 and bias is not None:
@@ -234,6 +248,19 @@ def read_calibration(
             raise RunError(f"{run_dir / ARRAYS}: lacks size_coef (calibration.json has size_bias)")
         want["size_coef"] = (unit_dim,)
         size = ScaleModel(a["size_coef"], float(bias))
+    span, span_threshold = None, d.get("span_threshold")
+    if version > 2 and d.get("span"):
+        if not (span_threshold is None or _finite_number(span_threshold)):
+            raise bad("span_threshold must be a finite number or null")
+        for i, (o, n) in enumerate(spec.shapes):
+            for side, width in (("in", n), ("out", o)):
+                key = f"span_{side}.{i}"
+                if key not in a:
+                    raise RunError(f"{run_dir / ARRAYS}: lacks {key} (calibration.json has span)")
+                if a[key].shape[0] > min(SPAN_MAX_RANK, width):
+                    raise RunError(f"{run_dir / ARRAYS}: {key} has {a[key].shape[0]} rows")
+                want[key] = (None, width)
+        span = Span([a[f"span_in.{i}"] for i in range(L)], [a[f"span_out.{i}"] for i in range(L)])
     for key, shape in want.items():
         got = a[key].shape
         if len(got) != len(shape) or any(w is not None and g != w for g, w in zip(got, shape)):
@@ -253,6 +280,8 @@ def read_calibration(
         share,
         size,
         math.inf if size is None or size_threshold is None else float(size_threshold),
+        span,
+        math.inf if span is None or span_threshold is None else float(span_threshold),
     )
     return Calibration(
         task.kind,
@@ -267,6 +296,7 @@ def read_calibration(
         fit,
         a["ood"],
         a["size"],
+        a["span"],
     )
 
 
@@ -287,13 +317,15 @@ def _read_arrays(path: Path, version: int) -> dict[str, np.ndarray]:
     missing = {"scores", "baseline", "temperature", "mean", "scale", "reference"}
     missing |= {"log_rms_lo", "log_rms_hi", "ood"}
     missing |= {"size"} if version > 1 else set()
+    missing |= {"span"} if version > 2 else set()
     missing -= set(arrays)
     if missing:
         raise RunError(f"{path}: lacks {sorted(missing)}")
     out = {k: v.astype(np.float64) for k, v in arrays.items()}
     out.setdefault("size", np.zeros(len(out["scores"])))
+    out.setdefault("span", np.zeros(len(out["scores"])))
     for k, v in out.items():
-        if k not in ("scores", "baseline", "ood", "size") and not np.isfinite(v).all():
+        if k not in ("scores", "baseline", "ood", "size", "span") and not np.isfinite(v).all():
             raise RunError(f"{path}: {k} holds NaN/inf")
     return out
 

@@ -1,0 +1,148 @@
+"""The fit check's span score: how much of a LoRA's update lies outside the subspaces that the
+training LoRAs' updates occupy, layer by layer. It reads no trained model, ignores scale, and is
+GL(r)-invariant (it sees U V^T only through U^T U, V^T V and projections of U and V).
+
+Per layer, each training update ΔW = U V^T is scaled to unit norm; its input side contributes
+V (U^T U) V^T to a covariance over the layer's inputs, its output side U (V^T V) U^T to one over
+its outputs. A basis holds the top eigenvectors carrying ``SPAN_ENERGY`` of each covariance (at
+most ``SPAN_MAX_RANK``). A LoRA's span score is the mean over its layers of
+1 - (share of |ΔW|^2 inside the input basis) x (share inside the output basis): about 0.2 for
+LoRAs like the training ones, near 1 for one finetuned on a base pretrained from another seed,
+whose layers use other directions (``benchmarks/trust_subspace.py``).
+
+Everything is computed from the factors, never forming ΔW: a covariance's eigenvectors come from
+the stacked factors' Gram matrix in whichever of its two sides is smaller.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from loralens.lora import LoRABatch
+
+#: Share of the training updates' energy a basis keeps, per layer and side.
+SPAN_ENERGY = 0.9
+#: Most basis vectors kept per layer and side (bounds the calibration file on wide layers).
+SPAN_MAX_RANK = 128
+#: Most training LoRAs whose factors build the bases (a seeded sample above this).
+SPAN_REFERENCE = 256
+#: The lowest span threshold: a share this small outside the bases is rounding, not a shift
+#: (training LoRAs that all lie in one exact subspace score 0 up to float error).
+SPAN_FLOOR = 0.01
+
+
+@dataclass
+class Span:
+    """Per layer, orthonormal bases (rows) of the training updates' input and output sides."""
+
+    inputs: list[np.ndarray]  # (k_in, in) per layer
+    outputs: list[np.ndarray]  # (k_out, out) per layer
+
+    @classmethod
+    def fit(cls, factors: list[tuple[np.ndarray, np.ndarray]]) -> Span:
+        """The bases of stacked side factors (:func:`side_factors`) per layer."""
+        return cls([_basis(f_in) for f_in, _ in factors], [_basis(f_out) for _, f_out in factors])
+
+    def scores(self, batch: LoRABatch) -> np.ndarray:
+        """(N,) span score of each LoRA of ``batch`` (0 for a LoRA whose layers are all zero)."""
+        per = []
+        for u, v, b_in, b_out in zip(batch.U, batch.V, self.inputs, self.outputs):
+            u, v = u.detach().cpu().double().numpy(), v.detach().cpu().double().numpy()
+            gu, gv = _grams(u), _grams(v)
+            total = np.einsum("nij,nij->n", gu, gv)
+            a, c = b_in @ v, b_out @ u  # (N, k, r): the bases times V and U
+            inside_in = ((a @ gu) * a).sum(axis=(1, 2))
+            inside_out = ((c @ gv) * c).sum(axis=(1, 2))
+            with np.errstate(invalid="ignore", divide="ignore"):
+                per.append(np.where(total > 0, 1 - inside_in * inside_out / total**2, np.nan))
+        per_layer = np.stack(per, axis=1)
+        has = np.isfinite(per_layer).any(axis=1)
+        out = np.zeros(len(per_layer))
+        out[has] = np.nanmean(per_layer[has], axis=1)
+        return np.clip(out, 0.0, 1.0)
+
+
+def side_factors(batches: Iterable[LoRABatch]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per layer, (F_in (in, N r), F_out (out, N r)): each LoRA's unit-norm update as
+    F_in F_in^T = V (U^T U) V^T / |ΔW|^2 (and F_out likewise), its r columns in LoRA order."""
+    parts: list[list[tuple[np.ndarray, np.ndarray]]] = []
+    for batch in batches:
+        per_layer = []
+        for u, v in zip(batch.U, batch.V):
+            u, v = u.detach().cpu().double().numpy(), v.detach().cpu().double().numpy()
+            gu, gv = _grams(u), _grams(v)
+            total = np.einsum("nij,nij->n", gu, gv)
+            w = np.where(total > 0, 1 / np.sqrt(np.where(total > 0, total, 1)), 0.0)
+            f_in = v @ _sqrt_psd(gu) * w[:, None, None]  # (N, in, r)
+            f_out = u @ _sqrt_psd(gv) * w[:, None, None]
+            per_layer.append((_columns(f_in), _columns(f_out)))
+        parts.append(per_layer)
+    return [
+        (np.concatenate([p[i][0] for p in parts], 1), np.concatenate([p[i][1] for p in parts], 1))
+        for i in range(len(parts[0]))
+    ]
+
+
+def fit_out_of_fold(factors: list[tuple[np.ndarray, np.ndarray]], folds: np.ndarray) -> list[Span]:
+    """One :class:`Span` per fold label of ``folds`` (sorted; one label per LoRA in
+    ``factors``), fitted on the LoRAs of the other folds."""
+    folds = np.asarray(folds)
+    spans = []
+    for g in np.unique(folds):
+        other = folds != g
+        sides = []
+        for f_in, f_out in factors:
+            width = f_in.shape[1] // len(folds)  # the layer's (padded) rank
+            m = np.repeat(other, width)
+            sides.append((f_in[:, m], f_out[:, m]))
+        spans.append(Span.fit(sides))
+    return spans
+
+
+def _grams(f: np.ndarray) -> np.ndarray:
+    return f.transpose(0, 2, 1) @ f
+
+
+def _sqrt_psd(g: np.ndarray) -> np.ndarray:
+    """Batched symmetric square root of positive semi-definite r x r matrices."""
+    lam, q = np.linalg.eigh(g)
+    return (q * np.sqrt(np.clip(lam, 0, None))[:, None, :]) @ q.transpose(0, 2, 1)
+
+
+def _columns(f: np.ndarray) -> np.ndarray:
+    """(N, d, r) -> (d, N r), each LoRA's r columns side by side."""
+    return f.transpose(1, 0, 2).reshape(f.shape[1], -1)
+
+
+def _basis(f: np.ndarray) -> np.ndarray:
+    """Orthonormal rows spanning the top eigenvectors of f f^T that carry SPAN_ENERGY of its
+    trace (at most SPAN_MAX_RANK), computed in the smaller of f's two dimensions."""
+    d, m = f.shape
+    if d <= m:
+        lam, vec = np.linalg.eigh(f @ f.T)
+        lam, vec = lam[::-1], vec[:, ::-1]
+    else:
+        lam, e = np.linalg.eigh(f.T @ f)
+        lam, e = lam[::-1], e[:, ::-1]
+        pos = lam > 0
+        vec = np.zeros((d, len(lam)))
+        vec[:, pos] = f @ e[:, pos] / np.sqrt(lam[pos])
+    lam = np.clip(lam, 0, None)
+    if lam.sum() <= 0:
+        return np.zeros((0, d))
+    k = int(np.searchsorted(np.cumsum(lam) / lam.sum(), SPAN_ENERGY)) + 1
+    return np.ascontiguousarray(vec[:, : min(k, SPAN_MAX_RANK, d)].T)
+
+
+__all__ = [
+    "SPAN_ENERGY",
+    "SPAN_FLOOR",
+    "SPAN_MAX_RANK",
+    "SPAN_REFERENCE",
+    "Span",
+    "fit_out_of_fold",
+    "side_factors",
+]
