@@ -26,7 +26,7 @@ from loralens.learn.base_fit import base_features
 from loralens.learn.data import class_strata, hold_out
 from loralens.learn.fitcheck import FitCheck, FitInputs, out_of_fold_scores
 from loralens.learn.probes import fit_predict
-from loralens.learn.span import SPAN_REFERENCE, Span, fit_out_of_fold, side_factors
+from loralens.learn.span import Span, fit_out_of_fold, side_factors, span_sample_size
 from loralens.learn.tasks import CLASSIFICATION, Task
 from loralens.learn.trust import MAX_REFERENCE, Calibration
 from loralens.lora import LoRABatch
@@ -112,14 +112,15 @@ class SpanFit:
     def of(
         cls, model: Any, store: LoRAStore, rows: np.ndarray, folds: np.ndarray, seed: int
     ) -> SpanFit:
-        """Bases from ``rows`` (a seeded sample of SPAN_REFERENCE above that), each sampled
-        row scored against bases of the other ``folds`` (one label per row)."""
+        """Bases from ``rows`` (a seeded sample of :func:`span_sample_size` above that), each
+        sampled row scored against bases of the other ``folds`` (one label per row)."""
         rows, folds = np.asarray(rows), np.asarray(folds)
-        keep = np.arange(len(rows))
-        if len(rows) > SPAN_REFERENCE:
-            keep = np.sort(np.random.default_rng(seed).choice(keep, SPAN_REFERENCE, replace=False))
-        rows, folds = rows[keep], folds[keep]
         pad = [int(r) for r in model.spec.ranks]
+        size = span_sample_size(list(model.spec.shapes), pad)
+        keep = np.arange(len(rows))
+        if len(rows) > size:
+            keep = np.sort(np.random.default_rng(seed).choice(keep, size, replace=False))
+        rows, folds = rows[keep], folds[keep]
         _, batch = next(store.iter_batches(len(rows), rows=rows, pad_ranks=pad))
         factors = side_factors([batch])
         oof = np.zeros(len(rows))

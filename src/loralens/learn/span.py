@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from loralens.lora import LoRABatch
 
@@ -27,8 +28,19 @@ from loralens.lora import LoRABatch
 SPAN_ENERGY = 0.9
 #: Most basis vectors kept per layer and side (bounds the calibration file on wide layers).
 SPAN_MAX_RANK = 128
-#: Most training LoRAs whose factors build the bases (a seeded sample above this).
+#: Most training LoRAs whose factors build the bases (a seeded sample above this), and the
+#: most factor entries they may hold together (fewer LoRAs where each is large; never below 16).
 SPAN_REFERENCE = 256
+SPAN_BUDGET = 2**23
+
+
+def span_sample_size(spec_shapes: list[tuple[int, int]], ranks: list[int]) -> int:
+    """How many LoRAs of this layout the bases are fitted on: SPAN_REFERENCE, fewer for LoRAs
+    so large that their factors would pass SPAN_BUDGET entries."""
+    per_lora = sum((o + i) * r for (o, i), r in zip(spec_shapes, ranks))
+    return max(16, min(SPAN_REFERENCE, SPAN_BUDGET // max(per_lora, 1)))
+
+
 #: The lowest span threshold: a share this small outside the bases is rounding, not a shift
 #: (training LoRAs that all lie in one exact subspace score 0 up to float error).
 SPAN_FLOOR = 0.01
@@ -42,22 +54,23 @@ class Span:
     outputs: list[np.ndarray]  # (k_out, out) per layer
 
     @classmethod
-    def fit(cls, factors: list[tuple[np.ndarray, np.ndarray]]) -> Span:
+    def fit(cls, factors: list[tuple[torch.Tensor, torch.Tensor]]) -> Span:
         """The bases of stacked side factors (:func:`side_factors`) per layer."""
         return cls([_basis(f_in) for f_in, _ in factors], [_basis(f_out) for _, f_out in factors])
 
+    @torch.no_grad()
     def scores(self, batch: LoRABatch) -> np.ndarray:
         """(N,) span score of each LoRA of ``batch`` (0 for a LoRA whose layers are all zero)."""
         per = []
         for u, v, b_in, b_out in zip(batch.U, batch.V, self.inputs, self.outputs):
-            u, v = u.detach().cpu().double().numpy(), v.detach().cpu().double().numpy()
+            u, v = u.detach().cpu().double(), v.detach().cpu().double()
             gu, gv = _grams(u), _grams(v)
-            total = np.einsum("nij,nij->n", gu, gv)
-            a, c = b_in @ v, b_out @ u  # (N, k, r): the bases times V and U
-            inside_in = ((a @ gu) * a).sum(axis=(1, 2))
-            inside_out = ((c @ gv) * c).sum(axis=(1, 2))
-            with np.errstate(invalid="ignore", divide="ignore"):
-                per.append(np.where(total > 0, 1 - inside_in * inside_out / total**2, np.nan))
+            total = (gu * gv).sum(dim=(1, 2))
+            a, c = torch.from_numpy(b_in) @ v, torch.from_numpy(b_out) @ u  # bases x V, x U
+            inside_in = ((a @ gu) * a).sum(dim=(1, 2))
+            inside_out = ((c @ gv) * c).sum(dim=(1, 2))
+            outside = 1 - inside_in * inside_out / total.clamp(min=1e-300) ** 2
+            per.append(torch.where(total > 0, outside, torch.nan).numpy())
         per_layer = np.stack(per, axis=1)
         has = np.isfinite(per_layer).any(axis=1)
         out = np.zeros(len(per_layer))
@@ -65,28 +78,29 @@ class Span:
         return np.clip(out, 0.0, 1.0)
 
 
-def side_factors(batches: Iterable[LoRABatch]) -> list[tuple[np.ndarray, np.ndarray]]:
+@torch.no_grad()
+def side_factors(batches: Iterable[LoRABatch]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per layer, (F_in (in, N r), F_out (out, N r)): each LoRA's unit-norm update as
     F_in F_in^T = V (U^T U) V^T / |ΔW|^2 (and F_out likewise), its r columns in LoRA order."""
-    parts: list[list[tuple[np.ndarray, np.ndarray]]] = []
+    parts: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
     for batch in batches:
         per_layer = []
         for u, v in zip(batch.U, batch.V):
-            u, v = u.detach().cpu().double().numpy(), v.detach().cpu().double().numpy()
+            u, v = u.detach().cpu().double(), v.detach().cpu().double()
             gu, gv = _grams(u), _grams(v)
-            total = np.einsum("nij,nij->n", gu, gv)
-            w = np.where(total > 0, 1 / np.sqrt(np.where(total > 0, total, 1)), 0.0)
-            f_in = v @ _sqrt_psd(gu) * w[:, None, None]  # (N, in, r)
-            f_out = u @ _sqrt_psd(gv) * w[:, None, None]
-            per_layer.append((_columns(f_in), _columns(f_out)))
+            total = (gu * gv).sum(dim=(1, 2))
+            w = torch.where(total > 0, total.clamp(min=1e-300).rsqrt(), 0.0)[:, None, None]
+            per_layer.append((_columns(v @ _sqrt_psd(gu) * w), _columns(u @ _sqrt_psd(gv) * w)))
         parts.append(per_layer)
     return [
-        (np.concatenate([p[i][0] for p in parts], 1), np.concatenate([p[i][1] for p in parts], 1))
+        (torch.cat([p[i][0] for p in parts], 1), torch.cat([p[i][1] for p in parts], 1))
         for i in range(len(parts[0]))
     ]
 
 
-def fit_out_of_fold(factors: list[tuple[np.ndarray, np.ndarray]], folds: np.ndarray) -> list[Span]:
+def fit_out_of_fold(
+    factors: list[tuple[torch.Tensor, torch.Tensor]], folds: np.ndarray
+) -> list[Span]:
     """One :class:`Span` per fold label of ``folds`` (sorted; one label per LoRA in
     ``factors``), fitted on the LoRAs of the other folds."""
     folds = np.asarray(folds)
@@ -96,48 +110,51 @@ def fit_out_of_fold(factors: list[tuple[np.ndarray, np.ndarray]], folds: np.ndar
         sides = []
         for f_in, f_out in factors:
             width = f_in.shape[1] // len(folds)  # the layer's (padded) rank
-            m = np.repeat(other, width)
+            m = torch.from_numpy(np.repeat(other, width))
             sides.append((f_in[:, m], f_out[:, m]))
         spans.append(Span.fit(sides))
     return spans
 
 
-def _grams(f: np.ndarray) -> np.ndarray:
-    return f.transpose(0, 2, 1) @ f
+def _grams(f: torch.Tensor) -> torch.Tensor:
+    return f.mT @ f
 
 
-def _sqrt_psd(g: np.ndarray) -> np.ndarray:
+def _sqrt_psd(g: torch.Tensor) -> torch.Tensor:
     """Batched symmetric square root of positive semi-definite r x r matrices."""
-    lam, q = np.linalg.eigh(g)
-    return (q * np.sqrt(np.clip(lam, 0, None))[:, None, :]) @ q.transpose(0, 2, 1)
+    lam, q = torch.linalg.eigh(g)
+    return (q * lam.clamp(min=0).sqrt()[:, None, :]) @ q.mT
 
 
-def _columns(f: np.ndarray) -> np.ndarray:
+def _columns(f: torch.Tensor) -> torch.Tensor:
     """(N, d, r) -> (d, N r), each LoRA's r columns side by side."""
-    return f.transpose(1, 0, 2).reshape(f.shape[1], -1)
+    return f.permute(1, 0, 2).reshape(f.shape[1], -1)
 
 
-def _basis(f: np.ndarray) -> np.ndarray:
+@torch.no_grad()
+def _basis(f: torch.Tensor) -> np.ndarray:
     """Orthonormal rows spanning the top eigenvectors of f f^T that carry SPAN_ENERGY of its
     trace (at most SPAN_MAX_RANK), computed in the smaller of f's two dimensions."""
     d, m = f.shape
     if d <= m:
-        lam, vec = np.linalg.eigh(f @ f.T)
-        lam, vec = lam[::-1], vec[:, ::-1]
+        lam, vec = torch.linalg.eigh(f @ f.mT)
+        lam, vec = lam.flip(0), vec.flip(1)
     else:
-        lam, e = np.linalg.eigh(f.T @ f)
-        lam, e = lam[::-1], e[:, ::-1]
+        lam, e = torch.linalg.eigh(f.mT @ f)
+        lam, e = lam.flip(0), e.flip(1)
         pos = lam > 0
-        vec = np.zeros((d, len(lam)))
-        vec[:, pos] = f @ e[:, pos] / np.sqrt(lam[pos])
-    lam = np.clip(lam, 0, None)
-    if lam.sum() <= 0:
+        vec = torch.zeros(d, len(lam), dtype=f.dtype)
+        vec[:, pos] = f @ e[:, pos] / lam[pos].sqrt()
+    lam = lam.clamp(min=0)
+    if float(lam.sum()) <= 0:
         return np.zeros((0, d))
-    k = int(np.searchsorted(np.cumsum(lam) / lam.sum(), SPAN_ENERGY)) + 1
-    return np.ascontiguousarray(vec[:, : min(k, SPAN_MAX_RANK, d)].T)
+    share = (lam.cumsum(0) / lam.sum()).numpy()
+    k = int(np.searchsorted(share, SPAN_ENERGY)) + 1
+    return np.ascontiguousarray(vec[:, : min(k, SPAN_MAX_RANK, d)].mT.numpy())
 
 
 __all__ = [
+    "SPAN_BUDGET",
     "SPAN_ENERGY",
     "SPAN_FLOOR",
     "SPAN_MAX_RANK",
@@ -145,4 +162,5 @@ __all__ = [
     "Span",
     "fit_out_of_fold",
     "side_factors",
+    "span_sample_size",
 ]
