@@ -8,7 +8,7 @@ its outputs. A basis holds the top eigenvectors carrying ``SPAN_ENERGY`` of each
 most ``SPAN_MAX_RANK``). A LoRA's span score is the mean over its layers of
 1 - (share of |ΔW|^2 inside the input basis) x (share inside the output basis): about 0.2 for
 LoRAs like the training ones, near 1 for one finetuned on a base pretrained from another seed,
-whose layers use other directions (``benchmarks/trust_subspace.py``).
+whose layers use other directions (BENCHMARKS.md, "Trust").
 
 Everything is computed from the factors, never forming ΔW: a covariance's eigenvectors come from
 the stacked factors' Gram matrix in whichever of its two sides is smaller.
