@@ -171,3 +171,25 @@ def zoo_rows(zoo: Path) -> list[dict[str, str]]:
     """A zoo's labels.csv as rows of exact strings, in file order."""
     with open(Path(zoo) / "labels.csv", newline="") as fh:
         return list(csv.DictReader(fh))
+
+
+def older_calibration(run_dir: Path, out: Path, version: int) -> Path:
+    """A copy of the run at ``run_dir`` in ``out`` whose calibration files are as an older
+    loralens wrote them: without what came after ``version`` (2: the scale score's keys and
+    arrays; 3: the span score's)."""
+    import json
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(run_dir, out)
+    keys, arrays = {"span", "span_threshold"}, ("span",)
+    if version < 2:
+        keys, arrays = keys | {"size_bias", "size_threshold"}, (*arrays, "size")
+    path = out / "calibration.json"
+    cal = {k: v for k, v in json.loads(path.read_text()).items() if k not in keys}
+    path.write_text(json.dumps({**cal, "version": version}))
+    tensors = out / "calibration.safetensors"
+    kept = {k: v for k, v in load_file(str(tensors)).items() if not k.startswith(arrays)}
+    save_file(kept, str(tensors))
+    return out

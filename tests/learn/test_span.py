@@ -4,7 +4,6 @@ calibrations saved before the score still load."""
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import numpy as np
@@ -14,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import loralens as ll
+from helpers import older_calibration
 from loralens.learn.checkpoint import RunError
 from loralens.learn.loop import TrainConfig, train
 from loralens.learn.runs import load_run
@@ -128,17 +128,7 @@ def test_a_lora_using_directions_no_training_lora_used_is_flagged_and_told_why(s
 
 def test_calibrations_saved_before_the_span_score_load_and_predict_without_it(span_run, tmp_path):
     """A version-2 calibration is this one without the span arrays and keys."""
-    from safetensors.numpy import load_file, save_file
-
-    shutil.copytree(span_run, tmp_path / "run")
-    path = tmp_path / "run" / "calibration.json"
-    cal = json.loads(path.read_text())
-    cal["version"] = 2
-    del cal["span"], cal["span_threshold"]
-    path.write_text(json.dumps(cal))
-    arrays_path = str(tmp_path / "run" / "calibration.safetensors")
-    arrays = {k: v for k, v in load_file(arrays_path).items() if not k.startswith("span")}
-    save_file(arrays, arrays_path)
+    older_calibration(span_run, tmp_path / "run", version=2)
     old = load_run(tmp_path / "run")
     assert old.calibration.fit.span is None and old.calibration.fit.shares() == (0.025, 0.025, 0.0)
     (row,) = old.predict(_subspace_loras(1, 2, slice(4, 8)))

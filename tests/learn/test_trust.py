@@ -14,6 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 import loralens as ll
+from helpers import older_calibration
 from loralens.cli import app
 from loralens.learn.checkpoint import RunError
 from loralens.learn.loop import TrainConfig, train
@@ -160,19 +161,9 @@ def test_calibrations_saved_before_the_scale_score_load_and_predict_with_the_ood
     reg_run, tmp_path
 ):
     """A version-1 calibration (no scale model) is this one without its size arrays and keys."""
-    from safetensors.numpy import load_file, save_file
-
     store, run_dir = reg_run
     assert load_run(run_dir).calibration.fit.size is not None
-    shutil.copytree(run_dir, tmp_path / "run")
-    path = tmp_path / "run" / "calibration.json"
-    cal = json.loads(path.read_text())
-    cal["version"] = 1
-    del cal["size_bias"], cal["size_threshold"]
-    path.write_text(json.dumps(cal))
-    arrays = load_file(str(tmp_path / "run" / "calibration.safetensors"))
-    del arrays["size"], arrays["size_coef"]
-    save_file(arrays, str(tmp_path / "run" / "calibration.safetensors"))
+    older_calibration(run_dir, tmp_path / "run", version=1)
     old = load_run(tmp_path / "run")
     assert old.calibration.fit.size is None and old.calibration.fit.shares() == (0.05, 0.0, 0.0)
     (row,) = old.predict(store[0])
