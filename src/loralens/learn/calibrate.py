@@ -15,7 +15,6 @@ coverage from one draw to the next, 180 by about ±2.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -26,7 +25,7 @@ from loralens.learn.base_fit import base_features
 from loralens.learn.data import class_strata, hold_out
 from loralens.learn.fitcheck import FitCheck, FitInputs, out_of_fold_scores
 from loralens.learn.probes import fit_predict
-from loralens.learn.span import Span, fit_out_of_fold, side_factors, span_sample_size
+from loralens.learn.span import Span, SpanFit
 from loralens.learn.tasks import CLASSIFICATION, Task
 from loralens.learn.trust import MAX_REFERENCE, Calibration
 from loralens.lora import LoRABatch
@@ -98,48 +97,6 @@ def store_outputs(
     pad = [int(r) for r in model.spec.ranks]
     batches = (b for _, b in store.iter_batches(batch_size, rows=rows, pad_ranks=pad))
     return outputs(model, batches, span)
-
-
-@dataclass
-class SpanFit:
-    """The span score's bases, fitted on ``rows`` (sorted), and those rows' out-of-fold scores."""
-
-    span: Span
-    rows: np.ndarray
-    oof: np.ndarray
-
-    @classmethod
-    def of(
-        cls, model: Any, store: LoRAStore, rows: np.ndarray, folds: np.ndarray, seed: int
-    ) -> SpanFit:
-        """Bases from ``rows`` (a seeded sample of :func:`span_sample_size` above that), each
-        sampled row scored against bases of the other ``folds`` (one label per row)."""
-        rows, folds = np.asarray(rows), np.asarray(folds)
-        pad = [int(r) for r in model.spec.ranks]
-        size = span_sample_size(list(model.spec.shapes), pad)
-        keep = np.arange(len(rows))
-        if len(rows) > size:
-            keep = np.sort(np.random.default_rng(seed).choice(keep, size, replace=False))
-        rows, folds = rows[keep], folds[keep]
-        _, batch = next(store.iter_batches(len(rows), rows=rows, pad_ranks=pad))
-        factors = side_factors([batch])
-        oof = np.zeros(len(rows))
-        labels = np.unique(folds)
-        for g, span in zip(labels, fit_out_of_fold(factors, folds)):
-            at = np.flatnonzero(folds == g)
-            oof[at] = span.scores(batch.select(at))
-        order = np.argsort(rows)
-        return cls(Span.fit(factors), rows[order], oof[order])
-
-    def held_out(self, rows: np.ndarray, scores: np.ndarray) -> np.ndarray:
-        """``scores`` of ``rows`` against the bases, the fitted rows' replaced by their
-        out-of-fold scores: every score held out from the bases that gave it."""
-        rows = np.asarray(rows)
-        at = np.searchsorted(self.rows, rows).clip(max=len(self.rows) - 1)
-        hit = self.rows[at] == rows
-        out = np.array(scores, dtype=np.float64)
-        out[hit] = self.oof[at[hit]]
-        return out
 
 
 def calibrate(

@@ -11,18 +11,23 @@ LoRAs like the training ones, near 1 for one finetuned on a base pretrained from
 whose layers use other directions (BENCHMARKS.md, "Trust").
 
 Everything is computed from the factors, never forming ΔW: a covariance's eigenvectors come from
-the stacked factors' Gram matrix in whichever of its two sides is smaller.
+the stacked factors' Gram matrix in whichever of its two sides is smaller. :class:`SpanFit` fits
+the bases on a run's training LoRAs and scores those LoRAs out of fold, for calibration.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from loralens.lora import LoRABatch
+
+if TYPE_CHECKING:
+    from loralens.store import LoRAStore
 
 #: Share of the training updates' energy a basis keeps, per layer and side.
 SPAN_ENERGY = 0.9
@@ -153,6 +158,48 @@ def _basis(f: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(vec[:, : min(k, SPAN_MAX_RANK, d)].mT.numpy())
 
 
+@dataclass
+class SpanFit:
+    """The span score's bases, fitted on ``rows`` (sorted), and those rows' out-of-fold scores."""
+
+    span: Span
+    rows: np.ndarray
+    oof: np.ndarray
+
+    @classmethod
+    def of(
+        cls, model: Any, store: LoRAStore, rows: np.ndarray, folds: np.ndarray, seed: int
+    ) -> SpanFit:
+        """Bases from ``rows`` (a seeded sample of :func:`span_sample_size` above that), each
+        sampled row scored against bases of the other ``folds`` (one label per row)."""
+        rows, folds = np.asarray(rows), np.asarray(folds)
+        pad = [int(r) for r in model.spec.ranks]
+        size = span_sample_size(list(model.spec.shapes), pad)
+        keep = np.arange(len(rows))
+        if len(rows) > size:
+            keep = np.sort(np.random.default_rng(seed).choice(keep, size, replace=False))
+        rows, folds = rows[keep], folds[keep]
+        _, batch = next(store.iter_batches(len(rows), rows=rows, pad_ranks=pad))
+        factors = side_factors([batch])
+        oof = np.zeros(len(rows))
+        labels = np.unique(folds)
+        for g, span in zip(labels, fit_out_of_fold(factors, folds)):
+            at = np.flatnonzero(folds == g)
+            oof[at] = span.scores(batch.select(at))
+        order = np.argsort(rows)
+        return cls(Span.fit(factors), rows[order], oof[order])
+
+    def held_out(self, rows: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        """``scores`` of ``rows`` against the bases, the fitted rows' replaced by their
+        out-of-fold scores: every score held out from the bases that gave it."""
+        rows = np.asarray(rows)
+        at = np.searchsorted(self.rows, rows).clip(max=len(self.rows) - 1)
+        hit = self.rows[at] == rows
+        out = np.array(scores, dtype=np.float64)
+        out[hit] = self.oof[at[hit]]
+        return out
+
+
 __all__ = [
     "SPAN_BUDGET",
     "SPAN_ENERGY",
@@ -160,6 +207,7 @@ __all__ = [
     "SPAN_MAX_RANK",
     "SPAN_REFERENCE",
     "Span",
+    "SpanFit",
     "fit_out_of_fold",
     "side_factors",
     "span_sample_size",
