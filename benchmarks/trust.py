@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 
 import loralens as ll
-from loralens.learn.calibrate import outputs, store_outputs
 from loralens.learn.loop import TrainConfig, train
 from loralens.learn.runs import evaluate, load_run
 from loralens.learn.tasks import roc_auc
@@ -33,20 +32,22 @@ from loralens.store import LoRAStore, pack_zoo_cached
 SHIFTS = ("z-ranks", "z-variant", "z-seed1")
 
 
+def scaled_fit_inputs(run, loras: list[ll.LoRA], factor: float):
+    """What ``run``'s fit check reads of ``loras`` with delta W scaled by ``factor``."""
+    scaled = [ll.LoRA([ll.LoRALayer(x.name, x.U * factor, x.V) for x in a.layers]) for a in loras]
+    batch = ll.collate(scaled)
+    return run.outputs([batch.pad_to(np.maximum(batch.spec.ranks, run.spec.ranks))])[1]
+
+
 def ood_scores(run, store: LoRAStore, scale: float = 1.0) -> tuple[np.ndarray, ...]:
     """(ood_score, flagged, scale_score, span_score) of every LoRA of ``store`` with delta W
     scaled by ``scale``."""
     rows = np.arange(len(store))
     check = run.calibration.fit
     if scale == 1.0:
-        _, fit_in = store_outputs(run.model, store, rows, span=check.span)
+        _, fit_in = run.store_outputs(store, rows)
     else:
-        loras = [store[int(r)] for r in rows]
-        scaled = [
-            ll.LoRA([ll.LoRALayer(x.name, x.U * scale, x.V) for x in a.layers]) for a in loras
-        ]
-        batch = ll.collate(scaled).pad_to(run.spec.ranks)
-        _, fit_in = outputs(run.model, [batch], check.span)
+        fit_in = scaled_fit_inputs(run, [store[int(r)] for r in rows], scale)
     fit = check.check(fit_in)
     return (
         np.array([f["ood_score"] for f in fit]),

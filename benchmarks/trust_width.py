@@ -18,18 +18,16 @@ from pathlib import Path
 import numpy as np
 
 import loralens as ll
-from loralens.learn.calibrate import outputs
 from loralens.learn.loop import TrainConfig, train
 from loralens.learn.runs import load_run
 from loralens.store import LoRAStore
+from trust import scaled_fit_inputs
 
 
 def flagged(run, loras: list[ll.LoRA], factor: float) -> float:
     """Share of ``loras`` with ΔW scaled by ``factor`` that the run's fit check flags."""
-    scaled = [ll.LoRA([ll.LoRALayer(x.name, x.U * factor, x.V) for x in a.layers]) for a in loras]
-    batch = ll.collate(scaled)
-    _, fit_in = outputs(run.model, [batch.pad_to(np.maximum(batch.spec.ranks, run.spec.ranks))])
-    return float(np.mean([not r["in_distribution"] for r in run.calibration.fit.check(fit_in)]))
+    fit = run.calibration.fit.check(scaled_fit_inputs(run, loras, factor))
+    return float(np.mean([not r["in_distribution"] for r in fit]))
 
 
 def main() -> None:

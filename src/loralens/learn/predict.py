@@ -21,7 +21,6 @@ import numpy as np
 import torch
 
 from loralens.jsonio import json_safe
-from loralens.learn.calibrate import outputs
 from loralens.learn.fitcheck import FitInputs
 from loralens.learn.tasks import CLASSIFICATION, THRESHOLD
 from loralens.lora import LoRA, collate, spec_of
@@ -67,9 +66,7 @@ def predict_adapters(
         chunk = good[s : s + batch_size]
         batch = collate([items[k][1] for k in chunk])
         batch = batch.pad_to(np.maximum(batch.spec.ranks, run.spec.ranks))
-        with torch.no_grad():
-            span = None if run.calibration is None else run.calibration.fit.span
-            raw, fit_in = outputs(run.model, [batch], span)
+        raw, fit_in = run.outputs([batch])
         for k, row in zip(chunk, _rows(run, raw, fit_in, coverage)):
             results[k] = row
     rows = []

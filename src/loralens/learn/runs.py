@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,7 +30,7 @@ import torch
 
 from loralens.errors import OutputExistsError
 from loralens.jsonio import json_safe, write_json
-from loralens.learn.calibrate import store_outputs, unit_dim
+from loralens.learn.calibrate import outputs, store_outputs, unit_dim
 from loralens.learn.checkpoint import (
     CHECKPOINT,
     CONFIG,
@@ -40,7 +40,7 @@ from loralens.learn.checkpoint import (
     read_config,
 )
 from loralens.learn.data import check_finite_labels, select_rows
-from loralens.learn.fitcheck import check_layout
+from loralens.learn.fitcheck import FitInputs, check_layout
 from loralens.learn.predict import UNCALIBRATED
 from loralens.learn.seen import TRAINED_ON, read_trained_on, seen_mask
 from loralens.learn.tasks import CLASSIFICATION, FPR_LEVELS, Task, tpr_key
@@ -50,6 +50,7 @@ from loralens.store import LoRAStore, StoreError
 
 if TYPE_CHECKING:
     from loralens.learn.config import TrainConfig
+    from loralens.learn.span import Span
 
 
 class NonFiniteOutputError(ValueError):
@@ -173,6 +174,20 @@ class Run:
             adapters = [adapters]
         return predict_adapters(self, adapters, coverage=coverage, batch_size=batch_size)
 
+    def outputs(self, batches: Iterable[LoRABatch]) -> tuple[np.ndarray, FitInputs]:
+        """Raw outputs and what the fit check reads over ``batches`` (padded to the model's
+        ranks), the span score taken against this run's bases."""
+        return outputs(self.model, batches, self._span())
+
+    def store_outputs(
+        self, store: LoRAStore, rows: np.ndarray, batch_size: int = 256
+    ) -> tuple[np.ndarray, FitInputs]:
+        """:meth:`outputs` over store ``rows``, in row order."""
+        return store_outputs(self.model, store, rows, batch_size, self._span())
+
+    def _span(self) -> Span | None:
+        return None if self.calibration is None else self.calibration.fit.span
+
     @torch.no_grad()
     def raw(self, batch: LoRABatch) -> np.ndarray:
         self.model.eval()
@@ -254,8 +269,7 @@ def evaluate(
     if len(rows) == 0:
         raise StoreError(f"no LoRA in {store.path} has labels {run.task.targets}")
     t0 = time.time()
-    span = None if run.calibration is None else run.calibration.fit.span
-    out, fit_in = store_outputs(run.model, store, rows, batch_size, span)
+    out, fit_in = run.store_outputs(store, rows, batch_size)
     bad = ~np.isfinite(run.task.decode(out)).all(axis=1)
     if bad.any():
         ids = [store.ids[r] for r in rows[bad][:5]]
