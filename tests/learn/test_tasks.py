@@ -36,6 +36,26 @@ def test_scaling_round_trip_and_masked_loss():
     assert Task.from_dict(task.to_dict()) == task
 
 
+def test_regression_predictions_are_clipped_to_the_training_labels_range():
+    """Outputs past the training labels predict the nearest end of their range, per target, and
+    are scored so; a task saved before the range (no ``low``/``high``) does not clip."""
+    y = np.array([[1.0, 10.0], [3.0, 30.0], [5.0, 20.0]])
+    task = Task.fit(["a", "b"], y)
+    assert (task.low, task.high) == ([1.0, 10.0], [5.0, 30.0])
+    wide = task.encode(np.array([[9.0, 0.0], [0.0, 99.0], [2.0, 25.0]]))
+    np.testing.assert_allclose(task.decode(wide), [[5.0, 10.0], [1.0, 30.0], [2.0, 25.0]])
+    truth = np.array([[5.0, 10.0], [1.0, 30.0], [2.0, 25.0]])
+    assert task.metrics(wide, truth)["r2"] == pytest.approx(1.0)
+    old = Task.from_dict({k: v for k, v in task.to_dict().items() if k not in ("low", "high")})
+    np.testing.assert_allclose(old.decode(wide)[0], [9.0, 0.0])
+    assert Task.fit(["p"], np.array([[0.0], [1.0]])).to_dict().keys() == {
+        "kind",
+        "targets",
+        "mean",
+        "std",
+    }
+
+
 def test_rank_correlations_match_known_values():
     a = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
     assert kendall_tau(a, a) == pytest.approx(1.0)

@@ -349,7 +349,9 @@ def _run_facts(
         "model_hparams": dict(model.hparams),
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "seconds": time.time() - t0,
-        "train_loras_per_s": float(np.median([h["loras_per_s"] for h in history])),
+        "train_loras_per_s": (  # none when the linear base alone won (no epoch trained)
+            float(np.median([h["loras_per_s"] for h in history])) if history else None
+        ),
         "num_processes": acc.num_processes,
         "store": str(store.path),
     }
