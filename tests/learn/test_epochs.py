@@ -1,5 +1,5 @@
-"""Choosing the epoch: a network epoch replaces the linear base only when its paired validation
-gain exceeds one standard error (golden values computed by hand)."""
+"""Choosing the epoch: a network epoch replaces the linear base only when a one-sided paired
+t-test at 5% says its validation losses are lower (golden values computed by hand)."""
 
 import numpy as np
 
@@ -16,11 +16,19 @@ def test_a_steady_gain_replaces_the_base():
 
 
 def test_a_lower_mean_within_its_noise_keeps_the_base():
-    # differences -3, 1, 1, -1: mean -0.5, sd sqrt(11/3) = 1.915, se 0.957: -0.5 + 0.957 > 0
+    # differences -3, 1, 1, -1: mean -0.5, sd sqrt(11/3) = 1.915, se 0.957, t = 0.52
     assert not clearly_better(_best([0.0, 2.0, 2.0, 0.0]), _best([3.0, 1.0, 1.0, 1.0]))
-    # the same differences ten times over: se 0.304, -0.5 + 0.304 < 0
+    # the same ten times over: sd 1.679, se 0.266, t = 1.88 > t(0.95, 39) = 1.685
     net, base = [0.0, 2.0, 2.0, 0.0] * 10, [3.0, 1.0, 1.0, 1.0] * 10
     assert clearly_better(_best(net), _best(base))
+
+
+def test_a_gain_of_more_than_one_standard_error_on_seven_loras_is_not_enough():
+    # differences -2, -1, 0, -1, -2, 1, 0: mean -0.714, se 0.421, t = 1.70 < t(0.95, 6) = 1.943
+    base = [3.0] * 7
+    net = [1.0, 2.0, 3.0, 2.0, 1.0, 4.0, 3.0]
+    assert not clearly_better(_best(net), _best(base))
+    assert clearly_better(_best([x - 0.5 for x in net]), _best(base))  # t = 2.89
 
 
 def test_unlabelled_validation_rows_are_left_out():

@@ -2,10 +2,11 @@
 validation loss), with the linear base alone measured as "epoch 0".
 
 The network's best epoch replaces the base only when its validation gain is larger than its
-noise: the mean of the paired per-LoRA differences in loss must exceed one standard error
-(``NETWORK_OVER_BASE_SE``; Breiman's one-standard-error rule). A validation split of a few dozen
-LoRAs otherwise picks a network epoch on luck as often as on merit: on the evaluation zoo
-skills-eval the network chosen by the bare minimum tested 0.011 R² below the base alone.
+noise: a one-sided paired t-test of the per-LoRA differences in loss at level
+``NETWORK_OVER_BASE_ALPHA``. A validation split of a few LoRAs otherwise picks a network epoch
+on luck: on the development zoo gpt2-dev, trained on its 72 rank-4 LoRAs (7 for validation),
+seed 2's network beat the base on validation at t = 1.5 and tested at R² -1.51 against the base's
+0.96; the test (threshold t = 1.94 there) keeps the base. A bare one-standard-error rule would not.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from loralens.learn.runs import NonFiniteOutputError
 from loralens.learn.tasks import Task
 
 Progress = bool | Callable[[dict[str, Any]], None]
-#: Standard errors of the paired validation gain a network epoch needs to replace the base.
-NETWORK_OVER_BASE_SE = 1.0
+#: Level of the one-sided paired t-test a network epoch must pass to replace the base.
+NETWORK_OVER_BASE_ALPHA = 0.05
 
 
 @dataclass
@@ -103,13 +104,18 @@ def fit_epochs(
 
 
 def clearly_better(network: Best, base: Best) -> bool:
-    """Whether the network's validation loss beats the base's by more than
-    ``NETWORK_OVER_BASE_SE`` standard errors of their paired per-LoRA differences."""
+    """Whether the network's per-LoRA validation losses are lower than the base's by a one-sided
+    paired t-test at level ``NETWORK_OVER_BASE_ALPHA``."""
+    from scipy import stats
+
     d = network.val_row_loss - base.val_row_loss
     d = d[np.isfinite(d)]
     if len(d) < 2:
         return float(d.sum()) < 0
-    return float(d.mean() + NETWORK_OVER_BASE_SE * d.std(ddof=1) / np.sqrt(len(d))) < 0
+    se = d.std(ddof=1) / np.sqrt(len(d))
+    if se == 0:
+        return float(d.mean()) < 0
+    return float(-d.mean() / se) > stats.t.ppf(1 - NETWORK_OVER_BASE_ALPHA, len(d) - 1)
 
 
 def _measure(
@@ -198,4 +204,4 @@ def _report(progress: Progress, rec: dict[str, Any], acc: Any) -> None:
         )
 
 
-__all__ = ["NETWORK_OVER_BASE_SE", "Best", "Progress", "clearly_better", "fit_epochs", "outputs"]
+__all__ = ["NETWORK_OVER_BASE_ALPHA", "Best", "Progress", "clearly_better", "fit_epochs", "outputs"]
