@@ -12,6 +12,7 @@ from loralens.learn.probes import (
     PROBE_DENSE,
     PROBE_SPECTRAL,
     PROBE_SPECTRAL_STATS,
+    fit_linear,
     fit_predict,
     probe_features,
     probe_folds,
@@ -74,3 +75,25 @@ def test_below_the_probe_is_judged_at_the_precision_shown():
 
     assert not below(0.29551, 0.29559) and not below(0.5, 0.5) and not below(None, 0.3)
     assert below(0.294, 0.296) and below(-1e9, 0.0)
+
+
+def test_a_repeated_fit_is_the_kept_one_and_cannot_be_changed_through_its_result(monkeypatch):
+    """fit_linear keeps recent fits by the content of their inputs: the same rows again give the
+    same coefficients without fitting; changing a returned array or the labels changes nothing
+    kept."""
+    import loralens.learn.probes as probes
+
+    g = np.random.default_rng(0)
+    x, y = g.normal(size=(40, 300)), g.normal(size=40)
+    fits = []
+    real = probes._fit_linear
+    monkeypatch.setattr(probes, "_fit_linear", lambda *a: fits.append(1) or real(*a))
+    coef, b = fit_linear(x, y, False)
+    coef[:] = 0.0
+    again, b2 = fit_linear(x.copy(), y.copy(), False)
+    assert len(fits) == 1 and b2 == b and np.abs(again).max() > 0
+    np.testing.assert_array_equal(again, real(x, y, False)[0])
+    y[0] += 1.0
+    fit_linear(x, y, False)
+    fit_linear(x, y > 0, True)
+    assert len(fits) == 3

@@ -20,7 +20,9 @@ scores probes and models alike.
 
 from __future__ import annotations
 
+import hashlib
 import warnings
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,6 +41,9 @@ PROBES = (PROBE_DENSE, PROBE_SPECTRAL, PROBE_SPECTRAL_STATS)
 DENSE_MAX_BYTES = 1 << 30
 #: Ridge penalties tried (on standardized features); logistic regression tries 1 / these.
 ALPHAS = np.logspace(-3, 5, 17)
+#: Bytes of coefficients :func:`fit_linear` keeps from its recent fits.
+FIT_MEMO_BYTES = 256 << 20
+_fits: OrderedDict[bytes, tuple[np.ndarray, float]] = OrderedDict()
 
 
 def dense_bytes(store: LoRAStore, n: int) -> int:
@@ -64,7 +69,27 @@ def probe_features(store: LoRAStore, rows: np.ndarray, which: str) -> np.ndarray
 def fit_linear(x: np.ndarray, y: np.ndarray, classification: bool) -> tuple[np.ndarray, float]:
     """``(coef, intercept)`` on the raw features ``x`` of a ridge (or logistic) regression of the
     finite entries of ``y`` (0/1 for classification), fitted on standardized features with its
-    penalty chosen by cross-validation on these rows only."""
+    penalty chosen by cross-validation on these rows only.
+
+    Recent fits are kept by the content of their inputs: every model of a benchmark fits the
+    same linear base on the same rows, and a cross-validated logistic fit per label of a
+    multilabel family is most of a run's time."""
+    h = hashlib.blake2b(digest_size=16)
+    for a in (x, y):
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(a.view(np.uint8))
+    key = h.digest() + bytes([classification])
+    if key not in _fits:
+        _fits[key] = _fit_linear(x, y, classification)
+        while sum(c.nbytes for c, _ in _fits.values()) > FIT_MEMO_BYTES and len(_fits) > 1:
+            _fits.popitem(last=False)
+    _fits.move_to_end(key)
+    coef, intercept = _fits[key]
+    return coef.copy(), intercept
+
+
+def _fit_linear(x: np.ndarray, y: np.ndarray, classification: bool) -> tuple[np.ndarray, float]:
     from sklearn.linear_model import LogisticRegressionCV, RidgeCV
     from sklearn.model_selection import StratifiedKFold
     from sklearn.preprocessing import StandardScaler
