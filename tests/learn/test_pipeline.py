@@ -61,7 +61,7 @@ def test_pack_train_evaluate_predict(peft_zoo, tmp_path):
     assert metrics["task"] == "regression"
     assert set(metrics["test"]) >= {"r2", "kendall_tau", "spearman"}
     assert set(metrics["val"]) >= {"r2", "kendall_tau", "spearman"}
-    assert 1 <= metrics["best_epoch"] <= 8
+    assert 0 <= metrics["best_epoch"] <= 8  # 0: the linear base alone, kept on 5 validation LoRAs
     assert metrics["n"] == {"train": 33, "val": 5, "cal": 5, "test": 5}
     for name in ("model.safetensors", "config.json", "pred_vs_true.png", "learning_curves.png"):
         assert (run / name).is_file()
