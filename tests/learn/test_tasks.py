@@ -46,6 +46,8 @@ def test_regression_predictions_are_clipped_to_the_training_labels_range():
     np.testing.assert_allclose(task.decode(wide), [[5.0, 10.0], [1.0, 30.0], [2.0, 25.0]])
     truth = np.array([[5.0, 10.0], [1.0, 30.0], [2.0, 25.0]])
     assert task.metrics(wide, truth)["r2"] == pytest.approx(1.0)
+    seen = Task.fit(["a", "b"], y, y_seen=np.vstack([y, [[0.0, 40.0]]]))
+    assert (seen.low, seen.high, seen.mean) == ([0.0, 10.0], [5.0, 40.0], task.mean)
     old = Task.from_dict({k: v for k, v in task.to_dict().items() if k not in ("low", "high")})
     np.testing.assert_allclose(old.decode(wide)[0], [9.0, 0.0])
     assert Task.fit(["p"], np.array([[0.0], [1.0]])).to_dict().keys() == {

@@ -253,8 +253,10 @@ def _data(
     split: dict[str, np.ndarray],
     kind: str,
 ) -> RunData:
-    """The labels of one split, with the task (its scaling) fitted on the train rows only."""
-    task = Task.fit(targets, y_all[split["train"]], kind=kind)
+    """The labels of one split, with the task's scaling fitted on the train rows only and its
+    clipping range on the train and val rows (the final linear base learns from both)."""
+    seen = y_all[np.concatenate([split["train"], split["val"]])]
+    task = Task.fit(targets, y_all[split["train"]], kind=kind, y_seen=seen)
     y_enc = encode_targets(store, task, y_all, np.concatenate(list(split.values())))
     return RunData(targets, y_all, split, task, y_enc)
 

@@ -54,15 +54,25 @@ class Task:
     high: list[float] = field(default_factory=list)
 
     @classmethod
-    def fit(cls, targets: Sequence[str], y_train: np.ndarray, kind: str | None = None) -> Task:
+    def fit(
+        cls,
+        targets: Sequence[str],
+        y_train: np.ndarray,
+        kind: str | None = None,
+        y_seen: np.ndarray | None = None,
+    ) -> Task:
+        """Scaling from the training labels ``y_train``; the clipping range from ``y_seen``, every
+        label the final model learned from (default: ``y_train``)."""
         y_train = np.asarray(y_train, dtype=np.float64).reshape(len(y_train), -1)
+        y_seen = y_train if y_seen is None else np.asarray(y_seen, np.float64)
+        y_seen = y_seen.reshape(len(y_seen), -1)
         kind = kind or infer_task(y_train)
         if kind != REGRESSION:
             zeros, ones = np.zeros(y_train.shape[1]), np.ones(y_train.shape[1])
             return cls(kind, list(targets), zeros.tolist(), ones.tolist())
         with np.errstate(all="ignore"):
             mean, std = np.nanmean(y_train, axis=0), np.nanstd(y_train, axis=0)
-            low, high = np.nanmin(y_train, axis=0), np.nanmax(y_train, axis=0)
+            low, high = np.nanmin(y_seen, axis=0), np.nanmax(y_seen, axis=0)
         std = np.where(np.isfinite(std) & (std > 0), std, 1.0)
         bounded = np.isfinite(low).all()
         return cls(
