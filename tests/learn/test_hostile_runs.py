@@ -98,6 +98,18 @@ CONFIG_EDITS = {
     ),
     "std_zero": (lambda c: c["task"].update(std=[0.0]), r"task.std must list 1 positive"),
     "mean_string": (lambda c: c["task"].update(mean=["x"]), r"task.mean must list 1 finite"),
+    "range_inverted": (
+        lambda c: c["task"].update(low=[2.0], high=[1.0]),
+        r"task.low and task.high must list 1 finite",
+    ),
+    "range_string": (
+        lambda c: c["task"].update(low=["x"], high=[1.0]),
+        r"task.low and task.high must list 1 finite",
+    ),
+    "range_half": (
+        lambda c: c["task"].update(low=[0.0], high=[]),
+        r"task.low and task.high must list 1",
+    ),
     "task_kind": (lambda c: c["task"].update(kind="ranking"), r"task.kind must be"),
     "targets_count": (lambda c: c["task"].update(targets=["y", "z"]), r"task.targets must list 1"),
     "version_2": (lambda c: c.update(version=2), r"version 2; this loralens reads version 1"),

@@ -150,17 +150,23 @@ def _task(d: dict[str, Any], out_dim: int, bad: Any) -> Task:
         if not (
             isinstance(values, list)
             and len(values) == out_dim
-            and all(
-                isinstance(v, numbers.Real)
-                and not isinstance(v, bool)
-                and math.isfinite(v)
-                and v > lo
-                for v in values
-            )
+            and all(_finite(v) and v > lo for v in values)
         ):
             limit = "positive" if lo == 0 else "finite"
             raise bad(f"task.{key} must list {out_dim} {limit} number(s)")
+    low, high = d.get("low", []), d.get("high", [])
+    if low or high:  # the clipping range, absent in runs saved before it
+        pairs = list(zip(low, high)) if isinstance(low, list) and isinstance(high, list) else []
+        if not (
+            len(pairs) == out_dim == len(low) == len(high)
+            and all(_finite(a) and _finite(b) and a <= b for a, b in pairs)
+        ):
+            raise bad(f"task.low and task.high must list {out_dim} finite number(s), low <= high")
     return Task.from_dict(d)
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def load_checkpoint(path: Path, config: RunConfig) -> dict[str, torch.Tensor]:

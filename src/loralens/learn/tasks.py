@@ -16,6 +16,7 @@ was or better (one gpt2-dev seed 0.77 -> 0.99). Margins of 5-25% of the range di
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,7 +71,8 @@ class Task:
         if kind != REGRESSION:
             zeros, ones = np.zeros(y_train.shape[1]), np.ones(y_train.shape[1])
             return cls(kind, list(targets), zeros.tolist(), ones.tolist())
-        with np.errstate(all="ignore"):
+        with warnings.catch_warnings():  # a target without labels: NaN, then no scaling or range
+            warnings.simplefilter("ignore", RuntimeWarning)
             mean, std = np.nanmean(y_train, axis=0), np.nanstd(y_train, axis=0)
             low, high = np.nanmin(y_seen, axis=0), np.nanmax(y_seen, axis=0)
         std = np.where(np.isfinite(std) & (std > 0), std, 1.0)
