@@ -5,8 +5,9 @@
         --transfer TRAIN_STORE TEST_STORE  # train on one base, test on a variant's LoRAs
 
 Rows: ``glnet`` with default flags, ``glnet`` without its linear base (the network alone),
-and the dense-ΔW ridge probe (``learn.probes``) fitted on every LoRA the default run saw
-(train, val and calibration rows, read from its ``trained_on.json``). Metrics: R², Kendall τ and Spearman ρ of ``evaluate`` on the held-out rows,
+and the dense-ΔW ridge probe (``learn.probes``) twice: fitted on the rows the default run's model
+learned from (train and val, ``learn.loop.run_splits``), and on every LoRA the run saw, its
+calibration rows too (read from its ``trained_on.json``): 10% more LoRAs than the model had. Metrics: R², Kendall τ and Spearman ρ of ``evaluate`` on the held-out rows,
 mean ± std over seeds (seed = split and init). Markdown to stdout, JSON to OUT/results.json.
 """
 
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from loralens.learn.data import select_rows
-from loralens.learn.loop import TrainConfig, train
+from loralens.learn.loop import TrainConfig, run_splits, train
 from loralens.learn.probes import PROBE_DENSE, fit_predict, probe_features
 from loralens.learn.runs import evaluate, headline
 from loralens.learn.seen import read_trained_on, seen_mask
@@ -30,7 +31,8 @@ RECIPES = {
     "glnet (defaults)": {},
     "glnet, network alone (--linear-base none)": {"linear_base": "none"},
 }
-PROBE = "ridge on dense ΔW (probe)"
+PROBE = "ridge on dense ΔW (probe, the model's train + val rows)"
+PROBE_SEEN = "ridge on dense ΔW (probe, + the run's calibration rows)"
 METRICS = ("r2", "kendall_tau", "spearman")
 
 
@@ -46,9 +48,16 @@ def _runs(train_store, tests, target, seeds, where, out):
             for test_name, store, test_where in tests:
                 _add(res, name, test_name, evaluate(run_dir, store, where=test_where)["metrics"])
             if k == 0:
-                for test_name, store, test_where in tests:
-                    m = _probe(train_store, run_dir, store, test_where, target)
-                    _add(res, PROBE, test_name, m)
+                src = LoRAStore(train_store)
+                split = run_splits(src, cfg, src.labels([target]))[1]
+                model_rows = np.concatenate([split[0]["train"], split[0]["val"]])
+                if len(split) > 1:  # cross-validated: the refit learns from every row
+                    model_rows = np.concatenate([model_rows, split[0]["test"]])
+                seen = np.arange(len(src))
+                seen = seen[seen_mask(read_trained_on(Path(run_dir)), src, seen)]
+                for name, fit in ((PROBE, model_rows), (PROBE_SEEN, seen)):
+                    for test_name, store, test_where in tests:
+                        _add(res, name, test_name, _probe(src, fit, store, test_where, target))
         print(f"seed {seed} done", flush=True)
     return res
 
@@ -59,11 +68,10 @@ def _add(res: dict, name: str, test_name: str, m: dict) -> None:
         cell.setdefault(k, []).append(m.get(k))
 
 
-def _probe(train_store, run_dir, store, where, target) -> dict:
-    """Test metrics of the dense-ΔW probe fitted on the LoRAs ``run_dir`` trained on."""
-    src, dst = LoRAStore(train_store), LoRAStore(store)
-    rows = np.arange(len(src))
-    fit = rows[seen_mask(read_trained_on(Path(run_dir)), src, rows)]
+def _probe(src: LoRAStore, fit: np.ndarray, store, where, target) -> dict:
+    """Test metrics on ``store`` rows ``where`` of the dense-ΔW probe fitted on ``src`` rows."""
+    dst = LoRAStore(store)
+    fit = np.sort(fit)
     test = select_rows(dst, where)
     y_fit, y_test = src.labels([target])[fit], dst.labels([target])[test]
     task = Task.fit([target], y_fit)

@@ -73,21 +73,7 @@ def train(
 
     targets = list(config.targets)
     y_all = store.labels(targets)
-    rows = select_rows(store, config.where)
-    check_finite_labels(store, targets, y_all, rows)
-    kind = config.task or infer_task(y_all[rows])
-    splits = make_splits(
-        store,
-        rows,
-        y_all,
-        config.seed,
-        fractions=config.fractions,
-        split_column=config.split_column,
-        classification=kind == CLASSIFICATION,
-        folds=config.folds,
-    )
-    if len(splits) == 1 and config.calibration:
-        splits = [hold_out_calibration(splits[0], config, y_all, kind, store)]
+    kind, splits = run_splits(store, config, y_all)
     probes = {}
     if config.probes:
         fit_test = [(np.concatenate([s["train"], s["val"]]), s["test"]) for s in splits]
@@ -123,6 +109,29 @@ def train(
         )
     acc.wait_for_everyone()
     return json_safe(metrics)
+
+
+def run_splits(
+    store: LoRAStore, config: TrainConfig, y_all: np.ndarray
+) -> tuple[str, list[dict[str, np.ndarray]]]:
+    """The task kind and the splits ``train`` uses for ``config`` (one split with its "cal"
+    rows, or the folds of a small store), from the labels ``y_all`` of ``config.targets``."""
+    rows = select_rows(store, config.where)
+    check_finite_labels(store, list(config.targets), y_all, rows)
+    kind = config.task or infer_task(y_all[rows])
+    splits = make_splits(
+        store,
+        rows,
+        y_all,
+        config.seed,
+        fractions=config.fractions,
+        split_column=config.split_column,
+        classification=kind == CLASSIFICATION,
+        folds=config.folds,
+    )
+    if len(splits) == 1 and config.calibration:
+        splits = [hold_out_calibration(splits[0], config, y_all, kind, store)]
+    return kind, splits
 
 
 def _run(
@@ -359,4 +368,4 @@ def _run_facts(
     }
 
 
-__all__ = ["TrainConfig", "train"]
+__all__ = ["TrainConfig", "run_splits", "train"]
