@@ -15,13 +15,16 @@ from loralens.learn.probes import PROBE_DENSE, PROBE_SPECTRAL
 from loralens.learn.runs import load_run
 
 
-@pytest.mark.parametrize("kind", ["dense", "spectral"])
-def test_linear_base_is_the_probe_fitted_on_the_same_rows(tmp_path, kind):
+@pytest.mark.parametrize(
+    ("kind", "label"), [("dense", "y"), ("spectral", "y"), ("dense", "positive")]
+)
+def test_linear_base_is_the_probe_fitted_on_the_same_rows(tmp_path, kind, label):
     """A run's linear base alone (the gate shut) scores on the test rows exactly what the probe
     of the same kind scores, computed on another path (probes.probe_folds on features read from
-    the store, not through the model): both are fitted on the train and val rows."""
+    the store, not through the model): both are fitted on the train and val rows, in the same
+    order (a logistic fit's cross-validation folds follow it)."""
     store = _linear_store(tmp_path / "s")
-    cfg = TrainConfig("glnet", ["y"], epochs=1, plots=False, linear_base=kind)
+    cfg = TrainConfig("glnet", [label], epochs=1, plots=False, linear_base=kind)
     m = train(store, cfg, tmp_path / "run")
     run = load_run(tmp_path / "run")
     with torch.no_grad():
@@ -30,10 +33,13 @@ def test_linear_base_is_the_probe_fitted_on_the_same_rows(tmp_path, kind):
         tmp_path / "run" / "predictions.csv", delimiter=",", skiprows=1, usecols=0, dtype=str
     )
     rows = np.array([store.ids.index(i) for i in ids])
-    got = run.task.metrics(run.raw(store.batch(rows)), store.labels(["y"])[rows])
+    got = run.task.metrics(run.raw(store.batch(rows)), store.labels([label])[rows])
     probe = m["probes"][PROBE_DENSE if kind == "dense" else PROBE_SPECTRAL]["test"]
-    assert got["r2"] == pytest.approx(probe["r2"], abs=1e-6)
-    assert got["mse"] == pytest.approx(probe["mse"], rel=1e-3)
+    for key in ("r2", "auroc", "accuracy"):
+        if key in probe:
+            assert got[key] == pytest.approx(probe[key], abs=1e-6)
+    if "mse" in probe:
+        assert got["mse"] == pytest.approx(probe["mse"], rel=1e-3)
 
 
 def test_saved_run_predicts_with_its_base(tmp_path):

@@ -29,7 +29,8 @@ def _linear_store(path, n=120, seed=0):
     for k in range(n):
         u, v = torch.randn(8, 2, generator=g), torch.randn(6, 2, generator=g)
         y = float((u @ v.T * w).sum())
-        items.append((f"l{k:03d}", ll.LoRA([ll.LoRALayer("h.0.attn", u, v)]), {"y": y}))
+        label = {"y": y, "positive": float(y > 0)}
+        items.append((f"l{k:03d}", ll.LoRA([ll.LoRALayer("h.0.attn", u, v)]), label))
     return write_store(path, items)
 
 

@@ -76,7 +76,9 @@ def train(
     kind, splits = run_splits(store, config, y_all)
     probes = {}
     if config.probes:
-        fit_test = [(np.concatenate([s["train"], s["val"]]), s["test"]) for s in splits]
+        # in store order, as the linear base is fitted: a cross-validated logistic fit's folds
+        # follow the row order
+        fit_test = [(np.union1d(s["train"], s["val"]), s["test"]) for s in splits]
         probes = probe_folds(store, kind, targets, y_all, fit_test)
     if len(splits) == 1:
         data = _data(store, targets, y_all, splits[0], kind)
