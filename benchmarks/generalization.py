@@ -7,8 +7,9 @@
 Rows: ``glnet`` with default flags, ``glnet`` without its linear base (the network alone),
 and the dense-ΔW ridge probe (``learn.probes``) twice: fitted on the rows the default run's model
 learned from (train and val, ``learn.loop.run_splits``), and on every LoRA the run saw, its
-calibration rows too (read from its ``trained_on.json``): 10% more LoRAs than the model had. Metrics: R², Kendall τ and Spearman ρ of ``evaluate`` on the held-out rows,
-mean ± std over seeds (seed = split and init). Markdown to stdout, JSON to OUT/results.json.
+calibration rows too (read from its ``trained_on.json``): 10% more LoRAs than the model had.
+Metrics: R², Kendall τ and Spearman ρ of ``evaluate`` on the held-out rows, mean ± std over
+seeds (seed = split and init). Markdown to stdout, JSON to OUT/results.json.
 """
 
 from __future__ import annotations

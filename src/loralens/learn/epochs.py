@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy import stats
 
 from loralens.learn.runs import NonFiniteOutputError
 from loralens.learn.tasks import Task
@@ -106,8 +107,6 @@ def fit_epochs(
 def clearly_better(network: Best, base: Best) -> bool:
     """Whether the network's per-LoRA validation losses are lower than the base's by a one-sided
     paired t-test at level ``NETWORK_OVER_BASE_ALPHA``."""
-    from scipy import stats
-
     d = network.val_row_loss - base.val_row_loss
     d = d[np.isfinite(d)]
     if len(d) < 2:
