@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The test command: set-up, lint, then the whole test suite.
+# The test command: set-up (a virtual environment pinned by constraints.txt), lint, then the
+# whole test suite in that environment.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh tests
-python3 -m ruff check src tests benchmarks
-python3 -m ruff format --check src tests benchmarks
-python3 -m pytest -q "$@"
+py="${LORALENS_VENV:-.venv}/bin/python"
+"$py" -m ruff check src tests benchmarks
+"$py" -m ruff format --check src tests benchmarks
+"$py" -m pytest -q "$@"
