@@ -101,3 +101,20 @@ def test_pack_zoo_cached_reuses_a_current_store_even_after_a_refusal(tmp_path):
     assert not is_packed_from(target, zoo / "labels.csv")
     pack_zoo_cached(zoo, target)
     assert "004x" in LoRAStore(target).ids and "new" not in LoRAStore(target).ids
+
+
+@pytest.mark.filterwarnings("ignore:.*lora_alpha is unknown")
+def test_a_base_model_folder_beside_the_adapters_is_not_an_unlabeled_adapter(tmp_path):
+    """A folder of adapters laid out as people keep them, with the base model saved by
+    transformers beside them, packs the labelled adapters; an adapter left unlabelled is still
+    refused by name."""
+    from helpers import tiny_llama
+
+    labels = _folder(tmp_path / "adapters", 4, single_files=False)
+    tiny_llama().save_pretrained(tmp_path / "adapters" / "base")  # config.json + weights
+    store, refused = pack(tmp_path / "adapters", tmp_path / "s", labels=labels)
+    assert refused == [] and len(store) == 4
+    ll.save_lora(store_lora([1, 1, 1], 7), tmp_path / "adapters" / "stray")
+    with pytest.raises(StoreError, match=r"^1 adapter\(s\) in .* are not named in ") as e:
+        pack(tmp_path / "adapters", tmp_path / "s2", labels=labels)
+    assert [name for name, _ in e.value.refused] == ["stray"]

@@ -24,7 +24,7 @@ from loralens.lora import LoRA
 from loralens.store.format import INFO, StoreError
 from loralens.store.labels import labels_frame, read_labels
 from loralens.store.reader import LoRAStore
-from loralens.store.writer import StoreWriter
+from loralens.store.writer import StoreWriter, refuse_existing
 from loralens.zoo.folder import ADAPTERS, LABELS, MANIFEST
 
 #: File suffixes of single-file adapters (anything else in the folder that is not a folder is
@@ -44,13 +44,30 @@ class PackError(StoreError):
 
 
 def _adapter_entries(adapters_dir: Path) -> list[str]:
-    """Names of the adapters in a folder: sub-folders and single adapter files (by suffix;
-    one that is a named pipe or device is listed, to be refused by name)."""
+    """Names of the adapters in a folder: single adapter files (by suffix; one that is a named
+    pipe or device is listed, to be refused by name) and sub-folders that hold an adapter, not
+    what people keep beside their adapters (a base model's folder, a dataset, samples)."""
     return [
         p.name
         for p in sorted(adapters_dir.iterdir())
-        if not p.name.startswith(".") and (p.is_dir() or p.suffix in ADAPTER_SUFFIXES)
+        if not p.name.startswith(".")
+        and (p.suffix in ADAPTER_SUFFIXES if not p.is_dir() else _holds_adapter(p))
     ]
+
+
+def _holds_adapter(folder: Path) -> bool:
+    """Whether a folder is an adapter: PEFT's config or weights (readable or not: a broken
+    adapter is still refused by name), or a LoRA file a reader recognizes."""
+    from loralens.formats import LoRAFormatError, detect_format
+    from loralens.formats.peft import CONFIG_NAME, WEIGHT_NAMES
+
+    if any(os.path.lexists(folder / name) for name in (CONFIG_NAME, *WEIGHT_NAMES)):
+        return True
+    try:
+        detect_format(folder)
+    except LoRAFormatError:
+        return False
+    return True
 
 
 def _inside(real_root: str, path: Path) -> bool:
@@ -197,6 +214,8 @@ def pack(
     from loralens.formats import load_lora
 
     load = load or load_lora
+    if not (append or overwrite):  # before any adapter is read; checked again under the lock
+        refuse_existing(Path(out))
     root, zoo_labels, zoo_info = _zoo_parts(Path(adapters_dir))
     if labels is None:
         labels = zoo_labels
@@ -216,10 +235,15 @@ def pack(
     targets = _targets(root, frame, labels_name)
     gaps = targets.missing + targets.unlabeled
     if gaps and not skip_missing:
+        parts = [
+            f"{len(targets.missing)} adapter(s) named in {labels_name} are not in {root}"
+            * bool(targets.missing),
+            f"{len(targets.unlabeled)} adapter(s) in {root} are not named in {labels_name}"
+            * bool(targets.unlabeled),
+        ]
         raise PackError(
-            f"{len(targets.missing)} adapter(s) named in {labels_name} are not in {root}, "
-            f"{len(targets.unlabeled)} in {root} are not named in {labels_name}; nothing was "
-            "written (pass skip_missing / --skip-missing to pack the adapters both name)",
+            f"{', '.join(p for p in parts if p)}; nothing was written (pass skip_missing / "
+            "--skip-missing to pack the adapters both name)",
             gaps,
         )
     records, paths, bad = targets.records, targets.paths, targets.bad

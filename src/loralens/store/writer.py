@@ -84,6 +84,16 @@ def _link(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
+def refuse_existing(path: Path) -> None:
+    """Refuse (StoreExistsError) to create a store where a store or other files already are."""
+    if not path.exists():
+        return
+    if (path / INFO).exists():
+        raise StoreExistsError(f"{path} is already a store (use --append or --overwrite)")
+    if not path.is_dir() or any(path.iterdir()):
+        raise StoreExistsError(f"{path} exists and is not an empty directory")
+
+
 class StoreWriter:
     """Write LoRAs into a new store (:meth:`create`) or append to one (:meth:`append_to`).
 
@@ -189,13 +199,8 @@ class StoreWriter:
                 dtype = existing.info["dtype"]
                 for shard in existing.shard_files:
                     _link(shard, workdir / shard.name)
-            elif path.exists() and not overwrite:
-                if (path / INFO).exists():
-                    raise StoreExistsError(
-                        f"{path} is already a store (use --append or --overwrite)"
-                    )
-                if not path.is_dir() or any(path.iterdir()):
-                    raise StoreExistsError(f"{path} exists and is not an empty directory")
+            elif not overwrite:
+                refuse_existing(path)
         except BaseException:
             shutil.rmtree(workdir, ignore_errors=True)
             lock.release()
