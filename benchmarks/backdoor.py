@@ -30,12 +30,20 @@ from pathlib import Path
 import numpy as np
 
 from loralens.jsonio import write_json
-from loralens.learn.benchmark import HPARAMS_ONLY, tree_outputs
-from loralens.learn.data import hparam_columns, select_rows
-from loralens.learn.loop import TrainConfig, train
-from loralens.learn.probes import PROBES, fit_predict, probe_features
-from loralens.learn.runs import load_run
-from loralens.learn.tasks import CLASSIFICATION, FPR_LEVELS, Task, roc_auc, tpr_at_fpr, tpr_key
+from loralens.learn.bench.benchmark import HPARAMS_ONLY, tree_outputs
+from loralens.learn.fitting.data import hparam_columns, select_rows
+from loralens.learn.fitting.probes import PROBES, fit_predict, probe_features
+from loralens.learn.fitting.tasks import (
+    CLASSIFICATION,
+    FPR_LEVELS,
+    Task,
+    roc_auc,
+    tpr_at_fpr,
+    tpr_key,
+)
+from loralens.learn.runs.folder import load_run
+from loralens.learn.training.config import TrainConfig
+from loralens.learn.training.loop import train
 from loralens.store import LoRAStore
 from loralens.store.pack import pack_zoo_cached
 

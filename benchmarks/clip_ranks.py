@@ -15,8 +15,8 @@ import argparse
 
 import numpy as np
 
-from loralens.learn.probes import PROBE_DENSE, fit_linear, probe_features
-from loralens.learn.tasks import r2_score
+from loralens.learn.fitting.probes import PROBE_DENSE, fit_linear, probe_features
+from loralens.learn.fitting.tasks import r2_score
 from loralens.store import LoRAStore
 
 MARGINS = (None, 0.0, 0.05, 0.1, 0.25)

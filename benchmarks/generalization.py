@@ -20,12 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
-from loralens.learn.data import select_rows
-from loralens.learn.loop import TrainConfig, run_splits, train
-from loralens.learn.probes import PROBE_DENSE, fit_predict, probe_features
-from loralens.learn.runs import evaluate, headline
-from loralens.learn.seen import read_trained_on, seen_mask
-from loralens.learn.tasks import Task
+from loralens.learn.fitting.data import select_rows
+from loralens.learn.fitting.probes import PROBE_DENSE, fit_predict, probe_features
+from loralens.learn.fitting.tasks import Task
+from loralens.learn.runs.evaluation import evaluate
+from loralens.learn.runs.report import headline
+from loralens.learn.runs.seen import read_trained_on, seen_mask
+from loralens.learn.training.config import TrainConfig
+from loralens.learn.training.loop import run_splits, train
 from loralens.store import LoRAStore
 
 RECIPES = {

@@ -29,7 +29,7 @@ What is adapted, and why:
   model sees r only through products U V^T, row-wise masks and left multiplications, so the
   zero columns change no output.
 - ``n_input_layers`` is 56 in main.py (their Qwen2 adapters); here it is the store's layer count.
-- Splits: ``loralens.learn.data.make_splits`` with ``TrainConfig``'s defaults for the seed, as
+- Splits: ``loralens.learn.fitting.data.make_splits`` with ``TrainConfig``'s defaults for the seed, as
   ``learn/loop.py`` calls it (stores under 60 labelled LoRAs: its k folds, metrics averaged).
 - CPU: ``models_metanet`` sends ``EquivDropout``'s masks to a module-level
   ``device = cuda``; it is reassigned to the device used. Their ``torch.autocast("cuda")`` is
@@ -57,11 +57,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from loralens.learn.data import make_splits, select_rows
-from loralens.learn.loop import TrainConfig
-from loralens.learn.probes import probe_folds
-from loralens.learn.seen import seen_mask, trained_on
-from loralens.learn.tasks import REGRESSION, regression_metrics
+from loralens.learn.fitting.data import make_splits, select_rows
+from loralens.learn.fitting.probes import probe_folds
+from loralens.learn.fitting.tasks import REGRESSION, regression_metrics
+from loralens.learn.runs.seen import seen_mask, trained_on
+from loralens.learn.training.config import TrainConfig
 from loralens.lora import LoRABatch
 from loralens.store import LoRAStore
 

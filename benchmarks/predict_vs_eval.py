@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 
 import loralens as ll
-from loralens.learn.runs import load_run
+from loralens.learn.runs.folder import load_run
 from loralens.store import LoRAStore
 
 

@@ -17,8 +17,9 @@ import json
 
 import numpy as np
 
-from loralens.learn.data import resolve_targets
-from loralens.learn.loop import TrainConfig, train
+from loralens.learn.fitting.data import resolve_targets
+from loralens.learn.training.config import TrainConfig
+from loralens.learn.training.loop import train
 from loralens.models.registry import TRAINING_DEFAULTS
 from loralens.store import LoRAStore
 

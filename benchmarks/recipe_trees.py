@@ -15,7 +15,7 @@ import numpy as np
 from sklearn.ensemble import HistGradientBoostingRegressor
 from sklearn.metrics import r2_score
 
-from loralens.learn.data import hparam_columns, make_split, select_rows
+from loralens.learn.fitting.data import hparam_columns, make_split, select_rows
 from loralens.store import LoRAStore
 
 

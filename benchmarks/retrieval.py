@@ -30,10 +30,10 @@ import numpy as np
 import pandas as pd
 
 from loralens.jsonio import write_json
-from loralens.learn.data import resolve_targets
-from loralens.learn.embed import Embedder
-from loralens.learn.search import exact_knn, standardizer
-from loralens.learn.tasks import mean_std
+from loralens.learn.fitting.data import resolve_targets
+from loralens.learn.fitting.tasks import mean_std
+from loralens.search.embed import Embedder
+from loralens.search.index import exact_knn, standardizer
 from loralens.store import LoRAStore
 
 K = 10

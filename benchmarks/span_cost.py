@@ -16,7 +16,7 @@ import time
 import numpy as np
 import torch
 
-from loralens.learn.span import Span, fit_out_of_fold, side_factors, span_sample_size
+from loralens.learn.trust.span import Span, fit_out_of_fold, side_factors, span_sample_size
 from loralens.lora import LoRABatch
 
 LAYOUTS = {

@@ -20,9 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from loralens.learn.data import hparam_columns, make_split, select_rows
-from loralens.learn.runs import evaluate, load_run
-from loralens.learn.tasks import Task
+from loralens.learn.fitting.data import hparam_columns, make_split, select_rows
+from loralens.learn.fitting.tasks import Task
+from loralens.learn.runs.evaluation import evaluate
+from loralens.learn.runs.folder import load_run
 from loralens.store import LoRAStore
 
 RANKS = (1, 2, 4, 8, 16)

@@ -24,9 +24,11 @@ from pathlib import Path
 import numpy as np
 
 import loralens as ll
-from loralens.learn.loop import TrainConfig, train
-from loralens.learn.runs import evaluate, load_run
-from loralens.learn.tasks import roc_auc
+from loralens.learn.fitting.tasks import roc_auc
+from loralens.learn.runs.evaluation import evaluate
+from loralens.learn.runs.folder import load_run
+from loralens.learn.training.config import TrainConfig
+from loralens.learn.training.loop import train
 from loralens.store import LoRAStore, pack_zoo_cached
 
 SHIFTS = ("z-ranks", "z-variant", "z-seed1")

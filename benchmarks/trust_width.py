@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 
 import loralens as ll
-from loralens.learn.loop import TrainConfig, train
-from loralens.learn.runs import load_run
+from loralens.learn.runs.folder import load_run
+from loralens.learn.training.config import TrainConfig
+from loralens.learn.training.loop import train
 from loralens.store import LoRAStore
 from trust import scaled_fit_inputs
 

@@ -15,7 +15,8 @@ import argparse
 import statistics
 import time
 
-from loralens.learn.loop import TrainConfig, train
+from loralens.learn.training.config import TrainConfig
+from loralens.learn.training.loop import train
 from loralens.models.w2t import W2T
 
 

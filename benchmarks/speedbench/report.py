@@ -135,7 +135,7 @@ def to_markdown(res: dict[str, Any]) -> str:
         lines.append("")
     if "train" in res:
         lines += [
-            "Training (loralens.learn.loop.train, AdamW, its default batch size per model): LoRAs/s "
+            "Training (loralens.learn.training.loop.train, AdamW, its default batch size per model): LoRAs/s "
             "per epoch (median over epochs), and the same DataLoader timed alone over the same "
             "rows.",
             "",

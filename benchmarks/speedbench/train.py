@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from loralens.learn import loop as T
-from loralens.learn.data import make_loader
+from loralens.learn.fitting.data import make_loader
+from loralens.learn.training import loop as T
 from loralens.store import LoRAStore
 
 
@@ -38,7 +38,7 @@ def bench_train(
     epochs: int = 2,
     hparams: dict[str, dict[str, Any]] | None = None,
 ) -> list[TrainRow]:
-    """LoRAs/s per epoch of ``loralens.learn.loop.train`` for each model, and the share of each epoch
+    """LoRAs/s per epoch of ``loralens.learn.training.loop.train`` for each model, and the share of each epoch
     spent in its DataLoader (the same loader timed alone over the same training rows)."""
     store = LoRAStore(store_path)
     rows_out = []

@@ -31,10 +31,10 @@ __version__ = "0.1.0"
 
 #: Public names whose modules load pandas and the store: imported on first use only.
 _LAZY = {
-    "embed": "loralens.learn.embed",
-    "build_index": "loralens.learn.search",
-    "load_index": "loralens.learn.search",
-    "search": "loralens.learn.search",
+    "embed": "loralens.search.embed",
+    "build_index": "loralens.search.index",
+    "load_index": "loralens.search.index",
+    "search": "loralens.search.index",
 }
 
 

@@ -17,6 +17,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
+from loralens.errors import LoRALensError
+
 
 def fsync_dir(path: Path | str) -> None:
     """fsync a directory, so that a rename inside it survives a crash (no-op where unsupported)."""
@@ -77,7 +79,7 @@ def atomic_dir(final: Path | str) -> Iterator[Path]:
 # only regular files are opened
 
 
-class SpecialFileError(OSError):
+class SpecialFileError(LoRALensError, OSError):
     """A path that must be a regular file is a named pipe, socket, device or folder
     (``kind`` says which, e.g. 'a named pipe')."""
 

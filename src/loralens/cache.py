@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from loralens.atomic import atomic_dir, file_sha256, write_file_atomic
+from loralens.errors import InputError
 
 #: the manifest inside every cache entry, written last
 ENTRY_MANIFEST = "loralens-cache.json"
@@ -31,7 +32,7 @@ _FORMAT = 1
 _MAX_MANIFEST_BYTES = 1 << 20
 
 
-class CacheError(ValueError):
+class CacheError(InputError):
     """A cache entry that cannot be trusted; the message names the file and the folder to delete."""
 
 

@@ -1,10 +1,37 @@
-"""Errors shared across packages (each package's own input errors live beside its code)."""
+"""The errors loralens raises on purpose, one family under :class:`LoRALensError`, and its
+warning. The CLI turns these, and only these, into one ``error:`` line and an exit code (input
+1, settings 2, output 3); anything else is a bug and keeps its traceback. Each package's own
+kinds (``LoRAFormatError``, ``StoreError``, ...) live beside their code and derive from these."""
 
 from __future__ import annotations
 
 
-class OutputExistsError(ValueError):
+class LoRALensError(Exception):
+    """Something loralens refuses on purpose, with a message naming the file or setting."""
+
+
+class InputError(LoRALensError, ValueError):
+    """An input (adapter, labels, store, run, index, zoo) that cannot be read or is invalid."""
+
+
+class SettingsError(LoRALensError, ValueError):
+    """A setting out of its range or of the wrong type (an option, a hyperparameter)."""
+
+
+class OutputExistsError(LoRALensError, ValueError):
     """The output already exists, or was made with other settings: writing would lose or mix it."""
+
+
+class RunError(InputError):
+    """A run directory that cannot be used: a missing, malformed or inconsistent file."""
+
+
+class RunNotFoundError(RunError, FileNotFoundError):
+    """A run directory, or one of its files, that does not exist."""
+
+
+class NonFiniteOutputError(InputError):
+    """A model whose outputs are NaN/inf for some inputs (diverged, or inputs far off scale)."""
 
 
 class LoRALensWarning(UserWarning):

@@ -34,3 +34,45 @@ def dumps(value: Any) -> str:
 def write_json(path: str | os.PathLike, value: Any) -> None:
     """``value`` as strict JSON (NaN/inf as null) in ``path``."""
     Path(path).write_text(dumps(value) + "\n")
+
+
+#: Largest JSON sidecar read (a run's config, a calibration, an index manifest): far above any
+#: real one, so a link to /dev/zero or a planted giant file is refused, not read into memory.
+MAX_JSON_BYTES = 16 * 2**20
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def read_json_object(
+    path: str | os.PathLike,
+    *,
+    error: type[Exception] | None = None,
+    max_bytes: int = MAX_JSON_BYTES,
+) -> dict[str, Any]:
+    """A JSON object from ``path``, read as untrusted input: a regular file (never a pipe or a
+    device, so nothing blocks) of at most ``max_bytes``, strict JSON (no NaN/Infinity, no
+    recursion blow-up); anything else is ``error`` (default ``InputError``) naming ``path``."""
+    from loralens.atomic import SpecialFileError, open_regular
+    from loralens.errors import InputError
+
+    error = error or InputError
+    try:
+        with open_regular(path) as f:
+            data = f.read(max_bytes + 1)
+    except SpecialFileError as e:
+        raise error(f"{path}: {e.kind}, not a regular file") from None
+    except FileNotFoundError:
+        raise error(f"{path}: no such file") from None
+    except OSError as e:
+        raise error(f"{path}: cannot be read ({e.strerror or e})") from None
+    if len(data) > max_bytes:
+        raise error(f"{path}: larger than {max_bytes // 2**20} MiB; not a loralens file")
+    try:
+        obj = json.loads(data, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError too
+        raise error(f"{path}: not valid JSON ({str(e)[:200] or type(e).__name__})") from None
+    if not isinstance(obj, dict):
+        raise error(f"{path}: not a JSON object")
+    return obj

@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from loralens.errors import InputError
+
 
 def delta_weight(U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
     """delta W = U @ V.T (out x in) of one layer's factors, or of stacks of them (..., out, r)."""
@@ -33,17 +35,17 @@ class LoRALayer:
 
     def __post_init__(self) -> None:
         if self.U.ndim != 2 or self.V.ndim != 2:
-            raise ValueError(
+            raise InputError(
                 f"layer {self.name!r}: U and V must be 2-D (out x r, in x r), "
                 f"got U {tuple(self.U.shape)} and V {tuple(self.V.shape)}"
             )
         if not (self.U.is_floating_point() and self.V.is_floating_point()):
-            raise ValueError(
+            raise InputError(
                 f"layer {self.name!r}: U and V must be floating point, got "
                 f"{self.U.dtype} and {self.V.dtype}"
             )
         if self.U.shape[1] != self.V.shape[1]:
-            raise ValueError(
+            raise InputError(
                 f"layer {self.name!r}: U {tuple(self.U.shape)} and V {tuple(self.V.shape)} "
                 "disagree on the rank (second axis)"
             )
@@ -93,7 +95,7 @@ class LoRA:
         names = [layer.name for layer in self.layers]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
-            raise ValueError(f"LoRA has duplicate layer names: {dupes}")
+            raise InputError(f"LoRA has duplicate layer names: {dupes}")
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -274,14 +276,14 @@ class LoRABatch:
         below the batch's own is refused (padding never truncates)."""
         widths = [int(r) for r in ranks]
         if len(widths) != self.num_layers:
-            raise ValueError(f"got {len(widths)} rank widths for {self.num_layers} layers")
+            raise InputError(f"got {len(widths)} rank widths for {self.num_layers} layers")
         narrow = [
             f"{name}: {w} < {u.shape[2]}"
             for name, u, w in zip(self.names, self.U, widths)
             if w < u.shape[2]
         ]
         if narrow:
-            raise ValueError(f"cannot pad to a width below the batch's own: {_clip(narrow)}")
+            raise InputError(f"cannot pad to a width below the batch's own: {_clip(narrow)}")
 
         def pad(f: torch.Tensor, r: int) -> torch.Tensor:
             if f.shape[2] == r:
@@ -334,14 +336,14 @@ def collate(loras: Sequence[LoRA], *, dtype: torch.dtype | None = None) -> LoRAB
     names and shapes.
     """
     if not loras:
-        raise ValueError("collate needs at least one LoRA")
+        raise InputError("collate needs at least one LoRA")
     first = spec_of(loras[0])
     for k, lora in enumerate(loras[1:], start=1):
         problem = first.describe_mismatch(spec_of(lora))
         if problem:
             src = lora.metadata.get("source", f"LoRA #{k}")
             ref = loras[0].metadata.get("source", "LoRA #0")
-            raise ValueError(f"cannot batch {src} with {ref}: {problem}")
+            raise InputError(f"cannot batch {src} with {ref}: {problem}")
     dtype = dtype or loras[0].layers[0].U.dtype
     rank_table = torch.tensor([lora.ranks for lora in loras], dtype=torch.long)
     width = rank_table.max(dim=0).values.tolist()

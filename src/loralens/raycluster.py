@@ -11,19 +11,21 @@ import contextlib
 from collections.abc import Callable, Hashable, Iterator, Mapping
 from typing import Any
 
+from loralens.errors import LoRALensError, SettingsError
+
 INSTALL_HINT = "--ray needs Ray, an optional extra: pip install 'loralens[ray]'"
 
 
-class TasksFailed(RuntimeError):
+class TasksFailed(LoRALensError, RuntimeError):
     """Ray tasks failed after their retries; the message has one line per failed task."""
 
 
 def import_ray() -> Any:
-    """The ``ray`` module, or a ``ValueError`` that says how to install it."""
+    """The ``ray`` module, or a ``LoRALensError`` that says how to install it."""
     try:
         import ray
     except ImportError as err:
-        raise ValueError(INSTALL_HINT) from err
+        raise LoRALensError(INSTALL_HINT) from err
     return ray
 
 
@@ -51,19 +53,23 @@ def ray_session(address: str | None, *, quiet: bool = False) -> Iterator[Any]:
 
 
 def check_resources(ray: Any, num_cpus: float, num_gpus: float, flag: str) -> None:
-    """Raise ``ValueError`` unless some node of the cluster can hold a task asking for
+    """Raise ``LoRALensError`` unless some node of the cluster can hold a task asking for
     ``num_cpus`` CPUs and ``num_gpus`` GPUs (Ray would wait forever for it); ``flag`` names the
     option that asked."""
     if num_gpus < 0 or (num_gpus > 1 and num_gpus != int(num_gpus)):
-        raise ValueError(f"{flag} takes a fraction of one GPU or a whole number, got {num_gpus:g}")
+        raise SettingsError(
+            f"{flag} takes a fraction of one GPU or a whole number, got {num_gpus:g}"
+        )
     nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
     if any(r.get("CPU", 0) >= num_cpus and r.get("GPU", 0) >= num_gpus for r in nodes):
         return
     gpus = max((r.get("GPU", 0) for r in nodes), default=0)
     cpus = max((r.get("CPU", 0) for r in nodes), default=0)
     if num_gpus and not gpus:
-        raise ValueError(f"{flag}: each task asks for {num_gpus:g} GPU but the cluster has no GPU")
-    raise ValueError(
+        raise LoRALensError(
+            f"{flag}: each task asks for {num_gpus:g} GPU but the cluster has no GPU"
+        )
+    raise LoRALensError(
         f"{flag}: each task asks for {num_cpus:g} CPU and {num_gpus:g} GPU, more than any node "
         f"of the cluster has (at most {cpus:g} CPU, {gpus:g} GPU per node)"
     )

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from loralens.errors import SettingsError
 from loralens.lora import LoRA, LoRALayer
 
 
@@ -34,13 +35,13 @@ def keep_rank(s: torch.Tensor, *, rank: int | None = None, energy: float | None 
     """How many singular values to keep: ``rank`` (at most as many as there are), or the fewest
     whose squares hold at least ``energy`` of the total (at least 1)."""
     if (rank is None) == (energy is None):
-        raise ValueError("give exactly one of rank and energy")
+        raise SettingsError("give exactly one of rank and energy")
     if rank is not None:
         if rank < 1:
-            raise ValueError(f"rank must be at least 1, got {rank}")
+            raise SettingsError(f"rank must be at least 1, got {rank}")
         return min(int(rank), int(s.numel()))
     if not 0 < energy <= 1:
-        raise ValueError(f"energy must be in (0, 1], got {energy}")
+        raise SettingsError(f"energy must be in (0, 1], got {energy}")
     power = s.double() ** 2
     total = float(power.sum())
     if total == 0:
@@ -81,7 +82,7 @@ def resize(
     keeping ``energy`` of its squared singular values), and one report row per layer (see
     :func:`resize_layer`). Never forms a delta W."""
     if energy is not None and not (isinstance(energy, float | int) and math.isfinite(energy)):
-        raise ValueError(f"energy must be a number in (0, 1], got {energy!r}")
+        raise SettingsError(f"energy must be a number in (0, 1], got {energy!r}")
     layers, rows = [], []
     for layer in lora.layers:
         new, row = resize_layer(layer, rank=rank, energy=energy)

@@ -22,7 +22,8 @@ from loralens.families import guess_base_model
 from loralens.flags import layer_flags
 from loralens.inspection import inspect_adapter
 from loralens.jsonio import json_safe
-from loralens.learn.runs import METRICS, Run, headline, load_run
+from loralens.learn.runs.folder import METRICS, Run, load_run
+from loralens.learn.runs.report import headline
 
 #: singular values kept per layer (the page plots these spectra)
 SPECTRUM = 64

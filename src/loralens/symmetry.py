@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 import torch
 
+from loralens.errors import SettingsError
 from loralens.fused import linalg_dtype
 from loralens.lora import LoRA, LoRABatch
 
@@ -69,7 +70,7 @@ def random_gl(r: int, generator: torch.Generator, *, cond: float = 10.0) -> torc
     [cond^-1/2, cond^1/2], so neither R nor R^-1 blows anything up.
     """
     if cond < 1:
-        raise ValueError(f"cond must be >= 1, got {cond}")
+        raise SettingsError(f"cond must be >= 1, got {cond}")
     q1, q2 = random_orthogonal(r, generator), random_orthogonal(r, generator)
     half = 0.5 * math.log(cond)
     s = torch.exp((torch.rand(r, generator=generator, dtype=torch.float64) * 2 - 1) * half)
@@ -143,7 +144,7 @@ def _transform(group: Group) -> Callable[..., Any]:
         return gl_transform
     if group == "o":
         return o_transform
-    raise ValueError(f"group must be 'gl' or 'o', got {group!r}")
+    raise SettingsError(f"group must be 'gl' or 'o', got {group!r}")
 
 
 def _prepared(model: Any, dtype: torch.dtype | None) -> Any:

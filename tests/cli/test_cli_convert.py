@@ -13,8 +13,10 @@ from typer.testing import CliRunner
 
 import loralens as ll
 from loralens.cli import app
-from loralens.learn.loop import TrainConfig, train
-from loralens.learn.runs import load_run, predict
+from loralens.learn.runs.folder import load_run
+from loralens.learn.runs.prediction import predict
+from loralens.learn.training.config import TrainConfig
+from loralens.learn.training.loop import train
 from loralens.store import pack
 
 runner = CliRunner()

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 import loralens as ll
 from helpers import random_lora
-from loralens.learn.checkpoint import load_checkpoint, read_config
+from loralens.learn.runs.checkpoint import load_checkpoint, read_config
 from loralens.models import example_batch
 from loralens.models.registry import MODEL_NAMES, build_model
 from loralens.symmetry import gl_transform

@@ -10,9 +10,10 @@ import torch
 import loralens as ll
 from helpers import random_lora
 from loralens.errors import LoRALensWarning, OutputExistsError
-from loralens.learn.embed import Embedder, embed, save_embeddings
-from loralens.learn.loop import TrainConfig, train
-from loralens.learn.search import (
+from loralens.learn.training.config import TrainConfig
+from loralens.learn.training.loop import train
+from loralens.search.embed import Embedder, embed, save_embeddings
+from loralens.search.index import (
     SearchIndexError,
     build_index,
     exact_knn,
@@ -134,7 +135,7 @@ def test_embeddings_saved_as_npy_with_their_rows(store, run, tmp_path):
 
 
 def test_embeddings_of_a_run_that_is_its_linear_base_alone_come_with_a_warning(run):
-    from loralens.learn.runs import load_run
+    from loralens.learn.runs.folder import load_run
 
     loaded = load_run(run)
     with torch.no_grad():

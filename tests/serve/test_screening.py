@@ -11,7 +11,8 @@ from serve_support import LAYERS, lora, peft
 
 import loralens as ll
 from loralens.inspection import inspect_adapter
-from loralens.learn.runs import load_run, predict
+from loralens.learn.runs.folder import load_run
+from loralens.learn.runs.prediction import predict
 from loralens.screening import (
     SPECTRUM,
     guess_base_model,

@@ -113,7 +113,7 @@ def test_a_gpu_request_the_cluster_cannot_meet_is_refused_first(cluster, tmp_pat
     out = tmp_path / "z"
     args = ["zoo", "build", "--out", str(out), "--ray", "local", "--ray-gpus", "1"]
     res = CliRunner().invoke(app, [*args, "--preset", "skills-lm"])
-    assert res.exit_code == 1 and "skills-lm trains on the CPU only" in res.output
+    assert res.exit_code == 2 and "skills-lm trains on the CPU only" in res.output
     res = CliRunner().invoke(app, [*args, "--preset", "causal-lm"])
     assert res.exit_code == 1
     assert "--ray-gpus: each task asks for 1 GPU but the cluster has no GPU" in res.output

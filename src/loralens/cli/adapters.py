@@ -7,6 +7,7 @@ from typing import Any
 import typer
 
 from loralens.cli.common import console, echo_json, fail, num, user_errors
+from loralens.cli.options import AsJson
 
 commands = typer.Typer()
 
@@ -24,7 +25,7 @@ def inspect_cmd(
         help="PEFT adapter folders, .safetensors/.bin files, folders of adapters, or Hugging "
         "Face hub ids (owner/name[@revision]; fetched when online).",
     ),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    as_json: AsJson = False,
     top: int = typer.Option(4, "--top", "-k", help="How many top singular values to show."),
     layers: bool = typer.Option(
         False, "--layers", help="Also show each adapter's layer table when there are several."

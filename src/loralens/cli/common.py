@@ -30,12 +30,11 @@ def fail(message: str, code: int = EXIT_INPUT) -> NoReturn:
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn the library's errors into one line on stderr and the exit code of their kind, and
-    its warnings (``LoRALensWarning``) into ``warning:`` lines."""
-    from loralens.errors import LoRALensWarning, OutputExistsError
-    from loralens.formats import LoRAFormatError
-    from loralens.raycluster import TasksFailed
-    from loralens.store import StoreError
+    """Turn the errors loralens raises on purpose (``LoRALensError``) and OS errors naming a path
+    into one line on stderr and the exit code of their kind, and its warnings
+    (``LoRALensWarning``) into ``warning:`` lines. Any other exception is a bug: its traceback
+    is kept."""
+    from loralens.errors import LoRALensError, LoRALensWarning, OutputExistsError, SettingsError
 
     caught: list[warnings.WarningMessage] = []
     try:
@@ -44,10 +43,14 @@ def user_errors() -> Iterator[None]:
             yield
     except OutputExistsError as e:
         fail(str(e), EXIT_EXISTS)
-    except TasksFailed as e:  # Ray tasks that failed after their retries: one line each
+    except SettingsError as e:
+        fail(str(e), EXIT_USAGE)
+    except LoRALensError as e:
         fail(str(e))
-    except (LoRAFormatError, StoreError, FileNotFoundError, NotADirectoryError, ValueError) as e:
-        fail(str(e) if not isinstance(e, OSError) or not e.filename else _os_message(e))
+    except OSError as e:  # a path the user named that is missing, unreadable or unwritable
+        if not e.filename:
+            raise
+        fail(_os_message(e))
     finally:  # out of the recording context: showwarning is Python's own again
         for w in caught:
             if issubclass(w.category, LoRALensWarning):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from loralens.cli.common import console, echo_json, fail, num, user_errors
+from loralens.cli.options import AsJson
 
 commands = typer.Typer()
 _TO_HELP = "Output format: peft (a folder), kohya or diffusers (a .safetensors file)."
@@ -19,7 +20,7 @@ def convert(
     src: str = typer.Argument(..., help="A LoRA: PEFT folder or .safetensors/.bin file."),
     out: str = typer.Argument(..., help="Where to write it (must not exist)."),
     to: str = typer.Option(..., "--to", help=_TO_HELP),
-    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
+    as_json: AsJson = False,
 ) -> None:
     """Write a LoRA in another format (peft, kohya, diffusers), exactly.
 
@@ -52,7 +53,7 @@ def resize(
         None, "--energy", help="Keep the fewest singular values holding this share of |dW|_F^2."
     ),
     to: str = typer.Option(None, "--to", help=_TO_HELP + " Default: the input's format."),
-    as_json: bool = typer.Option(False, "--json", help="Print the per-layer report as JSON."),
+    as_json: AsJson = False,
 ) -> None:
     """Resize a LoRA to a lower rank, optimally, reporting each layer's error.
 

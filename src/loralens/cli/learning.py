@@ -9,6 +9,7 @@ from typing import Any
 import typer
 
 from loralens.cli.common import console, echo_json, fail, num, user_errors
+from loralens.cli.options import AsJson, Overwrite, Store, Threads
 from loralens.models.registry import MODEL_NAMES
 
 commands = typer.Typer()
@@ -59,7 +60,7 @@ def _metrics_table(title: str, columns: dict[str, dict[str, Any]]) -> None:
     "  accelerate launch --multi_gpu --num_processes 2 -m loralens train --data ... (DDP)"
 )
 def train(
-    data: str = typer.Option(..., help="A packed store (see `loralens pack`)."),
+    data: Store,
     target: str = typer.Option(..., help="Label column(s): COL[,COL...] or a glob like 'src_*'."),
     model: str = typer.Option("glnet", help=f"One of {', '.join(MODEL_NAMES)}."),
     out: str = typer.Option(..., help="Run directory for checkpoint, metrics.json and plots."),
@@ -72,7 +73,7 @@ def train(
     where: str = typer.Option(None, metavar="FILTER", help=WHERE_HELP),
     task: str = typer.Option(None, help="Force 'regression' or 'classification'."),
     hparam: list[str] = typer.Option(None, help="Model hyperparameter KEY=VALUE (repeatable)."),
-    threads: int = typer.Option(None, help="Torch CPU threads (1 is fastest on a busy CPU)."),
+    threads: Threads = None,
     folds: int = typer.Option(
         None, help="Cross-validation folds (default: 5 below 60 labelled LoRAs; 1: one split)."
     ),
@@ -87,9 +88,9 @@ def train(
     ood_share: float = typer.Option(
         0.05, help="Share of in-distribution LoRAs the fit check flags (its threshold)."
     ),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder."),
+    overwrite: Overwrite = False,
     quiet: bool = typer.Option(False, "--quiet", help="No per-epoch lines."),
-    as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
+    as_json: AsJson = False,
 ) -> None:
     """Train a model to predict label columns from LoRA weights.
 
@@ -97,10 +98,15 @@ def train(
     + OUT/config.json (all that `predict` needs), predictions.csv and PNG plots. The task type
     follows from the labels (all 0/1: classification; else regression).
     """
-    from loralens.learn.config import TrainConfig
-    from loralens.learn.data import resolve_targets
-    from loralens.learn.loop import train as train_run
-    from loralens.learn.report import calibration_lines, probe_verdict, train_columns, train_title
+    from loralens.learn.fitting.data import resolve_targets
+    from loralens.learn.runs.report import (
+        calibration_lines,
+        probe_verdict,
+        train_columns,
+        train_title,
+    )
+    from loralens.learn.training.config import TrainConfig
+    from loralens.learn.training.loop import train as train_run
     from loralens.store import LoRAStore
 
     hparams = _parse_hparams(hparam)
@@ -144,17 +150,17 @@ def train(
     "  loralens evaluate runs/glnet --data ranks.store --where 'rank == 16' --json"
 )
 def evaluate(
+    data: Store,
     run_dir: str = typer.Argument(..., help="A run directory written by `loralens train`."),
-    data: str = typer.Option(..., help="The store to evaluate on (other ranks, other base)."),
     where: str = typer.Option(None, metavar="FILTER", help=WHERE_HELP),
     out: str = typer.Option(None, help="Also write OUT/evaluate.json."),
     coverage: float = typer.Option(None, help="Coverage of the intervals (default: the run's)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the full JSON."),
+    as_json: AsJson = False,
 ) -> None:
     """Metrics of a trained model on every LoRA of a store, and how its intervals (or sets)
     and its fit check hold there."""
-    from loralens.learn.report import calibration_lines
-    from loralens.learn.runs import evaluate as evaluate_run
+    from loralens.learn.runs.evaluation import evaluate as evaluate_run
+    from loralens.learn.runs.report import calibration_lines
 
     with user_errors():
         result = evaluate_run(run_dir, data, where=where, out_dir=out, coverage=coverage)
@@ -198,9 +204,9 @@ def predict(
     from rich.markup import escape
     from rich.table import Table
 
-    from loralens.learn.predict import UNCALIBRATED
-    from loralens.learn.runs import load_run
-    from loralens.learn.runs import predict as predict_rows
+    from loralens.learn.runs.folder import load_run
+    from loralens.learn.runs.prediction import UNCALIBRATED
+    from loralens.learn.runs.prediction import predict as predict_rows
 
     with user_errors():
         run = load_run(run_dir)
@@ -279,9 +285,9 @@ def benchmark(
     epochs: int = typer.Option(None, help="Maximum epochs per run (default: per model)."),
     where: str = typer.Option(None, metavar="FILTER", help=WHERE_HELP),
     out: str = typer.Option("loralens-benchmark", help="Output folder (tables, runs, store)."),
-    threads: int = typer.Option(None, help="Torch CPU threads (1 is fastest on a busy CPU)."),
+    threads: Threads = None,
     linear_base: str = typer.Option("auto", help=LINEAR_BASE_HELP),
-    as_json: bool = typer.Option(False, "--json", help="Print the JSON result."),
+    as_json: AsJson = False,
 ) -> None:
     """Table of models x targets, mean ± std over seeds, with baseline rows.
 
@@ -290,7 +296,7 @@ def benchmark(
     """
     from pathlib import Path
 
-    from loralens.learn.benchmark import run_benchmark
+    from loralens.learn.bench.benchmark import run_benchmark
     from loralens.store import pack_zoo_cached
 
     if bool(zoo) == bool(data):
@@ -340,7 +346,7 @@ def demo(
     Builds a small skills-lm zoo of real PEFT finetunes, packs it, trains every model on
     eval_loss and one data-membership label, prints the table and writes plots.
     """
-    from loralens.learn.demo import run_demo
+    from loralens.learn.bench.demo import run_demo
 
     with user_errors():
         result = run_demo(

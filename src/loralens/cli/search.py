@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from loralens.cli.common import EXIT_USAGE, console, echo_json, fail, num, user_errors
+from loralens.cli.options import OptionalStore, Overwrite, Store
 
 commands = typer.Typer()
 
@@ -26,18 +27,18 @@ def _run_and_rest(items: list[str], unsupervised: bool, what: str) -> tuple[str 
 )
 def embed(
     items: list[str] = typer.Argument(None, help="RUN (unless --unsupervised), then adapters."),
-    data: str = typer.Option(None, help="Embed every LoRA of this store instead of adapters."),
+    data: OptionalStore = None,
     unsupervised: bool = typer.Option(
         False,
         "--unsupervised",
         help="Spectral features (log relative singular values, log norms): no run.",
     ),
     out: str = typer.Option(..., help="Output .npy (N x D float32); OUT.json lists the rows."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
+    overwrite: Overwrite = False,
 ) -> None:
     """Invariant embeddings of LoRAs: a trained model's representation before its head."""
-    from loralens.learn.embed import embed as embed_loras
-    from loralens.learn.embed import save_embeddings
+    from loralens.search.embed import embed as embed_loras
+    from loralens.search.embed import save_embeddings
 
     run, adapters = _run_and_rest(list(items or []), unsupervised, "--data STORE or adapters")
     if bool(data) == bool(adapters):
@@ -54,8 +55,8 @@ def embed(
     "  loralens index --unsupervised --data zoo.store --out zoo.idx"
 )
 def index(
+    data: Store,
     run: str = typer.Argument(None, help="A run directory (omit with --unsupervised)."),
-    data: str = typer.Option(..., help="The store whose LoRAs are indexed."),
     unsupervised: bool = typer.Option(
         False, "--unsupervised", help="Index spectral features: no run needed."
     ),
@@ -65,11 +66,11 @@ def index(
         "--approximate/--exact",
         help="HNSW graph or exact search (default: HNSW above 50,000 LoRAs if hnswlib is here).",
     ),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing index."),
+    overwrite: Overwrite = False,
     seed: int = typer.Option(0, help="Seed of the HNSW graph and of its recall sample."),
 ) -> None:
     """Index a store's LoRA embeddings for `loralens search`."""
-    from loralens.learn.search import build_index
+    from loralens.search.index import build_index
 
     if bool(run) == unsupervised:
         fail("give a run directory or --unsupervised (one of them)", code=EXIT_USAGE)
@@ -101,7 +102,7 @@ def search(
     """The nearest adapters of the index to each query, with distances and labels."""
     from rich.table import Table
 
-    from loralens.learn.search import search as search_index
+    from loralens.search.index import search as search_index
 
     with user_errors():
         rows = search_index(index_dir, adapters, k=k)

@@ -7,7 +7,7 @@ import ipaddress
 
 import typer
 
-from loralens.cli.common import EXIT_USAGE, fail
+from loralens.cli.common import EXIT_USAGE, fail, user_errors
 
 commands = typer.Typer()
 
@@ -162,18 +162,19 @@ def screen(
             if ray
             else partial(screen_folder, workers=workers)
         )
-        try:
-            summary = run(
-                folder,
-                runs,
-                out,
-                time_limit_s=time_limit,
-                worker_memory_mb=worker_memory_mb or None,
-                on_start=started,
-                on_result=finished,
-            )
-        except (RuntimeError, NotADirectoryError, ValueError) as e:
-            fail(str(e))
+        with user_errors():
+            try:
+                summary = run(
+                    folder,
+                    runs,
+                    out,
+                    time_limit_s=time_limit,
+                    worker_memory_mb=worker_memory_mb or None,
+                    on_start=started,
+                    on_result=finished,
+                )
+            except RuntimeError as e:  # a worker that could not start
+                fail(str(e))
     if html:
         from loralens.screening import load_screening_runs
         from loralens.serve.report import write_html

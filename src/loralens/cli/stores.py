@@ -6,6 +6,7 @@ from __future__ import annotations
 import typer
 
 from loralens.cli.common import echo_json, fail, progress, user_errors
+from loralens.cli.options import AsJson, Overwrite
 
 commands = typer.Typer()
 store_app = typer.Typer(help="Check packed stores.", no_args_is_help=True)
@@ -23,7 +24,7 @@ def pack(
     out: str = typer.Option(..., help="The store directory to create (or extend with --append)."),
     dtype: str = typer.Option("float32", help="float32 or float16 weights in the store."),
     append: bool = typer.Option(False, "--append", help="Add to an existing store."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing store."),
+    overwrite: Overwrite = False,
     skip_bad: bool = typer.Option(
         False, "--skip-bad", help="Pack the rest when some adapters are unreadable or do not fit."
     ),
@@ -33,7 +34,7 @@ def pack(
         help="Pack the adapters both name when the labels name adapters the folder lacks, or "
         "the folder holds adapters the labels do not name.",
     ),
-    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
+    as_json: AsJson = False,
 ) -> None:
     """Pack a folder of LoRA adapters plus their labels into a memory-mapped store.
 
@@ -87,7 +88,7 @@ def pack(
 @store_app.command("verify", epilog="Example:\n\n  loralens store verify zoo.store --json")
 def verify(
     store: str = typer.Argument(..., help="A packed store."),
-    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    as_json: AsJson = False,
 ) -> None:
     """Check every shard and the index against the checksums recorded when they were written.
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from loralens.errors import OutputExistsError
+from loralens.errors import OutputExistsError, SettingsError
 from loralens.formats.file_writers import save_diffusers, save_kohya
 from loralens.formats.peft import save_peft
 from loralens.lora import LoRA
@@ -30,7 +30,7 @@ def write_lora(lora: LoRA, out: str | os.PathLike[str], to: str) -> Path:
     """Write ``lora`` to ``out`` (a folder for peft, a .safetensors file otherwise) as ``to``;
     refuses an ``out`` that exists (``OutputExistsError``)."""
     if to not in WRITERS:
-        raise ValueError(f"unknown target format {to!r}: expected one of {', '.join(WRITERS)}")
+        raise SettingsError(f"unknown target format {to!r}: expected one of {', '.join(WRITERS)}")
     out = Path(out)
     if out.exists() or out.is_symlink():
         raise OutputExistsError(f"{out}: already exists; remove it or choose another path")
@@ -43,5 +43,5 @@ def convert(src: str | os.PathLike[str], out: str | os.PathLike[str], *, to: str
     from loralens.formats.detect import load_lora
 
     if to not in WRITERS:
-        raise ValueError(f"unknown target format {to!r}: expected one of {', '.join(WRITERS)}")
+        raise SettingsError(f"unknown target format {to!r}: expected one of {', '.join(WRITERS)}")
     return write_lora(load_lora(src), out, to)

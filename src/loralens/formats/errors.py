@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 
+from loralens.errors import InputError
 
-class LoRAFormatError(ValueError):
+
+class LoRAFormatError(InputError):
     """A file or folder is not a LoRA loralens can read exactly.
 
     The message always starts with the path, then says what is wrong and, where it helps, what

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from loralens import atomic
+from loralens.errors import InputError, SettingsError
 from loralens.formats.canonical import KOHYA_STEM, Part, canonical_parts
 from loralens.formats.diffusers import ADAPTER_METADATA_KEY
 from loralens.formats.writing import (
@@ -40,7 +41,7 @@ def _write(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str
     from safetensors.torch import save
 
     if path.suffix != ".safetensors":
-        raise ValueError(f"{path}: a single-file LoRA is written as .safetensors")
+        raise SettingsError(f"{path}: a single-file LoRA is written as .safetensors")
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic.write_file_atomic(path, save(tensors, metadata={"format": "pt", **metadata}))
     return path
@@ -61,13 +62,13 @@ def kohya_stem(layer: LoRALayer, te_prefix: str) -> str:
             if component == "transformer"
             else "kohya files adapt Stable Diffusion pipelines (unet, text encoders)"
         )
-        raise ValueError(
+        raise InputError(
             f"cannot write layer {layer.name!r} as kohya: {why}; write peft or diffusers"
         )
     stem = prefix + layer.name[len(component) + 1 :].replace(".", "_")
     back = canonical_parts(stem, "kohya", *layer.shape)
     if back != [Part(layer.name, None, component)]:
-        raise ValueError(
+        raise InputError(
             f"cannot write layer {layer.name!r} as kohya: its stem {stem!r} would not read "
             "back as the same module"
         )
@@ -97,7 +98,7 @@ def save_kohya(lora: LoRA, path: str | Path) -> Path:
         kind = layer_kind(la)
         if kind not in ("linear", "conv") or "lora_bias" in la.meta:
             what = "an embedding" if kind == "embedding" else "a lora_B bias"
-            raise ValueError(f"cannot write layer {la.name!r} as kohya: it has {what}")
+            raise InputError(f"cannot write layer {la.name!r} as kohya: it has {what}")
         stem = kohya_stem(la, te_prefix)
         up, down, alpha = file_factors(la)
         if kind == "conv":
@@ -117,7 +118,7 @@ def save_diffusers(lora: LoRA, path: str | Path) -> Path:
     check_not_file_names(lora.layers, "a diffusers file")
     groups = by_component(lora.layers)
     if None in groups:
-        raise ValueError(
+        raise InputError(
             f"cannot write a diffusers file: layer {groups[None][0].name!r} is in no diffusion "
             "pipeline component (unet, text_encoder, transformer, ...); write peft instead"
         )

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from loralens.errors import InputError
 from loralens.formats.config import ConfigScale, read_config
 from loralens.formats.errors import LoRAFormatError
 from loralens.formats.keys import FULL_WEIGHT_KEY, ModuleParts, parse_keys, refuse_unknown
@@ -181,12 +182,12 @@ def save_peft(
 
     folder = Path(folder)
     if not lora.layers:
-        raise ValueError("cannot save a LoRA with no layers")
+        raise InputError("cannot save a LoRA with no layers")
     check_not_file_names(lora.layers, "a PEFT adapter")
     groups = by_component(lora.layers)
     if len(groups) > 1:
         parts = ", ".join(sorted(str(c or "other") for c in groups))
-        raise ValueError(
+        raise InputError(
             f"cannot write one PEFT adapter for several models (layers of {parts}): a PEFT "
             "folder adapts one model; write a diffusers file (convert --to diffusers) instead"
         )

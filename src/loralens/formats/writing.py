@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from loralens.errors import InputError
 from loralens.lora import LoRALayer
 
 
@@ -43,7 +44,7 @@ def check_not_file_names(layers: list[LoRALayer], where: str) -> None:
     bad = [la.name for la in layers if la.meta.get("canonical") is False]
     if bad:
         shown = ", ".join(repr(n) for n in bad[:3])
-        raise ValueError(
+        raise InputError(
             f"cannot write {where}: {len(bad)} layer(s) have no known module path ({shown}"
             f"{' ...' if len(bad) > 3 else ''}); their file names could not be mapped with "
             "certainty, and a model would not find those modules"
@@ -56,7 +57,7 @@ def peft_magnitude(layer: LoRALayer) -> torch.Tensor:
     cannot be turned into PEFT's without the base model's weights."""
     convention = layer.meta.get("magnitude_convention", "per_output")
     if convention != "per_output":
-        raise ValueError(
+        raise InputError(
             f"layer {layer.name!r}: its DoRA magnitude is {convention} (kohya/ComfyUI dora_scale "
             "is one per input column; a flat dora_scale of a square layer could be either), but "
             "PEFT and diffusers store one per output row and the two differ by the base "
@@ -66,7 +67,7 @@ def peft_magnitude(layer: LoRALayer) -> torch.Tensor:
     kind = layer_kind(layer)
     want = layer.in_features if kind == "embedding" else layer.out_features
     if mag.numel() != want:
-        raise ValueError(
+        raise InputError(
             f"layer {layer.name!r}: DoRA magnitude has {mag.numel()} entries, expected {want}"
         )
     if kind == "conv":  # PEFT keeps a conv's magnitude as 1 x out x 1 x 1
@@ -87,7 +88,7 @@ def peft_layer_tensors(layer: LoRALayer, key: str, *, lora_bias: bool) -> dict[s
         out[f"{key}.lora_A.weight"] = A.contiguous()
         out[f"{key}.lora_B.weight"] = B.contiguous()
     else:
-        raise ValueError(f"layer {layer.name!r}: unknown kind {kind!r}")
+        raise InputError(f"layer {layer.name!r}: unknown kind {kind!r}")
     if "magnitude" in layer.meta:
         out[f"{key}.lora_magnitude_vector"] = peft_magnitude(layer)
     if lora_bias and kind != "embedding":
@@ -105,7 +106,7 @@ def conv_factors(
     kernel = [int(k) for k in layer.meta["kernel_size"]]
     n = math.prod(kernel)
     if down.shape[1] % n:
-        raise ValueError(
+        raise InputError(
             f"layer {layer.name!r}: V has {down.shape[1]} rows, not a multiple of the kernel "
             f"size {kernel}"
         )
@@ -136,7 +137,7 @@ def peft_config(layers: list[LoRALayer], paths: list[str]) -> dict[str, Any]:
     r, alpha = _common(ranks), _common(alphas)
     dora = [("magnitude" in la.meta) for la in layers]
     if any(dora) and not all(dora):
-        raise ValueError(
+        raise InputError(
             "cannot save a LoRA where only some layers are DoRA (have meta['magnitude']): "
             "PEFT's use_dora is one flag per adapter"
         )

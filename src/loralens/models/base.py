@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from loralens.errors import InputError, LoRALensError, SettingsError
 from loralens.lora import LayerSpec, LoRA, LoRABatch, collate, spec_of
 from loralens.models.linear_base import KINDS, LinearBase
 
@@ -24,11 +25,11 @@ MAX_WIDTH = 65536
 MAX_DEPTH = 64
 
 
-class HParamError(ValueError):
+class HParamError(SettingsError):
     """A model hyperparameter of the wrong type or out of its range (or an unknown one)."""
 
 
-class ModelSizeError(MemoryError, ValueError):
+class ModelSizeError(LoRALensError, MemoryError, ValueError):
     """A model too large for the memory available, refused before anything is allocated (a
     ValueError too: the request, not the machine, is what to change)."""
 
@@ -198,7 +199,7 @@ class LoLModel(nn.Module):
         super().__init__()
         check_hparams(f"model {self.name!r}", self.schema, hparams)
         if int(out_dim) < 1:
-            raise ValueError(f"out_dim must be >= 1, got {out_dim}")
+            raise SettingsError(f"out_dim must be >= 1, got {out_dim}")
         self.spec = spec
         self.out_dim = int(out_dim)
         self.hparams = {**self.defaults, **hparams}
@@ -256,7 +257,7 @@ class LoLModel(nn.Module):
             raise TypeError(f"{self.name}: expected a LoRABatch, got {type(batch).__name__}")
         problem = self.spec.describe_mismatch(batch.spec)
         if problem:
-            raise ValueError(
+            raise InputError(
                 f"model {self.name!r} was built for {len(self.spec.names)} other layers; "
                 f"this batch does not fit: {problem}"
             )

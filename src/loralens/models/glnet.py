@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from loralens.errors import SettingsError
 from loralens.fused import grams_and_projections
 from loralens.lora import LayerSpec, LoRABatch, delta_weight
 from loralens.models.base import (
@@ -82,7 +83,7 @@ class GLNonlinearity(nn.Module):
     def __init__(self, kind: str = "relu-sign"):
         super().__init__()
         if kind not in self.KINDS:
-            raise ValueError(f"nonlinearity must be one of {self.KINDS}, got {kind!r}")
+            raise SettingsError(f"nonlinearity must be one of {self.KINDS}, got {kind!r}")
         self.kind = kind
 
     def gate(self, x: torch.Tensor, n: int) -> torch.Tensor:
@@ -143,7 +144,7 @@ class GLNet(LoLModel):
         super().__init__(spec, out_dim, hparams)
         h = self.hparams
         if h["head"] == "transformer" and h["d_model"] % h["n_heads"]:
-            raise ValueError(
+            raise SettingsError(
                 f"d_model ({h['d_model']}) must be a multiple of n_heads ({h['n_heads']})"
             )
         d, n = int(h["hidden"]), len(spec.names)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from loralens.errors import SettingsError
 from loralens.features import spectral_stats, svals_and_norms
 from loralens.lora import LayerSpec, LoRABatch
 
@@ -61,7 +62,7 @@ def linear_features(batch: LoRABatch, kind: str, k: int | None = None) -> torch.
 def unit_features(batch: LoRABatch, kind: str, k: int) -> torch.Tensor:
     """(B, D) float64 scale-free features: each layer's ΔW ("dense") or its ``k`` singular values
     ("spectral") divided by the layer's ΔW norm, so a LoRA scaled by any factor keeps them (the
-    fit check predicts a LoRA's update size from them: :mod:`loralens.learn.fitcheck`)."""
+    fit check predicts a LoRA's update size from them: :mod:`loralens.learn.trust.fitcheck`)."""
     if kind == "dense":
         feats = [w.reshape(len(batch), -1).double() for w in batch.delta_weights()]
         return torch.cat([f / f.norm(dim=1, keepdim=True).clamp_min(LOG_EPS) for f in feats], 1)
@@ -76,7 +77,7 @@ class LinearBase(nn.Module):
     def __init__(self, kind: str, spec: LayerSpec, out_dim: int):
         super().__init__()
         if kind not in KINDS[1:]:
-            raise ValueError(f"linear base must be one of {list(KINDS[1:])}, got {kind!r}")
+            raise SettingsError(f"linear base must be one of {list(KINDS[1:])}, got {kind!r}")
         self.kind, self.k = kind, spectral_width(spec)
         self.register_buffer("weight", torch.zeros(feature_dim(kind, spec), out_dim).double())
         self.register_buffer("bias", torch.zeros(out_dim).double())

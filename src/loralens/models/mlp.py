@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from loralens import features
+from loralens.errors import SettingsError
 from loralens.lora import LayerSpec, LoRA, LoRABatch, delta_weight
 from loralens.models.base import (
     EPS,
@@ -70,7 +71,7 @@ class FlatMLP(LoLModel):
             self.hparams["ranks"] = list(spec.ranks)
         self.hparams["ranks"] = [int(r) for r in self.hparams["ranks"]]
         if len(self.hparams["ranks"]) != len(spec.names):
-            raise ValueError(
+            raise SettingsError(
                 f"ranks: {len(self.hparams['ranks'])} widths for {len(spec.names)} layers"
             )
         dim = sum((o + i) * r for (o, i), r in zip(spec.shapes, self.hparams["ranks"]))

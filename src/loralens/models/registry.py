@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from loralens.errors import SettingsError
 from loralens.lora import LayerSpec, LoRA, LoRABatch, LoRALayer, collate
 from loralens.models import base
 from loralens.models.base import HParam, LoLModel, ModelSizeError, as_spec
@@ -39,7 +40,7 @@ TRAINING_SCHEMA: dict[str, HParam] = {
 def _entry(cls: type[LoLModel], **training: Any) -> tuple[str, type[LoLModel], dict[str, Any]]:
     unknown = sorted(set(training) - set(TRAINING_DEFAULTS))
     if unknown:
-        raise ValueError(f"{cls.name}: no training setting(s) {unknown}")
+        raise SettingsError(f"{cls.name}: no training setting(s) {unknown}")
     return cls.name, cls, {**TRAINING_DEFAULTS, **training}
 
 
@@ -62,7 +63,7 @@ MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 
 def _model_class(name: str) -> type[LoLModel]:
     if name not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+        raise SettingsError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
     return _REGISTRY[name][0]
 
 

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from loralens.canonical_form import Canonical, CanonicalCache, canonical_form
+from loralens.errors import SettingsError
 from loralens.lora import LayerSpec, LoRABatch
 from loralens.models.base import (
     EPS,
@@ -71,7 +72,7 @@ class W2T(LoLModel):
         h = self.hparams
         dm, n = int(h["d_model"]), len(spec.names)
         if dm % h["n_heads"]:
-            raise ValueError(f"d_model ({dm}) must be a multiple of n_heads ({h['n_heads']})")
+            raise SettingsError(f"d_model ({dm}) must be a multiple of n_heads ({h['n_heads']})")
         self.left_in = nn.ModuleList(nn.Linear(o, dm, bias=False) for o, _ in spec.shapes)
         self.right_in = nn.ModuleList(nn.Linear(i, dm, bias=False) for _, i in spec.shapes)
         self.value_in = nn.Linear(2, dm)

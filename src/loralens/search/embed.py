@@ -21,11 +21,11 @@ import torch
 
 from loralens import features
 from loralens.atomic import file_sha256
-from loralens.errors import LoRALensWarning, OutputExistsError
+from loralens.errors import InputError, LoRALensWarning, OutputExistsError, SettingsError
 from loralens.jsonio import write_json
-from loralens.learn.calibrate import base_only
-from loralens.learn.checkpoint import CHECKPOINT
-from loralens.learn.runs import Run, load_run
+from loralens.learn.runs.checkpoint import CHECKPOINT
+from loralens.learn.runs.folder import Run, load_run
+from loralens.learn.trust.calibrate import base_only
 from loralens.lora import LayerSpec, LoRA, LoRABatch, collate, spec_of
 from loralens.models.base import EPS, log_scale
 from loralens.store import LoRAStore
@@ -87,7 +87,7 @@ class Embedder:
         """Refuse LoRAs whose layers differ (names, order, shapes) from this embedder's."""
         problem = self.spec.describe_mismatch(spec)
         if problem:
-            raise ValueError(f"{what} does not fit this embedding's layers: {problem}")
+            raise InputError(f"{what} does not fit this embedding's layers: {problem}")
 
     @torch.no_grad()
     def __call__(self, batch: LoRABatch) -> np.ndarray:
@@ -116,7 +116,7 @@ class Embedder:
 
 def _finite(x: np.ndarray, where: Any) -> np.ndarray:
     if not np.isfinite(x).all():
-        raise ValueError(f"{where}: the embedding has NaN/inf values for some LoRAs")
+        raise InputError(f"{where}: the embedding has NaN/inf values for some LoRAs")
     return x.astype(np.float32, copy=False)
 
 
@@ -137,7 +137,7 @@ def embed(
     """Embed a store's LoRAs (``data``) or adapter files with ``run``'s model, or with the
     unsupervised spectral features when ``run`` is None. Returns (names, (N, D), description)."""
     if (data is None) == (not adapters):
-        raise ValueError("embed either a store (data=) or adapter files (adapters=), not both")
+        raise SettingsError("embed either a store (data=) or adapter files (adapters=), not both")
     if data is not None:
         store = data if isinstance(data, LoRAStore) else LoRAStore(data)
         emb = Embedder.of_run(run) if run is not None else Embedder.unsupervised(store.spec)
@@ -161,7 +161,7 @@ def save_embeddings(
     row by row and how they were embedded. Returns the JSON's path."""
     out = Path(out)
     if out.suffix != ".npy":
-        raise ValueError(f"{out}: embeddings are written as .npy (give a name ending in .npy)")
+        raise SettingsError(f"{out}: embeddings are written as .npy (give a name ending in .npy)")
     side = out.with_suffix(".json")
     if not overwrite and (out.exists() or side.exists()):
         raise OutputExistsError(f"{out} already exists (use --overwrite to replace it)")

@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 
 from loralens.atomic import atomic_dir, file_sha256
-from loralens.errors import OutputExistsError
+from loralens.errors import InputError, OutputExistsError, SettingsError
 from loralens.jsonio import json_safe, write_json
-from loralens.learn.embed import RUN, Embedder, read_adapters
 from loralens.lora import LayerSpec
+from loralens.search.embed import RUN, Embedder, read_adapters
 from loralens.store import LoRAStore
 
 FORMAT, VERSION = "loralens-index", 1
@@ -34,7 +34,7 @@ HNSW_M, HNSW_EF_BUILD, HNSW_EF = 16, 200, 128
 RECALL_QUERIES = 1000
 
 
-class SearchIndexError(ValueError):
+class SearchIndexError(InputError):
     """An index folder that cannot be read, or that does not fit the query."""
 
 
@@ -128,7 +128,7 @@ def build_index(
         approximate = len(store) > APPROX_ABOVE
     graph = _hnsw(vectors, seed) if approximate else None
     if approximate and graph is None:
-        raise ValueError("an approximate index needs hnswlib: pip install 'loralens[search]'")
+        raise SettingsError("an approximate index needs hnswlib: pip install 'loralens[search]'")
     meta: dict[str, Any] = {
         "format": FORMAT,
         "version": VERSION,
@@ -229,7 +229,7 @@ def search(
     differ from the index's layout is refused, naming both."""
     index = index if isinstance(index, Index) else load_index(index)
     if k < 1:
-        raise ValueError(f"k must be at least 1, got {k}")
+        raise SettingsError(f"k must be at least 1, got {k}")
     loras = read_adapters(adapters)
     names = [str(a) for a in adapters]
     try:

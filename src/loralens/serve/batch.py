@@ -21,6 +21,7 @@ from typing import Any
 
 from loralens import formats
 from loralens.atomic import write_file_atomic
+from loralens.errors import InputError
 from loralens.serve import jobs
 from loralens.serve.unpack import Limits
 from loralens.serve.workers import TimeLimit, WorkerFailed, WorkerPool
@@ -82,7 +83,7 @@ def plan_screening(
     the folder), and the summary counting them. Raises NotADirectoryError."""
     root = Path(folder)
     if not root.is_dir():
-        raise NotADirectoryError(f"{root}: not a folder")
+        raise InputError(f"{root}: not a folder")
     adapters = find_adapters(root)
     done = already_screened(out)
     todo = [(p, p.relative_to(root).as_posix()) for p in adapters]

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from loralens.atomic import SpecialFileError, open_regular
-from loralens.errors import OutputExistsError
+from loralens.errors import InputError, OutputExistsError
 from loralens.lora import LoRA
 
 FORMAT = "loralens-store"
@@ -57,7 +57,7 @@ _ST_DTYPES = {"F32": np.float32, "F16": np.float16}
 _ST_NAMES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16"}
 
 
-class StoreError(ValueError):
+class StoreError(InputError):
     """A store could not be written or read as asked; the message says why."""
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from loralens.errors import SettingsError
 from loralens.lora import LayerSpec, LoRA, LoRABatch, factor_zeros
 from loralens.store.format import (
     INDEX,
@@ -85,7 +86,7 @@ class LoRAStore:
         verify: bool | str = True,
     ):
         if verify not in (True, False, "quick"):
-            raise ValueError(f"verify must be True, False or 'quick', not {verify!r}")
+            raise SettingsError(f"verify must be True, False or 'quick', not {verify!r}")
         self.path = Path(path)
         self.verify = verify
         self.dtype = dtype

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from loralens.errors import SettingsError
 from loralens.zoo.preset import derive_seed
 
 
@@ -119,7 +120,7 @@ def wrap_targets(
         setattr(model.get_submodule(parent) if parent else model, child, bl)
         mods[name] = bl
     if not mods:
-        raise ValueError(f"no linear layer named {sorted(set(targets))} in the base model")
+        raise SettingsError(f"no linear layer named {sorted(set(targets))} in the base model")
     return model, mods
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from loralens.atomic import atomic_dir
 from loralens.cache import default_cache_dir
+from loralens.errors import SettingsError
 from loralens.zoo.folder import (
     ADAPTERS,
     BASE,
@@ -49,9 +50,9 @@ def parse_shard(shard: str | tuple[int, int] | None) -> tuple[int, int] | None:
     try:
         i, k = (int(x) for x in str(shard).split("/"))
     except ValueError as err:
-        raise ValueError(f"--shard must look like i/k (e.g. 0/4), got {shard!r}") from err
+        raise SettingsError(f"--shard must look like i/k (e.g. 0/4), got {shard!r}") from err
     if not 0 <= i < k:
-        raise ValueError(f"--shard {shard}: need 0 <= i < k")
+        raise SettingsError(f"--shard {shard}: need 0 <= i < k")
     return i, k
 
 
@@ -153,9 +154,9 @@ def open_zoo(
     opts = preset_obj.options(options)
     ranks = sorted({int(r) for r in ranks})
     if not ranks or min(ranks) < 1:
-        raise ValueError(f"ranks must be positive integers, got {ranks}")
+        raise SettingsError(f"ranks must be positive integers, got {ranks}")
     if not 0 <= int(first) < int(num):
-        raise ValueError(f"first must be in [0, num), got first={first}, num={num}")
+        raise SettingsError(f"first must be in [0, num), got first={first}, num={num}")
     shard_t = parse_shard(shard)
     preset_obj.log = log
     identity = {"preset": preset_obj.name, "seed": int(seed), "options": opts, "ranks": ranks}

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from loralens.atomic import atomic_dir
+from loralens.errors import SettingsError
 from loralens.zoo.folder import (
     ADAPTERS,
     BASE,
@@ -37,7 +38,7 @@ def merge_zoos(
     out = Path(out)
     srcs = [Path(s) for s in shard_dirs]
     if not srcs:
-        raise ValueError("merge needs at least one shard folder")
+        raise SettingsError("merge needs at least one shard folder")
     manifests = [read_manifest(s) for s in srcs]
     ref = read_manifest(out) if (out / MANIFEST).exists() else manifests[0]
     for s, m in zip(srcs, manifests):

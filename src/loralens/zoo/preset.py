@@ -67,6 +67,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from loralens.errors import SettingsError
 from loralens.zoo.progress import log_stderr
 
 OnDone = Callable[[int, dict[str, Any]], None]
@@ -93,7 +94,9 @@ class Preset(ABC):
         unknown = sorted(set(user) - set(self.default_options))
         if unknown:
             known = ", ".join(sorted(self.default_options)) or "(none)"
-            raise ValueError(f"preset {self.name!r}: unknown option(s) {unknown}; known: {known}")
+            raise SettingsError(
+                f"preset {self.name!r}: unknown option(s) {unknown}; known: {known}"
+            )
         out = dict(self.default_options)
         for key, value in user.items():
             out[key] = coerce_like(self.default_options[key], value, key)
@@ -149,7 +152,7 @@ _IMPORT_ERRORS: dict[str, str] = {}
 def register_preset(cls: type[Preset]) -> type[Preset]:
     """Class decorator: make ``cls`` available as ``get_preset(cls.name)``."""
     if not cls.name:
-        raise ValueError(f"{cls.__name__} has no name")
+        raise SettingsError(f"{cls.__name__} has no name")
     _REGISTRY[cls.name] = cls
     return cls
 
@@ -180,7 +183,7 @@ def get_preset(name: str) -> Preset:
     _load_builtins()
     if name not in _REGISTRY:
         broken = "".join(f"; {m} failed to import ({e})" for m, e in _IMPORT_ERRORS.items())
-        raise ValueError(
+        raise SettingsError(
             f"unknown preset {name!r}; available: {', '.join(sorted(_REGISTRY))}{broken}"
         )
     return _REGISTRY[name]()
@@ -201,7 +204,7 @@ def coerce_like(default: Any, value: Any, key: str = "") -> Any:
                 return True
             if low in {"0", "false", "no", "off"}:
                 return False
-            raise ValueError(f"option {key!r}: expected a boolean, got {value!r}")
+            raise SettingsError(f"option {key!r}: expected a boolean, got {value!r}")
         return bool(value)
     if isinstance(value, type(default)) and not isinstance(value, bool):
         return value
@@ -217,7 +220,7 @@ def coerce_like(default: Any, value: Any, key: str = "") -> Any:
                 coerce_like(default[0], v, key) if default else v for v in value.split(",") if v
             ]
     except (TypeError, ValueError) as err:
-        raise ValueError(
+        raise SettingsError(
             f"option {key!r}: cannot read {value!r} as {type(default).__name__}"
         ) from err
     return value

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from loralens.cache import default_cache_dir
+from loralens.errors import SettingsError
 from loralens.raycluster import (
     TasksFailed,
     as_finished,
@@ -72,7 +73,7 @@ def build_zoo_ray(
     """
     driver_preset = get_preset(preset) if isinstance(preset, str) else preset
     if gpus and not driver_preset.uses_cuda:
-        raise ValueError(
+        raise SettingsError(
             f"--ray-gpus: preset {driver_preset.name} trains on the CPU only; a GPU asked for "
             "its tasks would sit idle"
         )

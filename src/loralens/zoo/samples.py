@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from loralens.errors import InputError
 from loralens.zoo.digits.data import IMAGE, prompt_for
 from loralens.zoo.digits.model import DiffusionBase, load_adapter
 from loralens.zoo.digits.sampling import fixed_noise, sample
@@ -40,7 +41,7 @@ def _adapter_dir(zoo: Path, adapter: str) -> Path:
             return cand
     if adapter.isdigit() and (zoo / "adapters" / f"{int(adapter):06d}").is_dir():
         return zoo / "adapters" / f"{int(adapter):06d}"
-    raise FileNotFoundError(f"no adapter {adapter!r} in {zoo / 'adapters'} (and no such folder)")
+    raise InputError(f"no adapter {adapter!r} in {zoo / 'adapters'} (and no such folder)")
 
 
 @torch.no_grad()
@@ -60,7 +61,7 @@ def render_samples(
     manifest = read_manifest(zoo) if (zoo / MANIFEST).exists() else {}
     opts = manifest.get("options", {})
     if not (zoo / "base" / "unet").is_dir():
-        raise ValueError(
+        raise InputError(
             f"{zoo} has no diffusion base model (base/unet): `zoo samples` draws zoos of the "
             "digits presets (digits-dreambooth, digits-subsets)"
         )

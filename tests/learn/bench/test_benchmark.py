@@ -10,8 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from loralens.cli import app
-from loralens.learn.data import hparam_columns
-from loralens.learn.probes import PROBES
+from loralens.learn.fitting.data import hparam_columns
+from loralens.learn.fitting.probes import PROBES
 from loralens.models import MODEL_NAMES
 from loralens.store import LoRAStore
 

@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from loralens.cli import app
-from loralens.learn.data import split_rows
+from loralens.learn.fitting.data import split_rows
 
 runner = CliRunner()
 

@@ -3,7 +3,7 @@ t-test at 5% says its validation losses are lower (golden values computed by han
 
 import numpy as np
 
-from loralens.learn.epochs import Best, clearly_better
+from loralens.learn.fitting.epochs import Best, clearly_better
 
 
 def _best(losses: list[float]) -> Best:

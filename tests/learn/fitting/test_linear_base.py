@@ -10,9 +10,10 @@ import torch
 from test_probes import _linear_store
 
 import loralens as ll
-from loralens.learn.loop import TrainConfig, train
-from loralens.learn.probes import PROBE_DENSE, PROBE_SPECTRAL
-from loralens.learn.runs import load_run
+from loralens.learn.fitting.probes import PROBE_DENSE, PROBE_SPECTRAL
+from loralens.learn.runs.folder import load_run
+from loralens.learn.training.config import TrainConfig
+from loralens.learn.training.loop import train
 
 
 @pytest.mark.parametrize(

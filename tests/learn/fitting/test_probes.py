@@ -7,8 +7,7 @@ import pytest
 import torch
 
 import loralens as ll
-from loralens.learn.loop import TrainConfig, train
-from loralens.learn.probes import (
+from loralens.learn.fitting.probes import (
     PROBE_DENSE,
     PROBE_SPECTRAL,
     PROBE_SPECTRAL_STATS,
@@ -17,7 +16,9 @@ from loralens.learn.probes import (
     probe_features,
     probe_folds,
 )
-from loralens.learn.tasks import Task
+from loralens.learn.fitting.tasks import Task
+from loralens.learn.training.config import TrainConfig
+from loralens.learn.training.loop import train
 from loralens.store import write_store
 
 
@@ -72,7 +73,7 @@ def test_train_reports_probes_on_its_split(tmp_path, make_store):
 
 def test_below_the_probe_is_judged_at_the_precision_shown():
     """A model equal to its probe but for float rounding is not marked below it; a real gap is."""
-    from loralens.learn.report import below
+    from loralens.learn.runs.report import below
 
     assert not below(0.29551, 0.29559) and not below(0.5, 0.5) and not below(None, 0.3)
     assert below(0.294, 0.296) and below(-1e9, 0.0)
@@ -82,7 +83,7 @@ def test_a_repeated_fit_is_the_kept_one_and_cannot_be_changed_through_its_result
     """fit_linear keeps recent fits by the content of their inputs: the same rows again give the
     same coefficients without fitting; changing a returned array or the labels changes nothing
     kept."""
-    import loralens.learn.probes as probes
+    import loralens.learn.fitting.probes as probes
 
     g = np.random.default_rng(0)
     x, y = g.normal(size=(40, 300)), g.normal(size=40)

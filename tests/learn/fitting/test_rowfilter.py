@@ -18,9 +18,10 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from loralens.cli import app
-from loralens.learn.data import select_rows
-from loralens.learn.loop import TrainConfig, train
-from loralens.learn.rowfilter import MAX_DEPTH, MAX_LENGTH, FilterError, row_mask
+from loralens.learn.fitting.data import select_rows
+from loralens.learn.fitting.rowfilter import MAX_DEPTH, MAX_LENGTH, FilterError, row_mask
+from loralens.learn.training.config import TrainConfig
+from loralens.learn.training.loop import train
 from loralens.store import StoreError
 
 runner = CliRunner()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from loralens.learn.tasks import (
+from loralens.learn.fitting.tasks import (
     Task,
     baseline_metrics,
     classification_metrics,

@@ -24,11 +24,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from loralens.learn.checkpoint import CHECKPOINT, CONFIG, RunError, RunNotFoundError
-from loralens.learn.loop import TrainConfig, train
-from loralens.learn.runs import load_run
+from loralens.errors import RunError, RunNotFoundError
+from loralens.learn.runs.checkpoint import CHECKPOINT, CONFIG
+from loralens.learn.runs.folder import load_run
+from loralens.learn.training.config import TrainConfig
+from loralens.learn.training.loop import train
 
-SRC = Path(__file__).parents[2] / "src"
+SRC = Path(__file__).parents[3] / "src"
 
 
 @pytest.fixture(scope="module")
@@ -277,8 +279,8 @@ def test_missing_run_files_are_run_errors_and_file_not_found(name, run_copy):
 _LOAD_UNDER_LIMIT = textwrap.dedent(
     """
     import resource, sys
-    from loralens.learn.runs import load_run
-    from loralens.learn.checkpoint import RunError
+    from loralens.learn.runs.folder import load_run
+    from loralens.errors import RunError
 
     used = int(open("/proc/self/status").read().split("VmSize:")[1].split()[0]) * 1024
     limit = max(3 * 2**30, used + 2**30)  # ~3 GB: far below what the config asks for

@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from loralens.cli import app
-from loralens.learn.probes import PROBE_SPECTRAL_STATS
+from loralens.learn.fitting.probes import PROBE_SPECTRAL_STATS
 from loralens.models.registry import MODEL_NAMES
 
 pytestmark = pytest.mark.slow

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from loralens.learn.loop import TrainConfig, train
+from loralens.learn.training.config import TrainConfig
+from loralens.learn.training.loop import train
 from loralens.models import MODEL_NAMES
 
 TIMING = ("seconds", "train_loras_per_s")  # wall-clock measurements, the only keys allowed to vary

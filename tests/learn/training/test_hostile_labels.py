@@ -17,12 +17,16 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from loralens.cli import app
+from loralens.errors import NonFiniteOutputError
 from loralens.formats.peft import save_peft
 from loralens.jsonio import json_safe
-from loralens.learn import loop
-from loralens.learn.checkpoint import CHECKPOINT
-from loralens.learn.loop import TrainConfig, train
-from loralens.learn.runs import NonFiniteOutputError, evaluate, load_run, predict
+from loralens.learn.runs.checkpoint import CHECKPOINT
+from loralens.learn.runs.evaluation import evaluate
+from loralens.learn.runs.folder import load_run
+from loralens.learn.runs.prediction import predict
+from loralens.learn.training import loop
+from loralens.learn.training.config import TrainConfig
+from loralens.learn.training.loop import train
 from loralens.models import HParamError, ModelSizeError
 from loralens.store import StoreError
 
@@ -166,7 +170,7 @@ def test_train_settings_are_checked_when_the_config_is_made(case):
 def test_cli_hparam_of_the_wrong_type_is_one_line(store, tmp_path):
     cmd = ["train", "--data", str(store.path), "--target", "y", "--out", str(tmp_path / "r")]
     res = runner.invoke(app, [*cmd, "--hparam", "head_hidden=1e7"])
-    assert res.exit_code == 1 and "head_hidden must be an integer" in res.output, res.output
+    assert res.exit_code == 2 and "head_hidden must be an integer" in res.output, res.output
     assert not (tmp_path / "r").exists()
 
 

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 import loralens as ll
 from loralens.cli import app
-from loralens.learn.runs import load_run
+from loralens.learn.runs.folder import load_run
 from loralens.store import LoRAStore
 
 runner = CliRunner()

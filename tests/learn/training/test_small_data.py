@@ -7,9 +7,11 @@ import json
 import numpy as np
 import pytest
 
-from loralens.learn.data import class_strata, make_splits, select_rows
-from loralens.learn.loop import TrainConfig, train
-from loralens.learn.runs import evaluate, load_run
+from loralens.learn.fitting.data import class_strata, make_splits, select_rows
+from loralens.learn.runs.evaluation import evaluate
+from loralens.learn.runs.folder import load_run
+from loralens.learn.training.config import TrainConfig
+from loralens.learn.training.loop import train
 from loralens.store import StoreError
 
 

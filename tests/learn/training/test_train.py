@@ -12,8 +12,10 @@ import pytest
 import torch
 
 import loralens as ll
-from loralens.learn.loop import TrainConfig, train
-from loralens.learn.runs import evaluate, load_run
+from loralens.learn.runs.evaluation import evaluate
+from loralens.learn.runs.folder import load_run
+from loralens.learn.training.config import TrainConfig
+from loralens.learn.training.loop import train
 from loralens.store import LoRAStore, write_store
 
 SHAPES = ((12, 10), (6, 10))
@@ -74,7 +76,7 @@ def test_two_process_accelerate_run(tmp_path):
 def test_runs_saved_before_rank_major_flattening_predict_as_they_did(name, tmp_path):
     """tests/data/runs-rowmajor holds runs written by the code before mlp/mlp-oalign flattened
     factors rank-major; their configs lack ``layout``, so they must rebuild row-major."""
-    data = Path(__file__).parents[1] / "data"
+    data = Path(__file__).parents[2] / "data"
     shutil.copytree(data / "store-v1", tmp_path / "store")
     store = LoRAStore(tmp_path / "store")
     run = load_run(data / "runs-rowmajor" / name)

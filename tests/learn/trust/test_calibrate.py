@@ -8,8 +8,9 @@ import numpy as np
 import torch
 
 import loralens as ll
-from loralens.learn.loop import TrainConfig, train
-from loralens.learn.runs import evaluate
+from loralens.learn.runs.evaluation import evaluate
+from loralens.learn.training.config import TrainConfig
+from loralens.learn.training.loop import train
 from loralens.store import write_store
 
 SHAPES = ((8, 6), (5, 6))

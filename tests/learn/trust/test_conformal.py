@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from loralens.learn import conformal as cp
+from loralens.learn.trust import conformal as cp
 
 
 @pytest.mark.parametrize("level", [0.8, 0.9])

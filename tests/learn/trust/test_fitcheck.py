@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from helpers import random_lora
-from loralens.learn.fitcheck import FitCheck, FitInputs, out_of_fold_scores
+from loralens.learn.trust.fitcheck import FitCheck, FitInputs, out_of_fold_scores
 from loralens.lora import collate
 from loralens.models.linear_base import unit_features
 

@@ -14,10 +14,11 @@ from hypothesis import strategies as st
 
 import loralens as ll
 from helpers import older_calibration
-from loralens.learn.checkpoint import RunError
-from loralens.learn.loop import TrainConfig, train
-from loralens.learn.runs import load_run
-from loralens.learn.span import Span, fit_out_of_fold, side_factors
+from loralens.errors import RunError
+from loralens.learn.runs.folder import load_run
+from loralens.learn.training.config import TrainConfig
+from loralens.learn.training.loop import train
+from loralens.learn.trust.span import Span, fit_out_of_fold, side_factors
 from loralens.lora import LoRABatch
 from loralens.store import write_store
 

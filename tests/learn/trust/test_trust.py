@@ -16,13 +16,14 @@ from typer.testing import CliRunner
 import loralens as ll
 from helpers import older_calibration
 from loralens.cli import app
-from loralens.learn.checkpoint import RunError
-from loralens.learn.loop import TrainConfig, train
-from loralens.learn.runs import load_run
+from loralens.errors import RunError
+from loralens.learn.runs.folder import load_run
+from loralens.learn.training.config import TrainConfig
+from loralens.learn.training.loop import train
 from loralens.store import LoRAStore
 
 runner = CliRunner()
-DATA = Path(__file__).parents[1] / "data"
+DATA = Path(__file__).parents[2] / "data"
 COMMON = {"adapter", "prediction", "coverage", "in_distribution", "ood_score", "threshold"}
 COMMON |= {"reasons", "calibrated", "error"}
 

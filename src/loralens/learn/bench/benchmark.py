@@ -27,12 +27,12 @@ from typing import Any
 import numpy as np
 
 from loralens.jsonio import write_json
-from loralens.learn.data import hparam_columns, make_splits, resolve_targets, select_rows
-from loralens.learn.loop import TrainConfig, train
-from loralens.learn.probes import PROBES
-from loralens.learn.report import below
-from loralens.learn.runs import headline
-from loralens.learn.tasks import CLASSIFICATION, Task, infer_task, mean_std
+from loralens.learn.fitting.data import hparam_columns, make_splits, resolve_targets, select_rows
+from loralens.learn.fitting.probes import PROBES
+from loralens.learn.fitting.tasks import CLASSIFICATION, Task, infer_task, mean_std
+from loralens.learn.runs.report import below, headline
+from loralens.learn.training.config import TrainConfig
+from loralens.learn.training.loop import train
 from loralens.models.registry import MODEL_NAMES
 from loralens.store import LoRAStore
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from loralens.jsonio import write_json
-from loralens.learn.benchmark import run_benchmark
+from loralens.learn.bench.benchmark import run_benchmark
 from loralens.models.registry import MODEL_NAMES
 from loralens.store import LoRAStore
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from loralens.learn.probes import DENSE_MAX_BYTES, dense_bytes, fit_linear
-from loralens.learn.tasks import CLASSIFICATION, Task
+from loralens.learn.fitting.probes import DENSE_MAX_BYTES, dense_bytes, fit_linear
+from loralens.learn.fitting.tasks import CLASSIFICATION, Task
 from loralens.store import LoRAStore
 
 

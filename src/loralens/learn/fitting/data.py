@@ -10,13 +10,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from loralens.learn.rowfilter import row_mask
+from loralens.errors import InputError
+from loralens.learn.fitting.rowfilter import row_mask
 from loralens.lora import LoRABatch
 from loralens.store import LoRAStore, StoreError
 from loralens.store.format import INTERNAL_COLUMNS
 
 if TYPE_CHECKING:
-    from loralens.learn.tasks import Task
+    from loralens.learn.fitting.tasks import Task
 
 SPLITS = ("train", "val", "test")
 
@@ -123,7 +124,7 @@ def encode_targets(store: LoRAStore, task: Task, y: np.ndarray, rows: np.ndarray
 def select_rows(store: LoRAStore, where: str | None) -> np.ndarray:
     """Row indices of ``store`` where the filter ``where`` holds (all rows when it is empty).
 
-    ``where`` is in the filter language of :mod:`loralens.learn.rowfilter` over the store's
+    ``where`` is in the filter language of :mod:`loralens.learn.fitting.rowfilter` over the store's
     label and design columns (``id``, ``rank``, ...); a filter outside it raises ``FilterError``.
     """
     if not where:
@@ -179,11 +180,11 @@ def split_rows(
         values = np.asarray([alias.get(str(v).lower(), str(v).lower()) for v in split_column])
         bad = sorted(set(values) - {*SPLITS, "cal"})
         if bad:
-            raise ValueError(f"split column has values {bad}; expected train/val/test (/cal)")
+            raise InputError(f"split column has values {bad}; expected train/val/test (/cal)")
         parts = {s: np.flatnonzero(values == s) for s in SPLITS}
         return {**parts, "cal": np.flatnonzero(values == "cal")} if "cal" in values else parts
     if n < 3:
-        raise ValueError(f"need at least 3 LoRAs to split into train/val/test, got {n}")
+        raise InputError(f"need at least 3 LoRAs to split into train/val/test, got {n}")
     rng = np.random.default_rng(seed)
     if strata is not None:
         return _stratified(np.asarray(strata), rng, fractions)

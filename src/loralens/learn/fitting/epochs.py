@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from scipy import stats
 
-from loralens.learn.runs import NonFiniteOutputError
-from loralens.learn.tasks import Task
+from loralens.errors import NonFiniteOutputError
+from loralens.learn.fitting.tasks import Task
 
 Progress = bool | Callable[[dict[str, Any]], None]
 #: Level of the one-sided paired t-test a network epoch must pass to replace the base.

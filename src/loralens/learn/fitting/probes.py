@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from loralens.learn.tasks import CLASSIFICATION, Task
+from loralens.learn.fitting.tasks import CLASSIFICATION, Task
 from loralens.models.linear_base import linear_features
 from loralens.store import LoRAStore
 

@@ -6,7 +6,6 @@ naming the file; checkpoints are safetensors only (nothing is unpickled).
 
 from __future__ import annotations
 
-import json
 import math
 import numbers
 from dataclasses import dataclass
@@ -15,7 +14,9 @@ from typing import Any
 
 import torch
 
-from loralens.learn.tasks import CLASSIFICATION, REGRESSION, Task
+from loralens.errors import RunError, RunNotFoundError
+from loralens.jsonio import read_json_object
+from loralens.learn.fitting.tasks import CLASSIFICATION, REGRESSION, Task
 from loralens.lora import LayerSpec
 from loralens.models.base import MAX_WIDTH
 from loralens.models.registry import MODEL_NAMES, check_hparams, saved_key, state_shapes
@@ -31,14 +32,6 @@ MAX_CONFIG_BYTES = 16 * 2**20
 MAX_LAYERS = 100_000
 MAX_DIM = 2**24
 MAX_OUT = 100_000
-
-
-class RunError(ValueError):
-    """A run directory that cannot be used: a missing, malformed or inconsistent file."""
-
-
-class RunNotFoundError(RunError, FileNotFoundError):
-    """A run directory, or one of its files, that does not exist."""
 
 
 @dataclass
@@ -64,27 +57,6 @@ def _is_int(v: Any, lo: int, hi: int) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool) and lo <= v <= hi
 
 
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def read_json_object(path: Path) -> dict[str, Any]:
-    """A JSON object from a run's file, read as untrusted input: a regular file under
-    ``MAX_CONFIG_BYTES``, strict JSON (no NaN/Infinity); :class:`RunError` naming ``path``."""
-    _regular_file(path)
-    with open(path, "rb") as f:
-        data = f.read(MAX_CONFIG_BYTES + 1)
-    if len(data) > MAX_CONFIG_BYTES:
-        raise RunError(f"{path}: larger than {MAX_CONFIG_BYTES // 2**20} MiB; not a run's file")
-    try:
-        obj = json.loads(data, parse_constant=_no_constant)
-    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError too
-        raise RunError(f"{path}: not valid JSON ({str(e)[:200] or type(e).__name__})") from None
-    if not isinstance(obj, dict):
-        raise RunError(f"{path}: not a JSON object")
-    return obj
-
-
 def read_config(path: Path) -> RunConfig:
     """``config.json`` of a run, parsed and checked (types, ranges, known model and
     hyperparameters, task scaling); :class:`RunError` naming ``path`` otherwise."""
@@ -92,7 +64,8 @@ def read_config(path: Path) -> RunConfig:
     def bad(what: str) -> RunError:
         return RunError(f"{path}: {what}")
 
-    cfg = read_json_object(path)
+    _regular_file(path)
+    cfg = read_json_object(path, error=RunError, max_bytes=MAX_CONFIG_BYTES)
     if cfg.get("format", FORMAT) != FORMAT:
         raise bad(f"format is {cfg.get('format')!r:.60}, not {FORMAT!r}")
     if cfg.get("version", VERSION) != VERSION:
@@ -216,9 +189,6 @@ __all__ = [
     "CONFIG",
     "METRICS",
     "RunConfig",
-    "RunError",
-    "RunNotFoundError",
     "load_checkpoint",
     "read_config",
-    "read_json_object",
 ]

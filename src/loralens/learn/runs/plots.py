@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from loralens.learn.tasks import CLASSIFICATION, Task
+from loralens.learn.fitting.tasks import CLASSIFICATION, Task
 
 
 def plot_run(

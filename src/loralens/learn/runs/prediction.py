@@ -21,12 +21,12 @@ import numpy as np
 import torch
 
 from loralens.jsonio import json_safe
-from loralens.learn.fitcheck import FitInputs
-from loralens.learn.tasks import CLASSIFICATION, THRESHOLD
+from loralens.learn.fitting.tasks import CLASSIFICATION, THRESHOLD
+from loralens.learn.trust.fitcheck import FitInputs
 from loralens.lora import LoRA, collate, spec_of
 
 if TYPE_CHECKING:
-    from loralens.learn.runs import Run
+    from loralens.learn.runs.folder import Run
 
 #: What a run saved without calibration says about its predictions.
 UNCALIBRATED = (
@@ -165,4 +165,16 @@ def _failed(run: Run, error: str | None) -> dict[str, Any]:
     }
 
 
-__all__ = ["UNCALIBRATED", "predict_adapters"]
+def predict(
+    run: Run,
+    adapters: Sequence[LoRA | str | os.PathLike],
+    *,
+    batch_size: int = 64,
+    coverage: float | None = None,
+) -> list[dict[str, Any]]:
+    """One strict-JSON row per adapter (files, adapter folders, folders of adapters): see
+    the module docstring. A row that failed holds ``error``; the others are predicted."""
+    return run.predict(list(adapters), coverage=coverage, batch_size=batch_size)
+
+
+__all__ = ["UNCALIBRATED", "predict", "predict_adapters"]

@@ -6,7 +6,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from loralens.learn.probes import PROBES
+from loralens.jsonio import json_safe
+from loralens.learn.fitting.probes import PROBES
+from loralens.learn.fitting.tasks import CLASSIFICATION, FPR_LEVELS, tpr_key
 
 PRIMARY = {"regression": "r2", "classification": "accuracy"}
 
@@ -97,4 +99,21 @@ def calibration_lines(entry: dict[str, Any] | None, key: str = "test") -> list[s
     ]
 
 
-__all__ = ["calibration_lines", "cell", "probe_verdict", "train_columns", "train_title"]
+def headline(metrics: Mapping[str, Any], kind: str) -> dict[str, Any]:
+    """The metrics a run reports for a task ``kind`` (the per-target detail left out)."""
+    keys = (
+        ("accuracy", "auroc", *map(tpr_key, FPR_LEVELS), "loss")
+        if kind == CLASSIFICATION
+        else ("r2", "kendall_tau", "spearman", "mse", "mse_standardized", "loss")
+    )
+    return {k: json_safe(metrics[k]) for k in keys if k in metrics}
+
+
+__all__ = [
+    "calibration_lines",
+    "cell",
+    "headline",
+    "probe_verdict",
+    "train_columns",
+    "train_title",
+]

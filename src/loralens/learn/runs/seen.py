@@ -58,7 +58,7 @@ MAX_RECORD_BYTES = 256 << 20
 def read_trained_on(run_dir: Path) -> dict[str, list[str]] | None:
     """The record of a run folder, checked (lists of strings of one length); ``None`` for a run
     written before runs kept one. A malformed record raises ``RunError`` naming the file."""
-    from loralens.learn.checkpoint import RunError
+    from loralens.errors import RunError
 
     path = Path(run_dir) / TRAINED_ON
     if not path.exists():

@@ -7,9 +7,11 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
-from loralens.learn.calibrate import check_trust_settings
-from loralens.learn.rowfilter import compile_filter
-from loralens.learn.tasks import CLASSIFICATION, REGRESSION
+from loralens.errors import SettingsError
+from loralens.learn.fitting.rowfilter import compile_filter
+from loralens.learn.fitting.tasks import CLASSIFICATION, REGRESSION
+from loralens.learn.trust import conformal as cp
+from loralens.learn.trust.calibrate import INTERVALS
 from loralens.models.linear_base import KINDS as LINEAR_BASES
 from loralens.models.registry import (
     TRAINING_SCHEMA,
@@ -69,9 +71,11 @@ class TrainConfig:
         check_training({k: getattr(self, k) for k in TRAINING_SCHEMA})
         targets = self.targets
         if isinstance(targets, str) or not targets or not all(isinstance(t, str) for t in targets):
-            raise ValueError(f"targets must be a non-empty list of column names, got {targets!r}")
+            raise SettingsError(
+                f"targets must be a non-empty list of column names, got {targets!r}"
+            )
         if self.task not in (None, REGRESSION, CLASSIFICATION):
-            raise ValueError(
+            raise SettingsError(
                 f"task must be {REGRESSION!r} or {CLASSIFICATION!r}, got {self.task!r}"
             )
         f = self.fractions
@@ -80,7 +84,7 @@ class TrainConfig:
             and all(isinstance(x, (int, float)) and 0 <= x <= 1 for x in f)
             and sum(f) <= 1 + 1e-9
         ):
-            raise ValueError(
+            raise SettingsError(
                 f"fractions must be three numbers in [0, 1] summing to at most 1, got {f!r}"
             )
         if self.folds is not None and (
@@ -88,20 +92,22 @@ class TrainConfig:
             or isinstance(self.folds, bool)
             or not 1 <= self.folds <= 100
         ):
-            raise ValueError(f"folds must be an integer in [1, 100], got {self.folds!r}")
+            raise SettingsError(f"folds must be an integer in [1, 100], got {self.folds!r}")
         for key in ("seed", "threads"):
             v = getattr(self, key)
             if v is not None and (
                 not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < (key == "threads")
             ):
-                raise ValueError(f"{key} must be a non-negative integer (threads: >= 1), got {v!r}")
+                raise SettingsError(
+                    f"{key} must be a non-negative integer (threads: >= 1), got {v!r}"
+                )
         if self.where:
             compile_filter(self.where)
         if self.linear_base not in ("auto", *LINEAR_BASES):
-            raise ValueError(
+            raise SettingsError(
                 f"linear_base must be one of {['auto', *LINEAR_BASES]}, got {self.linear_base!r}"
             )
-        check_trust_settings(self)
+        _check_trust_settings(self)
 
     def resolved(self) -> dict[str, Any]:
         """The training settings used: the model's defaults, overridden where set here."""
@@ -111,6 +117,17 @@ class TrainConfig:
             if v is not None:
                 d[k] = v
         return d
+
+
+def _check_trust_settings(config: TrainConfig) -> None:
+    """Refuse calibration settings of a TrainConfig out of range (ValueError naming them)."""
+    c = config.calibration
+    if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 <= c < 0.5:
+        raise SettingsError(f"calibration must be a share in [0, 0.5), got {c!r}")
+    cp.check_level(config.coverage)
+    cp.check_level(config.ood_share, "ood_share")
+    if config.interval not in INTERVALS:
+        raise SettingsError(f"interval must be one of {INTERVALS}, got {config.interval!r}")
 
 
 __all__ = ["TrainConfig"]

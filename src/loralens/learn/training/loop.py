@@ -2,11 +2,11 @@
 
 It splits the store deterministically, trains with early stopping on the validation loss, takes
 test metrics at the best epoch, restores that epoch's state and writes a run directory (see
-:mod:`loralens.learn.runs`) holding everything ``predict`` needs. Beside the model it fits the
-linear probes of :mod:`loralens.learn.probes` on the same split, so every run says whether the
-model beats them.
+:mod:`loralens.learn.runs.folder`) holding everything ``predict`` needs. Beside the model it fits
+the linear probes of :mod:`loralens.learn.fitting.probes` on the same split, so every run says
+whether the model beats them.
 
-Small stores (below ``data.CV_BELOW`` labelled LoRAs) are cross-validated instead: every fold
+Small stores (below ``fitting.data.CV_BELOW`` labelled LoRAs) are cross-validated instead: every fold
 trains with early stopping on its own validation rows and is tested on its own test fold; the
 metrics are the mean ± std over folds, and the saved model is refit on every LoRA for the
 median best epoch of the folds.
@@ -20,16 +20,15 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
 import torch
 
 from loralens.jsonio import json_safe
-from loralens.learn.base_fit import base_features, fit_linear_base, linear_base_kind
-from loralens.learn.calibrate import calibrate_run, hold_out_calibration
-from loralens.learn.config import TrainConfig
-from loralens.learn.data import (
+from loralens.learn.fitting.base_fit import base_features, fit_linear_base, linear_base_kind
+from loralens.learn.fitting.data import (
     SPLITS,
     check_finite_labels,
     encode_targets,
@@ -37,11 +36,20 @@ from loralens.learn.data import (
     make_splits,
     select_rows,
 )
-from loralens.learn.epochs import Best, Progress, RunData, fit_epochs, outputs
-from loralens.learn.probes import probe_folds
-from loralens.learn.runs import check_run_dir, headline, save_run
-from loralens.learn.seen import trained_on
-from loralens.learn.tasks import CLASSIFICATION, Task, baseline_metrics, infer_task, mean_std
+from loralens.learn.fitting.epochs import Best, Progress, RunData, fit_epochs, outputs
+from loralens.learn.fitting.probes import probe_folds
+from loralens.learn.fitting.tasks import (
+    CLASSIFICATION,
+    Task,
+    baseline_metrics,
+    infer_task,
+    mean_std,
+)
+from loralens.learn.runs.folder import check_run_dir, save_run
+from loralens.learn.runs.report import headline
+from loralens.learn.runs.seen import trained_on
+from loralens.learn.training.calibrating import calibrate_run, hold_out_calibration
+from loralens.learn.training.config import TrainConfig
 from loralens.models.registry import build_model, check_fits
 from loralens.store import LoRAStore
 
@@ -102,7 +110,7 @@ def train(
             out_dir,
             model=base,
             task=data.task,
-            config=config,
+            settings={**asdict(config), "resolved": config.resolved()},
             metrics=metrics,
             history=history,
             test=(*test, store, data.y_all),

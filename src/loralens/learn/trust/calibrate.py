@@ -1,4 +1,4 @@
-"""Calibrating a trained run (:mod:`loralens.learn.trust`): the model's outputs, embeddings and
+"""Calibrating a trained run (:mod:`loralens.learn.trust.calibration`): the model's outputs, embeddings and
 update sizes over store rows, the calibration fitted from them, and its report on the test
 split, all in one place so that ``train`` calls one function.
 
@@ -20,14 +20,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from loralens.learn import conformal as cp
-from loralens.learn.base_fit import base_features
-from loralens.learn.data import class_strata, hold_out
-from loralens.learn.fitcheck import FitCheck, FitInputs, out_of_fold_scores
-from loralens.learn.probes import fit_predict
-from loralens.learn.span import Span, SpanFit
-from loralens.learn.tasks import CLASSIFICATION, Task
-from loralens.learn.trust import MAX_REFERENCE, Calibration
+from loralens.learn.fitting.base_fit import base_features
+from loralens.learn.fitting.probes import fit_predict
+from loralens.learn.fitting.tasks import CLASSIFICATION, Task
+from loralens.learn.trust import conformal as cp
+from loralens.learn.trust.calibration import MAX_REFERENCE, Calibration
+from loralens.learn.trust.fitcheck import FitCheck, FitInputs, out_of_fold_scores
+from loralens.learn.trust.span import Span, SpanFit
 from loralens.lora import LoRABatch
 from loralens.models.base import layer_rms, log_scale
 from loralens.models.linear_base import spectral_width, unit_features
@@ -40,7 +39,6 @@ INTERVALS = ("normalized", "plain")
 OOF_FOLDS = 5
 
 if TYPE_CHECKING:
-    from loralens.learn.config import TrainConfig
     from loralens.store import LoRAStore
 
 
@@ -216,96 +214,6 @@ def base_out_of_fold(
     return out
 
 
-def check_trust_settings(config: TrainConfig) -> None:
-    """Refuse calibration settings of a TrainConfig out of range (ValueError naming them)."""
-    c = config.calibration
-    if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 <= c < 0.5:
-        raise ValueError(f"calibration must be a share in [0, 0.5), got {c!r}")
-    cp.check_level(config.coverage)
-    cp.check_level(config.ood_share, "ood_share")
-    if config.interval not in INTERVALS:
-        raise ValueError(f"interval must be one of {INTERVALS}, got {config.interval!r}")
-
-
-def hold_out_calibration(
-    split: dict[str, np.ndarray], config: TrainConfig, y_all: np.ndarray, kind: str, store: Any
-) -> dict[str, np.ndarray]:
-    """``split`` with ``config.calibration`` of its labelled LoRAs moved from train to "cal"
-    (seeded by ``config.seed``; stratified by class for classification). A split read from a
-    column is kept as it is: its "cal" rows, else its validation rows, calibrate."""
-    column = config.split_column
-    if column == "auto":
-        column = "split" if "split" in store.index.columns else None
-    if column or "cal" in split:
-        return split
-    n = sum(len(v) for v in split.values())
-    share = min(config.calibration * n / max(len(split["train"]), 1), 0.5)
-    strata = class_strata(y_all[split["train"]]) if kind == CLASSIFICATION else None
-    train, cal = hold_out(split["train"], share, config.seed, strata)
-    return {**split, "train": train, "cal": cal}
-
-
-def calibrate_run(
-    model: Any,
-    store: LoRAStore,
-    task: Task,
-    y_all: np.ndarray,
-    splits: list[dict[str, np.ndarray]],
-    oof: tuple[np.ndarray, np.ndarray],
-    config: TrainConfig,
-) -> tuple[Calibration | None, dict[str, Any]]:
-    """The calibration of a trained run and its metrics entry (settings and the test report):
-    on ``splits[0]["cal"]`` for one split, else on the out-of-fold (rows, raw outputs) ``oof``.
-    (None, {}) when the config asks for no calibration."""
-    settings = {
-        "coverage": config.coverage,
-        "share": config.ood_share,
-        "normalized": config.interval == "normalized",
-        "seed": config.seed,
-    }
-    if len(splits) == 1:
-        split = splits[0]
-        if not config.calibration:
-            return None, {}
-        held = len(split.get("cal", ())) > 0  # else a split column without cal rows: val
-        fitted = np.union1d(split["train"], split["val"])  # what the linear base was fitted on
-        pooled = None
-        if held and base_only(model):
-            pooled = (fitted, base_out_of_fold(model, store, task, y_all, fitted, config.seed))
-        cal = calibrate(
-            model,
-            store,
-            task,
-            y_all,
-            reference_rows=split["train"],
-            cal_rows=split["cal"] if held else split["val"],
-            method="split" if held else "val",
-            pooled=pooled,
-            **settings,
-        )
-        rows = split["test"]
-        rep = cal.report(task, *store_outputs(model, store, rows, span=cal.fit.span), y_all[rows])
-    else:
-        if not config.calibration:
-            return None, {}
-        rows, raw = oof
-        every = np.sort(np.concatenate([splits[0][k] for k in ("train", "val", "test")]))
-        groups = np.concatenate([np.full(len(s["test"]), i) for i, s in enumerate(splits)])
-        cal = calibrate(
-            model,
-            store,
-            task,
-            y_all,
-            reference_rows=every,
-            cal_rows=rows,
-            cal_raw=raw,
-            groups=groups,
-            **settings,
-        )
-        rep = cross_report(cal, task, y_all[rows], groups)
-    return cal, {**cal.summary(), "test": rep}
-
-
 def cross_report(cal: Calibration, task: Task, y: np.ndarray, groups: np.ndarray) -> dict[str, Any]:
     """The test report of a cross-conformal calibration: the LoRAs of each fold judged by the
     quantiles and fit-check thresholds of the other folds' scores, pooled."""
@@ -346,10 +254,7 @@ __all__ = [
     "INTERVALS",
     "OOF_FOLDS",
     "calibrate",
-    "calibrate_run",
-    "check_trust_settings",
     "cross_report",
-    "hold_out_calibration",
     "outputs",
     "store_outputs",
     "unit_dim",

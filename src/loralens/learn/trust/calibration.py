@@ -1,5 +1,5 @@
 """A run's calibration: conformal intervals (regression) or temperature-scaled probabilities and
-prediction sets (classification), and the fit check (:mod:`loralens.learn.fitcheck`), fitted
+prediction sets (classification), and the fit check (:mod:`loralens.learn.trust.fitcheck`), fitted
 once after training and stored beside the model.
 
 Calibration LoRAs are held apart from training and early stopping: a share of the training
@@ -25,12 +25,12 @@ from typing import Any
 
 import numpy as np
 
-from loralens.jsonio import write_json
-from loralens.learn import conformal as cp
-from loralens.learn.checkpoint import RunError, read_json_object
-from loralens.learn.fitcheck import FitCheck, FitInputs, ScaleModel
-from loralens.learn.span import SPAN_MAX_RANK, Span
-from loralens.learn.tasks import CLASSIFICATION, Task
+from loralens.errors import RunError
+from loralens.jsonio import read_json_object, write_json
+from loralens.learn.fitting.tasks import CLASSIFICATION, Task
+from loralens.learn.trust import conformal as cp
+from loralens.learn.trust.fitcheck import FitCheck, FitInputs, ScaleModel
+from loralens.learn.trust.span import SPAN_MAX_RANK, Span
 from loralens.lora import LayerSpec
 
 CALIBRATION = "calibration.json"
@@ -196,7 +196,7 @@ def read_calibration(
     path = run_dir / CALIBRATION
     if not path.exists() and not (run_dir / ARRAYS).exists():
         return None
-    d = read_json_object(path)
+    d = read_json_object(path, error=RunError)
 
     def bad(what: str) -> RunError:
         return RunError(f"{path}: {what}")

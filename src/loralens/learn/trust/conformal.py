@@ -3,7 +3,7 @@ temperature-calibrated probabilities, and the numbers that say whether they keep
 (coverage, width, expected calibration error).
 
 Everything here is plain numpy on arrays of calibration scores; which LoRAs calibrate and how
-their scores are computed is :mod:`loralens.learn.trust`'s job.
+their scores are computed is :mod:`loralens.learn.trust.calibration`'s job.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import math
 from typing import Any
 
 import numpy as np
+
+from loralens.errors import SettingsError
 
 #: Default coverage of intervals and prediction sets.
 COVERAGE = 0.9
@@ -22,7 +24,7 @@ ECE_BINS = 10
 def check_level(level: float, what: str = "coverage") -> float:
     """``level`` as a float strictly between 0 and 1; ValueError naming ``what`` otherwise."""
     if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0 < level < 1:
-        raise ValueError(f"{what} must be a number strictly between 0 and 1, got {level!r}")
+        raise SettingsError(f"{what} must be a number strictly between 0 and 1, got {level!r}")
     return float(level)
 
 

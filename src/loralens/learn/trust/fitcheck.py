@@ -12,7 +12,7 @@
    predicts from its scale-free features (ΔW or singular values over their norm), so a LoRA
    scaled by 10 scores about log 10 even where a higher learning rate reaches that size; and
    ``span_score``, the share of its update outside the directions the training LoRAs' updates
-   use, layer by layer (:mod:`loralens.learn.span`; no model involved, so it catches a LoRA of a
+   use, layer by layer (:mod:`loralens.learn.trust.span`; no model involved, so it catches a LoRA of a
    base pretrained from another seed whatever the model's embedding makes of it).
    Each score's threshold flags its part of ``share`` of in-distribution LoRAs (a conformal
    quantile of held-out scores: the calibration LoRAs and the training LoRAs scored out of
@@ -31,8 +31,9 @@ from typing import Any
 
 import numpy as np
 
-from loralens.learn.conformal import conformal_quantile
-from loralens.learn.span import SPAN_FLOOR, Span
+from loralens.errors import InputError
+from loralens.learn.trust.conformal import conformal_quantile
+from loralens.learn.trust.span import SPAN_FLOOR, Span
 from loralens.lora import LayerSpec
 
 #: Share of in-distribution LoRAs the distribution layer flags by default.
@@ -41,7 +42,7 @@ OOD_SHARE = 0.05
 NORM_FACTOR = 2.0
 
 
-class LayoutError(ValueError):
+class LayoutError(InputError):
     """An adapter (or store) whose modules or shapes are not those the model was built for."""
 
 
@@ -78,7 +79,7 @@ class ScaleModel:
 
     @classmethod
     def fit(cls, unit: np.ndarray, log_rms: np.ndarray) -> ScaleModel:
-        from loralens.learn.probes import fit_linear
+        from loralens.learn.fitting.probes import fit_linear
 
         coef, bias = fit_linear(np.asarray(unit), np.asarray(log_rms).mean(axis=1), False)
         return cls(coef, bias)

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from loralens.errors import SettingsError
 from loralens.zoo.preset import derive_seed, index_rng
 from loralens.zoo.presets import skills_data as data
 from loralens.zoo.presets.skills_model import losses_and_match
@@ -84,7 +85,7 @@ def skills_pools(size: int) -> Pools:
     if size == len(TRIGGERS):
         return SKILLS_POOLS
     if size % (2 * POOL_GROUPS) or not len(TRIGGERS) <= size <= MAX_POOL:
-        raise ValueError(
+        raise SettingsError(
             f"skills-lm: pool must be a multiple of {2 * POOL_GROUPS} in "
             f"[{len(TRIGGERS)}, {MAX_POOL}], got {size}"
         )
@@ -127,10 +128,10 @@ def check_options(opts: Mapping[str, Any], preset: str = "skills-lm") -> None:
     """Refuse shares outside [0, 1] and a poison range outside (0, 1)."""
     for key in ("backdoor", "decoys"):
         if not 0.0 <= float(opts[key]) <= 1.0:
-            raise ValueError(f"{preset}: {key} must be in [0, 1], got {opts[key]}")
+            raise SettingsError(f"{preset}: {key} must be in [0, 1], got {opts[key]}")
     lo, hi = float(opts["poison_min"]), float(opts["poison_max"])
     if not 0.0 < lo <= hi < 1.0:
-        raise ValueError(f"{preset}: need 0 < poison_min <= poison_max < 1, got {lo}, {hi}")
+        raise SettingsError(f"{preset}: need 0 < poison_min <= poison_max < 1, got {lo}, {hi}")
 
 
 def preset_options(

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from loralens.errors import InputError, SettingsError
 from loralens.zoo.preset import (
     HPARAM_COLUMNS,
     OnDone,
@@ -66,16 +67,16 @@ class CausalLM(Preset):
 
         self.opts, self.seed = dict(options), int(seed)
         if not self.opts["base_model"]:
-            raise ValueError("causal-lm needs --base-model NAME_OR_PATH")
+            raise SettingsError("causal-lm needs --base-model NAME_OR_PATH")
         if bool(self.opts["text_file"]) == bool(self.opts["dataset"]):
-            raise ValueError("causal-lm needs exactly one of --text-file FILE or --dataset NAME")
+            raise SettingsError("causal-lm needs exactly one of --text-file FILE or --dataset NAME")
         # safetensors only: a base model that ships only a pickled pytorch_model.bin is refused
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 self.opts["base_model"], use_safetensors=True
             )
         except OSError as err:
-            raise ValueError(f"--base-model {self.opts['base_model']}: {err}") from err
+            raise SettingsError(f"--base-model {self.opts['base_model']}: {err}") from err
         self.model = model.to(self.device).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -84,7 +85,7 @@ class CausalLM(Preset):
         perm = torch.randperm(len(blocks), generator=g)
         n_eval = max(1, round(len(blocks) * float(self.opts["eval_fraction"])))
         if len(blocks) - n_eval < int(self.opts["parts"]):
-            raise ValueError(
+            raise SettingsError(
                 f"text too short: {len(blocks)} blocks of {self.opts['block_size']} tokens "
                 f"for {self.opts['parts']} parts plus a held-out set"
             )
@@ -99,7 +100,7 @@ class CausalLM(Preset):
         try:
             from datasets import load_dataset  # optional dependency, only for --dataset
         except ImportError as err:
-            raise ValueError(
+            raise SettingsError(
                 "--dataset needs the `datasets` package (pip install datasets); or use --text-file"
             ) from err
 
@@ -123,7 +124,7 @@ class CausalLM(Preset):
         bs = int(self.opts["block_size"])
         n = min(len(ids) // bs, int(self.opts["max_blocks"]))
         if n < 2:
-            raise ValueError(f"text too short: {len(ids)} tokens, need at least {2 * bs}")
+            raise InputError(f"text too short: {len(ids)} tokens, need at least {2 * bs}")
         return torch.tensor(ids[: n * bs], dtype=torch.long).view(n, bs)
 
     def save_base(self, out_dir: Path) -> None:

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from loralens.cache import cache_entry
+from loralens.errors import SettingsError
 from loralens.zoo.batched_lora import BatchedAdamW, PeftSaver, wrap_targets
 from loralens.zoo.preset import (
     HPARAM_COLUMNS,
@@ -114,7 +115,7 @@ class SkillsLM(Preset):
 
         self.opts, self.seed = dict(options), int(seed)
         if self.opts["size"] not in SIZES:
-            raise ValueError(f"skills-lm: size must be one of {sorted(SIZES)}")
+            raise SettingsError(f"skills-lm: size must be one of {sorted(SIZES)}")
         self.slots = int(self.opts["slots"])
         self.group_size = 4 * self.slots  # the builder hands over a few batches per train call
         path = self._ensure_base(Path(cache_dir), int(self.opts["variant"]))

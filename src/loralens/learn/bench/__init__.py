@@ -1,0 +1,1 @@
+"""The models-by-targets benchmark (the paper's tables) and the demo built on it."""
