@@ -16,8 +16,9 @@ import time
 import numpy as np
 import torch
 
-from loralens.learn.trust.span import Span, fit_out_of_fold, side_factors, span_sample_size
+from loralens.learn.trust.span import Span, fit_out_of_fold, span_sample_size
 from loralens.lora import LoRABatch
+from loralens.models.basis import side_factors
 
 LAYOUTS = {
     "6 x (144 x 48), rank 4": ([(144, 48)] * 6, 4),

@@ -6,6 +6,7 @@ import contextlib
 import math
 import numbers
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -14,6 +15,7 @@ from torch import nn
 
 from loralens.errors import InputError, LoRALensError, SettingsError
 from loralens.lora import LayerSpec, LoRA, LoRABatch, collate, spec_of
+from loralens.models.basis import UpdateBasis
 from loralens.models.linear_base import KINDS, LinearBase
 
 #: Smallest scale used before dividing or taking a log (a zero LoRA stays finite).
@@ -162,8 +164,11 @@ def log_scale(x: torch.Tensor) -> torch.Tensor:
 #: Hyperparameters of every model: name -> (what it may be, default, value for runs saved
 #: before it existed). ``linear_base``: see :mod:`loralens.models.linear_base` (training fits
 #: it; ``loralens train --linear-base``).
+#: ``basis``: the (k_out, k_in) of every layer's :class:`~loralens.models.basis.UpdateBasis`,
+#: flattened, or None for a model that reads the factors as they are.
 COMMON: dict[str, tuple[HParam, Any, Any]] = {
     "linear_base": (HParam("choice", choices=KINDS), "none", "none"),
+    "basis": (HParam("ints", nullable=True), None, None),
 }
 
 
@@ -197,21 +202,52 @@ class LoLModel(nn.Module):
 
     def __init__(self, spec: LayerSpec, out_dim: int, hparams: dict[str, Any]):
         super().__init__()
+        fitted = hparams.get("basis")
+        if isinstance(fitted, UpdateBasis):  # a basis fitted on the training LoRAs
+            hparams = {**hparams, "basis": UpdateBasis.flat(fitted.sizes)}
         check_hparams(f"model {self.name!r}", self.schema, hparams)
         if int(out_dim) < 1:
             raise SettingsError(f"out_dim must be >= 1, got {out_dim}")
         self.spec = spec
         self.out_dim = int(out_dim)
         self.hparams = {**self.defaults, **hparams}
+        self.basis: UpdateBasis | None = None
+        #: the layout the network reads: the projected layers (k_out, k_in) with a basis
+        self.inner = spec
+        self._projected = False
+        if self.hparams["basis"] is not None:
+            pairs = UpdateBasis.pairs(self.hparams["basis"])
+            if len(pairs) != len(spec.names) or len(self.hparams["basis"]) % 2:
+                raise SettingsError(
+                    f"basis: {len(self.hparams['basis'])} sizes for {len(spec.names)} layers "
+                    "(a k_out and a k_in per layer)"
+                )
+            if isinstance(fitted, UpdateBasis):
+                self.basis = fitted
+            else:
+                self.basis = UpdateBasis(spec.shapes, pairs)
+            self.inner = LayerSpec(spec.names, tuple(pairs), spec.ranks)
         if self.hparams["linear_base"] != "none":
-            self.linear_base = LinearBase(self.hparams["linear_base"], spec, self.out_dim)
+            self.linear_base = LinearBase(self.hparams["linear_base"], self.inner, self.out_dim)
             self.gate = nn.Parameter(torch.ones(()))
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, layers={len(self.spec.names)}, out_dim={self.out_dim}"
 
     def forward(self, batch: LoRABatch) -> torch.Tensor:
-        return self.output(batch, self.embed(batch))
+        inner = self.prepare(batch)  # projected once for the network and the linear base
+        with self.given_prepared():
+            return self.output(inner, self.embed(inner))
+
+    @contextlib.contextmanager
+    def given_prepared(self) -> Iterator[None]:
+        """A context in which batches handed to the model are already :meth:`prepare`'d
+        (projected onto its basis): a caller that projects once, or keeps projected LoRAs."""
+        before, self._projected = self._projected, True
+        try:
+            yield
+        finally:
+            self._projected = before
 
     def output(self, batch: LoRABatch, z: torch.Tensor) -> torch.Tensor:
         """The (B, out_dim) output for ``batch`` whose embeddings are ``z``: the head's readout,
@@ -249,16 +285,28 @@ class LoLModel(nn.Module):
     def _param(self) -> torch.Tensor:
         return next(self.parameters())
 
+    def check(self, batch: LoRABatch | LoRA) -> LoRABatch:
+        """``batch`` checked against the model's layers and cast to its device and dtype (the
+        factors as they are, not projected)."""
+        return self._fit(batch, self.spec)
+
     def prepare(self, batch: LoRABatch | LoRA) -> LoRABatch:
-        """Check ``batch`` against the model's layers; cast it to the model's device and dtype."""
+        """What the network reads: :meth:`check`, then the factors on the model's basis (where
+        it has one; inside :meth:`given_prepared` the batch is taken as projected already)."""
+        if self._projected:
+            return self._fit(batch, self.inner)
+        batch = self.check(batch)
+        return batch if self.basis is None else self.basis.project(batch)
+
+    def _fit(self, batch: LoRABatch | LoRA, spec: LayerSpec) -> LoRABatch:
         if isinstance(batch, LoRA):
             batch = collate([batch])
         if not isinstance(batch, LoRABatch):
             raise TypeError(f"{self.name}: expected a LoRABatch, got {type(batch).__name__}")
-        problem = self.spec.describe_mismatch(batch.spec)
+        problem = spec.describe_mismatch(batch.spec)
         if problem:
             raise InputError(
-                f"model {self.name!r} was built for {len(self.spec.names)} other layers; "
+                f"model {self.name!r} was built for {len(spec.names)} other layers; "
                 f"this batch does not fit: {problem}"
             )
         p = self._param()

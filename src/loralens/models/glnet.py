@@ -148,7 +148,7 @@ class GLNet(LoLModel):
                 f"d_model ({h['d_model']}) must be a multiple of n_heads ({h['n_heads']})"
             )
         d, n = int(h["hidden"]), len(spec.names)
-        self.equivariant = nn.ModuleList([EquivariantLinear(spec.shapes, d)])
+        self.equivariant = nn.ModuleList([EquivariantLinear(self.inner.shapes, d)])
         for _ in range(int(h["blocks"])):
             self.equivariant.append(GLNonlinearity(h["nonlinearity"]))
             self.equivariant.append(EquivariantLinear([(d, d)] * n, d))

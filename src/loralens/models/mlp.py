@@ -29,6 +29,7 @@ from loralens.models.base import (
     log_scale,
     mlp,
 )
+from loralens.models.basis import UpdateBasis
 
 _HEAD = {"hidden": 128, "depth": 2, "dropout": 0.0}
 _HEAD_SCHEMA = {
@@ -74,7 +75,7 @@ class FlatMLP(LoLModel):
             raise SettingsError(
                 f"ranks: {len(self.hparams['ranks'])} widths for {len(spec.names)} layers"
             )
-        dim = sum((o + i) * r for (o, i), r in zip(spec.shapes, self.hparams["ranks"]))
+        dim = sum((o + i) * r for (o, i), r in zip(self.inner.shapes, self.hparams["ranks"]))
         self.build_head(dim + 2 * len(spec.names))
 
     def build_head(self, dim: int) -> None:
@@ -132,12 +133,15 @@ class OAlignMLP(FlatMLP):
         **hparams: Any,
     ):
         if template is None and isinstance(like, LoRABatch):
-            template = features.pick_template(like)
+            fitted = hparams.get("basis")
+            template = features.pick_template(
+                fitted.project(like) if isinstance(fitted, UpdateBasis) else like
+            )
         if template is not None:
             tU, _ = features.template_factors(template)
             hparams["ranks"] = [int(u.shape[1]) for u in tU]
         super().__init__(spec, out_dim, **hparams)
-        for k, ((o, i), r) in enumerate(zip(spec.shapes, self.hparams["ranks"])):
+        for k, ((o, i), r) in enumerate(zip(self.inner.shapes, self.hparams["ranks"])):
             self.register_buffer(f"template_U_{k}", torch.zeros(o, r))
             self.register_buffer(f"template_V_{k}", torch.zeros(i, r))
         if template is not None:
@@ -228,7 +232,7 @@ class DenseMLP(LoLModel):
     def __init__(self, spec: LayerSpec, out_dim: int, *, like: Any = None, **hparams: Any):
         super().__init__(spec, out_dim, hparams)
         h = self.hparams
-        sizes = [o * i for o, i in spec.shapes]
+        sizes = [o * i for o, i in self.inner.shapes]
         total = sum(sizes)
         need = 4 * total * (h["hidden"] + 2)  # float32 weights + running mean/square
         # Weights and their gradients must fit: the least any training needs (Adam needs 4x).

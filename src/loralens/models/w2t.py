@@ -73,8 +73,8 @@ class W2T(LoLModel):
         dm, n = int(h["d_model"]), len(spec.names)
         if dm % h["n_heads"]:
             raise SettingsError(f"d_model ({dm}) must be a multiple of n_heads ({h['n_heads']})")
-        self.left_in = nn.ModuleList(nn.Linear(o, dm, bias=False) for o, _ in spec.shapes)
-        self.right_in = nn.ModuleList(nn.Linear(i, dm, bias=False) for _, i in spec.shapes)
+        self.left_in = nn.ModuleList(nn.Linear(o, dm, bias=False) for o, _ in self.inner.shapes)
+        self.right_in = nn.ModuleList(nn.Linear(i, dm, bias=False) for _, i in self.inner.shapes)
         self.value_in = nn.Linear(2, dm)
         self.bilinear_in = nn.Linear(dm, dm) if h["bilinear"] else None
         self.layer_pos = nn.Parameter(torch.randn(n, dm) * 0.02)
@@ -110,14 +110,14 @@ class W2T(LoLModel):
         forms = self.canonical(batch)
         # |delta W_i|_F = |s|: the layer's RMS entry from its singular values
         norms = torch.stack([torch.linalg.vector_norm(c.s, dim=1) for c in forms], dim=1)
-        sizes = torch.tensor([math.sqrt(o * i) for o, i in self.spec.shapes], dtype=norms.dtype)
+        sizes = torch.tensor([math.sqrt(o * i) for o, i in self.inner.shapes], dtype=norms.dtype)
         rms = (norms / sizes.to(norms.device)).to(batch.dtype)  # (B, L)
         scales = self.scale_norm(log_scale(rms)[..., None])  # (B, L, 1)
         tokens = [self.cls.expand(len(batch), -1, -1), self.scale_in(scales) + self.layer_pos]
         n = 1 + len(self.spec.names)
         masks = [torch.ones(len(batch), n, dtype=torch.bool, device=batch.device)]
         for i, c in enumerate(forms):
-            (o, n), k = self.spec.shapes[i], c.s.shape[1]
+            (o, n), k = self.inner.shapes[i], c.s.shape[1]
             rel = c.s / norms[:, i, None].clamp_min(EPS)
             value = torch.stack([rel, torch.log(rel.clamp_min(1e-6))], dim=-1).to(batch.dtype)
             pos = self.component_pos[

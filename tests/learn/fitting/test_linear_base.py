@@ -23,9 +23,10 @@ def test_linear_base_is_the_probe_fitted_on_the_same_rows(tmp_path, kind, label)
     """A run's linear base alone (the gate shut) scores on the test rows exactly what the probe
     of the same kind scores, computed on another path (probes.probe_folds on features read from
     the store, not through the model): both are fitted on the train and val rows, in the same
-    order (a logistic fit's cross-validation folds follow it)."""
+    order (a logistic fit's cross-validation folds follow it). The probes read ΔW as it is, so
+    the run does too (no basis)."""
     store = _linear_store(tmp_path / "s")
-    cfg = TrainConfig("glnet", [label], epochs=1, plots=False, linear_base=kind)
+    cfg = TrainConfig("glnet", [label], epochs=1, plots=False, linear_base=kind, basis="none")
     m = train(store, cfg, tmp_path / "run")
     run = load_run(tmp_path / "run")
     with torch.no_grad():
@@ -49,9 +50,9 @@ def test_saved_run_predicts_with_its_base(tmp_path):
     store = _linear_store(tmp_path / "s")
     train(store, TrainConfig("mlp", ["y"], epochs=2, plots=False), tmp_path / "run")
     run = load_run(tmp_path / "run")
-    assert run.model.hparams["linear_base"] == "dense"
+    assert run.model.hparams["linear_base"] == "update"
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert cfg["model"]["hparams"]["linear_base"] == "dense"
+    assert cfg["model"]["hparams"]["linear_base"] == "update"
     ids = [r.split(",")[0] for r in (tmp_path / "run" / "predictions.csv").read_text().split()[1:]]
     rows = [store.ids.index(i) for i in ids]
     pred = run.task.decode(run.raw(store.batch(np.array(rows))))[:, 0]
@@ -62,17 +63,19 @@ def test_saved_run_predicts_with_its_base(tmp_path):
 
 
 def test_linear_label_is_learned_with_the_base_and_not_without(tmp_path):
-    """On a label linear in ΔW, the default (dense base) is near perfect; the network alone,
-    on 100 training LoRAs, is not: the base is what carries it."""
+    """On a label linear in ΔW, the default base (which then chooses ΔW itself over its
+    directions) is near perfect; the network alone, on 100 training LoRAs, is not: the base is
+    what carries it."""
     store = _linear_store(tmp_path / "s", n=150)
     with_base = train(store, TrainConfig("glnet", ["y"], epochs=5, plots=False), None)
+    assert with_base["model_hparams"]["linear_base"] == "update"
     alone = TrainConfig("glnet", ["y"], epochs=5, plots=False, linear_base="none")
     without = train(store, alone, None)
     assert with_base["test"]["r2"] > 0.95
     assert without["test"]["r2"] < 0.9
 
 
-@pytest.mark.parametrize("kind", ["dense", "spectral"])
+@pytest.mark.parametrize("kind", ["update", "dense", "spectral"])
 def test_base_keeps_gl_invariance(kind):
     """A model with a (random) linear base is still GL(r)-invariant: the base reads ΔW only."""
     batch = ll.collate([ll.gl_transform(_lora(k), seed=k) for k in range(3)])
@@ -98,3 +101,53 @@ def _lora(seed: int) -> ll.LoRA:
             ll.LoRALayer("b", torch.randn(4, 2, generator=g), torch.randn(6, 2, generator=g)),
         ]
     )
+
+
+def test_update_base_is_the_ridge_on_flattened_directions_and_spectra():
+    """Read through a basis fitted on its training LoRAs, the update base's features give, on
+    new LoRAs, the predictions of a ridge on the flattened ΔW_l / |ΔW_l| of every layer and the
+    spectral features, scaled alike (block RMS, per-feature std), to 1e-8 of their scale: the
+    projection loses nothing where the training updates span the layers."""
+    from sklearn.linear_model import Ridge
+
+    from loralens.models.basis import UpdateBasis
+    from loralens.models.linear_base import fit_scale, linear_features
+
+    g = torch.Generator().manual_seed(0)
+    loras = [
+        ll.LoRA(
+            [
+                ll.LoRALayer(
+                    f"l{i}", torch.randn(o, 3, generator=g), torch.randn(m, 3, generator=g)
+                )
+                for i, (o, m) in enumerate(((8, 6), (5, 9)))
+            ]
+        )
+        for _ in range(40)
+    ]
+    batch = ll.collate(loras).to(torch.float64)
+    fit, test = np.arange(30), np.arange(30, 40)
+    y = np.array([float(torch.log(lo.layers[0].U.norm()) + lo.layers[1].V[0, 0]) for lo in loras])
+    basis = UpdateBasis.fit(batch.select(torch.as_tensor(fit)))
+    model = ll.build_model("glnet", like=batch, out_dim=1, basis=basis, linear_base="update")
+    model = model.double()
+
+    def ridge(x: np.ndarray, scale: np.ndarray) -> np.ndarray:
+        z = (x - x[fit].mean(axis=0)) / scale
+        return Ridge(alpha=1.0).fit(z[fit], y[fit]).predict(z[test])
+
+    x = model.linear_base.features(model.prepare(batch), False).numpy()
+    got = ridge(x, fit_scale(x[fit], "update", model.inner, False, 2.0))
+    flat = [
+        (w / w.flatten(1).norm(dim=1)[:, None, None]).flatten(1).numpy()
+        for w in batch.delta_weights()
+    ]
+    spectral = linear_features(batch, "spectral", 3).numpy()
+    blocks = [np.sqrt(((f - f[fit].mean(0)) ** 2).sum(1)[fit].mean()) for f in flat]
+    std = spectral[fit].std(axis=0)
+    scale = np.concatenate(
+        [np.full(f.shape[1], s) for f, s in zip(flat, blocks)]
+        + [np.where(std > 0, std, 1.0) * np.sqrt(2 * (3 + 1) / 2.0)]
+    )
+    want = ridge(np.concatenate([*flat, spectral], axis=1), scale)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-8 * np.abs(want).max())

@@ -18,8 +18,9 @@ from loralens.errors import RunError
 from loralens.learn.runs.folder import load_run
 from loralens.learn.training.config import TrainConfig
 from loralens.learn.training.loop import train
-from loralens.learn.trust.span import Span, fit_out_of_fold, side_factors
+from loralens.learn.trust.span import Span, fit_out_of_fold
 from loralens.lora import LoRABatch
+from loralens.models.basis import side_factors
 from loralens.store import write_store
 
 OUT, IN = 12, 10

@@ -4,7 +4,7 @@ split, the DataLoader over store rows, and the zoo's finetuning hyperparameter c
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -322,8 +322,54 @@ class _Collate:
         return torch.from_numpy(idx), batch, torch.from_numpy(self.y[idx]).float()
 
 
+class ProjectedRows:
+    """Store ``rows`` read once through ``model``'s basis (padded to its ranks) and kept in
+    memory, with the store's ``batch`` and ``iter_batches``: what a run's epochs read again and
+    again (projecting wide layers anew every epoch would cost more than the network). Its
+    batches are what :meth:`LoLModel.prepare` makes: read them inside ``model.given_prepared()``."""
+
+    def __init__(self, store: LoRAStore, model: Any, rows: np.ndarray, pad: Sequence[int]):
+        rows = np.unique(np.asarray(rows, dtype=np.int64))
+        self.names = list(store.names)
+        self.ranks = store.ranks
+        self._at = np.full(len(store), -1, dtype=np.int64)
+        self._at[rows] = np.arange(len(rows))
+        us: list[list[torch.Tensor]] = [[] for _ in self.names]
+        vs: list[list[torch.Tensor]] = [[] for _ in self.names]
+        with torch.no_grad():
+            for _, batch in store.iter_batches(256, rows=rows, pad_ranks=pad):
+                inner = model.prepare(batch)
+                for k, (u, v) in enumerate(zip(inner.U, inner.V)):
+                    us[k].append(u)
+                    vs[k].append(v)
+        self.U = [torch.cat(u) for u in us]
+        self.V = [torch.cat(v) for v in vs]
+
+    def batch(self, rows: Sequence[int] | np.ndarray, *, pad_ranks: Any = None) -> LoRABatch:
+        """The projected LoRAs at store ``rows`` (already padded to the model's ranks)."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        at = torch.from_numpy(self._at[rows])
+        if bool((at < 0).any()):
+            raise IndexError("a row that was not projected")
+        return LoRABatch(
+            names=list(self.names),
+            U=[u[at] for u in self.U],
+            V=[v[at] for v in self.V],
+            ranks=torch.from_numpy(self.ranks[rows].copy()),
+        )
+
+    def iter_batches(
+        self, batch_size: int = 64, *, rows: np.ndarray, pad_ranks: Any = None
+    ) -> Iterator[tuple[np.ndarray, LoRABatch]]:
+        """(rows, batch) over ``rows`` in order, like ``LoRAStore.iter_batches``."""
+        rows = np.asarray(rows, dtype=np.int64)
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            yield chunk, self.batch(chunk)
+
+
 def make_loader(
-    store: LoRAStore,
+    store: LoRAStore | ProjectedRows,
     y: np.ndarray,
     rows: Sequence[int],
     batch_size: int,
@@ -350,6 +396,7 @@ __all__ = [
     "KNOWN_HPARAMS",
     "MIN_LORAS",
     "SPLITS",
+    "ProjectedRows",
     "check_finite_labels",
     "class_strata",
     "encode_targets",

@@ -43,7 +43,7 @@ DENSE_MAX_BYTES = 1 << 30
 ALPHAS = np.logspace(-3, 5, 17)
 #: Bytes of coefficients :func:`fit_linear` keeps from its recent fits.
 FIT_MEMO_BYTES = 256 << 20
-_fits: OrderedDict[bytes, tuple[np.ndarray, float]] = OrderedDict()
+_fits: OrderedDict[bytes, tuple[np.ndarray, float, float]] = OrderedDict()
 
 
 def dense_bytes(store: LoRAStore, n: int) -> int:
@@ -66,30 +66,45 @@ def probe_features(store: LoRAStore, rows: np.ndarray, which: str) -> np.ndarray
     return np.concatenate(parts).astype(np.float32)
 
 
-def fit_linear(x: np.ndarray, y: np.ndarray, classification: bool) -> tuple[np.ndarray, float]:
+def fit_linear(
+    x: np.ndarray, y: np.ndarray, classification: bool, scale: np.ndarray | None = None
+) -> tuple[np.ndarray, float]:
     """``(coef, intercept)`` on the raw features ``x`` of a ridge (or logistic) regression of the
-    finite entries of ``y`` (0/1 for classification), fitted on standardized features with its
-    penalty chosen by cross-validation on these rows only.
+    finite entries of ``y`` (0/1 for classification), fitted on centered features divided by
+    ``scale`` (default: each feature's standard deviation), its penalty chosen by
+    cross-validation on these rows only (:func:`fit_linear_scored` also gives the score)."""
+    coef, intercept, _ = fit_linear_scored(x, y, classification, scale)
+    return coef, intercept
+
+
+def fit_linear_scored(
+    x: np.ndarray, y: np.ndarray, classification: bool, scale: np.ndarray | None = None
+) -> tuple[np.ndarray, float, float]:
+    """:func:`fit_linear` and its cross-validated score at the chosen penalty (higher is
+    better: leave-one-out negative squared error, or mean log-likelihood over folds).
 
     Recent fits are kept by the content of their inputs: every model of a benchmark fits the
     same linear base on the same rows, and a cross-validated logistic fit per label of a
     multilabel family is most of a run's time."""
     h = hashlib.blake2b(digest_size=16)
-    for a in (x, y):
+    for a in (x, y) if scale is None else (x, y, scale):
         a = np.ascontiguousarray(a)
         h.update(f"{a.dtype}{a.shape}".encode())
         h.update(a.view(np.uint8))
     key = h.digest() + bytes([classification])
     if key not in _fits:
-        _fits[key] = _fit_linear(x, y, classification)
-        while sum(c.nbytes for c, _ in _fits.values()) > FIT_MEMO_BYTES and len(_fits) > 1:
+        _fits[key] = _fit_linear(x, y, classification, scale)
+        while sum(c.nbytes for c, _, _ in _fits.values()) > FIT_MEMO_BYTES and len(_fits) > 1:
             _fits.popitem(last=False)
     _fits.move_to_end(key)
-    coef, intercept = _fits[key]
-    return coef.copy(), intercept
+    coef, intercept, score = _fits[key]
+    return coef.copy(), intercept, score
 
 
-def _fit_linear(x: np.ndarray, y: np.ndarray, classification: bool) -> tuple[np.ndarray, float]:
+def _fit_linear(
+    x: np.ndarray, y: np.ndarray, classification: bool, scale: np.ndarray | None
+) -> tuple[np.ndarray, float, float]:
+    """(coef, intercept, cross-validated score: higher is better) of one scaling."""
     from sklearn.linear_model import LogisticRegressionCV, RidgeCV
     from sklearn.model_selection import StratifiedKFold
     from sklearn.preprocessing import StandardScaler
@@ -101,16 +116,18 @@ def _fit_linear(x: np.ndarray, y: np.ndarray, classification: bool) -> tuple[np.
         counts = np.bincount(y.astype(int), minlength=2)
         if counts.min() < 2:  # one class (or a single example of the other): its log-odds
             p = (counts[1] + 0.5) / (counts.sum() + 1.0)
-            return zero, float(np.log(p / (1 - p)))
+            return zero, float(np.log(p / (1 - p))), 0.0
         folds = StratifiedKFold(int(min(5, counts.min())), shuffle=True, random_state=0)
         model = LogisticRegressionCV(
             Cs=1.0 / ALPHAS, cv=folds, scoring="neg_log_loss", max_iter=2000
         )
     else:
         if len(y) < 3:
-            return zero, float(y.mean()) if len(y) else 0.0
+            return zero, float(y.mean()) if len(y) else 0.0, 0.0
         model = RidgeCV(alphas=ALPHAS)
     scaler = StandardScaler().fit(x)
+    if scale is not None:
+        scaler.scale_ = np.asarray(scale, dtype=np.float64)
     xs = scaler.transform(x)
     # An L2-penalized weight lies in the span of the rows (representer theorem): fit on the
     # rows' coordinates in that span, exactly the same fit, n x n instead of n x D.
@@ -121,7 +138,11 @@ def _fit_linear(x: np.ndarray, y: np.ndarray, classification: bool) -> tuple[np.
         model.fit(z, y.astype(int) if classification else y)
     coef = np.ravel(model.coef_) if span is None else xs.T @ (span[1] @ np.ravel(model.coef_))
     coef = coef / scaler.scale_
-    return coef, float(np.ravel(model.intercept_)[0] - coef @ scaler.mean_)
+    if classification:  # mean log-loss over folds at the best penalty
+        score = float(next(iter(model.scores_.values())).mean(axis=0).max())
+    else:  # leave-one-out (negative) squared error at the best penalty
+        score = float(model.best_score_)
+    return coef, float(np.ravel(model.intercept_)[0] - coef @ scaler.mean_), score
 
 
 def _row_span(xs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -182,6 +203,7 @@ __all__ = [
     "PROBE_SPECTRAL_STATS",
     "dense_bytes",
     "fit_linear",
+    "fit_linear_scored",
     "fit_predict",
     "probe_features",
     "probe_folds",

@@ -20,6 +20,9 @@ from loralens.models.registry import (
     training_defaults,
 )
 
+#: How a run's models read LoRAs (see ``TrainConfig.basis``).
+BASES = ("auto", "none")
+
 
 @dataclass
 class TrainConfig:
@@ -55,6 +58,10 @@ class TrainConfig:
     #: network learns what it misses: "auto" = "dense" where the training LoRAs' ΔW fit in
     #: probes.DENSE_MAX_BYTES, else "spectral"; "none" = the network alone
     linear_base: str = "auto"
+    #: how the models read LoRAs: "auto" through a basis of the directions the training
+    #: updates use (models.basis: the same quality and cost at any layer width), "none" the
+    #: factors as they are
+    basis: str = "auto"
     #: calibration (learn.trust): share of the labelled LoRAs held out of the one split's
     #: training rows to calibrate on (cross-validated runs: out of fold); 0: no calibration
     calibration: float = 0.1
@@ -103,6 +110,8 @@ class TrainConfig:
                 )
         if self.where:
             compile_filter(self.where)
+        if self.basis not in BASES:
+            raise SettingsError(f"basis must be one of {list(BASES)}, got {self.basis!r}")
         if self.linear_base not in ("auto", *LINEAR_BASES):
             raise SettingsError(
                 f"linear_base must be one of {['auto', *LINEAR_BASES]}, got {self.linear_base!r}"

@@ -18,6 +18,7 @@ and only the main process writes.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import asdict
@@ -28,8 +29,10 @@ import torch
 
 from loralens.jsonio import json_safe
 from loralens.learn.fitting.base_fit import base_features, fit_linear_base, linear_base_kind
+from loralens.learn.fitting.basis_fit import fit_basis
 from loralens.learn.fitting.data import (
     SPLITS,
+    ProjectedRows,
     check_finite_labels,
     encode_targets,
     make_loader,
@@ -50,6 +53,7 @@ from loralens.learn.runs.report import headline
 from loralens.learn.runs.seen import trained_on
 from loralens.learn.training.calibrating import calibrate_run, hold_out_calibration
 from loralens.learn.training.config import TrainConfig
+from loralens.models.basis import UpdateBasis
 from loralens.models.registry import build_model, check_fits
 from loralens.store import LoRAStore
 
@@ -158,16 +162,35 @@ def _run(
     set_seed(config.seed)
     model = _model(store, config, data)
     pad = [int(r) for r in model.spec.ranks]  # every batch padded to the model's widths
+    rows = store
+    if model.basis is not None:  # projected once: the epochs read the small factors
+        rows = ProjectedRows(store, model, np.concatenate(list(data.split.values())), pad)
+    with model.given_prepared() if rows is not store else contextlib.nullcontext():
+        return _fit(rows, model, data, hp, acc, progress, pad, config.seed)
+
+
+def _fit(
+    rows: LoRAStore | ProjectedRows,
+    model: torch.nn.Module,
+    data: RunData,
+    hp: dict[str, Any],
+    acc: Any,
+    progress: Progress,
+    pad: list[int],
+    seed: int,
+) -> tuple[torch.nn.Module, list[dict[str, Any]], Best]:
+    """The linear base's fit, the epochs and the best epoch restored, on store ``rows``."""
     if model.hparams["linear_base"] != "none":
         # features of train + val once: the base is fitted on train now, on both once the
         # epoch is chosen
         fit_rows = np.union1d(data.split["train"], data.split["val"])
-        x_fit = base_features(store, model, fit_rows)
+        x_fit = base_features(rows, model, fit_rows)
         train_rows = data.split["train"]
+        at = np.searchsorted(fit_rows, train_rows)
         fit_linear_base(
-            model, data.task, data.y_enc[train_rows], x_fit[np.searchsorted(fit_rows, train_rows)]
+            model, data.task, data.y_enc[train_rows], {d: x[at] for d, x in x_fit.items()}
         )
-    loaders = _loaders(store, data, pad, int(hp["batch_size"]), config.seed)
+    loaders = _loaders(rows, data, pad, int(hp["batch_size"]), seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=float(hp["lr"]), weight_decay=float(hp["weight_decay"]))
     model, opt, *prepared = acc.prepare(model, opt, *(loaders[s] for s in SPLITS))
@@ -289,14 +312,19 @@ def _model(store: LoRAStore, config: TrainConfig, data: RunData) -> torch.nn.Mod
     rows = data.split["train"]
     widths = store.ranks[rows].max(axis=0)
     like = store.batch(rows[: min(len(rows), 256)], pad_ranks=widths)
-    hparams = {"linear_base": linear_base_kind(store, config.linear_base, rows), **config.hparams}
-    check_fits(config.model, like.spec, data.task.out_dim, hparams)
+    basis = None
+    if config.basis == "auto":  # unsupervised: the validation LoRAs' directions count too
+        basis = fit_basis(store, np.union1d(rows, data.split["val"]), config.seed)
+    kind = linear_base_kind(store, config.linear_base, rows, basis)
+    hparams = {"linear_base": kind, **config.hparams}
+    flat = None if basis is None else UpdateBasis.flat(basis.sizes)
+    check_fits(config.model, like.spec, data.task.out_dim, {**hparams, "basis": flat})
     torch.manual_seed(config.seed)
-    return build_model(config.model, like=like, out_dim=data.task.out_dim, **hparams)
+    return build_model(config.model, like=like, out_dim=data.task.out_dim, basis=basis, **hparams)
 
 
 def _loaders(
-    store: LoRAStore, data: RunData, pad: list[int], batch_size: int, seed: int
+    store: LoRAStore | ProjectedRows, data: RunData, pad: list[int], batch_size: int, seed: int
 ) -> dict[str, torch.utils.data.DataLoader]:
     """Shuffled (seeded) training batches; validation and test in order, batches of >= 64."""
     eval_size = max(batch_size, 64)

@@ -20,8 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from loralens.learn.fitting.base_fit import base_features
-from loralens.learn.fitting.probes import fit_predict
+from loralens.learn.fitting.base_fit import base_features, fit_base
 from loralens.learn.fitting.tasks import CLASSIFICATION, Task
 from loralens.learn.trust import conformal as cp
 from loralens.learn.trust.calibration import MAX_REFERENCE, Calibration
@@ -49,12 +48,12 @@ def unit_kind(model: Any) -> str:
     """The scale-free features the fit check's size model reads: ΔW over its norm where the
     model's linear base reads ΔW (so it fits in memory), else normalized singular values."""
     base = getattr(model, "linear_base", None)
-    return "dense" if base is not None and base.kind == "dense" else "spectral"
+    return "dense" if base is not None and base.kind in ("dense", "update") else "spectral"
 
 
 def unit_dim(model: Any) -> int:
     """Length of the scale-free features :func:`outputs` gives for ``model``'s layout."""
-    spec = model.spec
+    spec = model.inner
     if unit_kind(model) == "dense":
         return sum(int(o) * int(i) for o, i in spec.shapes)
     return len(spec.names) * spectral_width(spec)
@@ -65,19 +64,21 @@ def outputs(
     model: Any, batches: Iterable[LoRABatch], span: Span | None = None
 ) -> tuple[np.ndarray, FitInputs]:
     """(raw outputs (N, out), what the fit check reads) of ``model`` over ``batches``: the
-    embedding from the same forward pass, per-layer log RMS of delta W, scale-free features,
-    and the span_score against ``span`` (zeros without)."""
+    embedding from the same forward pass, per-layer log RMS of delta W (as given, not
+    projected: energy outside the model's basis counts), scale-free features of what the model
+    reads, and the span_score against ``span`` (zeros without)."""
     model.eval()
-    kind, k = unit_kind(model), spectral_width(model.spec)
+    kind, k = unit_kind(model), spectral_width(model.inner)
     raws, embs, rms, units, spans = [], [], [], [], []
     for batch in batches:
         spans.append(np.zeros(len(batch)) if span is None else span.scores(batch))
-        batch = model.prepare(batch)
-        z = model.embed(batch)
-        raws.append(model.output(batch, z).double().cpu().numpy())
+        rms.append(log_scale(layer_rms(model.check(batch))).double().cpu().numpy())
+        inner = model.prepare(batch)
+        with model.given_prepared():
+            z = model.embed(inner)
+            raws.append(model.output(inner, z).double().cpu().numpy())
         embs.append(z.double().cpu().numpy())
-        rms.append(log_scale(layer_rms(batch)).double().cpu().numpy())
-        units.append(unit_features(batch, kind, k).cpu().numpy())
+        units.append(unit_features(inner, kind, k).cpu().numpy())
     if not raws:
         empty = np.zeros((0, 0))
         return np.zeros((0, model.out_dim)), FitInputs(
@@ -205,12 +206,14 @@ def base_out_of_fold(
     OOF_FOLDS seeded folds of ``rows`` (the rows it was fitted on), on that fold: the residuals
     of a model that is its base alone, out of fold (CV+), to calibrate on beside the held-out
     LoRAs."""
-    x = base_features(store, model, rows)
+    xs = base_features(store, model, rows)
+    y = task.encode(y_all[rows])
     folds = np.random.default_rng(seed).permutation(np.arange(len(rows)) % OOF_FOLDS)
     out = np.zeros((len(rows), task.out_dim))
     for g in range(OOF_FOLDS):
         m = folds == g
-        out[m] = fit_predict(x[~m], y_all[rows[~m]], x[m], task)
+        fit = fit_base(model, task, y[~m], {d: x[~m] for d, x in xs.items()})
+        out[m] = fit.predict({d: x[m] for d, x in xs.items()})
     return out
 
 

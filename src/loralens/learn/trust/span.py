@@ -17,7 +17,6 @@ the bases on a run's training LoRAs and scores those LoRAs out of fold, for cali
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 
 from loralens.lora import LoRABatch
+from loralens.models.basis import leading_directions, side_factors
 
 if TYPE_CHECKING:
     from loralens.store import LoRAStore
@@ -83,26 +83,6 @@ class Span:
         return np.clip(out, 0.0, 1.0)
 
 
-@torch.no_grad()
-def side_factors(batches: Iterable[LoRABatch]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer, (F_in (in, N r), F_out (out, N r)): each LoRA's unit-norm update as
-    F_in F_in^T = V (U^T U) V^T / |ΔW|^2 (and F_out likewise), its r columns in LoRA order."""
-    parts: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
-    for batch in batches:
-        per_layer = []
-        for u, v in zip(batch.U, batch.V):
-            u, v = u.detach().cpu().double(), v.detach().cpu().double()
-            gu, gv = _grams(u), _grams(v)
-            total = (gu * gv).sum(dim=(1, 2))
-            w = torch.where(total > 0, total.clamp(min=1e-300).rsqrt(), 0.0)[:, None, None]
-            per_layer.append((_columns(v @ _sqrt_psd(gu) * w), _columns(u @ _sqrt_psd(gv) * w)))
-        parts.append(per_layer)
-    return [
-        (torch.cat([p[i][0] for p in parts], 1), torch.cat([p[i][1] for p in parts], 1))
-        for i in range(len(parts[0]))
-    ]
-
-
 def fit_out_of_fold(
     factors: list[tuple[torch.Tensor, torch.Tensor]], folds: np.ndarray
 ) -> list[Span]:
@@ -125,37 +105,16 @@ def _grams(f: torch.Tensor) -> torch.Tensor:
     return f.mT @ f
 
 
-def _sqrt_psd(g: torch.Tensor) -> torch.Tensor:
-    """Batched symmetric square root of positive semi-definite r x r matrices."""
-    lam, q = torch.linalg.eigh(g)
-    return (q * lam.clamp(min=0).sqrt()[:, None, :]) @ q.mT
-
-
-def _columns(f: torch.Tensor) -> torch.Tensor:
-    """(N, d, r) -> (d, N r), each LoRA's r columns side by side."""
-    return f.permute(1, 0, 2).reshape(f.shape[1], -1)
-
-
 @torch.no_grad()
 def _basis(f: torch.Tensor) -> np.ndarray:
     """Orthonormal rows spanning the top eigenvectors of f f^T that carry SPAN_ENERGY of its
-    trace (at most SPAN_MAX_RANK), computed in the smaller of f's two dimensions."""
-    d, m = f.shape
-    if d <= m:
-        lam, vec = torch.linalg.eigh(f @ f.mT)
-        lam, vec = lam.flip(0), vec.flip(1)
-    else:
-        lam, e = torch.linalg.eigh(f.mT @ f)
-        lam, e = lam.flip(0), e.flip(1)
-        pos = lam > 0
-        vec = torch.zeros(d, len(lam), dtype=f.dtype)
-        vec[:, pos] = f @ e[:, pos] / lam[pos].sqrt()
-    lam = lam.clamp(min=0)
-    if float(lam.sum()) <= 0:
-        return np.zeros((0, d))
-    share = (lam.cumsum(0) / lam.sum()).numpy()
-    k = int(np.searchsorted(share, SPAN_ENERGY)) + 1
-    return np.ascontiguousarray(vec[:, : min(k, SPAN_MAX_RANK, d)].mT.numpy())
+    trace (at most SPAN_MAX_RANK)."""
+    rows, lam = leading_directions(f, SPAN_MAX_RANK)
+    total = float((f * f).sum())
+    if total <= 0 or len(lam) == 0:
+        return np.zeros((0, f.shape[0]))
+    k = int(np.searchsorted((lam.cumsum(0) / total).numpy(), SPAN_ENERGY)) + 1
+    return np.ascontiguousarray(rows[:k].numpy())
 
 
 @dataclass
@@ -209,6 +168,5 @@ __all__ = [
     "Span",
     "SpanFit",
     "fit_out_of_fold",
-    "side_factors",
     "span_sample_size",
 ]
