@@ -74,7 +74,7 @@ def test_kinds_come_from_the_bytes(tmp_path):
     tr.write_bytes(tarred(tmp_path / "p"))
     txt = tmp_path / "x.txt"
     txt.write_text("hello world, not an adapter")
-    assert [kind_of(p) for p in (st, zp, tr, txt)] == ["safetensors", "zip", "tar", None]
+    assert [kind_of(p, p.name) for p in (st, zp, tr, txt)] == ["safetensors", "zip", "tar", None]
 
 
 def test_a_safetensors_upload_is_kept_under_its_name(tmp_path):
