@@ -121,7 +121,8 @@ def plan_screening(
     summary = BatchSummary(found=len(adapters), skipped=len(adapters) - len(todo))
     inside = root.resolve()
     refused = [r for p, rel in todo if (r := refusal(p, rel, inside))]
-    todo = [(p, rel) for p, rel in todo if rel not in {r["path"] for r in refused}]
+    gone = {r["path"] for r in refused}
+    todo = [(p, rel) for p, rel in todo if rel not in gone]
     return todo, refused, summary
 
 
@@ -129,11 +130,24 @@ def refusal(path: Path, rel: str, root: Path) -> dict[str, Any] | None:
     """The error line of an adapter refused without being opened (None when it may be read):
     a named pipe, device or socket (a reader would block on it), or a link leading out of the
     folder ``root`` (resolved); for a PEFT folder, the same of anything in it."""
-    for p in (path, *(sorted(path.iterdir()) if path.is_dir() else ())):
+    problem, shown = _unreadable(path, root), rel
+    if not problem and path.is_dir():
+        problem, shown = _unreadable_member(path, rel, root)
+    if not problem:
+        return None
+    return {"path": rel, "error": f"{shown}: {problem}; not screened", "status": 422}
+
+
+def _unreadable_member(folder: Path, rel: str, root: Path) -> tuple[str, str]:
+    """Why a member of the adapter folder ``folder`` must not be opened, and its name."""
+    try:
+        members = sorted(folder.iterdir())
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})", rel
+    for p in members:
         if problem := _unreadable(p, root):
-            shown = rel if p == path else f"{rel}/{p.name}"
-            return {"path": rel, "error": f"{shown}: {problem}; not screened", "status": 422}
-    return None
+            return problem, f"{rel}/{p.name}"
+    return "", rel
 
 
 def _unreadable(path: Path, root: Path) -> str:
