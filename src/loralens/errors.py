@@ -1,6 +1,6 @@
 """The errors loralens raises on purpose, one family under :class:`LoRALensError`, and its
 warning. The CLI turns these, and only these, into one ``error:`` line and an exit code (input
-1, settings 2, output 3); anything else is a bug and keeps its traceback. Each package's own
+1, settings 2, output in the way 3, output not writable 4); anything else is a bug and keeps its traceback. Each package's own
 kinds (``LoRAFormatError``, ``StoreError``, ...) live beside their code and derive from these."""
 
 from __future__ import annotations
@@ -20,6 +20,10 @@ class SettingsError(LoRALensError, ValueError):
 
 class OutputExistsError(LoRALensError, ValueError):
     """The output already exists, or was made with other settings: writing would lose or mix it."""
+
+
+class OutputError(LoRALensError, OSError):
+    """An output that cannot be written: a read-only or full folder, an I/O error."""
 
 
 class RunError(InputError):

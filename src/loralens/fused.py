@@ -110,7 +110,9 @@ def _load() -> ctypes.CDLL | None:
                 so = kernel_path(path)
                 if not (so.exists() and _trusted(so)):
                     _compile(path, so)
-                    write_file_atomic(so.with_suffix(".sha256"), file_sha256(so)[1].encode())
+                    write_file_atomic(
+                        so.with_suffix(".sha256"), file_sha256(so)[1].encode(), replace=True
+                    )
                     if not _trusted(so):
                         raise RuntimeError(
                             f"{so.parent} is writable by every user: not loading code from it"

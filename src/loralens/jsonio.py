@@ -26,14 +26,18 @@ def json_safe(v: Any) -> Any:
     return v
 
 
-def dumps(value: Any) -> str:
-    """``value`` as strict, indented JSON."""
-    return json.dumps(json_safe(value), indent=2, allow_nan=False)
+def dumps(value: Any, *, compact: bool = False) -> str:
+    """``value`` as strict JSON, indented (or ``compact``: no spaces, for large records)."""
+    layout: dict[str, Any] = {"separators": (",", ":")} if compact else {"indent": 2}
+    return json.dumps(json_safe(value), allow_nan=False, **layout)
 
 
 def write_json(path: str | os.PathLike, value: Any) -> None:
-    """``value`` as strict JSON (NaN/inf as null) in ``path``."""
-    Path(path).write_text(dumps(value) + "\n")
+    """``value`` as strict JSON (NaN/inf as null) in ``path``, replacing the file there whole
+    (:func:`loralens.atomic.write_file_atomic`: a link at ``path`` is replaced, not followed)."""
+    from loralens.atomic import write_file_atomic
+
+    write_file_atomic(path, dumps(value) + "\n", replace=True)
 
 
 #: Largest JSON sidecar read (a run's config, a calibration, an index manifest): far above any
@@ -50,16 +54,23 @@ def read_json_object(
     *,
     error: type[Exception] | None = None,
     max_bytes: int = MAX_JSON_BYTES,
+    max_containers: int | None = None,
+    dir_fd: int | None = None,
+    follow: bool = True,
 ) -> dict[str, Any]:
     """A JSON object from ``path``, read as untrusted input: a regular file (never a pipe or a
-    device, so nothing blocks) of at most ``max_bytes``, strict JSON (no NaN/Infinity, no
-    recursion blow-up); anything else is ``error`` (default ``InputError``) naming ``path``."""
+    device, so nothing blocks; with ``follow=False`` never a link) of at most ``max_bytes``,
+    strict JSON (no NaN/Infinity, no recursion blow-up), with at most ``max_containers``
+    arrays and objects when given (counted before parsing: each costs ~60 bytes of memory for
+    its 2 of text); anything else is ``error`` (default ``InputError``) naming ``path``. With
+    ``dir_fd``, its file name is opened in that folder."""
     from loralens.atomic import SpecialFileError, open_regular
     from loralens.errors import InputError
 
     error = error or InputError
+    name = Path(path).name if dir_fd is not None else path
     try:
-        with open_regular(path) as f:
+        with open_regular(name, dir_fd=dir_fd, follow=follow) as f:
             data = f.read(max_bytes + 1)
     except SpecialFileError as e:
         raise error(f"{path}: {e.kind}, not a regular file") from None
@@ -69,6 +80,8 @@ def read_json_object(
         raise error(f"{path}: cannot be read ({e.strerror or e})") from None
     if len(data) > max_bytes:
         raise error(f"{path}: larger than {max_bytes // 2**20} MiB; not a loralens file")
+    if max_containers is not None and data.count(b"[") + data.count(b"{") > max_containers:
+        raise error(f"{path}: more than {max_containers} arrays and objects; not a loralens file")
     try:
         obj = json.loads(data, parse_constant=_no_constant)
     except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError too

@@ -209,12 +209,42 @@ def test_inspect_reports_the_overflow_as_one_line(tmp_path):
 
 def test_huge_but_finite_factors_still_load(tmp_path):
     """Finiteness is checked by a sum first; a sum that overflows falls back to the exact test.
-    (delta W stays in float32's range: tiny A.)"""
+    (A tiny scale brings the factor back to where its Gram fits float32.)"""
     tensors = peft_tensors(modules=["model.layers.0.self_attn.q_proj"])
     tensors[f"{Q}.lora_B.weight"] = torch.full((6, 2), 3e38)
     tensors[f"{Q}.lora_A.weight"] = torch.full_like(tensors[f"{Q}.lora_A.weight"], 1e-20)
-    folder = write_peft_adapter(tmp_path / "a", tensors, {"lora_alpha": 2})  # scale 1
-    assert torch.equal(ll.load_lora(folder).layers[0].U, torch.full((6, 2), 3e38))
+    folder = write_peft_adapter(tmp_path / "a", tensors, {"lora_alpha": 2e-20})  # scale 1e-20
+    assert torch.equal(ll.load_lora(folder).layers[0].U, torch.full((6, 2), 3e38) * 1e-20)
+
+
+def test_factors_whose_gram_overflows_float32_are_refused_whatever_the_command(tmp_path):
+    """A kohya alpha of 1e38 over tiny lora_down weights: delta W fits float32, but U^T U,
+    which inspect, convert, resize and the models compute, does not."""
+    from typer.testing import CliRunner
+
+    from loralens.cli import app
+
+    stem = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    path = tmp_path / "k.safetensors"
+    save_file(
+        {
+            f"{stem}.lora_down.weight": torch.randn(2, 8) * 1e-30,
+            f"{stem}.lora_up.weight": torch.randn(8, 2),
+            f"{stem}.alpha": torch.tensor(1e38),
+        },
+        path,
+    )
+    with pytest.raises(ll.LoRAFormatError, match=r"up factor .* too large: \|U\|_F = .*float32"):
+        ll.load_lora(path)
+    src, out = str(path), str(tmp_path / "out")
+    for args in (
+        ["inspect", src],
+        ["convert", src, out, "--to", "peft"],
+        ["resize", src, out, "--rank", "1"],
+    ):
+        res = CliRunner().invoke(app, args)
+        assert res.exit_code == 1 and "|U|_F" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_layer_refuses_factors_that_are_not_floating_point():

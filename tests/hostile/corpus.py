@@ -190,6 +190,22 @@ def kohya_alpha_huge(root: Path) -> Path:
     return path
 
 
+def kohya_alpha_overflow(root: Path) -> Path:
+    """alpha 1e38 over tiny lora_down weights: delta W fits float32, U^T U does not."""
+    g = torch.Generator().manual_seed(0)
+    stem = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    path = root / "kohya-alpha-overflow.safetensors"
+    save_file(
+        {
+            f"{stem}.lora_down.weight": torch.randn(2, 8, generator=g) * 1e-30,
+            f"{stem}.lora_up.weight": torch.randn(8, 2, generator=g),
+            f"{stem}.alpha": torch.tensor(1e38),
+        },
+        path,
+    )
+    return path
+
+
 #: adapters that are hostile but valid: loralens must read them correctly, quickly.
 VALID = {"regex-bomb"}  # the pattern matches no module: PEFT's rule gives the default rank
 
@@ -213,5 +229,6 @@ ADAPTERS: dict[str, Callable[[Path], Path]] = {
         truncated,
         empty_weights,
         kohya_alpha_huge,
+        kohya_alpha_overflow,
     )
 }

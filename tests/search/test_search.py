@@ -20,7 +20,9 @@ from loralens.search.index import (
     load_index,
     recall_at_k,
     search,
+    verify_index,
 )
+from loralens.store import write_store
 
 
 @pytest.fixture(scope="module")
@@ -96,8 +98,12 @@ def test_approximate_index_records_its_recall_and_checks_its_graph(store, tmp_pa
     assert index.graph is not None
     q = index.vectors[:5] * index.std + index.mean
     assert index.nearest(q, 1)[1][:, 0].tolist() == [0, 1, 2, 3, 4]
-    (tmp_path / "idx" / "hnsw.bin").write_bytes(b"\0" * 64)
-    with pytest.raises(SearchIndexError, match="sha256"):
+    graph = tmp_path / "idx" / "hnsw.bin"
+    graph.write_bytes(b"\0" * graph.stat().st_size)
+    with pytest.raises(SearchIndexError, match=r"hnsw.bin: its sha256 differs"):
+        load_index(tmp_path / "idx")
+    graph.write_bytes(b"\0" * 64)
+    with pytest.raises(SearchIndexError, match=r"hnsw.bin: 64 bytes, but index.json records"):
         load_index(tmp_path / "idx")
 
 
@@ -147,3 +153,50 @@ def test_embeddings_of_a_run_that_is_its_linear_base_alone_come_with_a_warning(r
             loaded.model.gate.fill_(0.0)  # what early stopping at epoch 0 saves
         with pytest.warns(LoRALensWarning, match="untrained network"):
             Embedder.of_run(loaded)
+
+
+def test_overwrite_replaces_an_index_and_nothing_else(store, tmp_path):
+    out = tmp_path / "idx"
+    build_index(store, out)
+    before = load_index(out).meta["files"]
+    build_index(store, out, overwrite=True, approximate=False)
+    assert load_index(out).meta["files"] == before  # the same bytes, written anew
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match="is not a loralens index: --overwrite replaces"):
+        build_index(store, out, overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]  # no temp folder left
+
+
+def test_verify_index_checks_what_search_relies_on(store, tmp_path):
+    build_index(store, tmp_path / "idx")
+    found = verify_index(tmp_path / "idx")
+    assert (found["n"], found["backend"], found["embedding"]["kind"]) == (
+        40,
+        "exact",
+        "unsupervised",
+    )
+    record = tmp_path / "idx" / "index.json"
+    record.write_text(record.read_text().replace('"version":2', '"version":1'))
+    with pytest.raises(SearchIndexError, match=r"index.json: made by an older loralens.*rebuild"):
+        verify_index(tmp_path / "idx")
+
+
+def test_a_store_whose_ids_leave_it_cannot_be_indexed(tmp_path):
+    lora = random_lora([2, 2], ((12, 10), (6, 10)), 0, torch.float32)
+    bad = write_store(tmp_path / "s", [("../up", lora, {"y": 1.0})])
+    with pytest.raises(SearchIndexError, match=r"cannot index .*id '../up' is not the name"):
+        build_index(bad, tmp_path / "idx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]
+
+
+def test_embeddings_replace_only_their_own_files(store, tmp_path):
+    names, vectors, desc = embed(data=store)
+    out = tmp_path / "e.npy"
+    save_embeddings(out, names, vectors, desc)
+    save_embeddings(out, names[:1], vectors[:1], desc, overwrite=True)
+    assert np.load(out).shape == (1, vectors.shape[1])
+    (tmp_path / "e.json").write_text('{"mine": 1}')
+    with pytest.raises(OutputExistsError, match=r"e\.json exists and is not an embedding's rows"):
+        save_embeddings(out, names, vectors, desc, overwrite=True)
+    assert np.load(out).shape == (1, vectors.shape[1])  # refused before anything was written

@@ -11,6 +11,7 @@ from serve_support import peft, safetensors_file, zipped
 from typer.testing import CliRunner
 
 from loralens.cli import app
+from loralens.errors import OutputExistsError
 from loralens.serve.batch import already_screened, find_adapters
 
 runner = CliRunner()
@@ -71,10 +72,18 @@ def test_screen_a_folder_then_resume(mirror, runs, tmp_path):
 
 def test_already_screened_drops_a_cut_line(tmp_path):
     out = tmp_path / "r.jsonl"
-    out.write_text('{"path": "a"}\nnot json\n{"path": "b"}\n{"path": "c", "fo')
+    out.write_text('{"path": "a"}\n{"path": "b"}\n{"path": "c", "fo')
     assert already_screened(out) == {"a", "b"}
-    assert out.read_text().endswith('{"path": "b"}\n')
+    assert out.read_text() == '{"path": "a"}\n{"path": "b"}\n'
     assert already_screened(tmp_path / "missing.jsonl") == set()
+
+
+def test_a_file_that_is_not_a_report_is_never_appended_to(tmp_path):
+    out = tmp_path / "notes.txt"
+    out.write_text('{"path": "a"}\nnot json\n')
+    with pytest.raises(OutputExistsError, match=r"notes.txt: line 2 is not a line of a screen"):
+        already_screened(out)
+    assert out.read_text() == '{"path": "a"}\nnot json\n'
 
 
 def test_already_screened_drops_the_lines_of_lost_tasks(tmp_path):

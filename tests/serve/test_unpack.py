@@ -4,6 +4,7 @@ that nothing is ever written outside the request's folder."""
 from __future__ import annotations
 
 import io
+import os
 import stat
 import struct
 import tarfile
@@ -14,7 +15,7 @@ import pytest
 from serve_support import peft, safetensors_file, tarred, zipped
 
 from loralens.serve.errors import Refused
-from loralens.serve.unpack import Limits, kind_of, prepare_adapter
+from loralens.serve.unpack import Limits, kind_of, local_adapter, prepare_adapter
 
 LIMITS = Limits(max_members=8, max_unpacked_bytes=64 * 1024)
 
@@ -74,7 +75,14 @@ def test_kinds_come_from_the_bytes(tmp_path):
     tr.write_bytes(tarred(tmp_path / "p"))
     txt = tmp_path / "x.txt"
     txt.write_text("hello world, not an adapter")
-    assert [kind_of(p) for p in (st, zp, tr, txt)] == ["safetensors", "zip", "tar", None]
+    assert [kind_of(p, p.name) for p in (st, zp, tr, txt)] == ["safetensors", "zip", "tar", None]
+
+
+def test_a_named_pipe_is_refused_without_being_opened(tmp_path):
+    pipe = tmp_path / "p.safetensors"
+    os.mkfifo(pipe)  # opening it to read its first bytes would block until a writer came
+    with pytest.raises(Refused, match=r"shown\.safetensors: a named pipe, not a regular file"):
+        local_adapter(pipe, "shown.safetensors", tmp_path / "in", Limits())
 
 
 def test_a_safetensors_upload_is_kept_under_its_name(tmp_path):

@@ -16,6 +16,7 @@ app = typer.Typer(
 for group in (adapters, convert, stores, learning, search, serve):
     app.registered_commands += group.commands.registered_commands
 app.add_typer(stores.store_app, name="store")
+app.add_typer(search.index_app, name="index")
 app.add_typer(zoo.app, name="zoo")
 
 

@@ -26,7 +26,7 @@ def inspect_cmd(
         "Face hub ids (owner/name[@revision]; fetched when online).",
     ),
     as_json: AsJson = False,
-    top: int = typer.Option(4, "--top", "-k", help="How many top singular values to show."),
+    top: int = typer.Option(4, "--top", "-k", min=1, help="How many top singular values to show."),
     layers: bool = typer.Option(
         False, "--layers", help="Also show each adapter's layer table when there are several."
     ),

@@ -14,11 +14,13 @@ import typer
 EXIT_INPUT = 1  # an adapter, labels file, store, run or zoo that cannot be read or is invalid
 EXIT_USAGE = 2  # wrong or missing options and arguments (click's own code)
 EXIT_EXISTS = 3  # the output exists or was made with other settings (--overwrite / --append)
+EXIT_OUTPUT = 4  # the output cannot be written (a read-only or full folder)
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 success; 1 an input (adapter, labels, store, run, zoo) that cannot be read "
     "or is invalid; 2 wrong or missing options; 3 the output already exists or was made with "
-    "other settings (see --overwrite / --append)."
+    "other settings, or a link or special file is in its place (see --overwrite / --append); "
+    "4 the output cannot be written (a read-only or full folder)."
 )
 
 
@@ -34,7 +36,13 @@ def user_errors() -> Iterator[None]:
     into one line on stderr and the exit code of their kind, and its warnings
     (``LoRALensWarning``) into ``warning:`` lines. Any other exception is a bug: its traceback
     is kept."""
-    from loralens.errors import LoRALensError, LoRALensWarning, OutputExistsError, SettingsError
+    from loralens.errors import (
+        LoRALensError,
+        LoRALensWarning,
+        OutputError,
+        OutputExistsError,
+        SettingsError,
+    )
 
     caught: list[warnings.WarningMessage] = []
     try:
@@ -43,6 +51,8 @@ def user_errors() -> Iterator[None]:
             yield
     except OutputExistsError as e:
         fail(str(e), EXIT_EXISTS)
+    except OutputError as e:
+        fail(str(e), EXIT_OUTPUT)
     except SettingsError as e:
         fail(str(e), EXIT_USAGE)
     except LoRALensError as e:

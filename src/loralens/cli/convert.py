@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from loralens.cli.common import console, echo_json, fail, num, user_errors
-from loralens.cli.options import AsJson
+from loralens.cli.options import AsJson, share
 
 commands = typer.Typer()
 _TO_HELP = "Output format: peft (a folder), kohya or diffusers (a .safetensors file)."
@@ -48,9 +48,14 @@ def convert(
 def resize(
     src: str = typer.Argument(..., help="A LoRA: PEFT folder or .safetensors/.bin file."),
     out: str = typer.Argument(..., help="Where to write it (must not exist)."),
-    rank: int = typer.Option(None, "--rank", help="Keep this many singular values per layer."),
+    rank: int = typer.Option(
+        None, "--rank", min=1, help="Keep this many singular values per layer."
+    ),
     energy: float = typer.Option(
-        None, "--energy", help="Keep the fewest singular values holding this share of |dW|_F^2."
+        None,
+        "--energy",
+        callback=share,
+        help="Keep the fewest singular values holding this share of |dW|_F^2 (0 to 1].",
     ),
     to: str = typer.Option(None, "--to", help=_TO_HELP + " Default: the input's format."),
     as_json: AsJson = False,

@@ -1,13 +1,30 @@
-"""`loralens embed`, `index` and `search`: invariant embeddings of LoRAs and nearest-adapter search."""
+"""`loralens embed`, `index` (and `index verify`) and `search`: invariant embeddings of LoRAs
+and nearest-adapter search."""
 
 from __future__ import annotations
 
 import typer
+from typer.core import TyperGroup
 
 from loralens.cli.common import EXIT_USAGE, console, echo_json, fail, num, user_errors
-from loralens.cli.options import OptionalStore, Overwrite, Store
+from loralens.cli.options import AsJson, OptionalStore, Overwrite, Store
 
 commands = typer.Typer()
+
+
+class _BuildUnlessVerify(TyperGroup):
+    """`loralens index ...` builds an index; `loralens index verify PATH` checks one."""
+
+    def parse_args(self, ctx, args):
+        if not args or args[0] not in self.commands:
+            args = ["build", *args]
+        return super().parse_args(ctx, args)
+
+
+index_app = typer.Typer(
+    cls=_BuildUnlessVerify,
+    help="Index a store's LoRA embeddings for search (`index verify PATH` checks one).",
+)
 
 
 def _run_and_rest(items: list[str], unsupervised: bool, what: str) -> tuple[str | None, list[str]]:
@@ -38,21 +55,24 @@ def embed(
 ) -> None:
     """Invariant embeddings of LoRAs: a trained model's representation before its head."""
     from loralens.search.embed import embed as embed_loras
-    from loralens.search.embed import save_embeddings
+    from loralens.search.embed import embedding_outputs, save_embeddings
 
     run, adapters = _run_and_rest(list(items or []), unsupervised, "--data STORE or adapters")
     if bool(data) == bool(adapters):
         fail("give either --data STORE or adapter files, not both", code=EXIT_USAGE)
     with user_errors():
+        embedding_outputs(out, overwrite)  # refused before the work, not after
         names, vectors, desc = embed_loras(run=run, data=data, adapters=adapters)
         side = save_embeddings(out, names, vectors, desc, overwrite=overwrite)
     typer.echo(f"wrote {out} ({vectors.shape[0]} x {vectors.shape[1]}) and {side}")
 
 
-@commands.command(
+@index_app.command(
+    "build",
     epilog="Examples:\n\n"
     "  loralens index runs/w2t --data zoo.store --out zoo.idx\n\n"
-    "  loralens index --unsupervised --data zoo.store --out zoo.idx"
+    "  loralens index --unsupervised --data zoo.store --out zoo.idx\n\n"
+    "  loralens index verify zoo.idx   (check an index: exit 0 ok, 1 damaged)",
 )
 def index(
     data: Store,
@@ -69,7 +89,8 @@ def index(
     overwrite: Overwrite = False,
     seed: int = typer.Option(0, help="Seed of the HNSW graph and of its recall sample."),
 ) -> None:
-    """Index a store's LoRA embeddings for `loralens search`."""
+    """Index a store's LoRA embeddings for `loralens search` (the same as `loralens index
+    build`); --overwrite replaces an index folder only."""
     from loralens.search.index import build_index
 
     if bool(run) == unsupervised:
@@ -84,6 +105,27 @@ def index(
     typer.echo(line)
 
 
+@index_app.command(
+    "verify",
+    epilog="Examples:\n\n  loralens index verify zoo.idx",
+)
+def verify(
+    path: str = typer.Argument(..., help="An index folder written by `loralens index`."),
+    as_json: AsJson = False,
+) -> None:
+    """Check an index as search would read it: its record's schema, the size and sha256 of its
+    vectors (and graph), finite vectors, its run's checkpoint. Exit 0 when whole, 1 (naming
+    the damaged file) when not."""
+    from loralens.search.index import verify_index
+
+    with user_errors():
+        found = verify_index(path)
+    if as_json:
+        echo_json(found)
+    else:
+        typer.echo(f"{path}: ok ({found['n']} LoRAs, {found['dim']} dims, {found['backend']})")
+
+
 @commands.command(
     epilog="Examples:\n\n"
     "  loralens search zoo.idx my_adapter/ -k 5\n\n"
@@ -92,7 +134,7 @@ def index(
 def search(
     index_dir: str = typer.Argument(..., help="An index folder written by `loralens index`."),
     adapters: list[str] = typer.Argument(..., help="Query adapters: PEFT folders or LoRA files."),
-    k: int = typer.Option(10, "-k", "--k", help="Neighbours per query."),
+    k: int = typer.Option(10, "-k", "--k", min=1, help="Neighbours per query."),
     as_json: bool = typer.Option(
         False,
         "--json",

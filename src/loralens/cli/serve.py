@@ -8,6 +8,13 @@ import ipaddress
 import typer
 
 from loralens.cli.common import EXIT_USAGE, fail, user_errors
+from loralens.cli.options import (
+    Overwrite,
+    WorkerMemory,
+    positive_finite,
+    time_limit_option,
+    workers_option,
+)
 
 commands = typer.Typer()
 
@@ -35,23 +42,27 @@ def serve(
     runs: list[str] = typer.Option(..., help="Run directories to predict with: --runs A B ..."),
     more_runs: list[str] = typer.Argument(None, hidden=True, metavar="[RUN...]"),
     host: str = typer.Option("127.0.0.1", help="Address to bind; not loopback needs --token."),
-    port: int = typer.Option(8000, help="Port to listen on."),
-    max_upload_mb: float = typer.Option(512, help="Largest upload accepted, in MB."),
-    max_concurrent: int = typer.Option(
-        None, help="Worker processes screening at once (default: CPU count)."
+    port: int = typer.Option(8000, min=0, max=65535, help="Port to listen on."),
+    max_upload_mb: float = typer.Option(
+        512, callback=positive_finite, help="Largest upload accepted, in MB."
+    ),
+    max_concurrent: int = workers_option(
+        None, "Worker processes screening at once (default: CPU count)"
     ),
     max_queue: int = typer.Option(
-        None, help="Uploads waiting for a worker beyond those (default: 2x workers); more get 503."
+        None,
+        min=0,
+        help="Uploads waiting for a worker beyond those (default: 2x workers); more get 503.",
     ),
-    time_limit: float = typer.Option(
-        60, help="Seconds an upload may take to arrive, and again to screen."
+    time_limit: float = time_limit_option(
+        "Seconds an upload may take to arrive, and again to screen."
     ),
     token: str = typer.Option(
         None,
         envvar="LORALENS_SERVE_TOKEN",
         help="Bearer token required on every API call (or set LORALENS_SERVE_TOKEN).",
     ),
-    worker_memory_mb: int = typer.Option(4096, help="Address-space limit of each worker, MB."),
+    worker_memory_mb: WorkerMemory = 4096,
 ) -> None:
     """Serve a web page and an API that screen uploaded LoRA adapters.
 
@@ -118,13 +129,16 @@ def screen(
         help="The folder of adapters (then any further run directories of --runs).",
     ),
     runs: list[str] = typer.Option(..., help="Run directories to predict with: --runs A B ..."),
-    out: str = typer.Option(..., help="The report: one JSON line per adapter (appended)."),
-    html: str = typer.Option(None, help="Also write the whole report as one HTML page."),
-    workers: int = typer.Option(
-        1, help="Worker processes screening at once (with --ray: the cluster's CPUs)."
+    out: str = typer.Option(
+        ..., help="The report: one JSON line per adapter, appended to a report already there."
     ),
-    time_limit: float = typer.Option(60, help="Seconds one adapter may take."),
-    worker_memory_mb: int = typer.Option(4096, help="Address-space limit of each worker, MB."),
+    html: str = typer.Option(None, help="Also write the whole report as one HTML page."),
+    overwrite: Overwrite = False,
+    workers: int = workers_option(
+        1, "Worker processes screening at once, no more than adapters (with --ray: unused)"
+    ),
+    time_limit: float = time_limit_option("Seconds one adapter may take."),
+    worker_memory_mb: WorkerMemory = 4096,
     ray: str = typer.Option(
         None,
         "--ray",
@@ -137,15 +151,21 @@ def screen(
 ) -> None:
     """Screen every adapter in a folder (PEFT folders, .safetensors files, .zip/.tar archives)
     like `loralens serve` does: inspect report, flags and each run's prediction, one JSON line
-    each. Resumable; a file that cannot be read gets an error line and the batch goes on."""
+    each. Resumable; a file that cannot be read gets an error line and the batch goes on; so
+    do named pipes, devices and links leading out of the folder, at once. --out is resumed
+    when it is a screen report and refused when it is anything else; --html is replaced only
+    with --overwrite and only when it is a loralens report."""
     from functools import partial
     from pathlib import Path
 
     from loralens.cli.common import progress
     from loralens.serve.batch import screen_folder
     from loralens.serve.ray_screen import screen_folder_ray
+    from loralens.serve.report import html_replaces, write_html
 
     folder, runs = paths[0], [*runs, *paths[1:]]  # `--runs A B`: B arrives as an argument
+    with user_errors():
+        replace_html = html_replaces(Path(html), overwrite) if html else False
     with progress() as bar:
         task = bar.add_task("screening", total=None)
 
@@ -177,9 +197,10 @@ def screen(
                 fail(str(e))
     if html:
         from loralens.screening import load_screening_runs
-        from loralens.serve.report import write_html
 
-        write_html(Path(out), Path(html), [r.summary() for r in load_screening_runs(runs)])
+        with user_errors():
+            summaries = [r.summary() for r in load_screening_runs(runs)]
+            write_html(Path(out), Path(html), summaries, replace=replace_html)
     typer.echo(
         f"{summary.found} adapter(s) in {folder}: {summary.screened} screened "
         f"({summary.errors} could not be), {summary.skipped} already in {out}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from loralens import atomic
 from loralens.errors import OutputExistsError, SettingsError
 from loralens.formats.file_writers import save_diffusers, save_kohya
 from loralens.formats.peft import save_peft
@@ -27,14 +28,19 @@ SAME_FAMILY = {
 
 
 def write_lora(lora: LoRA, out: str | os.PathLike[str], to: str) -> Path:
-    """Write ``lora`` to ``out`` (a folder for peft, a .safetensors file otherwise) as ``to``;
-    refuses an ``out`` that exists (``OutputExistsError``)."""
+    """Write ``lora`` to ``out`` (a folder for peft, a .safetensors file otherwise) as ``to``,
+    whole or not at all; refuses an ``out`` that exists, even one that appears while it is
+    written (``OutputExistsError``)."""
     if to not in WRITERS:
         raise SettingsError(f"unknown target format {to!r}: expected one of {', '.join(WRITERS)}")
     out = Path(out)
-    if out.exists() or out.is_symlink():
+    if atomic.output_exists(out, folder=True):
         raise OutputExistsError(f"{out}: already exists; remove it or choose another path")
-    return WRITERS[to](lora, out)
+    if to != "peft":
+        return WRITERS[to](lora, out)  # one file, published without replacing anything
+    with atomic.new_dir(out) as tmp:
+        save_peft(lora, tmp)
+    return out
 
 
 def convert(src: str | os.PathLike[str], out: str | os.PathLike[str], *, to: str) -> Path:

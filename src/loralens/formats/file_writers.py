@@ -42,7 +42,6 @@ def _write(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str
 
     if path.suffix != ".safetensors":
         raise SettingsError(f"{path}: a single-file LoRA is written as .safetensors")
-    path.parent.mkdir(parents=True, exist_ok=True)
     atomic.write_file_atomic(path, save(tensors, metadata={"format": "pt", **metadata}))
     return path
 

@@ -22,6 +22,9 @@ from loralens.lora import LoRALayer
 ScaleFn = Callable[[str, "int | None", ModuleParts, "float | None"], "tuple[float, int | None]"]
 
 _F32_MAX = float(torch.finfo(torch.float32).max)
+#: Largest Frobenius norm of a scaled factor and of delta W: its square (the Grams U^T U and
+#: V^T V, |delta W|_F^2) must fit float32, the precision every command computes them in.
+_MAX_NORM = math.sqrt(_F32_MAX)
 
 
 def _all_finite(t: torch.Tensor) -> bool:
@@ -118,8 +121,9 @@ class ModuleReader:
 def finish_layer(
     mod: ModuleReader, U: torch.Tensor, V: torch.Tensor, meta: dict[str, Any]
 ) -> LoRALayer:
-    """The layer of scaled float32 factors ``U``, ``V``: refused if its delta W overflows float32
-    (unless non-finite values are allowed), with the DoRA magnitude checked and kept."""
+    """The layer of scaled float32 factors ``U``, ``V``: refused if its factors or delta W are
+    too large for float32 arithmetic (unless non-finite values are allowed), with the DoRA
+    magnitude checked and kept."""
     if not mod.allow:
         _check_delta_fits(mod, U, V)
     if "mag" in mod.parts.keys:
@@ -155,13 +159,24 @@ def magnitude_convention(key: str, shape: tuple[int, ...], out: int, inp: int) -
 
 
 def _check_delta_fits(mod: ModuleReader, U: torch.Tensor, V: torch.Tensor) -> None:
-    """Refuse a layer whose delta W = U @ V.T overflows float32 although its factors do not
-    (e.g. a kohya alpha of 1e38): |delta W|_F^2 = sum((U^T U) * (V^T V)), from the r x r
-    Grams in float64, so delta W is never formed."""
+    """Refuse a layer whose finite factors make Grams or a delta W = U @ V.T that overflow
+    float32 (e.g. a kohya alpha of 1e38 over tiny ``lora_down`` weights): every command would
+    meet inf there. From the r x r Grams in float64, so delta W is never formed;
+    |delta W|_F^2 = sum((U^T U) * (V^T V))."""
     u, v = U.double(), V.double()
-    fro = float(((u.T @ u) * (v.T @ v)).sum().clamp(min=0).sqrt())
-    if not fro < _F32_MAX:
-        raise mod.fail(f"its delta W overflows float32 (|delta W|_F = {fro:.3g})")
+    gu, gv = u.T @ u, v.T @ v
+    squares = (
+        ("up factor (the scale folded in)", "U", gu.trace()),
+        ("down factor", "V", gv.trace()),
+        ("delta W", "delta W", (gu * gv).sum().clamp(min=0)),
+    )
+    for what, symbol, square in squares:
+        fro = math.sqrt(float(square))
+        if not fro < _MAX_NORM:
+            raise mod.fail(
+                f"its {what} is too large: |{symbol}|_F = {fro:.3g}, whose square (every "
+                "command computes it) overflows float32"
+            )
 
 
 def _magnitude(

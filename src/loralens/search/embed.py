@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 from loralens import features
-from loralens.atomic import file_sha256
-from loralens.errors import InputError, LoRALensWarning, OutputExistsError, SettingsError
-from loralens.jsonio import write_json
+from loralens.atomic import file_sha256, new_file, open_regular, replaceable, write_file_atomic
+from loralens.errors import InputError, LoRALensWarning, SettingsError
+from loralens.jsonio import dumps, read_json_object
 from loralens.learn.runs.checkpoint import CHECKPOINT
 from loralens.learn.runs.folder import Run, load_run
 from loralens.learn.trust.calibrate import base_only
@@ -149,6 +149,35 @@ def embed(
     return names, emb.loras(loras, names), emb.describe()
 
 
+def embedding_outputs(out: str | os.PathLike, overwrite: bool = False) -> dict[Path, bool]:
+    """The two files :func:`save_embeddings` writes, ``out`` (.npy) and ``out`` with .json,
+    each with whether it replaces one there: only with ``overwrite``, and only a .npy array or
+    an embedding's rows file (anything else there is refused, ``OutputExistsError``)."""
+    out = Path(out)
+    if out.suffix != ".npy":
+        raise SettingsError(f"{out}: embeddings are written as .npy (give a name ending in .npy)")
+    side = out.with_suffix(".json")
+    return {
+        out: replaceable(out, overwrite=overwrite, ours=_is_npy, what="a .npy array"),
+        side: replaceable(side, overwrite=overwrite, ours=_is_rows, what="an embedding's rows"),
+    }
+
+
+def _is_npy(path: Path) -> bool:
+    try:
+        with open_regular(path, follow=False) as f:
+            return f.read(6) == b"\x93NUMPY"
+    except OSError:
+        return False
+
+
+def _is_rows(path: Path) -> bool:
+    try:
+        return set(read_json_object(path, follow=False)) == {"embedding", "shape", "rows"}
+    except InputError:
+        return False
+
+
 def save_embeddings(
     out: str | os.PathLike,
     names: Sequence[str],
@@ -158,17 +187,22 @@ def save_embeddings(
     overwrite: bool = False,
 ) -> Path:
     """``out`` (.npy, float32 (N, D), no pickle) and beside it ``out`` with .json: the LoRAs
-    row by row and how they were embedded. Returns the JSON's path."""
-    out = Path(out)
-    if out.suffix != ".npy":
-        raise SettingsError(f"{out}: embeddings are written as .npy (give a name ending in .npy)")
-    side = out.with_suffix(".json")
-    if not overwrite and (out.exists() or side.exists()):
-        raise OutputExistsError(f"{out} already exists (use --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.save(out, np.ascontiguousarray(vectors, dtype=np.float32), allow_pickle=False)
-    write_json(side, {"embedding": description, "shape": list(vectors.shape), "rows": list(names)})
+    row by row and how they were embedded, each written whole (:func:`embedding_outputs` says
+    what may be replaced). Returns the JSON's path."""
+    (npy, replace_npy), (side, replace_side) = embedding_outputs(out, overwrite).items()
+    with new_file(npy, replace=replace_npy) as f:
+        np.save(f, np.ascontiguousarray(vectors, dtype=np.float32), allow_pickle=False)
+    rows = {"embedding": description, "shape": list(vectors.shape), "rows": list(names)}
+    write_file_atomic(side, dumps(rows) + "\n", replace=replace_side)
     return side
 
 
-__all__ = ["RUN", "UNSUPERVISED", "Embedder", "embed", "save_embeddings", "spectral_features"]
+__all__ = [
+    "RUN",
+    "UNSUPERVISED",
+    "Embedder",
+    "embed",
+    "embedding_outputs",
+    "save_embeddings",
+    "spectral_features",
+]

@@ -1,11 +1,12 @@
 """Nearest-adapter search: an index of a store's embeddings (``learn.embed``), queried by adapters.
 
 An index folder holds ``index.json`` (how the vectors were made: the run and its checkpoint hash,
-or the unsupervised features; the layout, ids and labels of the store), ``vectors.safetensors``
-(standardized float32 vectors and the mean/std that standardize queries) and, for large stores,
-``hnsw.bin``: an HNSW graph (hnswlib, the ``loralens[search]`` extra) whose sha256 is checked
-before it is read. Search is exact (Euclidean, ties by row) unless the index holds a graph;
-the graph's recall@10 against exact search is measured when it is built and recorded.
+or the unsupervised features; the layout, ids and labels of the store; the size and sha256 of
+every other file), ``vectors.safetensors`` (standardized float32 vectors and the mean/std that
+standardize queries) and, for large stores, ``hnsw.bin``: an HNSW graph (hnswlib, the
+``loralens[search]`` extra). Everything is checked before it is used (:mod:`.manifest`). Search
+is exact (Euclidean, ties by row) unless the index holds a graph; the graph's recall@10 against
+exact search is measured when it is built and recorded.
 """
 
 from __future__ import annotations
@@ -18,24 +19,34 @@ from typing import Any
 
 import numpy as np
 
-from loralens.atomic import atomic_dir, file_sha256
-from loralens.errors import InputError, OutputExistsError, SettingsError
-from loralens.jsonio import json_safe, write_json
+from loralens.atomic import file_sha256, new_dir, replaceable, write_file_atomic
+from loralens.errors import InputError, SettingsError
+from loralens.jsonio import json_safe
 from loralens.lora import LayerSpec
 from loralens.search.embed import RUN, Embedder, read_adapters
+from loralens.search.manifest import (
+    FORMAT,
+    GRAPH,
+    INDEX_JSON,
+    METRIC,
+    VECTORS,
+    VERSION,
+    SearchIndexError,
+    checked_file,
+    index_folder,
+    is_index_folder,
+    opened_name,
+    read_record,
+    read_vectors,
+    record_text,
+)
 from loralens.store import LoRAStore
 
-FORMAT, VERSION = "loralens-index", 1
-INDEX_JSON, VECTORS, GRAPH = "index.json", "vectors.safetensors", "hnsw.bin"
 #: Stores with more LoRAs than this get an approximate (HNSW) index when hnswlib is installed.
 APPROX_ABOVE = 50_000
 #: HNSW settings (hnswlib's M, ef_construction, ef at query time) and queries for its recall.
 HNSW_M, HNSW_EF_BUILD, HNSW_EF = 16, 200, 128
 RECALL_QUERIES = 1000
-
-
-class SearchIndexError(InputError):
-    """An index folder that cannot be read, or that does not fit the query."""
 
 
 def exact_knn(base: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -92,6 +103,11 @@ class Index:
 
     def nearest(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(distances, rows) of the ``k`` nearest indexed LoRAs to raw query vectors."""
+        if queries.shape[1] != self.vectors.shape[1]:
+            raise SearchIndexError(
+                f"{self.path / INDEX_JSON}: records {self.vectors.shape[1]} dimensions, but its "
+                f"embedding gives queries {queries.shape[1]}"
+            )
         q = ((queries - self.mean) / self.std).astype(np.float32)
         if self.graph is None:
             return exact_knn(self.vectors, q, k)
@@ -111,14 +127,14 @@ def build_index(
 ) -> dict[str, Any]:
     """Embed every LoRA of ``data`` (with ``run``'s model, or unsupervised when None) and write
     an index folder at ``out``. ``approximate`` None: HNSW above ``APPROX_ABOVE`` LoRAs when
-    hnswlib is installed, else exact. Returns the index record (``index.json``)."""
+    hnswlib is installed, else exact. An existing ``out`` is replaced only with ``overwrite``
+    and only if it is an index folder. Returns the index record (``index.json``)."""
     from safetensors.numpy import save_file
 
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"{out} already exists (use --overwrite to replace it)")
-    if out.exists() and not (out / INDEX_JSON).is_file():
-        raise OutputExistsError(f"{out} exists and is not an index: not replacing it")
+    replace = replaceable(
+        out, overwrite=overwrite, ours=is_index_folder, what="a loralens index", folder=True
+    )
     store = data if isinstance(data, LoRAStore) else LoRAStore(data)
     emb = Embedder.of_run(run) if run is not None else Embedder.unsupervised(store.spec)
     raw = emb.store(store, batch_size=batch_size)
@@ -137,7 +153,7 @@ def build_index(
         "layout": {"names": list(store.names), "shapes": [list(s) for s in store.shapes]},
         "n": len(store),
         "dim": int(vectors.shape[1]),
-        "metric": "euclidean (standardized)",
+        "metric": METRIC,
         "backend": "hnsw" if graph is not None else "exact",
         "ids": store.ids,
         "labels": {c: store.index[c].tolist() for c in store.label_columns},
@@ -148,62 +164,58 @@ def build_index(
         found = graph.knn_query(vectors[sample], k=min(10, len(vectors)))[0]
         meta["hnsw"] = {"M": HNSW_M, "ef_construction": HNSW_EF_BUILD, "ef": HNSW_EF}
         meta["recall_at_10_vs_exact"] = recall_at_k(found, truth)
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    with atomic_dir(out) as tmp:
+    with new_dir(out, replace=replace) as tmp:
         save_file({"vectors": vectors, "mean": mean, "std": std}, str(tmp / VECTORS))
         if graph is not None:
             graph.save_index(str(tmp / GRAPH))
-            meta["graph_sha256"] = file_sha256(tmp / GRAPH)[1]
-        write_json(tmp / INDEX_JSON, meta)
+        meta["files"] = {f.name: _entry(f) for f in (tmp / VECTORS, tmp / GRAPH) if f.exists()}
+        write_file_atomic(tmp / INDEX_JSON, record_text(meta, f"cannot index {store.path}"))
     return json_safe({k: v for k, v in meta.items() if k not in ("ids", "labels")})
 
 
+def _entry(path: Path) -> dict[str, Any]:
+    size, sha256 = file_sha256(path)
+    return {"bytes": size, "sha256": sha256}
+
+
 def load_index(path: str | os.PathLike) -> Index:
-    """Read an index folder; refuse (:class:`SearchIndexError`) a damaged one, or one whose run's
-    checkpoint changed since it was built (its vectors would not match new queries)."""
-    import json
-
-    from safetensors.numpy import load_file
-
+    """Read an index folder, checking everything (:mod:`.manifest`); refuse
+    (:class:`SearchIndexError`, naming the file) a damaged one, or one whose run's checkpoint
+    changed since it was built (its vectors would not match new queries)."""
     path = Path(path)
-    try:
-        meta = json.loads((path / INDEX_JSON).read_text())
-        arrays = load_file(str(path / VECTORS))
-    except (OSError, ValueError) as e:
-        raise SearchIndexError(f"{path}: not a loralens index ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise SearchIndexError(f"{path / INDEX_JSON}: not a loralens index (format {FORMAT!r})")
-    vectors, n = arrays.get("vectors"), meta.get("n")
-    if vectors is None or vectors.shape != (n, meta.get("dim")) or len(meta.get("ids", ())) != n:
-        raise SearchIndexError(
-            f"{path}: {VECTORS} does not hold the {n} vectors {INDEX_JSON} lists"
-        )
+    with index_folder(path) as dir_fd:
+        meta = read_record(path, dir_fd)
+        embedder = _embedder(path, meta)
+        arrays = read_vectors(path, dir_fd, meta)
+        graph = _load_graph(path, dir_fd, meta) if meta["backend"] == "hnsw" else None
+    return Index(path, meta, arrays["vectors"], arrays["mean"], arrays["std"], embedder, graph)
+
+
+def _embedder(path: Path, meta: dict[str, Any]) -> Embedder:
+    """The embedder that makes queries comparable with the index's vectors, of its layout."""
     lay = meta["layout"]
     spec = LayerSpec(
         tuple(lay["names"]), tuple(map(tuple, lay["shapes"])), (0,) * len(lay["names"])
     )
     desc = meta["embedding"]
-    if desc["kind"] == RUN:
+    if desc["kind"] != RUN:
+        return Embedder.unsupervised(spec, desc["k"])
+    try:
         embedder = Embedder.of_run(desc["run"])
-        if embedder.run_sha256 != desc["checkpoint_sha256"]:
-            raise SearchIndexError(
-                f"{path} was built with the run {desc['run']} as it was then; its checkpoint has "
-                "changed since (retrained?), so new queries would not be comparable: rebuild it "
-                "with `loralens index`"
-            )
-    else:
-        embedder = Embedder.unsupervised(spec, desc["k"])
+    except InputError as e:
+        raise SearchIndexError(f"{path / INDEX_JSON}: its run cannot be loaded: {e}") from None
+    if embedder.run_sha256 != desc["checkpoint_sha256"]:
+        raise SearchIndexError(
+            f"{path} was built with the run {desc['run']} as it was then; its checkpoint has "
+            "changed since (retrained?), so new queries would not be comparable: rebuild it "
+            "with `loralens index`"
+        )
+    embedder.check(spec, f"{path / INDEX_JSON}: its layout")
     embedder.spec = spec
-    graph = None
-    if meta.get("backend") == "hnsw":
-        graph = _load_graph(path, meta)
-    return Index(path, meta, vectors, arrays["mean"], arrays["std"], embedder, graph)
+    return embedder
 
 
-def _load_graph(path: Path, meta: dict[str, Any]):
+def _load_graph(path: Path, dir_fd: int, meta: dict[str, Any]):
     try:
         import hnswlib
     except ImportError:
@@ -211,14 +223,25 @@ def _load_graph(path: Path, meta: dict[str, Any]):
             f"{path} is an approximate index: reading it needs hnswlib "
             "(pip install 'loralens[search]')"
         ) from None
-    if file_sha256(path / GRAPH)[1] != meta.get("graph_sha256"):
-        raise SearchIndexError(
-            f"{path / GRAPH}: its sha256 differs from the one {INDEX_JSON} records"
-        )
-    graph = hnswlib.Index(space="l2", dim=int(meta["dim"]))
-    graph.load_index(str(path / GRAPH), max_elements=int(meta["n"]))
+    with checked_file(path, dir_fd, GRAPH, meta) as f:
+        graph = hnswlib.Index(space="l2", dim=int(meta["dim"]))
+        try:
+            graph.load_index(opened_name(f, path / GRAPH), max_elements=int(meta["n"]))
+        except Exception as e:  # whatever hnswlib raises on a graph it cannot read
+            raise SearchIndexError(f"{path / GRAPH}: not an HNSW graph ({e})") from None
+    if graph.get_current_count() != meta["n"]:
+        raise SearchIndexError(f"{path / GRAPH}: does not hold the {meta['n']} vectors")
     graph.set_ef(HNSW_EF)
     return graph
+
+
+def verify_index(path: str | os.PathLike) -> dict[str, Any]:
+    """Check an index folder as search does (record schema, sizes and sha256 of its files,
+    finite vectors, the graph, the run's checkpoint); returns what it holds, or raises
+    :class:`SearchIndexError` naming the damaged file."""
+    index = load_index(path)
+    keep = ("n", "dim", "backend", "store", "embedding")
+    return {"path": str(index.path), **{k: index.meta[k] for k in keep}}
 
 
 def search(
@@ -266,4 +289,5 @@ __all__ = [
     "recall_at_k",
     "search",
     "standardizer",
+    "verify_index",
 ]

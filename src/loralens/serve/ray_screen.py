@@ -14,6 +14,7 @@ the same paths on every node.
 
 from __future__ import annotations
 
+import itertools
 import os
 import tempfile
 from collections.abc import Callable, Sequence
@@ -57,12 +58,13 @@ def screen_folder_ray(
     NotADirectoryError for ``folder``."""
     import_ray()
     out = Path(out)
-    todo, summary = plan_screening(folder, out)
+    todo, refused, summary = plan_screening(folder, out)
     runs = tuple(str(Path(d).resolve()) for d in run_dirs)
     load_screening_runs(runs)
     if on_start:
         on_start(summary)
     if not todo:
+        append_records(out, refused, summary, on_result)
         return summary
     settings = (runs, worker_memory_mb, limits or Limits(), time_limit_s)
     with ray_session(address, quiet=True) as ray:
@@ -72,7 +74,7 @@ def screen_folder_ray(
             record if reason is None else lost_record(rel, reason)
             for rel, record, reason in as_finished(ray, refs)
         )
-        append_records(out, records, summary, on_result)
+        append_records(out, itertools.chain(refused, records), summary, on_result)
     return summary
 
 

@@ -9,10 +9,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from loralens.atomic import write_file_atomic
+from loralens.atomic import open_regular, replaceable, write_file_atomic
 
 _LINK = '<link rel="stylesheet" href="/static/app.css">'
 _SCRIPT = '<script src="/static/app.js" defer></script>'
+_TITLE = "<title>loralens screening report</title>"
 
 
 def asset(name: str) -> str:
@@ -23,7 +24,9 @@ def asset(name: str) -> str:
 def read_records(path: Path) -> list[dict[str, Any]]:
     """The records of a ``screen`` report (JSON lines), last one per path, in path order."""
     records: dict[str, dict[str, Any]] = {}
-    for line in path.read_text("utf-8").splitlines():
+    with open_regular(path, follow=False) as f:
+        text = f.read().decode("utf-8", errors="replace")
+    for line in text.splitlines():
         try:
             rec = json.loads(line)
             records[rec["path"]] = rec
@@ -39,9 +42,7 @@ def html_report(records: Sequence[dict[str, Any]], runs: Sequence[dict[str, Any]
     page = asset("index.html")
     page = page.replace(_LINK, f"<style>\n{asset('app.css')}</style>")
     page = page.replace(_SCRIPT, "")
-    page = page.replace(
-        "<title>loralens screening</title>", "<title>loralens screening report</title>"
-    )
+    page = page.replace("<title>loralens screening</title>", _TITLE)
     tail = (
         f'<script type="application/json" id="loralens-report">{data}</script>\n'
         f"<script>\n{asset('app.js')}</script>\n</body>"
@@ -49,9 +50,30 @@ def html_report(records: Sequence[dict[str, Any]], runs: Sequence[dict[str, Any]
     return page.replace("</body>", tail)
 
 
-def write_html(records_path: Path, html_path: Path, runs: Sequence[dict[str, Any]] = ()) -> None:
-    """Write the HTML report of the JSON-lines report ``records_path``."""
-    write_file_atomic(html_path, html_report(read_records(records_path), runs))
+def html_replaces(path: Path, overwrite: bool) -> bool:
+    """Whether writing the HTML report ``path`` replaces a file there: only with ``overwrite``
+    and only a loralens HTML report (anything else is refused, ``OutputExistsError``)."""
+    return replaceable(path, overwrite=overwrite, ours=_is_report_page, what="a loralens report")
 
 
-__all__ = ["asset", "html_report", "read_records", "write_html"]
+def _is_report_page(path: Path) -> bool:
+    try:
+        with open_regular(path, follow=False) as f:
+            return _TITLE.encode() in f.read(4096)
+    except OSError:
+        return False
+
+
+def write_html(
+    records_path: Path,
+    html_path: Path,
+    runs: Sequence[dict[str, Any]] = (),
+    *,
+    replace: bool = False,
+) -> None:
+    """Write the HTML report of the JSON-lines report ``records_path``, whole; a file at
+    ``html_path`` is replaced only with ``replace`` (see :func:`html_replaces`)."""
+    write_file_atomic(html_path, html_report(read_records(records_path), runs), replace=replace)
+
+
+__all__ = ["asset", "html_replaces", "html_report", "read_records", "write_html"]

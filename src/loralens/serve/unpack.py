@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from loralens.atomic import SpecialFileError, open_regular
 from loralens.serve.errors import Refused
 
 CHUNK = 1 << 20
@@ -39,10 +40,14 @@ class Limits:
     max_depth: int = 16
 
 
-def kind_of(path: Path) -> str | None:
-    """'safetensors', 'zip', 'tar' or None, from the file's first bytes."""
-    with open(path, "rb") as f:
-        head = f.read(512)
+def kind_of(path: Path, name: str) -> str | None:
+    """'safetensors', 'zip', 'tar' or None, from the first bytes of the file ``name`` at
+    ``path``; a named pipe, device or socket is refused, never opened."""
+    try:
+        with open_regular(path) as f:
+            head = f.read(512)
+    except SpecialFileError as e:
+        raise Refused(422, f"{name}: {e.kind}, not a regular file") from None
     if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
         return "zip"
     if len(head) >= 262 and head[257:262] == b"ustar":
@@ -57,7 +62,7 @@ def kind_of(path: Path) -> str | None:
 def prepare_adapter(upload: Path, name: str, dest: Path, limits: Limits) -> tuple[Path, str]:
     """Place the received file ``upload`` (the client called it ``name``) under ``dest`` as an
     adapter loralens can read: (its path, the name to show for that path)."""
-    kind = kind_of(upload)
+    kind = kind_of(upload, name)
     dest.mkdir()
     if kind == "safetensors":
         target = dest / (Path(name).stem + ".safetensors")
@@ -73,7 +78,7 @@ def prepare_adapter(upload: Path, name: str, dest: Path, limits: Limits) -> tupl
 def local_adapter(path: Path, name: str, dest: Path, limits: Limits) -> tuple[Path, str]:
     """An adapter on this machine: a folder or file as it is (the reader judges it), an archive
     unpacked under ``dest`` by the same rules as an upload (the archive itself is left alone)."""
-    kind = None if path.is_dir() else kind_of(path)
+    kind = None if path.is_dir() else kind_of(path, name)
     if kind not in ("zip", "tar"):
         return path, name
     dest.mkdir()

@@ -60,7 +60,9 @@ def read_manifest(zoo: Path | str) -> dict[str, Any]:
 
 def write_manifest(zoo: Path, manifest: Mapping[str, Any]) -> None:
     """Write zoo.json atomically."""
-    write_file_atomic(zoo / MANIFEST, json.dumps(manifest, indent=2, default=str) + "\n")
+    write_file_atomic(
+        zoo / MANIFEST, json.dumps(manifest, indent=2, default=str) + "\n", replace=True
+    )
 
 
 def check_identity(have: Mapping[str, Any], want: Mapping[str, Any], where: str) -> None:
@@ -142,7 +144,7 @@ def rewrite_labels(zoo: Path, columns: Sequence[str]) -> dict[str, dict[str, Any
     text = csv_line(header, {c: c for c in header}) + "".join(
         csv_line(header, done[k]) for k in sorted(done)
     )
-    write_file_atomic(zoo / LABELS, text)
+    write_file_atomic(zoo / LABELS, text, replace=True)
     return done
 
 
