@@ -17,8 +17,8 @@ def delta_weight(U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
     return U @ V.mT
 
 
-#: Entries of a factor widened or tested at once by :func:`row_blocks` (2 MiB as float64).
-BLOCK_ENTRIES = 2**18
+#: Entries of a factor widened or tested at once by :func:`row_blocks` (4 MiB as float64).
+BLOCK_ENTRIES = 2**19
 
 
 def row_blocks(f: torch.Tensor, dtype: torch.dtype | None = None) -> Iterator[torch.Tensor]:
@@ -32,11 +32,16 @@ def row_blocks(f: torch.Tensor, dtype: torch.dtype | None = None) -> Iterator[to
 
 
 def factor_gram(f: torch.Tensor) -> torch.Tensor:
-    """f^T f of an (n x r) factor in float64 (so it neither overflows nor rounds like float32
-    would), summed a block of rows at a time."""
+    """f^T f of an (n x r) factor in float64, summed over blocks of rows: each block's product
+    in float32 (float64 for float64 factors) like a GEMM, or in float64 where float32 overflows,
+    so it never overflows and never copies the whole factor."""
+    dtype = torch.float64 if f.dtype == torch.float64 else torch.float32
     gram = torch.zeros(f.shape[1], f.shape[1], dtype=torch.float64, device=f.device)
-    for block in row_blocks(f, torch.float64):
-        gram.addmm_(block.mT, block)
+    for block in row_blocks(f, dtype):
+        part = block.mT @ block
+        if not bool(torch.isfinite(part.sum())):  # overflowed (or a huge sum): redo it exactly
+            part = block.mT.double() @ block.double()
+        gram += part
     return gram
 
 
