@@ -18,12 +18,11 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from loralens.jsonio import json_safe
 from loralens.learn.fitting.tasks import CLASSIFICATION, THRESHOLD
 from loralens.learn.trust.fitcheck import FitInputs
-from loralens.lora import LoRA, collate, spec_of
+from loralens.lora import LoRA, all_finite, collate, spec_of
 
 if TYPE_CHECKING:
     from loralens.learn.runs.folder import Run
@@ -35,6 +34,11 @@ UNCALIBRATED = (
 )
 
 
+#: A batch of adapters read to predict on is predicted once their float32 factors reach this
+#: (an adapter this large is predicted alone).
+BATCH_BYTES = 64 * 2**20
+
+
 def predict_adapters(
     run: Run,
     adapters: Sequence[LoRA | str | os.PathLike],
@@ -44,51 +48,75 @@ def predict_adapters(
 ) -> list[dict[str, Any]]:
     """One row per adapter (files, adapter folders, folders of adapters expanded in place, or
     ``LoRA`` objects); an adapter that cannot be read, does not fit the model's layout or has
-    non-finite weights gets a row with ``error`` and the others are still predicted."""
+    non-finite weights gets a row with ``error`` and the others are still predicted.
+
+    Adapters are read as they are predicted, ``batch_size`` at a time or fewer once their
+    float32 factors reach :data:`BATCH_BYTES`, and let go after: memory holds one batch (one
+    adapter, for adapters that large) twice, as read and as the model's batch, never all of
+    them."""
     from loralens.formats import expand_adapters
 
-    items: list[tuple[str, LoRA | None, str | None]] = []
+    sources: list[LoRA | os.PathLike] = []
     for a in adapters:
-        if isinstance(a, LoRA):
-            items.append((str(a.metadata.get("source", f"adapter #{len(items)}")), a, None))
+        sources.extend([a] if isinstance(a, LoRA) else expand_adapters([a]))
+    rows: list[dict[str, Any] | None] = [None] * len(sources)
+    names: list[str] = []
+    chunk: list[tuple[int, LoRA]] = []
+    size = 0
+    for k, source in enumerate(sources):
+        name, lora, err = _load(source, len(names))
+        names.append(name)
+        err = err or _problem(run, lora, name)
+        if err:
+            rows[k] = _failed(run, err)
             continue
-        for path in expand_adapters([a]):
-            items.append(_load(path))
-    good = [k for k, (_, lora, err) in enumerate(items) if err is None]
-    for k in good:
-        name, lora, _ = items[k]
-        problem = _problem(run, lora, name)
-        if problem:
-            items[k] = (name, None, problem)
-    good = [k for k, (_, _, err) in enumerate(items) if err is None]
-    results: dict[int, dict[str, Any]] = {}
-    for s in range(0, len(good), batch_size):
-        chunk = good[s : s + batch_size]
-        batch = collate([items[k][1] for k in chunk])
-        batch = batch.pad_to(np.maximum(batch.spec.ranks, run.spec.ranks))
-        raw, fit_in = run.outputs([batch])
-        for k, row in zip(chunk, _rows(run, raw, fit_in, coverage)):
-            results[k] = row
-    rows = []
-    for k, (name, _, err) in enumerate(items):
-        row = results.get(k) or _failed(run, err)
+        chunk.append((k, lora))
+        size += sum((la.U.numel() + la.V.numel()) * 4 for la in lora.layers)
+        del lora
+        if len(chunk) >= batch_size or size >= BATCH_BYTES:
+            _predict_chunk(run, chunk, coverage, rows)
+            chunk, size = [], 0
+    if chunk:
+        _predict_chunk(run, chunk, coverage, rows)
+    out = []
+    for name, row in zip(names, rows):
         if row.get("error") is None and not all(np.isfinite(list(row["prediction"].values()))):
             row = _failed(
                 run,
                 f"the model gives a non-finite prediction for {name} (an overflow or an invalid value)",
             )
-        rows.append({"adapter": name, **row})
-    return json_safe(rows)
+        out.append({"adapter": name, **row})
+    return json_safe(out)
 
 
-def _load(path: os.PathLike) -> tuple[str, LoRA | None, str | None]:
-    """(name, the LoRA, None), or (name, None, why it cannot be read)."""
+def _predict_chunk(
+    run: Run,
+    chunk: list[tuple[int, LoRA]],
+    coverage: float | None,
+    rows: list[dict[str, Any] | None],
+) -> None:
+    """Predict the LoRAs of ``chunk`` (emptied: they are let go once collated) into ``rows``."""
+    index = [k for k, _ in chunk]
+    batch = collate([lora for _, lora in chunk])
+    chunk.clear()
+    batch = batch.pad_to(np.maximum(batch.spec.ranks, run.spec.ranks))
+    raw, fit_in = run.outputs([batch])
+    del batch
+    for k, row in zip(index, _rows(run, raw, fit_in, coverage)):
+        rows[k] = row
+
+
+def _load(source: LoRA | os.PathLike, k: int) -> tuple[str, LoRA | None, str | None]:
+    """(name, the LoRA, None), or (name, None, why it cannot be read); ``k`` numbers a LoRA
+    object without a source."""
     from loralens.formats import LoRAFormatError, load_lora
 
+    if isinstance(source, LoRA):
+        return str(source.metadata.get("source", f"adapter #{k}")), source, None
     try:
-        return str(path), load_lora(path), None
+        return str(source), load_lora(source), None
     except (LoRAFormatError, OSError, ValueError) as e:
-        return str(path), None, str(e)
+        return str(source), None, str(e)
 
 
 def _problem(run: Run, lora: LoRA, name: str) -> str | None:
@@ -98,11 +126,7 @@ def _problem(run: Run, lora: LoRA, name: str) -> str | None:
         run.check(spec_of(lora), name)
     except ValueError as e:
         return str(e)
-    bad = [
-        layer.name
-        for layer in lora.layers
-        if not (bool(torch.isfinite(layer.U).all()) and bool(torch.isfinite(layer.V).all()))
-    ]
+    bad = [layer.name for layer in lora.layers if not (all_finite(layer.U) and all_finite(layer.V))]
     if bad:
         return f"{name}: non-finite weights (not a number or infinite) in {', '.join(bad[:3])}"
     return None
