@@ -14,15 +14,16 @@ None: they say so with ``calibrated: false``.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 
 from loralens.jsonio import json_safe
 from loralens.learn.fitting.tasks import CLASSIFICATION, THRESHOLD
 from loralens.learn.trust.fitcheck import FitInputs
-from loralens.lora import LoRA, all_finite, collate, spec_of
+from loralens.lora import LayerSpec, LoRA, LoRABatch, LoRALayer, all_finite, collate
 
 if TYPE_CHECKING:
     from loralens.learn.runs.folder import Run
@@ -34,7 +35,7 @@ UNCALIBRATED = (
 )
 
 
-#: A batch of adapters read to predict on is predicted once their float32 factors reach this
+#: A batch of adapters read to predict on is predicted once their factors reach this many bytes
 #: (an adapter this large is predicted alone).
 BATCH_BYTES = 64 * 2**20
 
@@ -51,9 +52,9 @@ def predict_adapters(
     non-finite weights gets a row with ``error`` and the others are still predicted.
 
     Adapters are read as they are predicted, ``batch_size`` at a time or fewer once their
-    float32 factors reach :data:`BATCH_BYTES`, and let go after: memory holds one batch (one
-    adapter, for adapters that large) twice, as read and as the model's batch, never all of
-    them."""
+    factors reach :data:`BATCH_BYTES`, each a layer at a time straight into the model's batch
+    layout, and let go after: memory holds one batch (one adapter, for adapters that large),
+    never all of them."""
     from loralens.formats import expand_adapters
 
     sources: list[LoRA | os.PathLike] = []
@@ -61,18 +62,17 @@ def predict_adapters(
         sources.extend([a] if isinstance(a, LoRA) else expand_adapters([a]))
     rows: list[dict[str, Any] | None] = [None] * len(sources)
     names: list[str] = []
-    chunk: list[tuple[int, LoRA]] = []
+    chunk: list[tuple[int, LoRABatch]] = []
     size = 0
     for k, source in enumerate(sources):
-        name, lora, err = _load(source, len(names))
+        name, batch, err = _read(run, source, len(names))
         names.append(name)
-        err = err or _problem(run, lora, name)
-        if err:
+        if batch is None:
             rows[k] = _failed(run, err)
             continue
-        chunk.append((k, lora))
-        size += sum((la.U.numel() + la.V.numel()) * 4 for la in lora.layers)
-        del lora
+        chunk.append((k, batch))
+        size += sum(u.nbytes + v.nbytes for u, v in zip(batch.U, batch.V))
+        del batch
         if len(chunk) >= batch_size or size >= BATCH_BYTES:
             _predict_chunk(run, chunk, coverage, rows)
             chunk, size = [], 0
@@ -91,13 +91,16 @@ def predict_adapters(
 
 def _predict_chunk(
     run: Run,
-    chunk: list[tuple[int, LoRA]],
+    chunk: list[tuple[int, LoRABatch]],
     coverage: float | None,
     rows: list[dict[str, Any] | None],
 ) -> None:
-    """Predict the LoRAs of ``chunk`` (emptied: they are let go once collated) into ``rows``."""
+    """Predict the adapters of ``chunk`` (batches of one; emptied, so that each is let go once
+    it is in the model's batch) into ``rows``."""
     index = [k for k, _ in chunk]
-    batch = collate([lora for _, lora in chunk])
+    batches = [one for _, one in chunk]
+    batch = batches[0] if len(batches) == 1 else collate([one.unbatch()[0] for one in batches])
+    del batches
     chunk.clear()
     batch = batch.pad_to(np.maximum(batch.spec.ranks, run.spec.ranks))
     raw, fit_in = run.outputs([batch])
@@ -106,30 +109,54 @@ def _predict_chunk(
         rows[k] = row
 
 
-def _load(source: LoRA | os.PathLike, k: int) -> tuple[str, LoRA | None, str | None]:
-    """(name, the LoRA, None), or (name, None, why it cannot be read); ``k`` numbers a LoRA
-    object without a source."""
-    from loralens.formats import LoRAFormatError, load_lora
+def _read(run: Run, source: LoRA | os.PathLike, k: int) -> tuple[str, LoRABatch | None, str]:
+    """(name, the adapter as a batch of one, ""), or (name, None, why it cannot be read or
+    predicted); ``k`` numbers a LoRA object without a source. A file's layout is checked from
+    its header, before any of its values is read."""
+    from loralens.formats import LoRAFormatError, open_lora
 
     if isinstance(source, LoRA):
-        return str(source.metadata.get("source", f"adapter #{k}")), source, None
+        name = str(source.metadata.get("source", f"adapter #{k}"))
+        return name, *_batch_of_one(run, name, source.names, source.shapes, source.layers)
+    name = str(source)
     try:
-        return str(source), load_lora(source), None
+        with open_lora(source) as reader:
+            return name, *_batch_of_one(run, name, reader.names, reader.shapes, reader)
     except (LoRAFormatError, OSError, ValueError) as e:
-        return str(source), None, str(e)
+        return name, None, str(e)
 
 
-def _problem(run: Run, lora: LoRA, name: str) -> str | None:
-    """Why ``lora`` cannot be predicted at all: a layout the model does not take, or weights
-    that are not finite (layer 1 and the refusal part of layer 2 of the fit check)."""
+def _batch_of_one(
+    run: Run,
+    name: str,
+    names: Sequence[str],
+    shapes: Sequence[tuple[int, int]],
+    layers: Iterable[LoRALayer],
+) -> tuple[LoRABatch | None, str]:
+    """(what :func:`collate` makes of one adapter, ""), each layer copied into it as it is read
+    and then let go; or (None, why it cannot be predicted at all: a layout the model does not
+    take, or weights that are not finite: layer 1 and the refusal part of layer 2 of the fit
+    check)."""
     try:
-        run.check(spec_of(lora), name)
+        run.check(LayerSpec(tuple(names), tuple(shapes), ()), name)
     except ValueError as e:
-        return str(e)
-    bad = [layer.name for layer in lora.layers if not (all_finite(layer.U) and all_finite(layer.V))]
+        return None, str(e)
+    parts: list[LoRABatch] = []
+    bad: list[str] = []
+    for layer in layers:
+        if not (all_finite(layer.U) and all_finite(layer.V)):
+            bad.append(layer.name)
+        dtype = parts[0].dtype if parts else None  # collate's: the first layer's
+        parts.append(collate([LoRA(layers=[layer])], dtype=dtype))
+        del layer  # before the next one is read
     if bad:
-        return f"{name}: non-finite weights (not a number or infinite) in {', '.join(bad[:3])}"
-    return None
+        return (
+            None,
+            f"{name}: non-finite weights (not a number or infinite) in {', '.join(bad[:3])}",
+        )
+    ranks = torch.cat([p.ranks for p in parts], dim=1)
+    U, V = [p.U[0] for p in parts], [p.V[0] for p in parts]
+    return LoRABatch(names=list(names), U=U, V=V, ranks=ranks), ""
 
 
 def _rows(
