@@ -104,8 +104,9 @@ def open_lora(
     factors, dtypes, ranks, scales) are raised on opening; NaN/inf values and a delta W beyond
     float32 when the layer is read.
 
+    >>> from loralens.features import describe_layer
     >>> with open_lora("adapter/") as reader:  # doctest: +SKIP
-    ...     norms = {layer.name: float(layer.delta_weight().norm()) for layer in reader}
+    ...     rows = list(map(describe_layer, reader))  # map lets each layer go before the next
     """
     return LoRAReader(open_file_layers(Path(path), allow_nonfinite), canonical=canonical)
 
