@@ -193,3 +193,74 @@ def older_calibration(run_dir: Path, out: Path, version: int) -> Path:
     kept = {k: v for k, v in load_file(str(tensors)).items() if not k.startswith(arrays)}
     save_file(kept, str(tensors))
     return out
+
+
+def wide_peft_adapter(folder, layers: int, width: int, rank: int, *, seed: int = 0) -> Path:
+    """A PEFT adapter of ``layers`` ``width`` x ``width`` float16 layers of rank ``rank``
+    (N(0, 1) factors, lora_alpha = rank: scale 1)."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for i in range(layers):
+        key = f"base_model.model.model.layers.{i}.self_attn.q_proj"
+        tensors[f"{key}.lora_A.weight"] = torch.randn(rank, width, generator=g).half()
+        tensors[f"{key}.lora_B.weight"] = torch.randn(width, rank, generator=g).half()
+    return write_peft_adapter(folder, tensors, {"r": rank, "lora_alpha": rank})
+
+
+#: Runs ``setup`` (which defines ``warm()`` and ``run()``, reading ``sys.argv``), then prints
+#: how far resident memory rose above its level after ``warm()`` while ``run()`` ran.
+_PEAK_PROBE = r"""
+import json, sys
+{setup}
+
+
+def _status(field):  # bytes; VmHWM is this process's peak since the last reset
+    line = next(ln for ln in open("/proc/self/status") if ln.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+
+
+warm()
+with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to the resident size now
+    f.write("5")
+base = _status("VmRSS")
+result = run()
+print(json.dumps({{"peak": _status("VmHWM") - base, "result": result}}))
+"""
+
+#: glibc tunables: a fixed mmap threshold (a set one no longer slides up after frees), heap
+#: tops trimmed at the same size, one arena for every thread. Every block of 64 KiB or more is
+#: then mapped on its own and unmapped when freed, so resident size is the memory the code
+#: holds, not heap holes glibc keeps for reuse (seen in CI: +48 MiB with the sliding threshold).
+EXACT_MALLOC = {
+    "MALLOC_MMAP_THRESHOLD_": "65536",
+    "MALLOC_TRIM_THRESHOLD_": "65536",
+    "MALLOC_ARENA_MAX": "1",
+}
+
+
+def peak_memory(setup: str, *args: object, timeout: float = 120) -> dict:
+    """``{"peak": bytes, "result": what run() returned}``: the child's VmHWM over its resident
+    size after ``warm()``, reset there (``ru_maxrss`` would not do: Linux keeps the parent's
+    peak in it across fork and exec), so imports, thread pools and first-use buffers that the
+    warm-up pays for do not count."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", _PEAK_PROBE.format(setup=setup), *map(str, args)],
+        env={**os.environ, **EXACT_MALLOC},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def can_measure_peak_memory() -> bool:
+    """Whether this system lets a process reset and read its peak memory (Linux /proc)."""
+    import os
+
+    return os.access("/proc/self/clear_refs", os.W_OK)

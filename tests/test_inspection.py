@@ -6,12 +6,19 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 import loralens as ll
-from helpers import seeded_randn, write_peft_adapter
+from helpers import (
+    can_measure_peak_memory,
+    peak_memory,
+    seeded_randn,
+    wide_peft_adapter,
+    write_peft_adapter,
+)
 from loralens.cli import app
 from loralens.inspection import inspect_adapter, inspect_adapters
 
@@ -181,3 +188,35 @@ def test_hub_id_offline_reads_the_cached_snapshot(tmp_path, monkeypatch):
     assert result["summary"]["read"] == 2
     shutil.rmtree(snapshot)
     assert "offline" in inspect_adapters(["owner/adapter"])["adapters"][0]["error"]
+
+
+_INSPECT = """
+import sys
+from loralens.inspection import inspect_adapter
+
+
+def warm():  # one layer like the big file's: lazy imports, thread pools, first-use buffers
+    inspect_adapter(sys.argv[2])
+
+
+def run():
+    return [f["kind"] for f in inspect_adapter(sys.argv[1])["flags"]]
+"""
+
+
+@pytest.mark.skipif(not can_measure_peak_memory(), reason="reads peak memory from Linux /proc")
+def test_inspect_holds_one_layer_at_a_time(tmp_path):
+    """The README's bound: inspect peaks at most 1.5x the largest layer's float32 factors plus
+    16 MiB. Six 16384 x 16384 rank-128 float16 layers (16 MiB each as float32, 96 MiB in all),
+    one of them rank-collapsed so that its singular values take the QR route; holding the whole
+    float32 adapter, as inspect did, peaks near 140 MiB."""
+    big = wide_peft_adapter(tmp_path / "big", layers=6, width=16384, rank=128)
+    weights = big / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"][:, 32:] = 0
+    save_file(tensors, weights)
+    small = wide_peft_adapter(tmp_path / "small", layers=1, width=16384, rank=128, seed=1)
+    layer = 2 * 16384 * 128 * 4
+    m = peak_memory(_INSPECT, big, small)
+    assert m["result"] == ["collapsed"]
+    assert m["peak"] <= 1.5 * layer + 16 * 2**20, f"{m['peak'] / 2**20:.1f} MiB"

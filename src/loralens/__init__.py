@@ -6,10 +6,12 @@ from loralens.families import guess_base_model, matching_families
 from loralens.features import spectral_stats
 from loralens.formats import (
     LoRAFormatError,
+    LoRAReader,
     convert,
     detect_format,
     load_lora,
     model_family,
+    open_lora,
     save_diffusers,
     save_kohya,
     save_lora,
@@ -55,6 +57,7 @@ __all__ = [
     "LoRAFormatError",
     "LoRALayer",
     "LoRALensWarning",
+    "LoRAReader",
     "__version__",
     "assert_gl_invariant",
     "assert_o_invariant",
@@ -81,6 +84,7 @@ __all__ = [
     "model_cost",
     "model_family",
     "o_transform",
+    "open_lora",
     "resize",
     "save_diffusers",
     "save_kohya",

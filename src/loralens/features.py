@@ -21,16 +21,18 @@ from typing import Any
 import torch
 
 from loralens.fused import grams, linalg_dtype
-from loralens.lora import LoRA, LoRABatch, collate
+from loralens.lora import LoRA, LoRABatch, LoRALayer, all_finite, collate, factor_gram, row_blocks
 
 __all__ = [
     "NUMERICAL_RANK_TOL",
     "delta_norms",
     "dense",
+    "describe_layer",
     "describe_layers",
     "effective_rank",
     "flatten",
     "gram_condition",
+    "layer_svals",
     "oalign",
     "pad_rank",
     "pick_template",
@@ -299,35 +301,57 @@ def pick_template(data: LoRABatch | Sequence[LoRA]) -> LoRA:
 NUMERICAL_RANK_TOL = 1e-3
 
 
+def describe_layer(layer: LoRALayer, k: int = 4) -> dict[str, Any]:
+    """One layer's ``inspect`` row: name, shape, rank, scale (from layer.meta), |delta W|_F, top-k
+    singular values, effective rank, numerical rank (singular values above NUMERICAL_RANK_TOL of
+    the largest), whether the factors are finite. Everything from the small factors, a block of
+    rows at a time (:func:`layer_svals`): no U @ V.T, and no copy of a factor, is formed. A layer
+    with NaN/inf factors gets a NaN norm, no singular values and no numerical rank."""
+    finite = all_finite(layer.U) and all_finite(layer.V)
+    norm, s = math.nan, torch.zeros(0)
+    if finite:
+        s, fro = layer_svals(layer.U, layer.V)
+        norm = float(fro)
+    er = float(effective_rank(s)) if s.numel() else (0.0 if finite else math.nan)
+    nr = int((s > NUMERICAL_RANK_TOL * s[0]).sum()) if s.numel() and s[0] > 0 else 0
+    scale = layer.meta.get("scale")
+    return {
+        "name": layer.name,
+        "shape": [layer.out_features, layer.in_features],
+        "rank": layer.rank,
+        "scale": None if scale is None else float(scale),
+        "kind": layer.meta.get("kind", "linear"),
+        "fro_norm": norm,
+        "top_svals": [float(x) for x in s[:k]],
+        "effective_rank": er if math.isfinite(er) else None,
+        "numerical_rank": nr if finite else None,
+        "finite": finite,
+    }
+
+
 def describe_layers(lora: LoRA, k: int = 4) -> list[dict[str, Any]]:
-    """Per layer: name, shape, rank, scale (from layer.meta), |delta W|_F, top-k singular values,
-    effective rank, numerical rank (singular values above NUMERICAL_RANK_TOL of the largest),
-    whether the factors are finite. Everything from the small factors; no U @ V.T is formed.
-    Layers with NaN/inf factors get a NaN norm, no singular values and no numerical rank."""
-    rows = []
-    for layer in lora.layers:
-        finite = bool(torch.isfinite(layer.U).all() and torch.isfinite(layer.V).all())
-        b = collate([type(lora)(layers=[layer])])
-        norm, s = math.nan, torch.zeros(0)
-        if finite:
-            s_all, norms = svals_and_norms(b)
-            norm = float(norms[0, 0])
-            s = s_all[0, 0, : min(*layer.shape, layer.rank)]
-        er = float(effective_rank(s)) if s.numel() else (0.0 if finite else math.nan)
-        nr = int((s > NUMERICAL_RANK_TOL * s[0]).sum()) if s.numel() and s[0] > 0 else 0
-        scale = layer.meta.get("scale")
-        rows.append(
-            {
-                "name": layer.name,
-                "shape": [layer.out_features, layer.in_features],
-                "rank": layer.rank,
-                "scale": None if scale is None else float(scale),
-                "kind": layer.meta.get("kind", "linear"),
-                "fro_norm": norm,
-                "top_svals": [float(x) for x in s[:k]],
-                "effective_rank": er if math.isfinite(er) else None,
-                "numerical_rank": nr if finite else None,
-                "finite": finite,
-            }
-        )
-    return rows
+    """:func:`describe_layer` of every layer of ``lora``."""
+    return [describe_layer(layer, k) for layer in lora.layers]
+
+
+def layer_svals(U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the min(out, in, r) singular values of U V^T, descending; |U V^T|_F) of one layer's
+    factors, in the factors' linear-algebra dtype: :func:`svals_and_norms`' Gram route (QR where
+    a factor's condition number passes ``GRAM_MAX_COND``), with the Grams and QR's R factors
+    summed over blocks of rows in float64, so memory beyond the factors stays fixed."""
+    rank = U.shape[1]
+    gu, gv = factor_gram(U), factor_gram(V)
+    norm = norms_from_grams(gu, gv)
+    s, cond = _gram_svals(gu, gv, torch.tensor(rank))
+    if cond > GRAM_MAX_COND:
+        s = torch.linalg.svdvals(_r_factor(U) @ _r_factor(V).T)
+    w = linalg_dtype(U.dtype)
+    return s[: min(U.shape[0], V.shape[0], rank)].to(w), norm.to(w)
+
+
+def _r_factor(f: torch.Tensor) -> torch.Tensor:
+    """R of f = Q R (at most r x r, float64), a block of rows at a time: R of [R; next block]."""
+    r = torch.zeros(0, f.shape[1], dtype=torch.float64, device=f.device)
+    for block in row_blocks(f, torch.float64):
+        r = torch.linalg.qr(torch.cat([r, block]), mode="r").R
+    return r

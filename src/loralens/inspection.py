@@ -7,13 +7,14 @@ from __future__ import annotations
 import os
 from collections import Counter
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from loralens.families import guess_base_model
-from loralens.features import describe_layers
+from loralens.features import describe_layer
 from loralens.flags import flags_by_layer, layer_flags
-from loralens.formats import LoRAFormatError, load_lora
+from loralens.formats import LoRAFormatError, open_lora
 from loralens.formats.keys import natural_key
 from loralens.formats.peft import WEIGHT_NAMES, is_peft_dir
 from loralens.formats.tensor_file import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES
@@ -28,22 +29,24 @@ def inspect_adapter(
     ``training`` (what the file records about its training), ``base_model_guess`` (the file's
     word, else the well-known families its layer names and shapes fit), ``flags`` and per layer
     shape, rank, scale, |delta W|_F, top singular values, effective and numerical rank, and the
-    kinds of flag that name it."""
-    lora = load_lora(path, allow_nonfinite=allow_nonfinite)
-    rows = describe_layers(lora, k=top)
+    kinds of flag that name it. The layers are read and described one at a time
+    (:func:`~loralens.formats.open_lora`): memory holds one layer, never the whole adapter."""
+    with open_lora(path, allow_nonfinite=allow_nonfinite) as reader:
+        # map lets go of each layer before the next is read (a for loop's variable would not)
+        rows = list(map(partial(describe_layer, k=top), reader))
+        md = reader.metadata
     flags = layer_flags(rows)
     by_layer = flags_by_layer(flags)
     for row in rows:
         row["flags"] = by_layer.get(row["name"], [])
-    md = lora.metadata
     report = {
         "path": str(path),
         "format": md.get("format"),
         "base_model": md.get("base_model"),
         "num_layers": len(rows),
         "ranks": sorted({r["rank"] for r in rows}),
-        "adapter_params": sum(la.U.numel() + la.V.numel() for la in lora.layers),
-        "training": training_metadata(lora),
+        "adapter_params": sum((r["shape"][0] + r["shape"][1]) * r["rank"] for r in rows),
+        "training": training_metadata(md),
         "flags": flags,
         "layers": rows,
     }

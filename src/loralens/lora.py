@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -14,6 +15,45 @@ from loralens.errors import InputError
 def delta_weight(U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
     """delta W = U @ V.T (out x in) of one layer's factors, or of stacks of them (..., out, r)."""
     return U @ V.mT
+
+
+#: Entries of a factor widened or tested at once by :func:`row_blocks` (4 MiB as float64).
+BLOCK_ENTRIES = 2**19
+
+
+def row_blocks(f: torch.Tensor, dtype: torch.dtype | None = None) -> Iterator[torch.Tensor]:
+    """``f`` (at least 1-D: an n x r factor) as blocks along its first axis (cast to
+    ``dtype``), each of at most :data:`BLOCK_ENTRIES` entries: work on a wide factor without a
+    whole copy of it."""
+    step = max(1, BLOCK_ENTRIES // max(1, math.prod(f.shape[1:])))
+    for i in range(0, f.shape[0], step):
+        block = f[i : i + step]
+        yield block if dtype is None else block.to(dtype)
+
+
+def factor_gram(f: torch.Tensor) -> torch.Tensor:
+    """f^T f of an (n x r) factor in float64, summed over blocks of rows: each block's product
+    in float32 (float64 for float64 factors) like a GEMM, or in float64 where float32 overflows,
+    so it never overflows and never copies the whole factor."""
+    dtype = torch.float64 if f.dtype == torch.float64 else torch.float32
+    gram = torch.zeros(f.shape[1], f.shape[1], dtype=torch.float64, device=f.device)
+    for block in row_blocks(f, dtype):
+        part = block.mT @ block
+        if not bool(torch.isfinite(part.sum())):  # overflowed (or a huge sum): redo it exactly
+            part = block.mT.double() @ block.double()
+        gram += part
+    return gram
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether ``t`` holds no NaN/inf. A sum is finite only if every term is (NaN and inf
+    propagate), and summing is ~30x faster than ``isfinite`` and allocates nothing; a sum that
+    overflows (huge but finite values) falls back to the exact test, a block at a time."""
+    if bool(torch.isfinite(t.sum())):
+        return True
+    return all(
+        bool(torch.isfinite(b).all()) for b in row_blocks(t.reshape(-1) if t.ndim == 0 else t)
+    )
 
 
 @dataclass

@@ -9,9 +9,8 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
+from collections.abc import Mapping
 from typing import Any
-
-from loralens.lora import LoRA
 
 #: kohya sd-scripts header keys reported (the file's own names)
 KOHYA_KEYS = (
@@ -111,11 +110,12 @@ def _dataset_dirs(meta: dict[str, str]) -> dict[str, Any] | None:
     }
 
 
-def training_metadata(lora: LoRA) -> dict[str, Any]:
-    """The training facts ``lora``'s file records: ``kohya`` (its ``ss_*`` keys), ``tags``
-    (datasets, distinct and most frequent caption tags), ``dataset_dirs``, ``modelspec`` and
-    ``peft`` (the adapter config's keys); only the parts the file has."""
-    meta = lora.metadata.get("safetensors_metadata") or {}
+def training_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """The training facts a file records, from its LoRA's ``metadata`` (``lora.metadata``):
+    ``kohya`` (its ``ss_*`` keys), ``tags`` (datasets, distinct and most frequent caption tags),
+    ``dataset_dirs``, ``modelspec`` and ``peft`` (the adapter config's keys); only the parts
+    the file has."""
+    meta = metadata.get("safetensors_metadata") or {}
     out: dict[str, Any] = {}
     kohya = {k: _value(meta[k]) for k in KOHYA_KEYS if meta.get(k) not in (None, "", "None")}
     if kohya:
@@ -126,7 +126,7 @@ def training_metadata(lora: LoRA) -> dict[str, Any]:
     spec = {k: _value(v) for k, v in meta.items() if k.startswith("modelspec.")}
     if spec:
         out["modelspec"] = spec
-    cfg = lora.metadata.get("peft_config")
+    cfg = metadata.get("peft_config")
     if isinstance(cfg, dict):
         out["peft"] = {k: cfg[k] for k in PEFT_KEYS if cfg.get(k) is not None}
     return out

@@ -165,7 +165,8 @@ def test_overflowing_layers_give_strict_json(tmp_path, screening_runs):
     import json
 
     la = lora(seed=5)
-    la.layers[0].U.fill_(1e30)  # finite factors, |delta W| overflows float32
+    la.layers[0].U.fill_(1e30)  # finite factors, |delta W| (1e60) overflows float32
+    la.layers[0].V.fill_(1e30)
     path = tmp_path / "huge"
     ll.save_lora(la, path)
     report = screen_adapter(path, screening_runs)

@@ -38,7 +38,7 @@ class _Recorder:
 
     def __call__(self, path):
         self.paths.append(os.path.realpath(path))
-        return ll.load_lora(path)
+        return ll.open_lora(path)
 
 
 def _in_time(fn, seconds=30):

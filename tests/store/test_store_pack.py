@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 import loralens as ll
-from helpers import store_lora
+from helpers import can_measure_peak_memory, peak_memory, store_lora, wide_peft_adapter
 from loralens.store import LoRAStore, StoreError, is_packed_from, pack, pack_zoo_cached, read_labels
 
 
@@ -118,3 +118,33 @@ def test_a_base_model_folder_beside_the_adapters_is_not_an_unlabeled_adapter(tmp
     with pytest.raises(StoreError, match=r"^1 adapter\(s\) in .* are not named in ") as e:
         pack(tmp_path / "adapters", tmp_path / "s2", labels=labels)
     assert [name for name, _ in e.value.refused] == ["stray"]
+
+
+_PACK = """
+import sys
+from loralens.store import pack
+
+
+def warm():  # one small adapter: lazy imports (pandas, pyarrow), thread pools, their memory
+    pack(sys.argv[2], sys.argv[3] + "-warm")
+
+
+def run():
+    store, _ = pack(sys.argv[1], sys.argv[3], dtype="float16")
+    return len(store)
+"""
+
+
+@pytest.mark.skipif(not can_measure_peak_memory(), reason="reads peak memory from Linux /proc")
+def test_pack_holds_one_layer_of_one_adapter_at_a_time(tmp_path):
+    """The README's bound: pack peaks at most 1.5x the largest layer's float32 factors plus
+    16 MiB. Two adapters of six 16384 x 16384 rank-128 float16 layers (16 MiB each as float32,
+    96 MiB per adapter); reading whole adapters and buffering their rows, as pack did, peaked
+    near 670 MiB."""
+    for k in range(2):
+        wide_peft_adapter(tmp_path / "big" / f"a{k}", layers=6, width=16384, rank=128, seed=k)
+    wide_peft_adapter(tmp_path / "small" / "a", layers=1, width=16384, rank=128)
+    m = peak_memory(_PACK, tmp_path / "big", tmp_path / "small", tmp_path / "store")
+    assert m["result"] == 2
+    layer = 2 * 16384 * 128 * 4
+    assert m["peak"] <= 1.5 * layer + 16 * 2**20, f"{m['peak'] / 2**20:.1f} MiB"

@@ -18,12 +18,12 @@ from loralens.store import LoRAStore, StoreError, pack, verify_store, write_stor
 #: pack(src, out) in a child process, each adapter read ``delay`` seconds slower.
 PACK = """
 import sys, time
-from loralens.formats import load_lora
+from loralens.formats import open_lora
 from loralens.store import pack
 src, out, delay, overwrite = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4] == "1"
 def slow(path):
     time.sleep(delay)
-    return load_lora(path)
+    return open_lora(path)
 pack(src, out, overwrite=overwrite, load=slow)
 """
 
@@ -84,7 +84,7 @@ def test_two_packs_without_overwrite_one_wins_the_other_refuses(tmp_path):
 
     def run(src):
         try:
-            pack(src, fresh, load=lambda p: (time.sleep(0.05), ll.load_lora(p))[1])
+            pack(src, fresh, load=lambda p: (time.sleep(0.05), ll.open_lora(p))[1])
         except StoreError as e:
             errors.append(e)
 

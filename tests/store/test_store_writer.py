@@ -83,3 +83,26 @@ def test_layout_set_before_adding_refuses_other_layers(tmp_path):
         w.add(store_lora([1, 1, 1], 0), id="a")
     w.abort()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_adapter_whose_reading_fails_midway_leaves_nothing_behind(tmp_path):
+    """add() takes an open reader's layers one at a time; a layer the reader refuses (NaN)
+    after others were written drops the whole adapter, and the next one is stored intact."""
+    import torch
+
+    import loralens as ll
+
+    bad = store_lora([2, 2, 2], 1)
+    bad.layers[2].U[0, 0] = torch.nan
+    ll.save_lora(bad, tmp_path / "bad")
+    good = store_lora([2, 2, 2], 2)
+    with StoreWriter.create(tmp_path / "s", shard_bytes=10**9) as w:
+        with ll.open_lora(tmp_path / "bad") as reader, pytest.raises(ll.LoRAFormatError):
+            w.add(reader, id="bad")
+        w.add(good, id="good")
+    store = LoRAStore(tmp_path / "s")
+    assert store.ids == ["good"]
+    (back,) = store.batch([0]).unbatch()
+    for got, want in zip(back.layers, good.layers):
+        torch.testing.assert_close(got.U, want.U)
+        torch.testing.assert_close(got.V, want.V)

@@ -25,7 +25,7 @@ from loralens.formats import canonical_tables as T
 from loralens.formats.diffusers import COMPONENTS as DIFFUSERS_COMPONENTS
 from loralens.formats.errors import LoRAFormatError
 from loralens.formats.keys import natural_key
-from loralens.lora import LoRA, LoRALayer
+from loralens.lora import LoRALayer
 
 KOHYA_STEM = re.compile(r"^lora_(?P<part>unet|te[123]?)_(?P<rest>[^.]+)$")
 _COMFY_TEXT = re.compile(r"^text_encoders\.(?P<enc>clip_[lg])\.transformer\.(?P<rest>.+)$")
@@ -228,8 +228,65 @@ def model_family(names: Sequence[str], shapes: Sequence[Sequence[int]] | None = 
     return families.pop() if len(families) == 1 and None not in families else "sd-unet"
 
 
-def _piece(layer: LoRALayer, part: Part) -> LoRALayer:
-    """The rows of ``layer`` that ``part`` holds, as a layer named ``part.name``."""
+@dataclass(frozen=True)
+class Placed:
+    """A layer as ``load_lora`` gives it: its name, the file layer it comes from (an index into
+    the file's layers) and the rows of it that it is (``part``; None: the whole layer under the
+    file's name, which could not be mapped)."""
+
+    name: str
+    source: int
+    part: Part | None
+
+    def shape(self, shapes: Sequence[tuple[int, int]]) -> tuple[int, int]:
+        """Its delta W's shape (out, in), from the file layers' ``shapes``."""
+        out, inp = shapes[self.source]
+        rows = self.part.rows if self.part is not None else None
+        return (rows[1] - rows[0], inp) if rows is not None else (out, inp)
+
+
+def place(
+    names: Sequence[str],
+    shapes: Sequence[tuple[int, int]],
+    conventions: Sequence[str | None],
+    fmt: str,
+    source: Any,
+) -> tuple[list[Placed], dict[str, Any]]:
+    """Where each canonical layer of a file comes from, in natural order of the canonical names,
+    for file layers ``names`` of delta-W ``shapes`` and DoRA magnitude ``conventions`` (rows can
+    be split off unless a magnitude is per input column: it normalizes whole columns of the
+    fused weight); and the metadata that adds: ``model_family`` (see :func:`model_family`) and,
+    where some could not be mapped, ``uncanonical_layers``. ``source`` names the file in errors.
+    """
+    bare = bare_component(names) if fmt in _MODULE_PATH_FORMATS else None
+    placed: list[Placed] = []
+    unmapped: list[str] = []
+    for i, (name, shape, convention) in enumerate(zip(names, shapes, conventions)):
+        parts = canonical_parts(name, fmt, *shape, bare_component=bare)
+        whole = len(parts or ()) == 1 and parts[0].rows is None and not parts[0].swap_halves
+        if parts is not None and (whole or convention in (None, "per_output")):
+            placed.extend(Placed(p.name, i, p) for p in parts)
+        else:
+            unmapped.append(name)
+            placed.append(Placed(name, i, None))
+    _refuse_collisions(placed, names, source)
+    placed.sort(key=lambda p: natural_key(p.name))
+    metadata: dict[str, Any] = {
+        "model_family": model_family([p.name for p in placed], [p.shape(shapes) for p in placed])
+    }
+    if unmapped:
+        metadata["uncanonical_layers"] = unmapped
+    return placed, metadata
+
+
+def cut(layer: LoRALayer, placed: Placed) -> LoRALayer:
+    """The layer ``placed`` names, from the file ``layer`` it comes from: the rows of U it holds
+    (a view; V is shared), with the file's name in ``meta["file_key"]``."""
+    part = placed.part
+    if part is None:
+        out = layer.with_factors(layer.U, layer.V)
+        out.meta.update(file_key=layer.name, canonical=False)
+        return out
     meta: dict[str, Any] = {**layer.meta, "file_key": layer.name, "canonical": True}
     if part.component is not None:
         meta["component"] = part.component
@@ -238,57 +295,25 @@ def _piece(layer: LoRALayer, part: Part) -> LoRALayer:
     out = layer.out_features
     if part.swap_halves:
         index = torch.cat([torch.arange(out // 2, out), torch.arange(0, out // 2)])
+        U = torch.cat([layer.U[out // 2 :], layer.U[: out // 2]])
         meta["file_rows"] = "halves swapped"
     else:
         index = torch.arange(*part.rows)
+        U = layer.U[part.rows[0] : part.rows[1]]
         meta["file_rows"] = list(part.rows)
     for key in ("magnitude", "lora_bias"):
         if key in meta:
             meta[key] = torch.as_tensor(meta[key]).reshape(-1)[index].clone()
-    return LoRALayer(part.name, layer.U[index].clone(), layer.V, meta)
+    return LoRALayer(part.name, U, layer.V, meta)
 
 
-def _splittable(layer: LoRALayer) -> bool:
-    """Rows can be split off unless a DoRA magnitude is per input column (it normalizes
-    whole columns of the fused weight)."""
-    return "magnitude" not in layer.meta or layer.meta.get("magnitude_convention") == "per_output"
-
-
-def canonicalize(lora: LoRA) -> LoRA:
-    """``lora`` with canonical layer names (in natural order), each layer's file name in
-    ``meta["file_key"]`` and ``meta["canonical"]`` saying whether it was mapped;
-    ``metadata["model_family"]`` (see :func:`model_family`) and, where some could not be
-    mapped, ``metadata["uncanonical_layers"]``.
-    """
-    fmt = str(lora.metadata.get("format", ""))
-    bare = bare_component(lora.names) if fmt in _MODULE_PATH_FORMATS else None
-    layers: list[LoRALayer] = []
-    unmapped: list[str] = []
-    for layer in lora.layers:
-        parts = canonical_parts(layer.name, fmt, *layer.shape, bare_component=bare)
-        whole = len(parts or ()) == 1 and parts[0].rows is None and not parts[0].swap_halves
-        if parts is not None and (whole or _splittable(layer)):
-            layers.extend(_piece(layer, p) for p in parts)
-        else:
-            unmapped.append(layer.name)
-            layers.append(layer.with_factors(layer.U, layer.V))
-            layers[-1].meta.update(file_key=layer.name, canonical=False)
-    _refuse_collisions(layers, lora)
-    layers.sort(key=lambda la: natural_key(la.name))
-    metadata = dict(lora.metadata)
-    metadata["model_family"] = model_family([la.name for la in layers], [la.shape for la in layers])
-    if unmapped:
-        metadata["uncanonical_layers"] = unmapped
-    return LoRA(layers=layers, metadata=metadata)
-
-
-def _refuse_collisions(layers: list[LoRALayer], lora: LoRA) -> None:
+def _refuse_collisions(placed: Sequence[Placed], names: Sequence[str], source: Any) -> None:
     seen: dict[str, str] = {}
-    for la in layers:
-        if la.name in seen:
+    for p in placed:
+        if p.name in seen:
             raise LoRAFormatError(
-                lora.metadata.get("source", "<LoRA>"),
-                f"modules {seen[la.name]!r} and {la.meta['file_key']!r} both adapt "
-                f"{la.name!r}; a file holds one LoRA per module",
+                source,
+                f"modules {seen[p.name]!r} and {names[p.source]!r} both adapt "
+                f"{p.name!r}; a file holds one LoRA per module",
             )
-        seen[la.name] = la.meta["file_key"]
+        seen[p.name] = names[p.source]

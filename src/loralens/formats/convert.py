@@ -46,7 +46,7 @@ def write_lora(lora: LoRA, out: str | os.PathLike[str], to: str) -> Path:
 def convert(src: str | os.PathLike[str], out: str | os.PathLike[str], *, to: str) -> Path:
     """Read the LoRA at ``src`` (any format ``load_lora`` reads) and write it to ``out`` as
     ``to`` ("peft", "kohya" or "diffusers"); returns the path written."""
-    from loralens.formats.detect import load_lora
+    from loralens.formats.reader import load_lora
 
     if to not in WRITERS:
         raise SettingsError(f"unknown target format {to!r}: expected one of {', '.join(WRITERS)}")

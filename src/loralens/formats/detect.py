@@ -1,4 +1,4 @@
-"""Which LoRA format a path holds, and the one entry point that reads any of them."""
+"""Which LoRA format a path holds, and opening it with that format's reader."""
 
 from __future__ import annotations
 
@@ -6,8 +6,7 @@ import os
 import stat
 from pathlib import Path
 
-from loralens.formats.canonical import canonicalize
-from loralens.formats.diffusers import ADAPTER_METADATA_KEY, COMPONENTS, load_diffusers
+from loralens.formats.diffusers import ADAPTER_METADATA_KEY, COMPONENTS, open_diffusers
 from loralens.formats.errors import LoRAFormatError
 from loralens.formats.keys import (
     DIFFUSERS_KEY,
@@ -18,25 +17,25 @@ from loralens.formats.keys import (
     XLABS_KEY,
     refuse_not_low_rank,
 )
-from loralens.formats.kohya import load_kohya
+from loralens.formats.kohya import open_kohya
+from loralens.formats.layers import FileLayers
 from loralens.formats.peft import (
     CONFIG_NAME,
     PREFIX,
     WEIGHT_NAMES,
     has_config,
     is_peft_dir,
-    load_peft,
-    load_peft_weights_only,
+    open_peft,
+    open_peft_weights_only,
 )
-from loralens.formats.peft_lycoris import load_peft_lycoris, peft_lycoris_algorithm
-from loralens.formats.single_file import load_single_file
+from loralens.formats.peft_lycoris import open_peft_lycoris, peft_lycoris_algorithm
+from loralens.formats.single_file import open_single_file
 from loralens.formats.tensor_file import (
     PICKLE_SUFFIXES,
     SAFETENSORS_SUFFIXES,
     read_tensor_keys,
     refuse_special,
 )
-from loralens.lora import LoRA
 
 FORMATS = ("peft", "kohya", "diffusers", "comfyui", "xlabs", "lycoris")
 EXPECTED = (
@@ -163,38 +162,19 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     return _resolve(Path(path))[0]
 
 
-def load_lora(
-    path: str | os.PathLike[str], *, allow_nonfinite: bool = False, canonical: bool = True
-) -> LoRA:
-    """Read a LoRA from a PEFT adapter folder, or a PEFT/kohya/diffusers/ComfyUI/XLabs/LyCORIS
-    .safetensors/.bin file (LyCORIS LoCon-Tucker, LoHa and LoKr exactly, as low rank).
-
-    Layers come out in the base model's module order (names sorted with digit runs compared as
-    numbers), with the adapter's scale folded into U, so ``lora.delta_weights()[name]`` equals
-    what the source library merges into that weight (math orientation, out x in). Pickled
-    ``.bin`` files are read with ``torch.load(weights_only=True)`` only. NaN/inf weights raise
-    ``LoRAFormatError`` naming the file and layer unless ``allow_nonfinite=True``.
-
-    Layer names are canonical (:mod:`loralens.formats.canonical`): the module paths diffusers
-    and transformers build, the same for one adapter in any format, with the file's own module
-    name in ``layer.meta["file_key"]``; ``canonical=False`` keeps the file's names.
-    """
-    lora = _read(Path(path), allow_nonfinite)
-    return canonicalize(lora) if canonical else lora
-
-
-def _read(path: Path, allow_nonfinite: bool) -> LoRA:
+def open_file_layers(path: Path, allow_nonfinite: bool) -> FileLayers:
+    """The adapter at ``path`` opened by its format's reader, its layers planned."""
     fmt, where = _resolve(path)
     if fmt == "peft":
         if peft_lycoris_algorithm(where if where.is_dir() else where.parent):
-            return load_peft_lycoris(where, allow_nonfinite=allow_nonfinite)
+            return open_peft_lycoris(where, allow_nonfinite=allow_nonfinite)
         if where.is_dir():
-            return load_peft(where, allow_nonfinite=allow_nonfinite)
+            return open_peft(where, allow_nonfinite=allow_nonfinite)
         if has_config(where.parent):
-            return load_peft(where, allow_nonfinite=allow_nonfinite, weights=where)
-        return load_peft_weights_only(where, allow_nonfinite=allow_nonfinite)
+            return open_peft(where, allow_nonfinite=allow_nonfinite, weights=where)
+        return open_peft_weights_only(where, allow_nonfinite=allow_nonfinite)
     if fmt == "kohya":
-        return load_kohya(where, allow_nonfinite=allow_nonfinite)
+        return open_kohya(where, allow_nonfinite=allow_nonfinite)
     if fmt == "diffusers":
-        return load_diffusers(where, allow_nonfinite=allow_nonfinite)
-    return load_single_file(where, fmt, allow_nonfinite=allow_nonfinite)
+        return open_diffusers(where, allow_nonfinite=allow_nonfinite)
+    return open_single_file(where, fmt, allow_nonfinite=allow_nonfinite)

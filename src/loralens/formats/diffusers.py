@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from loralens.formats.config import check_config, parse_json
-from loralens.formats.single_file import load_single_file
-from loralens.lora import LoRA
+from loralens.formats.layers import FileLayers
+from loralens.formats.single_file import open_single_file
 
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"
 #: Key prefixes of the pipeline components diffusers saves LoRAs for.
@@ -47,8 +47,8 @@ def component_configs(st_meta: dict[str, str], path: Path) -> dict[str, dict[str
     return {c: check_config(cfg, path) for c, cfg in configs.items()}
 
 
-def load_diffusers(path: Path, *, allow_nonfinite: bool = False) -> LoRA:
-    """Read a diffusers-style .safetensors (or weights-only .bin) file."""
-    return load_single_file(
+def open_diffusers(path: Path, *, allow_nonfinite: bool = False) -> FileLayers:
+    """Open a diffusers-style .safetensors (or weights-only .bin) file."""
+    return open_single_file(
         path, "diffusers", component_configs=component_configs, allow_nonfinite=allow_nonfinite
     )

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from loralens.formats.single_file import load_single_file
-from loralens.lora import LoRA
+from loralens.formats.layers import FileLayers
+from loralens.formats.single_file import open_single_file
 
 
-def load_kohya(path: Path, *, allow_nonfinite: bool = False) -> LoRA:
-    """Read a kohya-style .safetensors (or weights-only .bin) file."""
-    return load_single_file(path, "kohya", allow_nonfinite=allow_nonfinite)
+def open_kohya(path: Path, *, allow_nonfinite: bool = False) -> FileLayers:
+    """Open a kohya-style .safetensors (or weights-only .bin) file."""
+    return open_single_file(path, "kohya", allow_nonfinite=allow_nonfinite)

@@ -1,14 +1,19 @@
-"""Build exact :class:`~loralens.lora.LoRALayer` s from parsed keys: pair each module's factors,
-check dtypes, shapes, ranks and finiteness, and fold the format's scale into U.
+"""Plan exact :class:`~loralens.lora.LoRALayer` s from parsed keys, then read them one at a time:
+pair each module's factors, check dtypes, shapes and ranks from the file's header, and when a
+layer is read, check finiteness and fold the format's scale into U.
 
-Shapes and dtypes are checked from the file's header before any values are read; each factor is
-then read straight into its float32 destination (a chunk at a time for safetensors), so reading
-peaks near the float32 result, whatever the file's storage dtype.
+Planning reads no values but the alphas (scalars), so a file's layer names and shapes are known
+before any factor is read. Each factor is then read straight into its float32 destination (a
+chunk at a time for safetensors), so reading a layer peaks near its float32 result, whatever the
+file's storage dtype, and a reader that keeps one layer at a time holds about one layer.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,39 +21,73 @@ import torch
 
 from loralens.formats.errors import LoRAFormatError
 from loralens.formats.keys import ModuleParts, natural_key
-from loralens.formats.lycoris import Expansion, lycoris_algorithm, read_lycoris
+from loralens.formats.lycoris import Expansion, lycoris_algorithm, plan_lycoris
 from loralens.formats.module import ModuleReader, ScaleFn, finish_layer
-from loralens.formats.tensor_file import TensorFile
+from loralens.formats.tensor_file import TensorFile, open_tensor_file
 from loralens.lora import LoRALayer
 
 
-def build_layers(
+@dataclass
+class PendingLayer:
+    """One module of an open file as planned from its header: its name, its delta W's shape
+    (out, in), its LyCORIS algorithm (None: plain LoRA) and DoRA magnitude convention (None:
+    no magnitude); ``read(expansion)`` reads its values into the exact layer."""
+
+    name: str
+    shape: tuple[int, int]
+    lycoris: str | None
+    magnitude_convention: str | None
+    read: Callable[[Expansion], LoRALayer]
+
+
+@dataclass
+class FileLayers:
+    """An open weights file, its layers planned in natural module order, and the LoRA metadata
+    its format records."""
+
+    file: TensorFile
+    layers: list[PendingLayer]
+    metadata: dict[str, Any]
+
+
+@contextmanager
+def opened(path: Path) -> Iterator[TensorFile]:
+    """The weights file at ``path``, open for planning: closed if planning fails, left open for
+    the :class:`FileLayers` made from it otherwise."""
+    file = open_tensor_file(path)
+    try:
+        yield file
+    except BaseException:
+        file.close()
+        raise
+
+
+def plan_layers(
     modules: dict[str, ModuleParts],
     file: TensorFile,
     scale_for: ScaleFn,
     *,
     allow_nonfinite: bool,
     fan_in_fan_out: bool = False,
-) -> list[LoRALayer]:
-    """One exact layer per module, in natural module order, read from ``file`` one at a time.
+) -> list[PendingLayer]:
+    """One planned layer per module, in natural module order.
 
     Raises on unpaired parts, non-floating factors, shape mismatches, ranks that disagree with
-    the config, scales that are not finite and (unless ``allow_nonfinite``) NaN/inf factors,
-    before or after scaling.
+    the config and scales that are not finite; reading a layer raises on NaN/inf factors, before
+    or after scaling (unless ``allow_nonfinite``).
     """
     layers = []
-    expansion = Expansion()
     for name in sorted(modules, key=natural_key):
         mod = ModuleReader(file, name, modules[name], allow_nonfinite)
         algo = lycoris_algorithm(mod)
         if algo is None:
-            layers.append(_lora_layer(mod, scale_for, fan_in_fan_out))
+            layers.append(_plan_lora(mod, scale_for, fan_in_fan_out))
         else:
-            layers.append(read_lycoris(mod, algo, scale_for, expansion))
+            layers.append(plan_lycoris(mod, algo, scale_for))
     return layers
 
 
-def _lora_layer(mod: ModuleReader, scale_for: ScaleFn, fan_in_fan_out: bool) -> LoRALayer:
+def _plan_lora(mod: ModuleReader, scale_for: ScaleFn, fan_in_fan_out: bool) -> PendingLayer:
     """A plain LoRA layer (down/up or lora_A/B factors, linear, conv or embedding)."""
     path, name, parts = mod.file.path, mod.name, mod.parts
     t = parts.keys
@@ -74,27 +113,35 @@ def _lora_layer(mod: ModuleReader, scale_for: ScaleFn, fan_in_fan_out: bool) -> 
     rank = a_shape[0]
     scale = mod.scale_for(scale_for, rank, a_role)
     meta.update(kind=kind, scale=scale, dtype=str(dtype).replace("torch.", ""))
-    if kind == "embedding":
-        # delta (num_embeddings x dim) = (B @ A).T * scale = (A.T * scale) @ B.T
-        U = torch.empty(a_shape[1], rank)
-        mod.read(a_role, U, rows=U.T)
-        V = mod.read(b_role, torch.empty(b_shape[0], rank))
-        mod.scale(U, scale, a_role)
-    else:
-        U = mod.scale(mod.read(b_role, torch.empty(b_shape[0], rank)), scale, b_role)
-        V = torch.empty(math.prod(a_shape[1:]), rank)
-        mod.read(a_role, V, rows=V.T)
     if kind == "linear":
         meta["fan_in_fan_out"] = bool(fan_in_fan_out)
-    if "B_bias" in t:
-        if mod.shape("B_bias") != (U.shape[0],):
-            raise mod.fail(
-                f"lora_B bias {parts.keys['B_bias']!r} has shape {mod.shape('B_bias')}, "
-                f"expected ({U.shape[0]},) (its out features)"
-            )
-        bias = mod.read("B_bias", torch.empty(U.shape[0]))
-        meta["lora_bias"] = mod.scale(bias, scale, "B_bias")  # what PEFT adds on merge
-    return finish_layer(mod, U, V, meta)
+    # delta W of an embedding (num_embeddings x dim) = (B @ A).T * scale = (A.T * scale) @ B.T
+    out, inp = (
+        (a_shape[1], b_shape[0]) if kind == "embedding" else (b_shape[0], math.prod(a_shape[1:]))
+    )
+    if "B_bias" in t and mod.shape("B_bias") != (out,):
+        raise mod.fail(
+            f"lora_B bias {parts.keys['B_bias']!r} has shape {mod.shape('B_bias')}, "
+            f"expected ({out},) (its out features)"
+        )
+
+    def read(_: Expansion) -> LoRALayer:
+        U, V = torch.empty(out, rank), torch.empty(inp, rank)
+        if kind == "embedding":
+            mod.read(a_role, U, rows=U.T)
+            mod.read(b_role, V)
+            mod.scale(U, scale, a_role)
+        else:
+            mod.scale(mod.read(b_role, U), scale, b_role)
+            mod.read(a_role, V, rows=V.T)
+        layer_meta = dict(meta)
+        if "B_bias" in t:
+            bias = mod.read("B_bias", torch.empty(out))
+            layer_meta["lora_bias"] = mod.scale(bias, scale, "B_bias")  # what PEFT adds on merge
+        return finish_layer(mod, U, V, layer_meta)
+
+    convention = mod.magnitude_convention(out, int(meta.get("in_channels", inp)))
+    return PendingLayer(name, (out, inp), None, convention, read)
 
 
 def _kind_and_check(

@@ -28,12 +28,15 @@ sides over :data:`MAX_SVD_SIDE`).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from loralens.formats.module import ModuleReader, ScaleFn, finish_layer
 from loralens.lora import LoRALayer
+
+if TYPE_CHECKING:
+    from loralens.formats.layers import PendingLayer
 
 LOHA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
@@ -80,19 +83,27 @@ class Expansion:
             )
 
 
-def read_lycoris(
-    mod: ModuleReader, algo: str, scale_for: ScaleFn, expansion: Expansion
-) -> LoRALayer:
-    """The exact layer of a LoCon-Tucker, LoHa or LoKr module, its scale folded into U."""
-    reader = {"locon": _locon, "loha": _loha, "lokr": _lokr}[algo]
-    U, V, meta, rank_role = reader(mod, expansion)
+def plan_lycoris(mod: ModuleReader, algo: str, scale_for: ScaleFn) -> PendingLayer:
+    """The planned exact layer of a LoCon-Tucker, LoHa or LoKr module: shapes checked and
+    scale found from the header; its factors read, widened and scaled when it is read."""
+    from loralens.formats.layers import PendingLayer
+
+    planner = {"locon": _locon, "loha": _loha, "lokr": _lokr}[algo]
+    out, inp, meta, rank_role, values = planner(mod)
     rank = None if rank_role is None else mod.shape(rank_role)[0]  # None: LoKr, both halves full
     scale = mod.scale_for(scale_for, rank, rank_role)
-    U, V = (U * scale).float(), V.float()
-    mod.check_finite(U, f"U (its factors times the scale {scale:g}, as float32)")
-    mod.check_finite(V, "V (its factors, as float32)")
-    meta.update(scale=scale, lycoris=algo, dtype=_dtype_name(mod))
-    return finish_layer(mod, U.contiguous(), V.float().contiguous(), meta)
+    dtype = _dtype_name(mod)
+
+    def read(expansion: Expansion) -> LoRALayer:
+        U, V, found = values(expansion)
+        U, V = (U * scale).float(), V.float()
+        mod.check_finite(U, f"U (its factors times the scale {scale:g}, as float32)")
+        mod.check_finite(V, "V (its factors, as float32)")
+        layer_meta = {**meta, **found, "scale": scale, "lycoris": algo, "dtype": dtype}
+        return finish_layer(mod, U.contiguous(), V.contiguous(), layer_meta)
+
+    convention = mod.magnitude_convention(out, int(meta.get("in_channels", inp)))
+    return PendingLayer(mod.name, (out, inp), algo, convention, read)
 
 
 def _dtype_name(mod: ModuleReader) -> str:
@@ -137,7 +148,7 @@ def _conv_meta(kernel: tuple[int, ...], in_channels: int) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- LoCon (Tucker)
 
 
-def _locon(mod: ModuleReader, expansion: Expansion):
+def _locon(mod: ModuleReader):
     _require(mod, ("A", "B", "mid"), "a LoCon layer with a Tucker core (lora_mid)")
     down, mid, up = mod.shape("A"), mod.shape("mid"), mod.shape("B")
     n = len(mid)
@@ -158,10 +169,14 @@ def _locon(mod: ModuleReader, expansion: Expansion):
         up=up,
     )
     out, inn, kernel = up[0], down[1], mid[2:]
-    expansion.take(mod, (out + inn * math.prod(kernel)) * mid[0])
-    U = mod.read64("B").reshape(out, mid[0])
-    V = _tucker_v(mod.read64("mid"), mod.read64("A").reshape(down[0], inn))
-    return U, V, _conv_meta(kernel, inn), "A"
+
+    def values(expansion: Expansion):
+        expansion.take(mod, (out + inn * math.prod(kernel)) * mid[0])
+        U = mod.read64("B").reshape(out, mid[0])
+        V = _tucker_v(mod.read64("mid"), mod.read64("A").reshape(down[0], inn))
+        return U, V, {}
+
+    return out, inn * math.prod(kernel), _conv_meta(kernel, inn), "A", values
 
 
 # ----------------------------------------------------------------------------- LoHa
@@ -197,7 +212,7 @@ def _face_split(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (x[:, :, None] * y[:, None, :]).reshape(x.shape[0], -1)
 
 
-def _loha(mod: ModuleReader, expansion: Expansion):
+def _loha(mod: ModuleReader):
     _require(mod, ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"), "a LoHa layer")
     if ("hada_t1" in mod.parts.keys) != ("hada_t2" in mod.parts.keys):
         raise mod.fail("a LoHa Tucker layer needs both hada_t1 and hada_t2")
@@ -207,16 +222,18 @@ def _loha(mod: ModuleReader, expansion: Expansion):
         raise mod.fail(
             f"its two Hadamard factors have different shapes: {out1} x {in1} and {out2} x {in2}"
         )
-    meta = _conv_meta(k1 or k2, c1 if k1 else c2)
     rank = min(r1 * r2, out1, in1)
-    expansion.take(mod, (out1 + in1) * rank)
-    (u1, v1), (u2, v2) = read1(), read2()
-    if rank == r1 * r2:
-        return _face_split(u1, u2), _face_split(v1, v2), meta, "hada_w1_b"
-    # the r1 r2 face-splitting factors would be wider than delta W itself, so form delta W
-    U, V = _as_factors((u1 @ v1.T).mul_(u2 @ v2.T))
-    meta["exact_reduction"] = {"factor_rank": r1 * r2, "rank": rank}
-    return U, V, meta, "hada_w1_b"
+
+    def values(expansion: Expansion):
+        expansion.take(mod, (out1 + in1) * rank)
+        (u1, v1), (u2, v2) = read1(), read2()
+        if rank == r1 * r2:
+            return _face_split(u1, u2), _face_split(v1, v2), {}
+        # the r1 r2 face-splitting factors would be wider than delta W itself, so form delta W
+        U, V = _as_factors((u1 @ v1.T).mul_(u2 @ v2.T))
+        return U, V, {"exact_reduction": {"factor_rank": r1 * r2, "rank": rank}}
+
+    return out1, in1, _conv_meta(k1 or k2, c1 if k1 else c2), "hada_w1_b", values
 
 
 # ----------------------------------------------------------------------------- LoKr
@@ -300,28 +317,34 @@ def _svd_factors(mod: ModuleReader, role: str):
     return u[:, :k] * sv[:k], vh[:k].T, info
 
 
-def _lokr(mod: ModuleReader, expansion: Expansion):
+def _lokr(mod: ModuleReader):
     keys = mod.parts.keys
     if "lokr_t1" in keys:
         raise mod.fail("has lokr_t1; LyCORIS writes a Tucker core for the second half only")
     rows1, cols1, _, _, half1 = _lokr_half(mod, 1)
     rows2, cols2, k2, c2, half2 = _lokr_half(mod, 2)
-    # each half's rank is at most its smaller side (the file holds each half's values or more),
-    # so the Kronecker factors' rank is at most min(out, in): counted before they are formed
-    p1, q1, info1 = half1()
-    p2, q2, info2 = half2()
-    expansion.take(mod, (rows1 * rows2 + cols1 * cols2) * p1.shape[1] * p2.shape[1])
-    meta = _conv_meta(k2, cols1 * c2)
-    for what, full in (("lokr_full", True), ("exact_reduction", False)):
-        infos = {
-            f"lokr_w{i}": info
-            for i, info in ((1, info1), (2, info2))
-            if info and (f"lokr_w{i}" in keys) == full
-        }
-        if infos:
-            meta[what] = infos
+
+    def values(expansion: Expansion):
+        # each half's rank is at most its smaller side (the file holds each half's values or
+        # more), so the Kronecker factors' rank is at most min(out, in): counted before they
+        # are formed
+        p1, q1, info1 = half1()
+        p2, q2, info2 = half2()
+        expansion.take(mod, (rows1 * rows2 + cols1 * cols2) * p1.shape[1] * p2.shape[1])
+        found = {}
+        for what, full in (("lokr_full", True), ("exact_reduction", False)):
+            infos = {
+                f"lokr_w{i}": info
+                for i, info in ((1, info1), (2, info2))
+                if info and (f"lokr_w{i}" in keys) == full
+            }
+            if infos:
+                found[what] = infos
+        return _kron(p1, p2), _kron(q1, q2), found
+
     rank_role = "lokr_w1_b" if "lokr_w1_b" in keys else "lokr_w2_b" if "lokr_w2_b" in keys else None
-    return _kron(p1, p2), _kron(q1, q2), meta, rank_role
+    meta = _conv_meta(k2, cols1 * c2)
+    return rows1 * rows2, cols1 * cols2, meta, rank_role, values
 
 
 def _kron(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch
 from loralens.formats.errors import LoRAFormatError
 from loralens.formats.keys import ModuleParts
 from loralens.formats.tensor_file import TensorFile, as_rows
-from loralens.lora import LoRALayer
+from loralens.lora import LoRALayer, all_finite, factor_gram
 
 #: ``scale_for(name, rank, parts, alpha)`` -> (scale, the rank the config expects or None);
 #: ``alpha`` is the value of the module's alpha key, if it has one; ``rank`` is None for a
@@ -25,13 +25,6 @@ _F32_MAX = float(torch.finfo(torch.float32).max)
 #: Largest Frobenius norm of a scaled factor and of delta W: its square (the Grams U^T U and
 #: V^T V, |delta W|_F^2) must fit float32, the precision every command computes them in.
 _MAX_NORM = math.sqrt(_F32_MAX)
-
-
-def _all_finite(t: torch.Tensor) -> bool:
-    """Whether ``t`` holds no NaN/inf. A sum is finite only if every term is (NaN and inf
-    propagate), and summing is ~30x faster than ``isfinite`` on CPU; a sum that overflows
-    (huge but finite values) falls back to the exact test."""
-    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 class ModuleReader:
@@ -59,7 +52,7 @@ class ModuleReader:
 
     def check_finite(self, t: torch.Tensor, what: str) -> None:
         """Refuse NaN/inf in ``t`` (naming the file, layer and key) unless allowed."""
-        if not self.allow and not _all_finite(t):
+        if not self.allow and not all_finite(t):
             bad = int((~torch.isfinite(t)).sum())
             raise LoRAFormatError(
                 self.file.path,
@@ -87,6 +80,13 @@ class ModuleReader:
         if abs(scale) > 1:
             self.check_finite(t, f"{self.parts.keys[role]!r} times the scale {scale:g}")
         return t
+
+    def magnitude_convention(self, out: int, inp: int) -> str | None:
+        """The convention of the module's DoRA magnitude (:func:`magnitude_convention`) for a
+        layer ``out`` x ``inp`` (input channels for conv), from its shape; None without one."""
+        if "mag" not in self.parts.keys:
+            return None
+        return magnitude_convention(self.parts.keys["mag"], self.shape("mag"), out, inp)
 
     def alpha(self) -> float | None:
         """The value of the module's alpha key (a real scalar), or None without one."""
@@ -128,14 +128,10 @@ def finish_layer(
         _check_delta_fits(mod, U, V)
     if "mag" in mod.parts.keys:
         meta["magnitude"] = _magnitude(mod, meta, U, V)
-        meta["magnitude_convention"] = magnitude_convention(
-            mod.parts.keys["mag"], tuple(meta["magnitude"].shape), U.shape[0], _in_width(meta, V)
+        meta["magnitude_convention"] = mod.magnitude_convention(
+            U.shape[0], int(meta.get("in_channels", V.shape[0]))
         )
     return LoRALayer(name=mod.name, U=U, V=V, meta=meta)
-
-
-def _in_width(meta: dict[str, Any], V: torch.Tensor) -> int:
-    return int(meta.get("in_channels", V.shape[0]))
 
 
 def magnitude_convention(key: str, shape: tuple[int, ...], out: int, inp: int) -> str:
@@ -161,10 +157,9 @@ def magnitude_convention(key: str, shape: tuple[int, ...], out: int, inp: int) -
 def _check_delta_fits(mod: ModuleReader, U: torch.Tensor, V: torch.Tensor) -> None:
     """Refuse a layer whose finite factors make Grams or a delta W = U @ V.T that overflow
     float32 (e.g. a kohya alpha of 1e38 over tiny ``lora_down`` weights): every command would
-    meet inf there. From the r x r Grams in float64, so delta W is never formed;
-    |delta W|_F^2 = sum((U^T U) * (V^T V))."""
-    u, v = U.double(), V.double()
-    gu, gv = u.T @ u, v.T @ v
+    meet inf there. From the r x r Grams in float64, block by block (no copy of a factor), so
+    delta W is never formed; |delta W|_F^2 = sum((U^T U) * (V^T V))."""
+    gu, gv = factor_gram(U), factor_gram(V)
     squares = (
         ("up factor (the scale folded in)", "U", gu.trace()),
         ("down factor", "V", gv.trace()),

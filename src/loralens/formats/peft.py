@@ -28,8 +28,8 @@ from loralens.errors import InputError
 from loralens.formats.config import ConfigScale, read_config
 from loralens.formats.errors import LoRAFormatError
 from loralens.formats.keys import FULL_WEIGHT_KEY, ModuleParts, parse_keys, refuse_unknown
-from loralens.formats.layers import alpha_scale, build_layers
-from loralens.formats.tensor_file import TensorFile, open_tensor_file
+from loralens.formats.layers import FileLayers, PendingLayer, alpha_scale, opened, plan_layers
+from loralens.formats.tensor_file import TensorFile
 from loralens.formats.writing import (
     by_component,
     check_not_file_names,
@@ -79,9 +79,9 @@ def _allowed_extra(key: str, cfg: dict[str, Any] | None) -> bool:
 
 def parse_peft_tensors(
     file: TensorFile, cfg: dict[str, Any] | None, config_path: Path | None, *, allow_nonfinite: bool
-) -> tuple[list, list[str], list[str]]:
-    """Layers from a PEFT-style state dict; ``cfg`` (read from ``config_path``) None means no
-    config (alpha keys or scale 1). Returns (layers, names of saved full tensors that are not
+) -> tuple[list[PendingLayer], list[str], list[str]]:
+    """Planned layers of a PEFT-style state dict; ``cfg`` (read from ``config_path``) None means
+    no config (alpha keys or scale 1). Returns (layers, names of saved full tensors that are not
     LoRA factors, names of modules whose scale was assumed 1 for want of a config or alpha).
     """
     path = file.path
@@ -104,28 +104,29 @@ def parse_peft_tensors(
         return config_scale(name)
 
     fan = bool((cfg or {}).get("fan_in_fan_out", False))
-    layers = build_layers(
+    layers = plan_layers(
         modules, file, scale_for, allow_nonfinite=allow_nonfinite, fan_in_fan_out=fan
     )
     return layers, extras, assumed
 
 
-def load_peft(path: Path, *, allow_nonfinite: bool = False, weights: Path | None = None) -> LoRA:
-    """Read a PEFT adapter folder (or its weights file, with the config beside it)."""
+def open_peft(
+    path: Path, *, allow_nonfinite: bool = False, weights: Path | None = None
+) -> FileLayers:
+    """Open a PEFT adapter folder (or its weights file, with the config beside it)."""
     folder = path if path.is_dir() else path.parent
     cfg = read_config(folder / CONFIG_NAME)
     weights = weights or weights_file(folder)
-    with open_tensor_file(weights) as file:
+    with opened(weights) as file:
         layers, extras, _ = parse_peft_tensors(
             file, cfg, folder / CONFIG_NAME, allow_nonfinite=allow_nonfinite
         )
-        st_meta = file.metadata
-    if not layers:
-        raise LoRAFormatError(weights, "holds no LoRA factors (no lora_A/lora_B keys)")
-    return peft_lora(path, layers, cfg, st_meta, extras)
+        if not layers:
+            raise LoRAFormatError(weights, "holds no LoRA factors (no lora_A/lora_B keys)")
+    return FileLayers(file, layers, peft_metadata(path, cfg, file.metadata, extras))
 
 
-def load_peft_weights_only(path: Path, *, allow_nonfinite: bool = False) -> LoRA:
+def open_peft_weights_only(path: Path, *, allow_nonfinite: bool = False) -> FileLayers:
     """A PEFT-style weights file with no adapter_config.json beside it.
 
     Modules with an ``alpha`` key get alpha / r. For the others lora_alpha is unknown without
@@ -133,17 +134,16 @@ def load_peft_weights_only(path: Path, *, allow_nonfinite: bool = False) -> LoRA
     files), a warning says so, ``metadata["scale_assumed"]`` is True and
     ``metadata["scale_assumed_modules"]`` lists them.
     """
-    with open_tensor_file(path) as file:
+    with opened(path) as file:
         layers, extras, assumed = parse_peft_tensors(
             file, None, None, allow_nonfinite=allow_nonfinite
         )
-        st_meta = file.metadata
-    if not layers:
-        raise LoRAFormatError(path, "holds no LoRA factors (no lora_A/lora_B keys)")
+        if not layers:
+            raise LoRAFormatError(path, "holds no LoRA factors (no lora_A/lora_B keys)")
     metadata: dict[str, Any] = {
         "format": "peft",
         "source": str(path),
-        "safetensors_metadata": st_meta,
+        "safetensors_metadata": file.metadata,
     }
     if assumed:
         warnings.warn(
@@ -151,13 +151,13 @@ def load_peft_weights_only(path: Path, *, allow_nonfinite: bool = False) -> LoRA
             f"{len(assumed)} module(s), so their lora_alpha is unknown; assuming scale 1 "
             "(alpha = r)",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
         metadata["scale_assumed"] = True
         metadata["scale_assumed_modules"] = assumed
     if extras:
         metadata["non_lora_keys"] = extras
-    return LoRA(layers=layers, metadata=metadata)
+    return FileLayers(file, layers, metadata)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -207,8 +207,8 @@ def save_peft(
     return folder
 
 
-def peft_lora(path: Any, layers: list, cfg: dict[str, Any], st_meta: Any, extras: Any) -> LoRA:
-    """The LoRA of a PEFT folder's layers, with the metadata every PEFT reader records."""
+def peft_metadata(path: Any, cfg: dict[str, Any], st_meta: Any, extras: Any) -> dict[str, Any]:
+    """The LoRA metadata every PEFT reader records."""
     metadata: dict[str, Any] = {
         "format": "peft",
         "source": str(path),
@@ -219,4 +219,4 @@ def peft_lora(path: Any, layers: list, cfg: dict[str, Any], st_meta: Any, extras
     }
     if extras:
         metadata["non_lora_keys"] = extras
-    return LoRA(layers=layers, metadata=metadata)
+    return metadata

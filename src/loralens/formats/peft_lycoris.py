@@ -14,15 +14,15 @@ from typing import Any
 
 from loralens.formats.config import check_config, read_json_config
 from loralens.formats.errors import LoRAFormatError
+from loralens.formats.layers import FileLayers, opened
 from loralens.formats.peft import (
     CONFIG_NAME,
     has_config,
     parse_peft_tensors,
-    peft_lora,
+    peft_metadata,
     weights_file,
 )
-from loralens.formats.tensor_file import TensorFile, open_tensor_file
-from loralens.lora import LoRA
+from loralens.formats.tensor_file import TensorFile
 
 #: PEFT's peft_type -> the LyCORIS algorithm its keys hold
 PEFT_LYCORIS_TYPES = {"LOHA": "loha", "LOKR": "lokr"}
@@ -71,27 +71,26 @@ def _refuse_conv1d_full_lokr(file: TensorFile) -> None:
             )
 
 
-def load_peft_lycoris(path: Path, *, allow_nonfinite: bool = False) -> LoRA:
-    """Read a PEFT LoHa/LoKr adapter folder (or its weights file, the config beside it)."""
+def open_peft_lycoris(path: Path, *, allow_nonfinite: bool = False) -> FileLayers:
+    """Open a PEFT LoHa/LoKr adapter folder (or its weights file, the config beside it)."""
     folder = path if path.is_dir() else path.parent
     config_path = folder / CONFIG_NAME
     cfg = read_json_config(config_path)
     algo = PEFT_LYCORIS_TYPES[str(cfg["peft_type"]).upper()]
     weights = path if path.is_file() else weights_file(folder)
-    with open_tensor_file(weights) as file:
+    with opened(weights) as file:
         _refuse_conv1d_full_lokr(file)
         layers, extras, _ = parse_peft_tensors(
             file, _scale_config(cfg, config_path), config_path, allow_nonfinite=allow_nonfinite
         )
-        st_meta = file.metadata
-    if not layers:
-        raise LoRAFormatError(weights, f"holds no {cfg['peft_type']} factors")
-    for layer in layers:
-        if layer.meta.get("lycoris") != algo:
-            raise LoRAFormatError(
-                weights,
-                f"module {layer.name!r} is not a {algo} layer "
-                f"({layer.meta.get('lycoris') or 'plain LoRA'}), but {CONFIG_NAME} says "
-                f"peft_type {cfg['peft_type']}",
-            )
-    return peft_lora(path, layers, cfg, st_meta, extras)
+        if not layers:
+            raise LoRAFormatError(weights, f"holds no {cfg['peft_type']} factors")
+        for layer in layers:
+            if layer.lycoris != algo:
+                raise LoRAFormatError(
+                    weights,
+                    f"module {layer.name!r} is not a {algo} layer "
+                    f"({layer.lycoris or 'plain LoRA'}), but {CONFIG_NAME} says "
+                    f"peft_type {cfg['peft_type']}",
+                )
+    return FileLayers(file, layers, peft_metadata(path, cfg, file.metadata, extras))

@@ -17,27 +17,25 @@ from typing import Any
 from loralens.formats.config import ConfigScale
 from loralens.formats.errors import LoRAFormatError
 from loralens.formats.keys import FULL_WEIGHT_KEY, ModuleParts, parse_keys, refuse_unknown
-from loralens.formats.layers import alpha_scale, build_layers
-from loralens.formats.tensor_file import open_tensor_file
-from loralens.lora import LoRA
+from loralens.formats.layers import FileLayers, alpha_scale, opened, plan_layers
 
 #: Reads per-component PEFT configs from a file's safetensors header metadata.
 ConfigReader = Callable[[dict[str, str], Path], dict[str, dict[str, Any]]]
 
 
-def load_single_file(
+def open_single_file(
     path: Path,
     fmt: str,
     *,
     component_configs: ConfigReader | None = None,
     allow_nonfinite: bool = False,
-) -> LoRA:
-    """Read a .safetensors (or weights-only .bin) file of LoRA factors and alphas as ``fmt``.
+) -> FileLayers:
+    """Open a .safetensors (or weights-only .bin) file of LoRA factors and alphas as ``fmt``.
 
     ``component_configs`` (diffusers) reads per-component configs from the header metadata;
     they give the scale of modules without an alpha key.
     """
-    with open_tensor_file(path) as file:
+    with opened(path) as file:
         st_meta = file.metadata
         modules, unparsed = parse_keys(file.keys, path)
         extras = [k for k in unparsed if FULL_WEIGHT_KEY.match(k)]
@@ -53,9 +51,9 @@ def load_single_file(
                 return scales[component](inner)
             return alpha_scale(rank, alpha), None
 
-        layers = build_layers(modules, file, scale_for, allow_nonfinite=allow_nonfinite)
-    if not layers:
-        raise LoRAFormatError(path, "holds no LoRA factors")
+        layers = plan_layers(modules, file, scale_for, allow_nonfinite=allow_nonfinite)
+        if not layers:
+            raise LoRAFormatError(path, "holds no LoRA factors")
     metadata: dict[str, Any] = {
         "format": fmt,
         "source": str(path),
@@ -68,4 +66,4 @@ def load_single_file(
     base = st_meta.get("ss_sd_model_name") or st_meta.get("ss_base_model_version")
     if base:
         metadata["base_model"] = base
-    return LoRA(layers=layers, metadata=metadata)
+    return FileLayers(file, layers, metadata)

@@ -16,12 +16,13 @@ row-major and are still read and appended to as such).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import mmap
 import os
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ import torch
 
 from loralens.atomic import SpecialFileError, open_regular
 from loralens.errors import InputError, OutputExistsError
-from loralens.lora import LoRA
+from loralens.lora import row_blocks
 
 FORMAT = "loralens-store"
 VERSION = 2  # 2: rank-major factors; 1: row-major (read and appended to as such)
@@ -180,14 +181,12 @@ def is_rank_major(info: Mapping[str, Any]) -> bool:
     return int(info.get("version", 1)) >= 2
 
 
-def flatten_row(lora: LoRA, dtype: np.dtype, rank_major: bool) -> np.ndarray:
-    """One LoRA as a store row: every layer's U then V, flattened (transposed if rank-major)."""
-    parts = []
-    for layer in lora.layers:
-        for f in (layer.U, layer.V):
-            f = f.detach().to(torch.float32).cpu()
-            parts.append((f.T if rank_major else f).numpy().reshape(-1))
-    return np.concatenate(parts).astype(dtype, copy=False)
+def factor_blocks(f: torch.Tensor, dtype: np.dtype, rank_major: bool) -> Iterator[np.ndarray]:
+    """One (n x r) factor as a row stores it: U^T (r x n) if rank-major, else U, row-major, in
+    ``dtype`` (through float32), as contiguous blocks of rows in order: never a whole copy."""
+    f = f.detach()
+    for block in row_blocks(f.T if rank_major else f):
+        yield np.ascontiguousarray(block.to(torch.float32).cpu().numpy(), dtype=dtype)
 
 
 def row_offsets(
@@ -209,17 +208,21 @@ def factor_view(flat: torch.Tensor, n: int, r: int, rank_major: bool) -> torch.T
 
 
 def write_safetensors(
-    path: Path, tensors: Mapping[str, np.ndarray], metadata: dict
+    path: Path,
+    tensors: Mapping[str, tuple[np.dtype, tuple[int, ...]]],
+    data: Iterable[bytes | memoryview],
+    metadata: dict,
 ) -> dict[str, Any]:
-    """Write a safetensors file (the documented format: u64 header length, JSON header, data);
-    returns its checksum entry {bytes, sha256}, hashed as it is written."""
+    """Write a safetensors file (the documented format: u64 header length, JSON header, data)
+    of ``tensors`` (name -> dtype, shape) whose bytes, in that order, ``data`` gives a chunk at
+    a time; returns its checksum entry {bytes, sha256}, hashed as it is written."""
     header: dict[str, Any] = {"__metadata__": {k: str(v) for k, v in metadata.items()}}
     offset = 0
-    for name, arr in tensors.items():
-        nbytes = arr.nbytes
+    for name, (dtype, shape) in tensors.items():
+        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
         header[name] = {
-            "dtype": _ST_NAMES[arr.dtype],
-            "shape": list(arr.shape),
+            "dtype": _ST_NAMES[np.dtype(dtype)],
+            "shape": list(shape),
             "data_offsets": [offset, offset + nbytes],
         }
         offset += nbytes
@@ -227,16 +230,14 @@ def write_safetensors(
     raw += b" " * (-len(raw) % 8)  # align the data section
     digest, size = hashlib.sha256(), 0
     with open(path, "wb") as f:
-        for chunk in (
-            struct.pack("<Q", len(raw)),
-            raw,
-            *(np.ascontiguousarray(a).tobytes() for a in tensors.values()),
-        ):
+        for chunk in itertools.chain((struct.pack("<Q", len(raw)), raw), data):
             f.write(chunk)
             digest.update(chunk)
-            size += len(chunk)
+            size += memoryview(chunk).nbytes
         f.flush()
         os.fsync(f.fileno())
+    if size != 8 + len(raw) + offset:
+        raise ValueError(f"{path}: {size - 8 - len(raw)} data bytes for tensors of {offset}")
     return {"bytes": size, "sha256": digest.hexdigest()}
 
 

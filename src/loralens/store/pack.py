@@ -15,17 +15,19 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from loralens.atomic import special_kind
-from loralens.lora import LoRA
 from loralens.store.format import INFO, StoreError
 from loralens.store.labels import labels_frame, read_labels
 from loralens.store.reader import LoRAStore
 from loralens.store.writer import StoreWriter, refuse_existing
 from loralens.zoo.folder import ADAPTERS, LABELS, MANIFEST
+
+if TYPE_CHECKING:
+    from loralens.formats import LoRAReader
 
 #: File suffixes of single-file adapters (anything else in the folder that is not a folder is
 #: not an adapter).
@@ -125,12 +127,12 @@ def _zoo_parts(root: Path) -> tuple[Path, Path | None, dict | None]:
     return root / ADAPTERS, root / LABELS, manifest
 
 
-def _common_layout(loras: Sequence[LoRA | None]) -> tuple[list[str], list] | None:
-    """The (names, shapes) most of the readable ``loras`` share, or None if none is readable."""
+def _common_layout(layouts: Sequence[tuple | None]) -> tuple[list[str], list] | None:
+    """The (names, shapes) most of the readable adapters' ``layouts`` share (None: unreadable),
+    or None if none is readable."""
     counts: dict[tuple, int] = {}
-    for lora in loras:
-        if lora is not None:
-            key = (tuple(lora.names), tuple(lora.shapes))
+    for key in layouts:
+        if key is not None:
             counts[key] = counts.get(key, 0) + 1
     if not counts:
         return None
@@ -193,7 +195,7 @@ def pack(
     overwrite: bool = False,
     skip_bad: bool = False,
     skip_missing: bool = False,
-    load: Callable[[Path], LoRA] | None = None,
+    load: Callable[[Path], LoRAReader] | None = None,
     progress: Callable[[int, int, str], Any] | None = None,
     made_by: Mapping[str, Any] | None = None,
 ) -> tuple[LoRAStore, list[tuple[str, str]]]:
@@ -205,15 +207,18 @@ def pack(
     ``labels.csv``. Names the folder lacks, and adapters in the folder the labels do not name,
     are refused (a :class:`PackError` listing them, nothing written) unless ``skip_missing``,
     which leaves them out. The layer layout is the store's own when appending, else the most
-    common one among the first adapters. Adapters that cannot be read, are not regular files
-    or folders, or whose layers do not fit are refused: with ``skip_bad`` they are left out,
-    otherwise a :class:`PackError` lists them all and nothing is written. Everything left out
-    is recorded by name in ``store.json``'s history and returned as (name, reason).
-    ``progress(i, n, name)`` is called after each adapter.
-    """
-    from loralens.formats import load_lora
+    common one among the first adapters (from their headers). Adapters that cannot be read, are
+    not regular files or folders, or whose layers do not fit are refused: with ``skip_bad``
+    they are left out, otherwise a :class:`PackError` lists them all and nothing is written.
+    Everything left out is recorded by name in ``store.json``'s history and returned as (name,
+    reason). ``progress(i, n, name)`` is called after each adapter.
 
-    load = load or load_lora
+    Each adapter is opened with ``load`` (default :func:`~loralens.formats.open_lora`) and
+    written a layer at a time: memory holds one layer, never a whole adapter.
+    """
+    from loralens.formats import open_lora
+
+    load = load or open_lora
     if not (append or overwrite):  # before any adapter is read; checked again under the lock
         refuse_existing(Path(out))
     root, zoo_labels, zoo_info = _zoo_parts(Path(adapters_dir))
@@ -248,19 +253,16 @@ def pack(
         )
     records, paths, bad = targets.records, targets.paths, targets.bad
     label_cols = [c for c in frame.columns if c != "adapter"]
-    loaded: dict[int, LoRA | None] = {}
+    refused: set[int] = set()  # adapters that could not even be opened
 
-    def _load(k: int) -> LoRA | None:
-        if k in loaded:
-            return loaded.pop(k)
+    def _open(k: int) -> LoRAReader | None:
         name = str(records[k]["adapter"])
         try:
-            lora = load(paths[name])
+            return load(paths[name])
         except Exception as e:  # hostile or broken files are refused, never fatal
             bad.append((name, f"unreadable: {e}"))
+            refused.add(k)
             return None
-        lora.metadata.setdefault("source", str(paths[name]))
-        return lora
 
     meta = {"command": "pack", "adapters": str(root), "labels": labels_name}
     meta.update(made_by or {})
@@ -268,25 +270,21 @@ def pack(
         if not w.appending:
             if zoo_info is not None:
                 w.made_by["zoo"] = zoo_info
+            layouts = []
             for k in range(min(LAYOUT_SAMPLE, len(records))):
-                loaded[k] = _load(k)  # kept (or its refusal) for the main pass
-            layout = _common_layout(list(loaded.values()))
+                reader = _open(k)  # the header is enough: the names and shapes are known
+                layouts.append(None if reader is None else _layout_of(reader))
+                if reader is not None:
+                    reader.close()
+            layout = _common_layout(layouts)
             if layout is not None:
                 w.set_layout(*layout)
         for k, rec in enumerate(records):
             name = str(rec["adapter"])
-            lora = _load(k)
-            if lora is not None:
-                problem = w.mismatch(lora)
-                if problem:
-                    bad.append((name, f"layers do not fit the others: {problem}"))
-                else:
-                    labels_k = {c: rec[c] for c in label_cols}
-                    source = str(lora.metadata.get("source", ""))
-                    try:
-                        w.add(lora, id=name, source=source, labels=labels_k)
-                    except StoreError as e:  # NaN or inf factors, an id already stored
-                        bad.append((name, str(e)))
+            reader = None if k in refused else _open(k)
+            if reader is not None:
+                with reader:
+                    _add(w, reader, name, paths[name], {c: rec[c] for c in label_cols}, bad)
             if progress is not None:
                 progress(k + 1, len(records), name)
         if bad and not skip_bad:
@@ -302,6 +300,32 @@ def pack(
         if targets.unlabeled:
             w.made_by["unlabeled"] = [name for name, _ in targets.unlabeled]
     return LoRAStore(out), gaps + bad
+
+
+def _layout_of(reader: LoRAReader) -> tuple:
+    return tuple(reader.names), tuple(tuple(s) for s in reader.shapes)
+
+
+def _add(
+    w: StoreWriter,
+    reader: LoRAReader,
+    name: str,
+    path: Path,
+    labels: dict[str, Any],
+    bad: list[tuple[str, str]],
+) -> None:
+    """Write one open adapter, or add to ``bad`` why not: layers that do not fit, values the
+    reader refuses as it reads them, or what the store refuses (NaN or inf in its dtype)."""
+    problem = w.mismatch(reader)
+    if problem:
+        bad.append((name, f"layers do not fit the others: {problem}"))
+        return
+    try:
+        w.add(reader, id=name, source=str(reader.metadata.get("source", path)), labels=labels)
+    except StoreError as e:  # NaN or inf factors, an id already stored
+        bad.append((name, str(e)))
+    except Exception as e:  # a layer the reader refuses (NaN weights, a corrupt tensor, ...)
+        bad.append((name, f"unreadable: {e}"))
 
 
 def is_packed_from(store_path: str | os.PathLike, labels_csv: str | os.PathLike) -> bool:

@@ -7,6 +7,11 @@ sha256 in ``store.json``, fsyncs it and swaps it in (:func:`loralens.atomic.swap
 reader sees the old store or the new one, never none and never a mix. A failed write leaves
 the store as it was; one killed outright leaves a temporary directory that the next writer
 of the store removes.
+
+Rows are written as they come, a block of one layer's factors at a time, to a scratch file in
+that directory, and copied from it into each shard when the shard is full (its header needs
+every row's place first): adding an adapter from an open reader holds one of its layers, never
+the adapter, and rows waiting for their shard are on disk, not in memory.
 """
 
 from __future__ import annotations
@@ -15,9 +20,9 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 import pandas as pd
@@ -31,7 +36,7 @@ from loralens.atomic import (
     swap_in,
     write_file_atomic,
 )
-from loralens.lora import LayerSpec, LoRA, spec_of
+from loralens.lora import LayerSpec, LoRA
 from loralens.store.format import (
     CHECKSUMS,
     DEFAULT_SHARD_BYTES,
@@ -48,7 +53,7 @@ from loralens.store.format import (
     StoreExistsError,
     check_label_names,
     checksum_of,
-    flatten_row,
+    factor_blocks,
     is_rank_major,
     label_column,
     shapes_key,
@@ -56,6 +61,14 @@ from loralens.store.format import (
 )
 from loralens.store.integrity import checksum, shard_numbers
 from loralens.store.reader import LoRAStore
+
+if TYPE_CHECKING:
+    from loralens.formats import LoRAReader
+
+#: The scratch file rows wait in until their shard is written (inside the temporary directory).
+SCRATCH = ".rows"
+#: Bytes copied from the scratch file into a shard at a time.
+COPY_BYTES = 4 * 2**20
 
 
 def _begin(path: Path) -> tuple[LockBeside, Path]:
@@ -139,8 +152,8 @@ class StoreWriter:
             self._next_shard = max(shard_numbers(path), default=-1) + 1
             self._ids = set(existing.ids)
         self._records: list[dict[str, Any]] = []
-        self._buffer: dict[tuple[int, ...], list[np.ndarray]] = {}
-        self._buffer_bytes = 0
+        self._scratch: BinaryIO | None = None
+        self._scratch_bytes = 0
 
     @classmethod
     def create(
@@ -236,24 +249,27 @@ class StoreWriter:
         """LoRAs added by this writer so far."""
         return len(self._records)
 
-    def mismatch(self, lora: LoRA) -> str:
-        """Why ``lora`` does not fit this store's layer layout ('' when it fits)."""
+    def mismatch(self, lora: LoRA | LoRAReader) -> str:
+        """Why ``lora`` (or an open reader's layers) does not fit this store's layer layout ('' when
+        it fits); from layer names and shapes alone, so no values are read."""
         if self._names is None:
             return ""
-        theirs = spec_of(lora)
-        mine = LayerSpec(tuple(self._names), tuple(self._shapes), theirs.ranks)
-        return mine.describe_mismatch(theirs)
+        return _layout(self._names, self._shapes).describe_mismatch(
+            _layout(lora.names, lora.shapes)
+        )
 
     def add(
         self,
-        lora: LoRA,
+        lora: LoRA | LoRAReader,
         *,
         id: str,
         source: str = "",
         labels: Mapping[str, Any] | None = None,
     ) -> None:
-        """Add one LoRA under a new ``id`` with its label values (refused: a duplicate id,
-        layers that do not fit, NaN or inf factors, two labels stored under one name)."""
+        """Add one LoRA, or the layers of an open :class:`~loralens.formats.LoRAReader` (read
+        here one at a time), under a new ``id`` with its label values (refused: a duplicate id,
+        layers that do not fit, NaN or inf factors, two labels stored under one name). An error
+        from the reader leaves nothing of the LoRA behind."""
         id = str(id)
         if id in self._ids:
             raise StoreError(f"duplicate id {id!r}")
@@ -264,24 +280,35 @@ class StoreWriter:
         problem = self.mismatch(lora)
         if problem:
             raise StoreError(f"{id}: layers do not fit the store: {problem}")
-        ranks = tuple(int(r) for r in lora.ranks)
-        row = flatten_row(lora, self._np_dtype, self._version >= 2)
-        if not np.isfinite(row).all():
-            raise StoreError(f"{id}: NaN or inf in its factors (in {self.dtype})")
-        self._buffer.setdefault(ranks, []).append(row)
-        self._buffer_bytes += row.nbytes
+        scratch = self._open_scratch()
+        start = scratch.tell()
+        ranks: list[int] = []
+        try:
+            for layer in lora:
+                ranks.append(layer.rank)
+                for f in (layer.U, layer.V):
+                    for block in factor_blocks(f, self._np_dtype, self._version >= 2):
+                        if not np.isfinite(block).all():
+                            raise StoreError(f"{id}: NaN or inf in its factors (in {self.dtype})")
+                        scratch.write(block.data)
+                del layer  # before the next layer is read
+        except BaseException:
+            scratch.seek(start)
+            scratch.truncate()
+            raise
+        self._scratch_bytes += scratch.tell() - start
         self._ids.add(id)
-        rec = {
-            "id": id,
-            "source": str(source),
-            "rank": max(ranks) if ranks else 0,
-            "_ranks": list(ranks),
-            "_buffer_ranks": ranks,
-            "_buffer_pos": len(self._buffer[ranks]) - 1,
-            "_labels": labels,
-        }
-        self._records.append(rec)
-        if self._buffer_bytes >= self.shard_bytes:
+        self._records.append(
+            {
+                "id": id,
+                "source": str(source),
+                "rank": max(ranks) if ranks else 0,
+                "_ranks": list(ranks),
+                "_pending": (tuple(ranks), start, scratch.tell() - start),
+                "_labels": labels,
+            }
+        )
+        if self._scratch_bytes >= self.shard_bytes:
             self._flush()
 
     def __enter__(self) -> StoreWriter:
@@ -294,26 +321,44 @@ class StoreWriter:
             self.abort()
 
     # ------------------------------------------------------------------ internals
+    def _open_scratch(self) -> BinaryIO:
+        if self._scratch is None:
+            self._scratch = open(self._workdir / SCRATCH, "w+b")  # noqa: SIM115 (closed on commit/abort)
+        return self._scratch
+
+    def _close_scratch(self) -> None:
+        if self._scratch is not None:
+            self._scratch.close()
+            self._scratch = None
+            (self._workdir / SCRATCH).unlink(missing_ok=True)
+
     def _flush(self) -> None:
-        if not self._buffer:
+        """Write the rows waiting in the scratch file as the next shard: rows of equal ranks
+        share a tensor ``g<k>``, in the order they were added."""
+        pending = [rec for rec in self._records if "_pending" in rec]
+        if not pending:
             return
         shard = self._next_shard
         self._next_shard += 1
-        tensors, keymap = {}, {}
-        for k, (ranks, rows) in enumerate(self._buffer.items()):
-            tensors[f"g{k}"] = np.stack(rows)
-            keymap[ranks] = f"g{k}"
-        for rec in self._records:
-            if "_buffer_ranks" in rec and "_shard" not in rec:
-                rec["_shard"] = shard
-                rec["_key"] = keymap[rec["_buffer_ranks"]]
-                rec["_row"] = rec["_buffer_pos"]
-                del rec["_buffer_ranks"], rec["_buffer_pos"]
+        groups: dict[tuple[int, ...], list[dict[str, Any]]] = {}
+        for rec in pending:
+            groups.setdefault(rec["_pending"][0], []).append(rec)
+        tensors, spans = {}, []
+        for k, recs in enumerate(groups.values()):
+            row_length = recs[0]["_pending"][2] // np.dtype(self._np_dtype).itemsize
+            tensors[f"g{k}"] = (self._np_dtype, (len(recs), row_length))
+            for row, rec in enumerate(recs):
+                spans.append(rec["_pending"][1:])
+                rec.update(_shard=shard, _key=f"g{k}", _row=row)
+                del rec["_pending"]
         name = SHARD_PATTERN.format(shard)
         meta = {"format": FORMAT, "version": self._version, "layers": json.dumps(self._names)}
-        self._checksums[name] = write_safetensors(self._workdir / name, tensors, meta)
-        self._buffer = {}
-        self._buffer_bytes = 0
+        scratch = self._open_scratch()
+        data = _copied(scratch, spans)
+        self._checksums[name] = write_safetensors(self._workdir / name, tensors, data, meta)
+        scratch.seek(0)
+        scratch.truncate()
+        self._scratch_bytes = 0
 
     def _index_frame(self) -> pd.DataFrame:
         key = shapes_key(self._names or [], self._shapes or [])
@@ -368,8 +413,8 @@ class StoreWriter:
     def commit(self) -> LoRAStore:
         """Make everything added visible at ``path`` in one atomic step; returns the store."""
         try:
-            if self._records and self._buffer:
-                self._flush()
+            self._flush()
+            self._close_scratch()
             if not self._records and not self.appending:
                 raise StoreError("nothing to write: no LoRA was added")
             index = self._index_frame()
@@ -392,12 +437,31 @@ class StoreWriter:
 
     def abort(self) -> None:
         """Remove everything this writer wrote; an existing store is left as it was."""
+        if self._scratch is not None:
+            self._scratch.close()
         shutil.rmtree(self._workdir, ignore_errors=True)
         self._lock.release()
 
     def __del__(self) -> None:
         if self._lock.held:  # dropped without commit or abort: never keep the lock
             self.abort()
+
+
+def _layout(names: Sequence[str], shapes: Sequence[Sequence[int]]) -> LayerSpec:
+    """A layer layout (names, delta-W shapes) as a spec to compare; ranks do not matter here."""
+    return LayerSpec(tuple(names), tuple((int(o), int(i)) for o, i in shapes), ())
+
+
+def _copied(file: BinaryIO, spans: Sequence[tuple[int, int]]) -> Iterator[bytes]:
+    """The bytes of ``file`` at each (offset, length) span in turn, a chunk at a time."""
+    for offset, length in spans:
+        file.seek(offset)
+        while length > 0:
+            chunk = file.read(min(length, COPY_BYTES))
+            if not chunk:
+                raise StoreError(f"{file.name}: rows waiting for their shard were cut short")
+            length -= len(chunk)
+            yield chunk
 
 
 def write_store(

@@ -14,7 +14,7 @@ None: they say so with ``calibrated: false``.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -23,7 +23,7 @@ import torch
 from loralens.jsonio import json_safe
 from loralens.learn.fitting.tasks import CLASSIFICATION, THRESHOLD
 from loralens.learn.trust.fitcheck import FitInputs
-from loralens.lora import LoRA, collate, spec_of
+from loralens.lora import LayerSpec, LoRA, LoRABatch, LoRALayer, all_finite, collate
 
 if TYPE_CHECKING:
     from loralens.learn.runs.folder import Run
@@ -35,6 +35,11 @@ UNCALIBRATED = (
 )
 
 
+#: A batch of adapters read to predict on is predicted once their factors reach this many bytes
+#: (an adapter this large is predicted alone).
+BATCH_BYTES = 64 * 2**20
+
+
 def predict_adapters(
     run: Run,
     adapters: Sequence[LoRA | str | os.PathLike],
@@ -44,68 +49,114 @@ def predict_adapters(
 ) -> list[dict[str, Any]]:
     """One row per adapter (files, adapter folders, folders of adapters expanded in place, or
     ``LoRA`` objects); an adapter that cannot be read, does not fit the model's layout or has
-    non-finite weights gets a row with ``error`` and the others are still predicted."""
+    non-finite weights gets a row with ``error`` and the others are still predicted.
+
+    Adapters are read as they are predicted, ``batch_size`` at a time or fewer once their
+    factors reach :data:`BATCH_BYTES`, each a layer at a time straight into the model's batch
+    layout, and let go after: memory holds one batch (one adapter, for adapters that large),
+    never all of them."""
     from loralens.formats import expand_adapters
 
-    items: list[tuple[str, LoRA | None, str | None]] = []
+    sources: list[LoRA | os.PathLike] = []
     for a in adapters:
-        if isinstance(a, LoRA):
-            items.append((str(a.metadata.get("source", f"adapter #{len(items)}")), a, None))
+        sources.extend([a] if isinstance(a, LoRA) else expand_adapters([a]))
+    rows: list[dict[str, Any] | None] = [None] * len(sources)
+    names: list[str] = []
+    chunk: list[tuple[int, LoRABatch]] = []
+    size = 0
+    for k, source in enumerate(sources):
+        name, batch, err = _read(run, source, len(names))
+        names.append(name)
+        if batch is None:
+            rows[k] = _failed(run, err)
             continue
-        for path in expand_adapters([a]):
-            items.append(_load(path))
-    good = [k for k, (_, lora, err) in enumerate(items) if err is None]
-    for k in good:
-        name, lora, _ = items[k]
-        problem = _problem(run, lora, name)
-        if problem:
-            items[k] = (name, None, problem)
-    good = [k for k, (_, _, err) in enumerate(items) if err is None]
-    results: dict[int, dict[str, Any]] = {}
-    for s in range(0, len(good), batch_size):
-        chunk = good[s : s + batch_size]
-        batch = collate([items[k][1] for k in chunk])
-        batch = batch.pad_to(np.maximum(batch.spec.ranks, run.spec.ranks))
-        raw, fit_in = run.outputs([batch])
-        for k, row in zip(chunk, _rows(run, raw, fit_in, coverage)):
-            results[k] = row
-    rows = []
-    for k, (name, _, err) in enumerate(items):
-        row = results.get(k) or _failed(run, err)
+        chunk.append((k, batch))
+        size += sum(u.nbytes + v.nbytes for u, v in zip(batch.U, batch.V))
+        del batch
+        if len(chunk) >= batch_size or size >= BATCH_BYTES:
+            _predict_chunk(run, chunk, coverage, rows)
+            chunk, size = [], 0
+    if chunk:
+        _predict_chunk(run, chunk, coverage, rows)
+    out = []
+    for name, row in zip(names, rows):
         if row.get("error") is None and not all(np.isfinite(list(row["prediction"].values()))):
             row = _failed(
                 run,
                 f"the model gives a non-finite prediction for {name} (an overflow or an invalid value)",
             )
-        rows.append({"adapter": name, **row})
-    return json_safe(rows)
+        out.append({"adapter": name, **row})
+    return json_safe(out)
 
 
-def _load(path: os.PathLike) -> tuple[str, LoRA | None, str | None]:
-    """(name, the LoRA, None), or (name, None, why it cannot be read)."""
-    from loralens.formats import LoRAFormatError, load_lora
+def _predict_chunk(
+    run: Run,
+    chunk: list[tuple[int, LoRABatch]],
+    coverage: float | None,
+    rows: list[dict[str, Any] | None],
+) -> None:
+    """Predict the adapters of ``chunk`` (batches of one; emptied, so that each is let go once
+    it is in the model's batch) into ``rows``."""
+    index = [k for k, _ in chunk]
+    batches = [one for _, one in chunk]
+    batch = batches[0] if len(batches) == 1 else collate([one.unbatch()[0] for one in batches])
+    del batches
+    chunk.clear()
+    batch = batch.pad_to(np.maximum(batch.spec.ranks, run.spec.ranks))
+    raw, fit_in = run.outputs([batch])
+    del batch
+    for k, row in zip(index, _rows(run, raw, fit_in, coverage)):
+        rows[k] = row
 
+
+def _read(run: Run, source: LoRA | os.PathLike, k: int) -> tuple[str, LoRABatch | None, str]:
+    """(name, the adapter as a batch of one, ""), or (name, None, why it cannot be read or
+    predicted); ``k`` numbers a LoRA object without a source. A file's layout is checked from
+    its header, before any of its values is read."""
+    from loralens.formats import LoRAFormatError, open_lora
+
+    if isinstance(source, LoRA):
+        name = str(source.metadata.get("source", f"adapter #{k}"))
+        return name, *_batch_of_one(run, name, source.names, source.shapes, source.layers)
+    name = str(source)
     try:
-        return str(path), load_lora(path), None
+        with open_lora(source) as reader:
+            return name, *_batch_of_one(run, name, reader.names, reader.shapes, reader)
     except (LoRAFormatError, OSError, ValueError) as e:
-        return str(path), None, str(e)
+        return name, None, str(e)
 
 
-def _problem(run: Run, lora: LoRA, name: str) -> str | None:
-    """Why ``lora`` cannot be predicted at all: a layout the model does not take, or weights
-    that are not finite (layer 1 and the refusal part of layer 2 of the fit check)."""
+def _batch_of_one(
+    run: Run,
+    name: str,
+    names: Sequence[str],
+    shapes: Sequence[tuple[int, int]],
+    layers: Iterable[LoRALayer],
+) -> tuple[LoRABatch | None, str]:
+    """(what :func:`collate` makes of one adapter, ""), each layer copied into it as it is read
+    and then let go; or (None, why it cannot be predicted at all: a layout the model does not
+    take, or weights that are not finite: layer 1 and the refusal part of layer 2 of the fit
+    check)."""
     try:
-        run.check(spec_of(lora), name)
+        run.check(LayerSpec(tuple(names), tuple(shapes), ()), name)
     except ValueError as e:
-        return str(e)
-    bad = [
-        layer.name
-        for layer in lora.layers
-        if not (bool(torch.isfinite(layer.U).all()) and bool(torch.isfinite(layer.V).all()))
-    ]
+        return None, str(e)
+    parts: list[LoRABatch] = []
+    bad: list[str] = []
+    for layer in layers:
+        if not (all_finite(layer.U) and all_finite(layer.V)):
+            bad.append(layer.name)
+        dtype = parts[0].dtype if parts else None  # collate's: the first layer's
+        parts.append(collate([LoRA(layers=[layer])], dtype=dtype))
+        del layer  # before the next one is read
     if bad:
-        return f"{name}: non-finite weights (not a number or infinite) in {', '.join(bad[:3])}"
-    return None
+        return (
+            None,
+            f"{name}: non-finite weights (not a number or infinite) in {', '.join(bad[:3])}",
+        )
+    ranks = torch.cat([p.ranks for p in parts], dim=1)
+    U, V = [p.U[0] for p in parts], [p.V[0] for p in parts]
+    return LoRABatch(names=list(names), U=U, V=V, ranks=ranks), ""
 
 
 def _rows(
