@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 import loralens as ll
+from loralens.store import LoRAStore, write_store
 
 #: Delta-W shapes (out, in) of the small three-layer LoRAs the store tests use.
 STORE_SHAPES = ((6, 5), (4, 7), (6, 5))
@@ -47,6 +48,37 @@ def store_items(
 
     tests/data/store-v1 holds the first five of these: keep the draws as they are."""
     return [(f"a{k}", store_lora(ranks(k), k), {"y": k * 0.5, "flag": k % 2}) for k in range(n)]
+
+
+#: Delta-W shapes of :func:`linear_zoo`'s LoRAs.
+LINEAR_SHAPES = ((8, 6), (5, 6))
+
+
+def linear_zoo(
+    path: Path,
+    n: int,
+    seed: int,
+    noise: float = 0.3,
+    extra: Callable[[int, float], dict] | None = None,
+) -> LoRAStore:
+    """A store of ``n`` rank-2 LoRAs whose label ``y`` is a fixed linear function of ΔW (signal
+    std about 1, the same for every ``seed``) plus N(0, noise²), and ``c`` = 1 where ``y`` > 0;
+    ``extra(k, y)`` adds label columns to the k-th LoRA (a split column)."""
+    g = torch.Generator().manual_seed(seed)
+    a = [torch.randn(o, i, generator=torch.Generator().manual_seed(7)) for o, i in LINEAR_SHAPES]
+    items = []
+    for k in range(n):
+        layers = [
+            ll.LoRALayer(
+                f"h.{j}.attn", torch.randn(o, 2, generator=g), torch.randn(i, 2, generator=g)
+            )
+            for j, (o, i) in enumerate(LINEAR_SHAPES)
+        ]
+        signal = sum(float((w * x.delta_weight()).sum()) for w, x in zip(a, layers)) / 24.0
+        y = signal + noise * float(torch.randn(1, generator=g))
+        labels = {"y": y, "c": int(y > 0), **(extra(k, y) if extra else {})}
+        items.append((f"s{seed}-{k:03d}", ll.LoRA(layers), labels))
+    return write_store(path, items)
 
 
 def seeded_randn(*shape, seed=0, dtype=torch.float32) -> torch.Tensor:
@@ -176,14 +208,14 @@ def zoo_rows(zoo: Path) -> list[dict[str, str]]:
 def older_calibration(run_dir: Path, out: Path, version: int) -> Path:
     """A copy of the run at ``run_dir`` in ``out`` whose calibration files are as an older
     loralens wrote them: without what came after ``version`` (2: the scale score's keys and
-    arrays; 3: the span score's)."""
+    arrays; 3: the span score's; 4: the check's problems)."""
     import json
     import shutil
 
     from safetensors.numpy import load_file, save_file
 
     shutil.copytree(run_dir, out)
-    keys, arrays = {"span", "span_threshold"}, ("span",)
+    keys, arrays = {"span", "span_threshold", "problems"}, ("span",)
     if version < 2:
         keys, arrays = keys | {"size_bias", "size_threshold"}, (*arrays, "size")
     path = out / "calibration.json"

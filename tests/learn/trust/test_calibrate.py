@@ -5,38 +5,17 @@ keep their promise on new LoRAs of a synthetic zoo with a known noise level."""
 from __future__ import annotations
 
 import numpy as np
-import torch
 
-import loralens as ll
+from helpers import linear_zoo
 from loralens.learn.runs.evaluation import evaluate
 from loralens.learn.training.config import TrainConfig
 from loralens.learn.training.loop import train
-from loralens.store import write_store
 
-SHAPES = ((8, 6), (5, 6))
 NOISE = 0.3
 
 
-def _zoo(path, n: int, seed: int):
-    """LoRAs whose label is a fixed linear function of ΔW (signal std about 1) plus N(0, NOISE²)."""
-    g = torch.Generator().manual_seed(seed)
-    a = [torch.randn(o, i, generator=torch.Generator().manual_seed(7)) for o, i in SHAPES]
-    items = []
-    for k in range(n):
-        layers = [
-            ll.LoRALayer(
-                f"h.{j}.attn", torch.randn(o, 2, generator=g), torch.randn(i, 2, generator=g)
-            )
-            for j, (o, i) in enumerate(SHAPES)
-        ]
-        signal = sum(float((w * x.delta_weight()).sum()) for w, x in zip(a, layers)) / 24.0
-        y = signal + NOISE * float(torch.randn(1, generator=g))
-        items.append((f"s{seed}-{k:03d}", ll.LoRA(layers), {"y": y}))
-    return write_store(path, items)
-
-
 def test_a_base_only_run_calibrates_on_out_of_fold_residuals_and_covers_new_loras(tmp_path):
-    store = _zoo(tmp_path / "s", 200, 0)
+    store = linear_zoo(tmp_path / "s", 200, 0)
     config = TrainConfig(
         model="glnet", targets=["y"], epochs=1, lr=1e-9, seed=0, plots=False, interval="plain"
     )
@@ -44,7 +23,7 @@ def test_a_base_only_run_calibrates_on_out_of_fold_residuals_and_covers_new_lora
     cal = m["calibration"]
     assert m["best_epoch"] == 0 and cal["method"] == "split+cv"
     assert cal["n_calibration"] == m["n"]["train"] + m["n"]["val"] + m["n"]["cal"]
-    ev = evaluate(tmp_path / "run", _zoo(tmp_path / "new", 400, 1))
+    ev = evaluate(tmp_path / "run", linear_zoo(tmp_path / "new", 400, 1))
     rep = ev["calibration"]["report"]
     assert ev["n"] == 400
     assert 0.85 <= rep["coverage"] <= 0.95, rep["coverage"]

@@ -198,8 +198,8 @@ def test_a_scale_model_of_the_wrong_length_is_refused_naming_the_file(reg_run, t
 
 @pytest.mark.parametrize("with_cal", [True, False])
 def test_a_split_column_is_kept_and_its_cal_rows_calibrate(make_store, tmp_path, with_cal):
-    """A store's split column decides the rows: its ``cal`` rows calibrate, else its val rows
-    (method "val"); no training row is moved."""
+    """A store's split column decides the rows: its ``cal`` rows calibrate, else the rows the
+    final model was fitted on, out of fold (CV+); no training row is moved."""
 
     def split(k, s):
         part = ["train"] * 6 + ["val", "test"] + (["cal"] * 2 if with_cal else ["train"] * 2)
@@ -208,7 +208,8 @@ def test_a_split_column_is_kept_and_its_cal_rows_calibrate(make_store, tmp_path,
     m = _train(make_store(tmp_path / "s", n=100, extra=split), tmp_path / "r")
     cal = m["calibration"]
     assert m["n"]["train"] == (60 if with_cal else 80)
-    want = ("val", 10)
+    # no cal rows: train + val out of fold for the base alone, else val with the base out of fold
+    want = ("cv", 90) if m["best_epoch"] == 0 else ("val+cv", 10)
     if with_cal:  # 20 cal rows, and the linear base's 70 out-of-fold residuals if it alone won
         want = ("split+cv", 90) if m["best_epoch"] == 0 else ("split", 20)
     assert (cal["method"], cal["n_calibration"]) == want

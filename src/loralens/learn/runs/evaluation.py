@@ -87,7 +87,6 @@ def evaluate(
         if cal is None
         else {
             **cal.summary(),
-            "calibrated": True,
             "report": cal.report(
                 run.task, out[~seen], fit_in.take(~seen), y_all[rows[~seen]], coverage
             ),

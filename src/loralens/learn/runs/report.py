@@ -77,7 +77,8 @@ def probe_verdict(metrics: Mapping[str, Any]) -> list[str]:
 
 def calibration_lines(entry: dict[str, Any] | None, key: str = "test") -> list[str]:
     """How a run's intervals or sets held (on its test split, or ``key``'s report) and what
-    share its fit check flagged; one line saying so when it has no calibration."""
+    share its fit check flagged, then a line per target they failed; one line saying so when
+    it has no calibration."""
     if not entry or not entry.get(key):
         note = (entry or {}).get("note", "no calibration: predictions come without intervals")
         return [note]
@@ -91,12 +92,15 @@ def calibration_lines(entry: dict[str, Any] | None, key: str = "test") -> list[s
             f"mean width {cell(rep['width_rel_std'], fmt='.2f')} label std (no weights: "
             f"{cell(rep['width_no_weights_rel_std'], fmt='.2f')})"
         )
-    return [
-        f"{level} {'sets' if rep.get('set_size') is not None else 'intervals'} on the {where}: "
+    lines = [
+        f"{level} {'sets' if rep.get('set_size') is not None else 'intervals'} on {where}: "
         f"coverage {cell(rep['coverage'], fmt='.2f')}, {shape}; fit check flags {cell(rep['flagged'], fmt='.0%')} "
         f"(threshold {cell(entry['ood_threshold'], fmt='.3g')}, {entry['method']} calibration on "
         f"{entry['n_calibration']} LoRAs)"
     ]
+    for problem in rep.get("problems") or []:
+        lines.append(f"not calibrated on {where}: {problem}")
+    return lines
 
 
 def headline(metrics: Mapping[str, Any], kind: str) -> dict[str, Any]:

@@ -1,15 +1,8 @@
-"""Calibrating a trained run (:mod:`loralens.learn.trust.calibration`): the model's outputs, embeddings and
-update sizes over store rows, the calibration fitted from them, and its report on the test
-split, all in one place so that ``train`` calls one function.
-
-``split`` runs hold a share of the training split out (``TrainConfig.calibration``, seeded,
-stratified by class) before training (a split read from a store column is kept: its ``cal``
-rows calibrate, or failing those its validation rows, ``val``); cross-validated runs calibrate
-on the out-of-fold outputs (cross-conformal) and report each fold judged by the other folds'
-quantiles and threshold. A ``split`` run whose model is its linear base alone (early stopping
-chose epoch 0) also calibrates on the base's out-of-fold residuals over the rows it was fitted
-on (``split+cv``, CV+): 20 held-out scores give a 90% quantile that varies by ±6 points of
-coverage from one draw to the next, 180 by about ±2.
+"""Calibrating a trained run (:mod:`loralens.learn.trust.calibration`): the model's outputs,
+embeddings and update sizes over store rows; the calibration fitted from them on rows no part
+of the model was fitted on; the out-of-fold outputs of a model whose linear base was refitted
+on the rows to calibrate on (CV+); and the cross-conformal test report. Which rows each kind of
+run calibrates on is :mod:`loralens.learn.training.calibrating`'s choice.
 """
 
 from __future__ import annotations
@@ -113,16 +106,15 @@ def calibrate(
     share: float = 0.05,
     normalized: bool = True,
     seed: int = 0,
-    pooled: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> Calibration:
     """Fit the fit check on ``reference_rows`` (the training LoRAs) and calibrate on
-    ``cal_rows``: held out (``cal_raw`` None: the model predicts them), or out-of-fold outputs
-    ``cal_raw`` of rows among the reference, in folds ``groups`` (cross-conformal: each fold's
-    fit scores are taken against a reference of the other folds). ``method`` names a held-out
-    calibration: "split", or "val" (validation rows, also used to stop early: a little optimistic).
-    The fit check's thresholds also pool the reference LoRAs scored out of fold (OOF_FOLDS).
-    ``pooled``: (rows, raw outputs) of more LoRAs predicted out of fold (:func:`base_out_of_fold`)
-    whose residuals join the calibration LoRAs' (method "split+cv")."""
+    ``cal_rows`` with their raw outputs ``cal_raw`` (None: the model predicts them), which
+    must come from no fit that saw those rows: held-out rows, outputs out of fold
+    (:func:`base_out_of_fold`), or, with folds ``groups``, the cross-validated folds' outputs
+    (cross-conformal: each fold's fit scores are taken against a reference of the other folds).
+    ``method`` names which (``calibration.METHODS``). The fit check's thresholds pool the
+    calibration LoRAs' scores with the reference LoRAs' scored out of fold (OOF_FOLDS); a
+    calibration LoRA in the reference gets its out-of-fold scores."""
     names = list(model.spec.names)
     rng = np.random.default_rng(seed)
     ref = np.sort(np.asarray(reference_rows))
@@ -140,39 +132,31 @@ def calibrate(
     fit = FitCheck.fit(ref_in, names)
     fit.span = span_fit.span
     raw, cal_in = store_outputs(model, store, cal_rows, span=span_fit.span)
-    cal_raw = raw if cal_raw is None else cal_raw
+    cal_raw = raw if cal_raw is None else np.asarray(cal_raw)
     span = span_fit.held_out(cal_rows, cal_in.span)
     if groups is None:
         ood, size = fit.scores(cal_in.embed), np.abs(fit.size_residuals(cal_in))
         ref_ood, ref_size = out_of_fold_scores(ref_in, folds, names)
         ref_span = span_fit.held_out(ref, ref_in.span)
-        fit.calibrate(np.r_[ood, ref_ood], np.r_[size, ref_size], np.r_[span, ref_span], share)
-        if pooled is not None:
-            p_rows, p_raw = pooled
-            at = np.searchsorted(ref, p_rows).clip(max=len(ref) - 1)
-            in_ref = ref[at] == p_rows  # scored out of fold above
-            p_ood, p_size, p_span = (np.empty(len(p_rows)) for _ in range(3))
-            p_ood[in_ref], p_size[in_ref] = ref_ood[at[in_ref]], ref_size[at[in_ref]]
-            p_span[in_ref] = ref_span[at[in_ref]]
-            if not in_ref.all():  # the others (validation rows) against the whole reference
-                _, p_in = store_outputs(model, store, p_rows[~in_ref], span=span_fit.span)
-                p_ood[~in_ref] = fit.scores(p_in.embed)
-                p_size[~in_ref] = np.abs(fit.size_residuals(p_in))
-                p_span[~in_ref] = p_in.span
+        at = np.searchsorted(ref, cal_rows).clip(max=max(len(ref) - 1, 0))
+        in_ref = ref[at] == cal_rows  # scored out of fold above
+        ood[in_ref], size[in_ref] = ref_ood[at[in_ref]], ref_size[at[in_ref]]
+        out = ~in_ref
+        fit.calibrate(
+            np.r_[ood[out], ref_ood], np.r_[size[out], ref_size], np.r_[span[out], ref_span], share
+        )
     else:  # the refit saw every LoRA: each fold is scored against a reference of the others
         ood, size = out_of_fold_scores(cal_in, groups, names)
         fit.calibrate(ood, size, span, share)
     finite = ood[np.isfinite(ood)]
     offset = float(np.median(finite)) if len(finite) else 1.0
-    baseline = np.abs(y_all[cal_rows] - np.asarray(task.mean))
-    if groups is None and pooled is not None:
-        method = "split+cv"
-        cal_rows, cal_raw = np.r_[cal_rows, p_rows], np.r_[cal_raw, p_raw]
-        ood, size, span = np.r_[ood, p_ood], np.r_[size, p_size], np.r_[span, p_span]
     y = y_all[cal_rows]
+    baseline = np.abs(y - np.asarray(task.mean))
     if task.kind == CLASSIFICATION:
-        temp = np.array([cp.fit_temperature(cal_raw[:, j], y[:, j]) for j in range(y.shape[1])])
-        scores = cp.set_scores(cp.sigmoid(cal_raw / temp), y)
+        temp = np.array(
+            [cp.choose_temperature(cal_raw[:, j], y[:, j], seed) for j in range(y.shape[1])]
+        )
+        scores = cp.set_scores(cp.calibrated(cal_raw, temp), y)
     else:
         temp = np.ones(y.shape[1])
         diff = offset + ood if normalized else np.ones(len(ood))
@@ -200,20 +184,36 @@ def base_only(model: Any) -> bool:
 
 
 def base_out_of_fold(
-    model: Any, store: LoRAStore, task: Task, y_all: np.ndarray, rows: np.ndarray, seed: int
+    model: Any,
+    store: LoRAStore,
+    task: Task,
+    y_all: np.ndarray,
+    fitted: np.ndarray,
+    held: np.ndarray,
+    raw: np.ndarray,
+    seed: int,
 ) -> np.ndarray:
-    """(len(rows), out) raw outputs of the model's linear base refitted without each of
-    OOF_FOLDS seeded folds of ``rows`` (the rows it was fitted on), on that fold: the residuals
-    of a model that is its base alone, out of fold (CV+), to calibrate on beside the held-out
-    LoRAs."""
-    xs = base_features(store, model, rows)
-    y = task.encode(y_all[rows])
-    folds = np.random.default_rng(seed).permutation(np.arange(len(rows)) % OOF_FOLDS)
-    out = np.zeros((len(rows), task.out_dim))
+    """(len(held), out) raw outputs of ``model`` on store rows ``held`` (``raw`` as it gives
+    them) with its linear base, fitted on the sorted rows ``fitted`` (``held`` among them),
+    refitted without each of OOF_FOLDS seeded folds of ``held`` and applied to that fold: the
+    outputs on rows that no part of the model was fitted on, when the rest of it (the network,
+    or nothing for a model that is its base alone) never trained on ``held`` (CV+)."""
+    xs = base_features(store, model, fitted)
+    y = task.encode(y_all[fitted])
+    base = model.linear_base
+    delta = base.kind == "update" and bool(base.delta)
+    weight, bias = base.weight.double().cpu().numpy(), base.bias.double().cpu().numpy()
+    at = np.searchsorted(fitted, held)
+    out = np.asarray(raw, dtype=np.float64) - (xs[delta][at] @ weight + bias)
+    folds = np.random.default_rng(seed).permutation(np.arange(len(held)) % OOF_FOLDS)
     for g in range(OOF_FOLDS):
         m = folds == g
-        fit = fit_base(model, task, y[~m], {d: x[~m] for d, x in xs.items()})
-        out[m] = fit.predict({d: x[m] for d, x in xs.items()})
+        if not m.any():
+            continue
+        keep = np.ones(len(fitted), dtype=bool)
+        keep[at[m]] = False
+        fit = fit_base(model, task, y[keep], {d: x[keep] for d, x in xs.items()})
+        out[m] += fit.predict({d: x[at[m]] for d, x in xs.items()})
     return out
 
 
@@ -232,8 +232,13 @@ def cross_report(cal: Calibration, task: Task, y: np.ndarray, groups: np.ndarray
             if alpha > 0:
                 flagged[m] |= score[m] > cp.conformal_quantile(score[~m], 1.0 - alpha)
     ok = ~np.isnan(y)
+    inside = cal.scores <= q
     rep: dict[str, Any] = {"level": level, "n": n, "cross_fitted": True}
-    rep["coverage"] = float(np.mean((cal.scores <= q)[ok]))
+    rep["coverage"] = float(np.mean(inside[ok]))
+    rep["per_target"] = [
+        {"coverage": float(np.mean(inside[ok[:, j], j])), "n": int(ok[:, j].sum())}
+        for j in range(t)
+    ]
     if task.kind == CLASSIFICATION:
         true = 1.0 - cal.scores  # probability of the true class
         p1 = np.where(y >= 0.5, true, 1.0 - true)
@@ -250,12 +255,15 @@ def cross_report(cal: Calibration, task: Task, y: np.ndarray, groups: np.ndarray
         rep["width_no_weights_rel_std"] = float(np.mean(2 * qb / std))
     rep["flagged"] = float(np.mean(flagged))
     rep["ood_score_mean"] = float(np.mean(cal.ood))
+    rep["problems"] = cp.coverage_problems(rep, cal.targets)
     return rep
 
 
 __all__ = [
     "INTERVALS",
     "OOF_FOLDS",
+    "base_only",
+    "base_out_of_fold",
     "calibrate",
     "cross_report",
     "outputs",

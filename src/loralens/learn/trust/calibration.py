@@ -2,18 +2,18 @@
 prediction sets (classification), and the fit check (:mod:`loralens.learn.trust.fitcheck`), fitted
 once after training and stored beside the model.
 
-Calibration LoRAs are held apart from training and early stopping: a share of the training
-split (``split``), or, for runs cross-validated because the zoo is small, the out-of-fold
-predictions of every LoRA (``cross``: cross-conformal; the refit model predicts, the fit check's
-reference is every LoRA and each one's fit scores leave itself out); a split run that is its
-linear base alone adds the base's out-of-fold residuals (``split+cv``). With ``normalized``
-intervals, a LoRA's difficulty is ``offset + ood_score`` (offset: the median calibration
-ood_score), so intervals widen where the adapter lies far from the training LoRAs.
+Calibration scores come from rows no part of the model was fitted on (``METHODS``, chosen by
+:mod:`loralens.learn.training.calibrating`). With ``normalized`` intervals, a LoRA's difficulty
+is ``offset + ood_score`` (offset: the median calibration ood_score), so intervals widen where
+the adapter lies far from the training LoRAs. ``problems`` holds what the check on the test
+split found (empty: the intervals or sets held there; None: never checked, a run saved before
+the check, which ``load_run`` judges from the run's metrics.json when it has one).
 
-Files: ``calibration.json`` (settings, scalars) and ``calibration.safetensors`` (arrays); both
-read as untrusted input. Runs without them (saved before) predict without intervals; version 1
-files (saved before the fit check's scale score) load with the ood_score alone, version 2 files
-(before the span score) with the ood and scale scores.
+Files: ``calibration.json`` (settings, scalars, problems) and ``calibration.safetensors``
+(arrays); both read as untrusted input. Runs without them (saved before) predict without
+intervals; version 1 files (saved before the fit check's scale score) load with the ood_score
+alone, version 2 files (before the span score) with the ood and scale scores, versions 1-3
+without the check's outcome.
 """
 
 from __future__ import annotations
@@ -36,9 +36,15 @@ from loralens.lora import LayerSpec
 CALIBRATION = "calibration.json"
 ARRAYS = "calibration.safetensors"
 FORMAT = "loralens-calibration"
-VERSION = 3
-VERSIONS = (1, 2, 3)
-METHODS = ("split", "split+cv", "val", "cross")
+VERSION = 4
+VERSIONS = (1, 2, 3, 4)
+#: What a run calibrates on: held-out rows (split), with the linear base's out-of-fold outputs
+#: on train + val (split+cv) or those alone (cv), validation rows (val; val+cv: the base out of
+#: fold), out-of-fold outputs of cross-validation (cross).
+METHODS = ("split", "split+cv", "cv", "val", "val+cv", "cross")
+#: Longest problem line kept from a calibration file, and most lines.
+MAX_PROBLEM = 1000
+MAX_PROBLEMS = 1000
 #: Training LoRAs kept as the fit check's reference (a seeded sample above this).
 MAX_REFERENCE = 2048
 
@@ -60,6 +66,13 @@ class Calibration:
     ood: np.ndarray  # (n,) ood_score of each calibration LoRA
     size: np.ndarray  # (n,) its scale_score (zeros for version 1 files)
     span: np.ndarray  # (n,) its span_score (zeros before version 3)
+    #: what the check on the test split found (empty: held; None: never checked)
+    problems: list[str] | None = None
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the intervals or sets kept their promise on the run's test split."""
+        return self.problems == []
 
     def quantiles(self, level: float | None = None) -> np.ndarray:
         """(T,) conformal quantile of the calibration scores at ``level`` (default: the run's)."""
@@ -83,7 +96,7 @@ class Calibration:
         fit = self.fit.check(inputs)
         q = self.quantiles(level)
         if task.kind == CLASSIFICATION:
-            prob = cp.sigmoid(np.asarray(raw, dtype=np.float64) / self.temperature)
+            prob = cp.calibrated(raw, self.temperature)
             sets = [cp.prediction_sets(prob[:, j], q[j]) for j in range(prob.shape[1])]
             return {"pred": prob, "prob": prob, "sets": sets, "fit": fit}
         pred = task.decode(raw)
@@ -100,7 +113,8 @@ class Calibration:
         level: float | None = None,
     ) -> dict[str, Any]:
         """How the promise holds on labelled LoRAs: coverage, width (and the no-weights
-        interval's) or set size and ECE, and the share flagged by the fit check."""
+        interval's) or set size and ECE, the share flagged by the fit check, and the
+        ``problems`` of targets covered below what the number of LoRAs explains."""
         level = self.coverage if level is None else cp.check_level(level)
         out = self.apply(task, raw, inputs, level)
         flagged = [not f["in_distribution"] for f in out["fit"]]
@@ -116,6 +130,7 @@ class Calibration:
             rep["width_no_weights_rel_std"] = float(np.mean(2 * qb / np.asarray(task.std)))
         rep["flagged"] = float(np.mean(flagged)) if flagged else math.nan
         rep["ood_score_mean"] = float(np.mean([f["ood_score"] for f in out["fit"]] or [math.nan]))
+        rep["problems"] = cp.coverage_problems(rep, self.targets)
         return rep
 
     def summary(self) -> dict[str, Any]:
@@ -130,6 +145,8 @@ class Calibration:
             "scale_threshold": self.fit.size_threshold if self.fit.size else None,
             "span_threshold": self.fit.span_threshold if self.fit.span else None,
             "temperature": self.temperature.tolist() if self.kind == CLASSIFICATION else None,
+            "calibrated": self.calibrated,
+            "problems": self.problems,
         }
 
     # -------------------------------------------------------------------------- files
@@ -181,6 +198,7 @@ class Calibration:
                 "size_threshold": None if math.isinf(f.size_threshold) else f.size_threshold,
                 "span": f.span is not None,
                 "span_threshold": None if math.isinf(f.span_threshold) else f.span_threshold,
+                "problems": self.problems,
             },
         )
 
@@ -283,6 +301,16 @@ def read_calibration(
         span,
         math.inf if span is None or span_threshold is None else float(span_threshold),
     )
+    problems = d.get("problems")
+    if version > 3 and not (
+        problems is None
+        or (
+            isinstance(problems, list)
+            and len(problems) <= MAX_PROBLEMS
+            and all(isinstance(p, str) and len(p) <= MAX_PROBLEM for p in problems)
+        )
+    ):
+        raise bad("problems must be null or a list of short strings")
     return Calibration(
         task.kind,
         list(task.targets),
@@ -297,6 +325,7 @@ def read_calibration(
         a["ood"],
         a["size"],
         a["span"],
+        problems if version > 3 else None,
     )
 
 

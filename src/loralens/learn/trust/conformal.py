@@ -19,6 +19,11 @@ from loralens.errors import SettingsError
 COVERAGE = 0.9
 #: Bins of the expected calibration error.
 ECE_BINS = 10
+#: A measured coverage fails a run's check when a binomial of the stated level gives that few
+#: covered LoRAs or fewer with a probability below this (shared by a run's targets).
+CHECK_ALPHA = 0.01
+#: Folds of the calibration LoRAs in which a temperature is fitted and judged out of fold.
+TEMPERATURE_FOLDS = 5
 
 
 def check_level(level: float, what: str = "coverage") -> float:
@@ -104,6 +109,32 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
     return float(math.exp(res.x))
 
 
+def calibrated(logits: np.ndarray, temperature: np.ndarray | float) -> np.ndarray:
+    """Probabilities of ``logits`` under ``temperature`` (per target): sigmoid(logits / T)."""
+    return sigmoid(np.asarray(logits, dtype=np.float64) / np.asarray(temperature, dtype=np.float64))
+
+
+def choose_temperature(logits: np.ndarray, y: np.ndarray, seed: int = 0) -> float:
+    """:func:`fit_temperature` on (logits, 0/1 labels), or 1.0 (the probabilities as they are)
+    when the temperatures fitted without each of ``TEMPERATURE_FOLDS`` seeded folds give their
+    folds a larger ECE than no temperature does: a scaling that would make the probabilities
+    worse on LoRAs it was not fitted on is not applied."""
+    logits = np.asarray(logits, dtype=np.float64).ravel()
+    y = np.asarray(y, dtype=np.float64).ravel()
+    ok = ~np.isnan(y) & np.isfinite(logits)
+    z, t = logits[ok], y[ok]
+    if len(t) < 2 * TEMPERATURE_FOLDS:
+        return 1.0
+    folds = np.random.default_rng(seed).permutation(np.arange(len(t)) % TEMPERATURE_FOLDS)
+    held = np.empty(len(t))
+    for g in range(TEMPERATURE_FOLDS):
+        m = folds == g
+        held[m] = calibrated(z[m], fit_temperature(z[~m], t[~m]))
+    if ece(held, t) >= ece(sigmoid(z), t):
+        return 1.0
+    return fit_temperature(z, t)
+
+
 def set_scores(prob: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Nonconformity of each label: 1 - the probability given to the true class (NaN: no label)."""
     prob = np.asarray(prob, dtype=np.float64)
@@ -142,6 +173,34 @@ def set_report(prob: np.ndarray, y: np.ndarray, q: np.ndarray) -> dict[str, Any]
     }
 
 
+def coverage_problems(report: dict[str, Any], targets: list[str]) -> list[str]:
+    """Why the intervals or sets of ``report`` (:func:`interval_report` or :func:`set_report`
+    with its ``level`` and ``n``) do not keep their promise: one line per target whose LoRAs
+    were covered so rarely that a binomial of the level, over that many LoRAs, gives as few with
+    probability below ``CHECK_ALPHA`` (shared by the targets); empty when every target holds.
+    A report without ``per_target`` is judged over all its LoRAs at once."""
+    from scipy.stats import binom
+
+    level = float(report["level"])
+    per = report.get("per_target") or [{"coverage": report["coverage"], "n": report["n"]}]
+    names = targets if report.get("per_target") else [", ".join(targets)]
+    alpha = CHECK_ALPHA / len(per)
+    what = "sets" if "set_size" in report else "intervals"
+    out = []
+    for name, p in zip(names, per):
+        n, cov = int(p.get("n") or 0), p.get("coverage")
+        if not n or cov is None or math.isnan(cov):
+            continue
+        covered = round(cov * n)
+        if binom.cdf(covered, n, level) < alpha:
+            least = int(binom.ppf(alpha, n, level))
+            out.append(
+                f"{name}: its {level:.0%} {what} held for only {covered} of {n} LoRAs "
+                f"({cov:.2f}), where chance alone explains down to about {least}"
+            )
+    return out
+
+
 def ece(prob: np.ndarray, y: np.ndarray, bins: int = ECE_BINS) -> float:
     """Expected calibration error of binary probabilities: over equal-width bins of the
     confidence max(p, 1-p), the share-weighted |accuracy - mean confidence|."""
@@ -166,9 +225,14 @@ def _mean(values: list[float]) -> float:
 
 
 __all__ = [
+    "CHECK_ALPHA",
     "COVERAGE",
+    "TEMPERATURE_FOLDS",
+    "calibrated",
     "check_level",
+    "choose_temperature",
     "conformal_quantile",
+    "coverage_problems",
     "ece",
     "fit_temperature",
     "interval_report",
