@@ -80,11 +80,15 @@ def test_exit_codes_say_the_kind_of_failure(store, tmp_path):
 
 
 def test_evaluate_prints_a_table_and_strict_json(store, tmp_path):
-    assert _train(store, tmp_path / "run").exit_code == 0
+    """Both say what the run is worth: its test R² over its test LoRAs, and its coverage."""
+    trained = _train(store, tmp_path / "run")
+    assert trained.exit_code == 0 and "this run: test R² " in trained.stdout
+    assert "on 24 LoRAs" in trained.stdout and "intervals covered" in trained.stdout
     res = runner.invoke(app, ["evaluate", str(tmp_path / "run"), "--data", str(store)])
     assert res.exit_code == 0 and "model" in res.stdout and "r2" in res.stdout
+    assert "this run: test R² " in res.stdout
     res = runner.invoke(app, ["evaluate", str(tmp_path / "run"), "--data", str(store), "--json"])
-    assert json.loads(res.stdout)["n"] == 24
+    assert json.loads(res.stdout)["n"] == 24 and json.loads(res.stdout)["run"]["n_test"] == 24
 
 
 def test_store_verify_passes_a_clean_store_and_names_a_flipped_shard(store):

@@ -99,12 +99,14 @@ def train(
     follows from the labels (all 0/1: classification; else regression).
     """
     from loralens.learn.fitting.data import resolve_targets
+    from loralens.learn.runs.folder import load_run
     from loralens.learn.runs.report import (
         calibration_lines,
         probe_verdict,
         train_columns,
         train_title,
     )
+    from loralens.learn.runs.standing import standing_line
     from loralens.learn.training.config import TrainConfig
     from loralens.learn.training.loop import train as train_run
     from loralens.store import LoRAStore
@@ -141,6 +143,8 @@ def train(
     _metrics_table(train_title(metrics), train_columns(metrics))
     for line in [*probe_verdict(metrics), *calibration_lines(metrics.get("calibration"))]:
         typer.echo(line)
+    with user_errors():
+        typer.echo(f"this run: {standing_line(load_run(out).standing)}")
     typer.echo(f"wrote {out}/metrics.json, model.safetensors, config.json and plots")
 
 
@@ -161,6 +165,7 @@ def evaluate(
     and its fit check hold there."""
     from loralens.learn.runs.evaluation import evaluate as evaluate_run
     from loralens.learn.runs.report import calibration_lines
+    from loralens.learn.runs.standing import standing_line
 
     with user_errors():
         result = evaluate_run(run_dir, data, where=where, out_dir=out, coverage=coverage)
@@ -177,6 +182,7 @@ def evaluate(
     )
     for line in calibration_lines(result["calibration"], key="report"):
         typer.echo(line)
+    typer.echo(f"this run: {standing_line(result['run'])}")
     for note in result.get("warnings", []):
         typer.secho(f"warning: {note}", fg=typer.colors.YELLOW, err=True)
 
@@ -207,6 +213,7 @@ def predict(
     from loralens.learn.runs.folder import load_run
     from loralens.learn.runs.prediction import UNCALIBRATED
     from loralens.learn.runs.prediction import predict as predict_rows
+    from loralens.learn.runs.standing import standing_line
 
     with user_errors():
         run = load_run(run_dir)
@@ -234,11 +241,19 @@ def predict(
             cells = [_cell(row, t) for t in task.targets]
             table.add_row(escape(row["adapter"]), _fit_mark(row), *cells)
         console().print(table)
+        typer.echo(f"this run: {standing_line(run.standing)}")
+        for problem in run.standing["problems"]:
+            typer.secho(f"not calibrated: {problem}", fg=typer.colors.YELLOW, err=True)
         for row in rows:
             for reason in row["reasons"]:
                 typer.secho(f"! {row['adapter']}: {reason}", fg=typer.colors.YELLOW, err=True)
             if row["error"] is not None:
                 typer.secho(f"error: {row['error']}", fg=typer.colors.RED, err=True)
+        if any(row["seen"] for row in rows):
+            typer.echo(
+                "trained on it: the run learned from this adapter, so its prediction is not a "
+                "test of the run"
+            )
         if not run.calibration:
             typer.secho(f"note: {UNCALIBRATED}", fg=typer.colors.YELLOW, err=True)
     if failed:
@@ -246,12 +261,12 @@ def predict(
 
 
 def _fit_mark(row: dict[str, Any]) -> str:
-    """ "ok", "!" (flagged by the fit check), "error", or "-" (no fit check: uncalibrated)."""
+    """ "ok", "!" (flagged by the fit check), "error", or "-" (no fit check: uncalibrated),
+    and "trained on it" when the run learned from the adapter."""
     if row["error"] is not None:
         return "error"
-    if row["in_distribution"] is None:
-        return "-"
-    return "ok" if row["in_distribution"] else "!"
+    mark = "-" if row["in_distribution"] is None else "ok" if row["in_distribution"] else "!"
+    return mark + (", trained on it" if row.get("seen") else "")
 
 
 def _cell(row: dict[str, Any], target: str) -> str:

@@ -25,7 +25,7 @@ from loralens.store import LoRAStore
 runner = CliRunner()
 DATA = Path(__file__).parents[2] / "data"
 COMMON = {"adapter", "prediction", "coverage", "in_distribution", "ood_score", "threshold"}
-COMMON |= {"reasons", "calibrated", "error"}
+COMMON |= {"reasons", "calibrated", "error", "seen", "run"}
 
 
 def _train(store, out, target="y", seed=0, **kw):

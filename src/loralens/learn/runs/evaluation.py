@@ -36,7 +36,8 @@ def evaluate(
     source) are left out of the metrics and counted in ``warnings``; when every LoRA was seen,
     the metrics are on all of them and the warning says they are training-set numbers.
     ``calibration`` says how the run's intervals (at ``coverage``, default the run's) or sets
-    hold on these LoRAs and what share of them the fit check flags.
+    hold on these LoRAs and what share of them the fit check flags; ``run`` what the run says
+    about itself (``runs.standing``).
     """
     run = run if isinstance(run, Run) else load_run(run)
     store = store if isinstance(store, LoRAStore) else LoRAStore(store)
@@ -105,6 +106,7 @@ def evaluate(
             "metrics": headline(metrics, run.task.kind),
             "detail": metrics,
             "calibration": trust,
+            "run": run.standing,
             "seconds": time.time() - t0,
         }
     )

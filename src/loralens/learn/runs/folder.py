@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,9 +38,11 @@ from loralens.learn.runs.checkpoint import (
     load_checkpoint,
     read_config,
 )
-from loralens.learn.runs.seen import TRAINED_ON
-from loralens.learn.trust.calibrate import outputs, store_outputs, unit_dim
+from loralens.learn.runs.seen import TRAINED_ON, read_trained_on
+from loralens.learn.runs.standing import read_metrics, standing
+from loralens.learn.trust.calibrate import base_only, outputs, store_outputs, unit_dim
 from loralens.learn.trust.calibration import Calibration, read_calibration
+from loralens.learn.trust.conformal import coverage_problems
 from loralens.learn.trust.fitcheck import FitInputs, check_layout
 from loralens.lora import LayerSpec, LoRA, LoRABatch, collate, spec_of
 
@@ -128,6 +130,10 @@ class Run:
     config: dict[str, Any]
     #: intervals / sets and the fit check (None: a run saved before calibration existed)
     calibration: Calibration | None = None
+    #: what the run says about itself beside each prediction (``runs.standing``)
+    standing: dict[str, Any] = field(default_factory=dict)
+    #: content hashes of the LoRAs it trained on (``runs.seen``; None: a run without the record)
+    trained_hashes: frozenset[str] | None = None
 
     @property
     def spec(self) -> LayerSpec:
@@ -217,7 +223,23 @@ def load_run(run_dir: str | os.PathLike, *, device: str | torch.device = "cpu") 
     model.load_state_dict(state)
     model.to(device).eval()
     calibration = read_calibration(path, cfg.task, cfg.spec, unit_dim(model))
-    return Run(path=path, model=model, task=cfg.task, config=cfg.raw, calibration=calibration)
+    metrics = read_metrics(path)
+    if calibration is not None and calibration.problems is None:
+        calibration.problems = judged(metrics, calibration)
+    facts = standing(metrics, calibration, base_only(model))
+    record = read_trained_on(path)
+    hashes = None if record is None else frozenset(record["hashes"])
+    return Run(path, model, cfg.task, cfg.raw, calibration, facts, hashes)
+
+
+def judged(metrics: dict[str, Any] | None, calibration: Calibration) -> list[str] | None:
+    """The problems of a calibration saved before runs checked their own, found in the test
+    report of the run's ``metrics``; None (not calibrated) without a readable one."""
+    report = (metrics or {}).get("calibration", {})
+    try:
+        return coverage_problems(report["test"], calibration.targets)
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None
 
 
 __all__ = ["Run", "check_run_dir", "load_run", "save_run"]

@@ -7,8 +7,12 @@ A row (strict JSON) has ``adapter``, ``prediction`` ({target: value}), ``coverag
 or None), ``in_distribution``, ``ood_score``, ``threshold``, ``reasons`` (why flagged; [] when
 not), ``calibrated`` and ``error`` (None unless it failed); regression adds ``interval``
 ({target: [lo, hi]}), classification ``probability``, ``set`` ({target: [classes]}) and
-``label``. Runs saved without calibration give ``interval``/``set`` None and the fit verdict
-None: they say so with ``calibrated: false``.
+``label``; ``seen`` says whether the run trained on the adapter (its factors' hash is among
+those of ``trained_on.json``; None for a run without that record) and ``run`` is what the run
+says about itself (``runs.standing``: its test metric and n, network or linear base alone, the
+coverage its intervals measured). ``calibrated`` is true only when the run's intervals or sets held on its own test
+split (``Calibration.calibrated``). Runs saved without calibration give ``interval``/``set``
+None and the fit verdict None: they say so with ``calibrated: false``.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch
 
 from loralens.jsonio import json_safe
 from loralens.learn.fitting.tasks import CLASSIFICATION, THRESHOLD
+from loralens.learn.runs.seen import fingerprint
 from loralens.learn.trust.fitcheck import FitInputs
 from loralens.lora import LayerSpec, LoRA, LoRABatch, LoRALayer, all_finite, collate
 
@@ -61,6 +66,7 @@ def predict_adapters(
     for a in adapters:
         sources.extend([a] if isinstance(a, LoRA) else expand_adapters([a]))
     rows: list[dict[str, Any] | None] = [None] * len(sources)
+    seen: list[bool | None] = [None] * len(sources)
     names: list[str] = []
     chunk: list[tuple[int, LoRABatch]] = []
     size = 0
@@ -70,6 +76,8 @@ def predict_adapters(
         if batch is None:
             rows[k] = _failed(run, err)
             continue
+        if run.trained_hashes is not None:
+            seen[k] = fingerprint(batch.unbatch()[0]) in run.trained_hashes
         chunk.append((k, batch))
         size += sum(u.nbytes + v.nbytes for u, v in zip(batch.U, batch.V))
         del batch
@@ -79,13 +87,13 @@ def predict_adapters(
     if chunk:
         _predict_chunk(run, chunk, coverage, rows)
     out = []
-    for name, row in zip(names, rows):
+    for name, row, was_seen in zip(names, rows, seen):
         if row.get("error") is None and not all(np.isfinite(list(row["prediction"].values()))):
             row = _failed(
                 run,
                 f"the model gives a non-finite prediction for {name} (an overflow or an invalid value)",
             )
-        out.append({"adapter": name, **row})
+        out.append({"adapter": name, **row, "seen": was_seen, "run": run.standing})
     return json_safe(out)
 
 
@@ -165,6 +173,7 @@ def _rows(
     """The rows of predicted adapters, calibrated when the run has a calibration."""
     task, cal = run.task, run.calibration
     targets = task.targets
+    calibrated = cal is not None and cal.calibrated
     if cal is None:
         pred = task.decode(raw)
         fit = [{"in_distribution": None, "ood_score": None, "threshold": None, "reasons": []}]
@@ -192,9 +201,7 @@ def _rows(
                     for j, t in enumerate(targets)
                 }
             )
-        rows.append(
-            {**row, "coverage": level, **fit[i], "calibrated": cal is not None, "error": None}
-        )
+        rows.append({**row, "coverage": level, **fit[i], "calibrated": calibrated, "error": None})
     return rows
 
 
@@ -211,7 +218,7 @@ def _failed(run: Run, error: str | None) -> dict[str, Any]:
         "ood_score": None,
         "threshold": None,
         "reasons": [],
-        "calibrated": run.calibration is not None,
+        "calibrated": run.calibration is not None and run.calibration.calibrated,
         "error": error,
     }
 

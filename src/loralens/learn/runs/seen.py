@@ -15,24 +15,28 @@ from typing import Any
 
 import numpy as np
 
+from loralens.lora import LoRA
 from loralens.store import LoRAStore
 
 TRAINED_ON = "trained_on.json"
 
 
+def fingerprint(lora: LoRA) -> str:
+    """A hash of a LoRA's factors as float32 (rank padding removed first), equal across
+    stores, copies and files holding the same factors."""
+    h = hashlib.sha1()
+    for layer in lora.layers:
+        for f in (layer.U, layer.V):
+            h.update(str(tuple(f.shape)).encode())
+            h.update(f.float().contiguous().numpy().tobytes())
+    return h.hexdigest()[:20]
+
+
 def fingerprints(store: LoRAStore, rows: np.ndarray) -> list[str]:
-    """A hash of each LoRA's factors (rank padding removed), equal across stores and copies."""
-    out = []
+    """:func:`fingerprint` of each of store ``rows``."""
     pad = store.ranks[rows].max(axis=0) if len(rows) else None
-    for _, batch in store.iter_batches(64, rows=rows, pad_ranks=pad):
-        for lora in batch.unbatch():
-            h = hashlib.sha1()
-            for layer in lora.layers:
-                for f in (layer.U, layer.V):
-                    h.update(str(tuple(f.shape)).encode())
-                    h.update(f.float().contiguous().numpy().tobytes())
-            out.append(h.hexdigest()[:20])
-    return out
+    batches = store.iter_batches(64, rows=rows, pad_ranks=pad)
+    return [fingerprint(lora) for _, batch in batches for lora in batch.unbatch()]
 
 
 def _sources(store: LoRAStore, rows: np.ndarray) -> list[str]:
@@ -94,4 +98,11 @@ def seen_mask(record: Mapping[str, Any], store: LoRAStore, rows: np.ndarray) -> 
     )
 
 
-__all__ = ["TRAINED_ON", "fingerprints", "read_trained_on", "seen_mask", "trained_on"]
+__all__ = [
+    "TRAINED_ON",
+    "fingerprint",
+    "fingerprints",
+    "read_trained_on",
+    "seen_mask",
+    "trained_on",
+]

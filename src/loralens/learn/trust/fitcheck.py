@@ -196,8 +196,8 @@ class FitCheck:
                     if hit.any():
                         x = math.exp(float(gap[hit].max()))
                         reasons.append(
-                            f"update norm {x:.3g}x {side} the training range in "
-                            f"{int(hit.sum())} of {len(row)} layers "
+                            f"its update is {x:.3g}x {side} the training range of update sizes "
+                            f"in {int(hit.sum())} of {len(row)} layers "
                             f"({_names([n for n, h in zip(self.layer_names, hit) if h])})"
                         )
             out.append(reasons)
@@ -207,29 +207,29 @@ class FitCheck:
         """Per LoRA ``{"in_distribution", "ood_score", "threshold", "reasons"}`` (layers 2+3)."""
         scores = self.scores(inputs.embed)
         sizes = self.size_residuals(inputs)
-        per = [f"{100 * a:.3g}%" for a in self.shares()]
+        rare = [_one_in(a) for a in self.shares()]
         rows = []
         for s, r, sp, reasons in zip(scores, sizes, inputs.span, self.sanity(inputs.log_rms)):
             if s > self.threshold:
                 reasons = [
                     *reasons,
-                    f"ood_score {s:.3g} above the threshold {self.threshold:.3g} (which flags "
-                    f"{per[0]} of in-distribution LoRAs): unlike the training LoRAs",
+                    f"it looks unlike the LoRAs this run trained on: {rare[0]} LoRAs like them "
+                    f"looks this different (ood_score {s:.3g} > {self.threshold:.3g})",
                 ]
             if abs(r) > self.size_threshold:
                 x = math.exp(min(abs(float(r)), 700.0))
                 reasons = [
                     *reasons,
-                    f"update {x:.3g}x {'larger' if r > 0 else 'smaller'} than training LoRAs "
-                    f"of its direction (scale_score {abs(r):.3g} above {self.size_threshold:.3g}, "
-                    f"which flags {per[1]} of in-distribution LoRAs)",
+                    f"its update is {x:.3g}x {'larger' if r > 0 else 'smaller'} than training "
+                    f"LoRAs pointing the same way: {rare[1]} LoRAs like them is this far off "
+                    f"(scale_score {abs(r):.3g} > {self.size_threshold:.3g})",
                 ]
             if sp > self.span_threshold:
                 reasons = [
                     *reasons,
                     f"{100 * sp:.0f}% of its update lies outside the directions the training "
-                    f"LoRAs' updates use (span_score {sp:.3g} above {self.span_threshold:.3g}, "
-                    f"which flags {per[2]} of in-distribution LoRAs): a LoRA of another base model?",
+                    f"LoRAs' updates use, as for a LoRA of another base model: {rare[2]} LoRAs "
+                    f"like them does (span_score {sp:.3g} > {self.span_threshold:.3g})",
                 ]
             rows.append(
                 {
@@ -240,6 +240,11 @@ class FitCheck:
                 }
             )
         return rows
+
+
+def _one_in(share: float) -> str:
+    """A share of LoRAs in words: "only about 1 in 80" (0.0125)."""
+    return f"only about 1 in {round(1 / share)}" if share > 0 else "none of the"
 
 
 def out_of_fold_scores(
