@@ -4,7 +4,8 @@ it looks like it was trained on (a base-model guess) and what trained runs predi
 :func:`screen_adapter` is the one implementation behind ``loralens serve`` (``POST /api/screen``)
 and ``loralens screen``; its ``layers`` rows are ``inspect --json``'s and each prediction entry
 holds one run's ``predict --json`` row (``learn.predict``): prediction, interval or set, the fit
-check's verdict.
+check's verdict, whether the run trained on the adapter (``seen``) and is ``calibrated``, and
+what the run says about itself (``standing``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from loralens.inspection import inspect_adapter
 from loralens.jsonio import json_safe
 from loralens.learn.runs.folder import METRICS, Run, load_run
 from loralens.learn.runs.report import headline
+from loralens.learn.runs.standing import standing_line
 
 #: singular values kept per layer (the page plots these spectra)
 SPECTRUM = 64
@@ -54,6 +56,8 @@ class ScreeningRun:
                 "baseline_test": metrics.get("baseline", {}).get("test"),
                 "layout": {"num_layers": len(spec.names), "ranks": sorted(set(spec.ranks))},
                 "interval_level": None if cal is None else cal.coverage,
+                "standing": self.run.standing,
+                "standing_line": standing_line(self.run.standing),
             }
         )
 
@@ -128,10 +132,11 @@ def _prediction(srun: ScreeningRun, path: str | os.PathLike, shown: str) -> dict
     if row["error"] is not None:  # named by the upload and the run, not by server paths
         message = row["error"].replace(str(path), shown).replace(str(srun.run.path), srun.name)
         return {**entry, "error": message}
-    keep = ("prediction", "label", "interval", "set", "in_distribution", "ood_score")
-    entry.update({k: row[k] for k in (*keep, "threshold", "reasons") if k in row})
+    keep = ("prediction", "label", "interval", "set", "in_distribution", "ood_score", "threshold")
+    entry.update({k: row[k] for k in (*keep, "calibrated", "seen") if k in row})
     entry["reasons"] = [r.replace(str(path), shown) for r in row["reasons"]]
     entry["interval_level"] = row["coverage"]
+    entry["standing"] = row["run"]
     return entry
 
 

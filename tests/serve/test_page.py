@@ -68,7 +68,7 @@ def test_upload_shows_table_spectra_and_predictions(browser, server, tmp_path):
         ["cls (mlp-svd)", "c"],
     ]
     assert "p = " in predictions[2] and "label" in predictions[2]
-    assert "no flags" in page.inner_text("#flags")
+    assert "no layer flags" in page.inner_text("#flags")
 
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b'\x08\x00\x00\x00\x00\x00\x00\x00{"a": 1}')
@@ -84,6 +84,37 @@ def test_upload_shows_table_spectra_and_predictions(browser, server, tmp_path):
     history = _texts(page, "#history tbody tr")
     assert history[0].startswith("first.safetensors") and history[1].startswith("bad.safetensors")
     assert all(u.startswith(server.url) for u in requests), requests
+    page.close()
+
+
+def test_a_flagged_or_misfit_adapter_is_marked_in_the_summary_table(browser, server, tmp_path):
+    """A LoRA scaled by 10 is flagged by both runs' fit checks, one of another width fits
+    neither: the history table marks each, and neither shows a green "no flags"."""
+    from serve_support import lora
+
+    import loralens as ll
+
+    big = lora(seed=3)
+    big = ll.LoRA([ll.LoRALayer(x.name, x.U * 10, x.V) for x in big.layers])
+    ll.save_lora(big, tmp_path / "big")
+    (tmp_path / "big" / "adapter_model.safetensors").rename(tmp_path / "big.safetensors")
+    ll.save_lora(lora(seed=4, width=6), tmp_path / "narrow")
+    (tmp_path / "narrow" / "adapter_model.safetensors").rename(tmp_path / "narrow.safetensors")
+    page = browser.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(server.url + "/")
+    page.wait_for_selector("#runs tbody tr")
+    assert all("test" in r and "LoRAs" in r for r in _texts(page, "#runs tbody tr"))
+    page.set_input_files("#file", str(tmp_path / "big.safetensors"))
+    page.wait_for_selector("#history tbody tr")
+    assert "\u26a0 reg flags it" in page.inner_text("#flags")
+    assert page.locator("#flags li.none").count() == 0
+    page.set_input_files("#file", str(tmp_path / "narrow.safetensors"))
+    page.wait_for_selector("#history tbody tr:nth-child(2)")
+    big_row, narrow_row = _texts(page, "#history tbody tr")
+    assert "\u26a0 reg" in big_row and "\u26a0 cls" in big_row, big_row
+    assert "misfit reg" in narrow_row and "misfit cls" in narrow_row, narrow_row
+    assert page.locator("#history tbody tr.flagged").count() == 2
     page.close()
 
 

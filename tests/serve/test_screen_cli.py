@@ -7,9 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
-from serve_support import peft, safetensors_file, zipped
+from serve_support import lora, peft, safetensors_file, zipped
 from typer.testing import CliRunner
 
+import loralens as ll
 from loralens.cli import app
 from loralens.errors import OutputExistsError
 from loralens.serve.batch import already_screened, find_adapters
@@ -100,3 +101,27 @@ def test_a_run_that_cannot_load_or_a_missing_folder_is_exit_1(mirror, tmp_path):
     assert res.exit_code == 1 and "not a loralens run" in res.output
     res = runner.invoke(app, ["screen", str(tmp_path / "nope"), "--runs", "x", "--out", out])
     assert res.exit_code == 1 and "not a folder" in res.output
+
+
+def test_the_summary_marks_flagged_and_misfit_adapters_and_says_what_each_run_is_worth(
+    runs, tmp_path
+):
+    big = lora(seed=3)
+    ll.save_lora(
+        ll.LoRA([ll.LoRALayer(x.name, x.U * 10, x.V) for x in big.layers]), tmp_path / "m" / "big"
+    )
+    ll.save_lora(lora(seed=4, width=6), tmp_path / "m" / "narrow")
+    args = [
+        "screen",
+        str(tmp_path / "m"),
+        "--runs",
+        str(runs["reg"]),
+        "--out",
+        str(tmp_path / "r.jsonl"),
+    ]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "! big: flagged by reg: its update is" in res.output
+    assert "! narrow: does not fit reg" in res.output
+    assert "1 flagged by a run's fit check, 1 not fitting a run" in res.output
+    assert "reg: test R² " in res.output and "intervals covered" in res.output

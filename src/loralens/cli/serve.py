@@ -158,8 +158,12 @@ def screen(
     from functools import partial
     from pathlib import Path
 
+    from rich.markup import escape
+
     from loralens.cli.common import progress
-    from loralens.serve.batch import screen_folder
+    from loralens.learn.runs.standing import standing_line
+    from loralens.screening import load_screening_runs
+    from loralens.serve.batch import fit_marks, screen_folder
     from loralens.serve.ray_screen import screen_folder_ray
     from loralens.serve.report import html_replaces, write_html
 
@@ -176,6 +180,8 @@ def screen(
             bar.advance(task)
             if "error" in record:
                 bar.console.print(f"[yellow]{record['error']}[/yellow]", soft_wrap=True)
+            for mark in fit_marks(record):
+                bar.console.print(f"! {escape(record['path'])}: {escape(mark)}", soft_wrap=True)
 
         run = (
             partial(screen_folder_ray, address=ray)
@@ -195,17 +201,19 @@ def screen(
                 )
             except RuntimeError as e:  # a worker that could not start
                 fail(str(e))
-    if html:
-        from loralens.screening import load_screening_runs
-
-        with user_errors():
-            summaries = [r.summary() for r in load_screening_runs(runs)]
+    with user_errors():
+        loaded = load_screening_runs(runs)
+        if html:
+            summaries = [r.summary() for r in loaded]
             write_html(Path(out), Path(html), summaries, replace=replace_html)
     typer.echo(
         f"{summary.found} adapter(s) in {folder}: {summary.screened} screened "
-        f"({summary.errors} could not be), {summary.skipped} already in {out}"
-        + (f"; wrote {html}" if html else "")
+        f"({summary.errors} could not be), {summary.skipped} already in {out}; "
+        f"{summary.flagged} flagged by a run's fit check, {summary.misfit} not fitting a run "
+        "(marked ! above)" + (f"; wrote {html}" if html else "")
     )
+    for srun in loaded:
+        typer.echo(f"{srun.name}: {standing_line(srun.run.standing)}")
     if summary.lost:
         fail(
             f"{summary.lost} adapter(s) not screened, their Ray task failed (lines of status "

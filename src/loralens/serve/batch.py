@@ -47,7 +47,22 @@ class BatchSummary:
     errors: int = 0
     #: adapters lost with their Ray task (lines of status LOST, screened again by a rerun)
     lost: int = 0
+    #: adapters a run's fit check flagged, or whose layout a run does not take
+    flagged: int = 0
+    misfit: int = 0
     paths: list[str] = field(default_factory=list)
+
+
+def fit_marks(record: dict[str, Any]) -> list[str]:
+    """One line per run that flags the screened adapter of ``record`` (with its reasons) or
+    does not take its layout; empty when every run predicts it as in distribution."""
+    out = []
+    for p in record.get("predictions") or []:
+        if p.get("error"):
+            out.append(f"does not fit {p['run']}: {p['error']}")
+        elif p.get("in_distribution") is False:
+            out.append(f"flagged by {p['run']}: {'; '.join(p.get('reasons') or [])}")
+    return out
 
 
 def find_adapters(folder: Path) -> list[Path]:
@@ -180,6 +195,9 @@ def append_records(
             summary.screened += 1
             summary.errors += "error" in record
             summary.lost += record.get("status") == LOST
+            marks = fit_marks(record)
+            summary.flagged += any(m.startswith("flagged") for m in marks)
+            summary.misfit += any(m.startswith("does not fit") for m in marks)
             summary.paths.append(record["path"])
             if on_result:
                 on_result(record)

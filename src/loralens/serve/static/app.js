@@ -79,11 +79,24 @@ function showResult(rec) {
   drawSpectra(rec);
 }
 
+function fitMarks(rec) {
+  // what the runs' fit checks say: [run, text, class] for each run that flags or refuses it
+  const out = [];
+  for (const p of rec.predictions || []) {
+    if (p.error) out.push([p.run, `does not fit ${p.run}: ${p.error}`, "error"]);
+    else if (p.in_distribution === false) out.push([p.run, `\u26a0 ${p.run} flags it: ${(p.reasons || []).join("; ")}`, "warning"]);
+  }
+  return out;
+}
+
 function showFlags(rec) {
   const ul = $("#flags");
   ul.replaceChildren();
+  const marks = fitMarks(rec);
+  for (const [, text, cls] of marks) ul.append(el("li", text, cls));
   if (!rec.flags || rec.flags.length === 0) {
-    ul.append(el("li", "no flags: finite, no dead, collapsed or outlier layers", "none"));
+    const text = "no layer flags: finite, no dead, collapsed or outlier layers";
+    ul.append(el("li", text, marks.length ? "" : "none"));
     return;
   }
   for (const f of rec.flags) {
@@ -96,7 +109,11 @@ function showFlags(rec) {
 function predictionCells(p, target) {
   const value = p.prediction[target];
   const level = `(${Math.round((p.interval_level || 0) * 100)}%)`;
-  const flag = p.in_distribution === false ? ` \u26a0 does not look like the training LoRAs: ${(p.reasons || []).join("; ")}` : "";
+  const notes = [];
+  if (p.in_distribution === false) notes.push(`\u26a0 flagged: ${(p.reasons || []).join("; ")}`);
+  if (p.interval_level && p.calibrated === false) notes.push("not calibrated: its intervals failed on the run's test split");
+  if (p.seen) notes.push("the run trained on this adapter: not a test of it");
+  const flag = notes.length ? " \u2014 " + notes.join("; ") : "";
   if (p.task === "classification") {
     const label = p.label ? p.label[target] : value >= 0.5 ? 1 : 0;
     const set = p.set && p.set[target] ? `, set {${p.set[target].join(", ")}} ${level}` : "";
@@ -235,21 +252,24 @@ function showHistory() {
       cells = [td(rec.path, "name"), cell];
     } else {
       const byRun = new Map((rec.predictions || []).map((p) => [p.run, p]));
-      const flags = (rec.flags || []).map((f) => f.kind).join(", ") || "–";
+      const marks = fitMarks(rec);
+      const flags = [...(rec.flags || []).map((f) => f.kind), ...marks.map(([run, , cls]) => (cls === "error" ? `misfit ${run}` : `\u26a0 ${run}`))].join(", ") || "–";
       cells = [
         td(rec.path, "name"),
         td(rec.format || "?"),
         td(rec.num_layers, "num"),
         td((rec.ranks || []).join("/"), "num"),
-        td(flags, (rec.flags || []).some((f) => f.severity === "error") ? "error" : ""),
+        td(flags, (rec.flags || []).some((f) => f.severity === "error") || marks.length ? "error fit" : ""),
         ...cols.map(([run, t]) => {
           const p = byRun.get(run);
           if (!p || p.error) return td(p ? "does not fit" : "", "error");
-          return td(num(p.prediction[t], 4), "num");
+          const mark = p.in_distribution === false ? " \u26a0" : "";
+          return td(num(p.prediction[t], 4) + mark, mark ? "num error" : "num");
         }),
       ];
     }
     const tr = row(cells);
+    if (!rec.error && fitMarks(rec).length) tr.classList.add("flagged");
     if (i === selected) tr.classList.add("selected");
     tr.addEventListener("click", () => select(i));
     body.append(tr);
@@ -310,13 +330,9 @@ function showRuns() {
   const body = $("#runs tbody");
   body.replaceChildren();
   for (const r of runs) {
-    const test = Object.entries(r.test || {})
-      .filter(([k]) => ["r2", "kendall_tau", "accuracy", "auroc"].includes(k))
-      .map(([k, v]) => `${k} ${num(v)}`)
-      .join(", ");
     const n = r.trained_on && r.trained_on.n ? `${r.trained_on.n.train} LoRAs` : "";
     const store = r.trained_on && r.trained_on.store ? ` of ${r.trained_on.store}` : "";
-    body.append(row([td(r.name), td(r.model), td(`${r.task}: ${r.targets.join(", ")}`), td(n + store), td(test)]));
+    body.append(row([td(r.name), td(r.model), td(`${r.task}: ${r.targets.join(", ")}`), td(n + store), td(r.standing_line)]));
   }
 }
 
