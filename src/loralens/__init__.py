@@ -25,6 +25,7 @@ from loralens.symmetry import (
     assert_o_invariant,
     gl_invariance_error,
     gl_transform,
+    lift_width,
     o_transform,
 )
 from loralens.zoo import build_small_zoo, build_zoo, build_zoo_ray, get_preset, merge_zoos
@@ -77,6 +78,7 @@ __all__ = [
     "guess_base_model",
     "inspect_adapter",
     "inspect_adapters",
+    "lift_width",
     "load_index",
     "load_lora",
     "matching_families",
