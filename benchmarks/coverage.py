@@ -2,7 +2,7 @@
 split column (with and without ``cal`` rows)?
 
     python benchmarks/coverage.py --zoo /work/zoos/zoo-gpt2-dev:eval_loss \
-        --zoo /work/zoos/zoo-skills-dev:eval_loss,src_sub --out DIR [--seeds 3]
+        --zoo /work/zoos/zoo-skills-dev:eval_loss,src_sub --out DIR [--seeds 3] [--kinds nocal,cal]
 
 Each zoo folder (adapters/ + labels.csv) is packed once into DIR with one split column per
 seed and kind: ``nocal_s{seed}`` (train / val / test, 70 / 10 / 20) and ``cal_s{seed}``
@@ -125,7 +125,9 @@ def main() -> None:
     ap.add_argument("--zoo", action="append", required=True, metavar="FOLDER:TARGET[,TARGET]")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--kinds", default=",".join(KINDS), help="split columns to train on")
     args = ap.parse_args()
+    kinds = args.kinds.split(",")
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict[str, list[dict]] = {}
     for spec in args.zoo:
@@ -137,7 +139,7 @@ def main() -> None:
             pack(zoo / "adapters", store_path, labels=labels)
         store = LoRAStore(store_path)
         for target in targets.split(","):
-            for kind in KINDS:
+            for kind in kinds:
                 key = f"{zoo.name}|{target}|{kind}"
                 for seed in range(args.seeds):
                     run_dir = args.out / "runs" / f"{zoo.name}-{target}-{kind}-s{seed}"

@@ -11,6 +11,7 @@ import math
 
 import numpy as np
 import pytest
+from scipy.stats import binom
 
 from helpers import linear_zoo
 from loralens.learn.runs.folder import load_run
@@ -48,11 +49,16 @@ def covered(run_dir, store, rows, target: str) -> np.ndarray:
 
 
 def check(metrics: dict, hits: np.ndarray) -> None:
+    """Coverage within the band; called calibrated unless the run calibrated on the validation
+    rows that also chose its epoch (``val``: optimistic), where it must say which it is."""
     cal = metrics["calibration"]
     coverage = float(np.mean(hits))
     assert cal["test"]["coverage"] == pytest.approx(coverage)  # what the run reports is predict's
     assert abs(coverage - LEVEL) <= band(cal["n_calibration"], len(hits)), (cal, coverage)
-    assert cal["calibrated"] is True and cal["problems"] == []
+    n = len(hits)
+    failed = binom.cdf(round(coverage * n), n, LEVEL) < 0.01
+    assert cal["calibrated"] is (not failed) and bool(cal["problems"]) is failed
+    assert cal["calibrated"] or cal["method"] == "val", cal
 
 
 BASE_ALONE = {"epochs": 1, "lr": 1e-9}  # the base alone wins: no epoch trains anything
