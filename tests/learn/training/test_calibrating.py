@@ -56,7 +56,7 @@ def check(metrics: dict, hits: np.ndarray) -> None:
     assert cal["test"]["coverage"] == pytest.approx(coverage)  # what the run reports is predict's
     assert abs(coverage - LEVEL) <= band(cal["n_calibration"], len(hits)), (cal, coverage)
     n = len(hits)
-    failed = binom.cdf(round(coverage * n), n, LEVEL) < 0.01
+    failed = bool(binom.cdf(round(coverage * n), n, LEVEL) < 0.01)
     assert cal["calibrated"] is (not failed) and bool(cal["problems"]) is failed
     assert cal["calibrated"] or cal["method"] == "val", cal
 
