@@ -24,6 +24,26 @@ EXIT_CODES_HELP = (
 )
 
 
+def unwrap_help(app: typer.Typer) -> None:
+    """Give every command of ``app`` (and of its groups) its docstring with each paragraph on
+    one line, so that rich wraps the help to the terminal's width instead of breaking the
+    source's hand-wrapped lines a second time, mid-phrase."""
+    import inspect
+
+    for info in app.registered_commands:
+        if info.help is None and info.callback is not None and info.callback.__doc__:
+            info.help = unwrap(inspect.getdoc(info.callback) or "")
+    for group in app.registered_groups:
+        if group.typer_instance is not None:
+            unwrap_help(group.typer_instance)
+
+
+def unwrap(text: str) -> str:
+    """``text`` with the line breaks inside each paragraph (blank-line separated) made spaces."""
+    paragraphs = (" ".join(p.split()) for p in text.strip().split("\n\n"))
+    return "\n\n".join(p for p in paragraphs if p)
+
+
 def fail(message: str, code: int = EXIT_INPUT) -> NoReturn:
     """Print ``error: message`` to stderr and exit with ``code``."""
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
