@@ -58,11 +58,12 @@ function showResult(rec) {
     return;
   }
   const guess = rec.base_model_guess || {};
-  const base = guess.name
+  // the same line as `loralens inspect` (families.base_model_label)
+  const base = guess.label || (guess.name
     ? `${guess.name} (${guess.source === "metadata" ? "from the file" : "guessed from its layout"})`
     : guess.family
       ? `unknown ${guess.family} (hidden size ${num(guess.hidden_size)}, ${num(guess.blocks)} blocks)`
-      : "unknown";
+      : "unknown");
   const items = [
     ["format", rec.format || "?"],
     ["base model", base],
