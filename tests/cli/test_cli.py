@@ -94,6 +94,7 @@ def test_train_prints_a_table_beside_the_baseline_and_json_on_request(store, tmp
     res = _train(store, tmp_path / "run")
     assert res.exit_code == 0, res.output
     assert "no weights" in res.stdout and "r2" in res.stdout and "{" not in res.stdout
+    assert "90% intervals on the test split: coverage" in res.stdout
     res = _train(store, tmp_path / "run2", "--json")
     metrics = json.loads(res.stdout)
     saved = json.loads((tmp_path / "run2" / "metrics.json").read_text())

@@ -92,7 +92,7 @@ def calibration_lines(entry: dict[str, Any] | None, key: str = "test") -> list[s
             f"{cell(rep['width_no_weights_rel_std'], fmt='.2f')})"
         )
     return [
-        f"{level} {'sets' if rep.get('set_size') is not None else 'intervals'} on the {where}: "
+        f"{level} {'sets' if rep.get('set_size') is not None else 'intervals'} on {where}: "
         f"coverage {cell(rep['coverage'], fmt='.2f')}, {shape}; fit check flags {cell(rep['flagged'], fmt='.0%')} "
         f"(threshold {cell(entry['ood_threshold'], fmt='.3g')}, {entry['method']} calibration on "
         f"{entry['n_calibration']} LoRAs)"
