@@ -168,3 +168,13 @@ def test_library_warnings_print_as_warning_lines_and_others_pass_through(capsys)
     err = capsys.readouterr().err
     assert "warning: the run is its linear base alone" in err
     assert "LoRALensWarning" not in err  # one line, not Python's traceback-like form
+
+
+def test_an_interval_shows_both_ends_with_the_same_decimals():
+    from loralens.cli.common import interval
+
+    assert interval(1.93, 1.998, digits=3) == "[1.93, 2.00]"
+    assert interval(1.93, 1.998) == "[1.930, 1.998]"
+    assert interval(1.9312, 1.9318, digits=3) == "[1.9312, 1.9318]"  # the width stays visible
+    assert interval(-0.5, 2.5, digits=3) == "[-0.50, 2.50]"
+    assert interval(2e6, 3e6, digits=3) == "[2.00e+06, 3.00e+06]"

@@ -134,3 +134,16 @@ def num(x: Any, fmt: str = ".3g") -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "-"
     return format(x, fmt)
+
+
+def interval(lo: float, hi: float, digits: int = 4) -> str:
+    """An interval "[lo, hi]", both ends with the same decimals: enough for ``digits``
+    significant digits of the larger end and one of the width (so [1.93, 2.00], not [1.93, 2])."""
+    top = max(abs(lo), abs(hi))
+    if not math.isfinite(top) or top >= 1e5 or 0 < top < 1e-3:
+        return f"[{num(lo, f'.{digits - 1}e')}, {num(hi, f'.{digits - 1}e')}]"
+    decimals = [digits - 1 - math.floor(math.log10(top))] if top > 0 else [0]
+    if hi > lo:
+        decimals.append(-math.floor(math.log10(hi - lo)))
+    d = min(max(0, *decimals), 12)
+    return f"[{lo:.{d}f}, {hi:.{d}f}]"

@@ -8,7 +8,7 @@ from typing import Any
 
 import typer
 
-from loralens.cli.common import console, echo_json, fail, num, user_errors
+from loralens.cli.common import console, echo_json, fail, interval, num, user_errors
 from loralens.cli.options import AsJson, Overwrite, Store, Threads
 
 commands = typer.Typer()
@@ -263,7 +263,7 @@ def _cell(row: dict[str, Any], target: str) -> str:
     value = num(row["prediction"][target], ".4g")
     if row.get("interval"):
         lo, hi = row["interval"][target]
-        return f"{value} [{num(lo, '.4g')}, {num(hi, '.4g')}]"
+        return f"{value} {interval(lo, hi)}"
     if row.get("set"):
         return f"{value} {{{', '.join(map(str, row['set'][target]))}}}"
     return value

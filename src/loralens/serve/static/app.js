@@ -23,6 +23,19 @@ function num(x, digits = 3) {
   return Number(x.toPrecision(digits)).toString();
 }
 
+// An interval "[lo, hi]", both ends with the same decimals: enough for `digits` significant
+// digits of the larger end and one of the width (so [1.93, 2.00], not [1.93, 2]).
+function interval(lo, hi, digits = 3) {
+  const top = Math.max(Math.abs(lo), Math.abs(hi));
+  if (!Number.isFinite(top) || top >= 1e5 || (top > 0 && top < 1e-3)) {
+    return `[${lo.toExponential(digits - 1)}, ${hi.toExponential(digits - 1)}]`;
+  }
+  const decimals = [top > 0 ? digits - 1 - Math.floor(Math.log10(top)) : 0];
+  if (hi > lo) decimals.push(-Math.floor(Math.log10(hi - lo)));
+  const d = Math.min(Math.max(0, ...decimals), 12);
+  return `[${lo.toFixed(d)}, ${hi.toFixed(d)}]`;
+}
+
 function row(cells) {
   const tr = document.createElement("tr");
   for (const c of cells) tr.append(c instanceof Node ? c : el("td", c));
@@ -104,7 +117,7 @@ function predictionCells(p, target) {
     return [td("p = " + num(value), "num"), td(`label ${label}${set}${flag}`)];
   }
   const iv = p.interval && p.interval[target];
-  const text = iv ? `[${num(iv[0])}, ${num(iv[1])}] ${level}` : p.interval ? "no interval at this coverage" : "";
+  const text = iv ? `${interval(iv[0], iv[1])} ${level}` : p.interval ? "no interval at this coverage" : "";
   return [td(num(value, 4), "num"), td(text + flag)];
 }
 
