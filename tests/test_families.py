@@ -172,6 +172,10 @@ def test_one_label_for_every_kind_of_guess(tmp_path):
     assert (
         label({"some.custom.module": (4, 4)}, "C:\\models\\my-base") == "my-base (a local folder)"
     )
+    hub_copy = "/root/.cache/huggingface/hub/models--openai-community--gpt2/snapshots/607a30d7/"
+    assert label(gpt2_124m, hub_copy) == (
+        "openai-community/gpt2 (a local copy from the hub); layout: GPT-2 (124M)"
+    )
     assert (
         label({"some.custom.module": (4, 4)}, "owner/base-model")
         == "owner/base-model (from the file)"

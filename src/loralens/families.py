@@ -325,8 +325,8 @@ def is_local_path(name: str) -> bool:
 
 def base_model_label(guess: dict[str, Any]) -> str:
     """The one line every report shows for a guess (``inspect``, its summary, the page): the
-    file's word (a local folder by its last part), and the families the layout fits, or the
-    architecture its module names say where no well-known size fits."""
+    file's word (a local folder by its last part, a copy in the hub's cache by its hub id), and
+    the families the layout fits, or the architecture its module names say where none fits."""
     if guess["candidates"]:
         layout = " or ".join(guess["candidates"])
     elif guess["family"]:
@@ -340,7 +340,10 @@ def base_model_label(guess: dict[str, Any]) -> str:
     if guess["source"] != "metadata":
         return f"{layout} (from its layout)" if guess["candidates"] else layout or "unknown"
     said = guess["name"]
-    if guess.get("local_path"):
+    hub = re.search(r"models--([^\\/]+)[\\/]snapshots[\\/]", said)
+    if guess.get("local_path") and hub:  # the hub's cache names a model's folder models--org--name
+        said = f"{hub.group(1).replace('--', '/')} (a local copy from the hub)"
+    elif guess.get("local_path"):
         tail = re.split(r"[\\/]", said.rstrip("/\\"))[-1] or said
         said = f"{tail} (a local folder)"
     else:
