@@ -66,7 +66,8 @@ def fit_epochs(
     progress: Progress,
 ) -> tuple[list[dict[str, Any]], Best]:
     """Epochs until ``hp["epochs"]`` or ``hp["patience"]`` epochs without a better validation
-    loss; test metrics and a copy of the state are taken at every new best epoch."""
+    loss; test metrics and a copy of the state are taken at every new best epoch. The history
+    starts with epoch 0, the linear base alone (no training loss), where the model has one."""
     history: list[dict[str, Any]] = []
     best = base = Best()
     if acc.unwrap_model(model).hparams["linear_base"] != "none":
@@ -101,6 +102,9 @@ def fit_epochs(
         for rec in history:
             rec["best"] = False
     check_finite(best, len(history))
+    if base.state is not None:  # epoch 0, the linear base alone: validated, never trained
+        rec = {"epoch": 0, "train_loss": None, "val_loss": base.val_loss, "seconds": 0.0}
+        history.insert(0, {**rec, "loras_per_s": None, "best": best is base})
     return history, best
 
 

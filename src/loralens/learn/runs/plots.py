@@ -26,10 +26,13 @@ def plot_run(
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    ep = [h["epoch"] for h in history]
-    ax.plot(ep, [h["train_loss"] for h in history], label="train")
-    ax.plot(ep, [h["val_loss"] for h in history], label="val")
-    ax.axvline(metrics["best_epoch"], color="gray", ls="--", lw=1, label="best")
+    trained = [h for h in history if h["train_loss"] is not None]  # epoch 0: the base alone
+    ax.plot([h["epoch"] for h in trained], [h["train_loss"] for h in trained], label="train")
+    ax.plot(
+        [h["epoch"] for h in history], [h["val_loss"] for h in history], "-o", ms=2, label="val"
+    )
+    best = "best: the linear base alone" if metrics["best_epoch"] == 0 else "best"
+    ax.axvline(metrics["best_epoch"], color="gray", ls="--", lw=1, label=best)
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss (standardized MSE)" if task.kind != CLASSIFICATION else "loss (BCE)")
     ax.set_title(f"{metrics['model']}: {', '.join(task.targets)[:60]}")
