@@ -345,20 +345,48 @@ def demo(
         "tiny", help="Base model size: tiny (a few minutes on 2 CPU cores) or small (the zoos')."
     ),
 ) -> None:
-    """The end-to-end demo: zoo -> store -> every model -> table and plots.
+    """The end-to-end demo: zoo -> store -> every model -> table, plots and a verdict.
 
     Builds a small skills-lm zoo of real PEFT finetunes, packs it, trains every model on
-    eval_loss and one data-membership label, prints the table and writes plots.
+    eval_loss, the skill loss that varies most over the zoo and one data-membership label,
+    prints the table, writes plots and ends with a verdict: what the weights told the models,
+    against knowing nothing and knowing the finetuning hyperparameters.
     """
+    from loralens.cli.common import progress
     from loralens.learn.bench.demo import run_demo
 
+    bar = progress()
+    task = None
+
+    def on_run(done: int, total: int, what: str) -> None:
+        """The training step's bar: which run is under way, how many are done, elapsed, ETA."""
+        nonlocal task
+        if task is None:
+            bar.start()
+            task = bar.add_task("training", total=total)
+        bar.update(task, completed=done, description=f"training {what}")
+        if done == total:
+            bar.stop()
+
     with user_errors():
-        result = run_demo(
-            out, num=num, seeds=seeds, epochs=epochs, threads=threads, size=size, log=typer.echo
-        )
+        try:
+            result = run_demo(
+                out,
+                num=num,
+                seeds=seeds,
+                epochs=epochs,
+                threads=threads,
+                size=size,
+                log=typer.echo,
+                on_run=on_run,
+            )
+        finally:
+            bar.stop()
     typer.echo("")
     typer.echo(result["markdown"])
     runs = f"{result['benchmark']}/runs"
     typer.echo(f"\nplots: {len(result['plots'])} PNGs under {runs}")
     typer.echo(f"table: {result['benchmark']}/benchmark.md (+ .json)")
-    typer.echo(f"total {result['seconds']:.0f}s")
+    typer.echo(f"total {result['seconds']:.0f}s\n")
+    for line in result["verdict"]:
+        typer.echo(line)
