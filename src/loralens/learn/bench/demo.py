@@ -4,6 +4,7 @@ one data-membership label -> the benchmark table, plots, and a verdict in plain 
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -108,37 +109,47 @@ def verdict(result: Mapping[str, Any]) -> list[str]:
 
 def _target_line(table: Mapping[str, Any], models: Sequence[str], target: str) -> tuple[str, bool]:
     """One target's line (the best model against the rows that use no weights, and the probes)
-    and whether the best model is well above those rows."""
+    and whether the best model is well above those rows. R² is measured from 0, the training
+    mean's, where those rows score below it; a margin within the best model's spread over seeds
+    is no margin."""
     kind = next((table[m][target]["task"] for m in models if target in table.get(m, {})), None)
     key = PRIMARY[kind or "regression"]
     scores = {m: v for m in models if (v := _mean(table, m, target, key)) is not None}
     if not scores:
         return f"- {target}: no model gave a score.", False
     best = max(scores, key=lambda m: scores[m])
+    tied = [m for m in models if m in scores and scores[best] - scores[m] < 5e-4]
+    who = f"best: {best}" if len(tied) == 1 else f"best: {len(tied)} models tie"
+    who = "every model alike" if len(tied) == len(models) else who
     refs = {
         "knowing nothing": _mean(table, NO_WEIGHTS, target, key),
         "from the finetuning hyperparameters": _mean(table, HPARAMS_ONLY, target, key),
     }
     refs = {how: v for how, v in refs.items() if v is not None}
     probes = [v for p in PROBES if (v := _mean(table, p, target, key)) is not None]
-    margin = scores[best] - max(refs.values()) if refs else None
+    floor = 0.0 if key == "r2" else -math.inf
+    margin = scores[best] - max(floor, *refs.values()) if refs else None
+    spread = table[best][target][key].get("std") or 0.0
     them = "both" if len(refs) > 1 else "it"
     if margin is None:
         word = "with nothing to compare"
-    elif margin >= WELL_ABOVE[key]:
+    elif margin >= WELL_ABOVE[key] and margin > spread:
         word = f"well above {them}"
-    elif margin >= ABOVE[key]:
+    elif margin >= ABOVE[key] and margin > spread:
         word = f"above {them}"
+    elif margin > -max(ABOVE[key], spread):
+        word = f"level with {them}" + (
+            " within the spread over seeds" if spread > ABOVE[key] else ""
+        )
     else:
-        side = "level with" if margin > -ABOVE[key] else "below"
-        word = f"{side} {'the better of them' if len(refs) > 1 else 'it'}"
+        word = f"below {'the better of them' if len(refs) > 1 else 'it'}"
     against = " and ".join(f"{v:.2f} {how}" for how, v in refs.items())
     line = (
-        f"- {target} ({describe_target(target)}): {METRIC_WORDS[key]} {scores[best]:.2f} from "
-        f"the weights (best: {best}), against {against or 'no reference'}: {word}"
-        + (f"; a linear probe of the weights gets {max(probes):.2f}." if probes else ".")
+        f"- {target} ({describe_target(target)}): {METRIC_WORDS[key]} {scores[best]:.2f} ± "
+        f"{spread:.2f} from the weights ({who}), against {against or 'no reference'}: "
+        f"{word}" + (f"; a linear probe of the weights gets {max(probes):.2f}." if probes else ".")
     )
-    return line, margin is not None and margin >= WELL_ABOVE[key]
+    return line, word.startswith("well above")
 
 
 def _network_line(runs: Sequence[Mapping[str, Any]], target: str) -> str:
