@@ -332,7 +332,9 @@ def benchmark(
 
 
 @commands.command(
-    epilog="Example:\n\n  loralens demo            (about 2.5 minutes on 2 idle CPU cores)\n\n"
+    epilog="Example:\n\n  loralens demo            (on 2 shared CPU cores at load 11-20: the zoo "
+    "builds at about 3 LoRAs a minute, the training step takes 14 minutes; see "
+    "benchmarks/BENCHMARKS.md)\n\n"
     "  loralens demo --out /tmp/demo --num 96 --seeds 3"
 )
 def demo(
