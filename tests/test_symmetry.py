@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 import loralens as ll
 from helpers import random_lora
+from loralens.errors import InputError
 from loralens.symmetry import (
     assert_gl_equivariant,
     gl_equivariance_error,
@@ -133,3 +134,45 @@ def test_equivariance_check():
     assert assert_gl_equivariant(left_multiply, batch) < 1e-12
     assert gl_equivariance_error(right_square, batch) > 1e-2
     assert gl_equivariance_error(right_square, batch, group="o") < 1e-12
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    factor=st.integers(1, 5),
+    shapes=st.lists(
+        st.tuples(st.integers(1, 9), st.integers(1, 9), st.integers(1, 4)), min_size=1, max_size=3
+    ),
+)
+def test_lift_width_keeps_every_inner_product_and_singular_value(factor, shapes):
+    """Two LoRAs lifted with one seed: each layer is factor times wider, and the Frobenius inner
+    product of their updates, their norms and singular values are those of the originals."""
+    g = torch.Generator().manual_seed(0)
+
+    def draw() -> ll.LoRA:
+        return ll.LoRA(
+            [
+                ll.LoRALayer(
+                    f"l{k}",
+                    torch.randn(o, r, generator=g, dtype=torch.float64),
+                    torch.randn(i, r, generator=g, dtype=torch.float64),
+                )
+                for k, (o, i, r) in enumerate(shapes)
+            ]
+        )
+
+    a, b = draw(), draw()
+    la, lb = ll.lift_width(a, factor, seed=3), ll.lift_width(b, factor, seed=3)
+    for x, y, lx, ly in zip(a.layers, b.layers, la.layers, lb.layers):
+        assert lx.U.shape[0] == factor * x.U.shape[0] and lx.V.shape[0] == factor * x.V.shape[0]
+        dx, dy = x.U @ x.V.T, y.U @ y.V.T
+        dlx, dly = lx.U @ lx.V.T, ly.U @ ly.V.T
+        scale = float(dx.norm() * dy.norm())
+        assert abs(float((dlx * dly).sum() - (dx * dy).sum())) <= 1e-10 * scale
+        s, sl = torch.linalg.svdvals(dx), torch.linalg.svdvals(dlx)[: len(torch.linalg.svdvals(dx))]
+        torch.testing.assert_close(sl, s, rtol=0, atol=1e-10 * float(s[0]))
+
+
+def test_lift_width_refuses_a_conv_layer():
+    conv = ll.LoRALayer("c", torch.randn(4, 2), torch.randn(18, 2), {"kind": "conv"})
+    with pytest.raises(InputError, match="'c' is not linear"):
+        ll.lift_width(ll.LoRA([conv]), 2)

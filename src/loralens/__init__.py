@@ -46,6 +46,7 @@ _PUBLIC = {
     "assert_o_invariant": "loralens.symmetry",
     "gl_invariance_error": "loralens.symmetry",
     "gl_transform": "loralens.symmetry",
+    "lift_width": "loralens.symmetry",
     "o_transform": "loralens.symmetry",
     "build_small_zoo": "loralens.zoo",
     "build_zoo": "loralens.zoo",
@@ -120,6 +121,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see: the same names, imported e
         assert_o_invariant,
         gl_invariance_error,
         gl_transform,
+        lift_width,
         o_transform,
     )
     from loralens.zoo import build_small_zoo, build_zoo, build_zoo_ray, get_preset, merge_zoos
@@ -153,6 +155,7 @@ __all__ = [
     "guess_base_model",
     "inspect_adapter",
     "inspect_adapters",
+    "lift_width",
     "load_index",
     "load_lora",
     "matching_families",

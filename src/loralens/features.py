@@ -21,7 +21,16 @@ from typing import Any
 import torch
 
 from loralens.fused import grams, linalg_dtype
-from loralens.lora import LoRA, LoRABatch, LoRALayer, all_finite, collate, factor_gram, row_blocks
+from loralens.lora import (
+    LoRA,
+    LoRABatch,
+    LoRALayer,
+    all_finite,
+    collate,
+    factor_gram,
+    overflowing_norm,
+    row_blocks,
+)
 
 __all__ = [
     "NUMERICAL_RANK_TOL",
@@ -304,10 +313,10 @@ NUMERICAL_RANK_TOL = 1e-3
 def describe_layer(layer: LoRALayer, k: int = 4) -> dict[str, Any]:
     """One layer's ``inspect`` row: name, shape, rank, scale (from layer.meta), |delta W|_F, top-k
     singular values, effective rank, numerical rank (singular values above NUMERICAL_RANK_TOL of
-    the largest), whether the factors are finite. Everything from the small factors, a block of
+    the largest), whether the factors are finite (and their squares fit float32). Everything from the small factors, a block of
     rows at a time (:func:`layer_svals`): no U @ V.T, and no copy of a factor, is formed. A layer
-    with NaN/inf factors gets a NaN norm, no singular values and no numerical rank."""
-    finite = all_finite(layer.U) and all_finite(layer.V)
+    with NaN/inf factors, or too large to square, gets a NaN norm, no singular values and no numerical rank."""
+    finite = all_finite(layer.U) and all_finite(layer.V) and not overflowing_norm(layer.U, layer.V)
     norm, s = math.nan, torch.zeros(0)
     if finite:
         s, fro = layer_svals(layer.U, layer.V)

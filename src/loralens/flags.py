@@ -42,7 +42,9 @@ def layer_flags(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     flags = []
     nonfinite = [r["name"] for r in rows if not r["finite"] or not _finite(r["fro_norm"])]
     if nonfinite:
-        flags.append(_flag("nonfinite", "error", nonfinite, "NaN/inf weights or norm"))
+        flags.append(
+            _flag("nonfinite", "error", nonfinite, "NaN/inf weights, or a norm too large to square")
+        )
     healthy = [r for r in rows if r["finite"] and _finite(r["fro_norm"])]
     dead = [r["name"] for r in healthy if r["fro_norm"] == 0]
     if dead:

@@ -17,6 +17,9 @@ def delta_weight(U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
     return U @ V.mT
 
 
+#: A float32 Gram diagonal below this may have lost a nonzero column's squares to underflow.
+_SQUARE_UNDERFLOWS = 2.0**-100
+
 #: Entries of a factor widened or tested at once by :func:`row_blocks` (4 MiB as float64).
 BLOCK_ENTRIES = 2**19
 
@@ -39,10 +42,33 @@ def factor_gram(f: torch.Tensor) -> torch.Tensor:
     gram = torch.zeros(f.shape[1], f.shape[1], dtype=torch.float64, device=f.device)
     for block in row_blocks(f, dtype):
         part = block.mT @ block
-        if not bool(torch.isfinite(part.sum())):  # overflowed (or a huge sum): redo it exactly
-            part = block.mT.double() @ block.double()
+        small = part.diagonal() < _SQUARE_UNDERFLOWS
+        if not bool(torch.isfinite(part.sum())) or bool((block[:, small] != 0).any()):
+            part = block.mT.double() @ block.double()  # overflowed or underflowed: redo exactly
         gram += part
     return gram
+
+
+#: Largest Frobenius norm of a factor and of delta W: its square (the Grams U^T U and V^T V,
+#: |delta W|_F^2) must fit float32, the precision every command computes them in.
+MAX_NORM = math.sqrt(float(torch.finfo(torch.float32).max))
+
+
+def overflowing_norm(U: torch.Tensor, V: torch.Tensor) -> tuple[str, str, float] | None:
+    """(what, symbol, |.|_F) of the first of U, V and delta W = U @ V.T whose squared norm
+    overflows float32 (a kohya alpha of 1e38 over tiny ``lora_down`` weights makes delta W fit
+    and U^T U not), else None. From the r x r Grams: delta W is never formed."""
+    gu, gv = factor_gram(U), factor_gram(V)
+    squares = (
+        ("up factor (the scale folded in)", "U", gu.trace()),
+        ("down factor", "V", gv.trace()),
+        ("delta W", "delta W", (gu * gv).sum().clamp(min=0)),
+    )
+    for what, symbol, square in squares:
+        fro = math.sqrt(float(square))
+        if not fro < MAX_NORM:
+            return what, symbol, fro
+    return None
 
 
 def all_finite(t: torch.Tensor) -> bool:

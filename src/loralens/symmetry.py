@@ -1,4 +1,5 @@
-"""The GL(r) symmetry of LoRA factors, random group elements, and invariance checks.
+"""The GL(r) symmetry of LoRA factors, random group elements, invariance checks, and the
+isometric width lift (:func:`lift_width`) that a width-independent model must not notice.
 
 A layer's delta W = U @ V.T is unchanged by (U, V) -> (U R, V R^{-T}) for any invertible r x r
 matrix R, independently per layer: the group is GL(r)^L. Orthogonal Q acts as (U Q, V Q).
@@ -23,15 +24,16 @@ run the model, compare with the untransformed output. Use them on your own model
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
 
-from loralens.errors import SettingsError
+from loralens.errors import InputError, SettingsError
 from loralens.fused import linalg_dtype
-from loralens.lora import LoRA, LoRABatch
+from loralens.lora import LoRA, LoRABatch, LoRALayer
 
 Group = Literal["gl", "o"]
 
@@ -42,6 +44,7 @@ __all__ = [
     "gl_equivariance_error",
     "gl_invariance_error",
     "gl_transform",
+    "lift_width",
     "o_transform",
     "random_gl",
     "random_orthogonal",
@@ -137,6 +140,34 @@ def o_transform(x: LoRA | LoRABatch, seed: int | torch.Generator = 0):
         return Q, Q
 
     return _act(x, seed, draw)
+
+
+@functools.lru_cache(maxsize=256)
+def _isometry(rows: int, cols: int, seed: int, index: int) -> torch.Tensor:
+    """A (rows x cols) float64 matrix with orthonormal columns, drawn from (seed, index)."""
+    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + index)
+    return torch.linalg.qr(torch.randn(rows, cols, generator=g, dtype=torch.float64)).Q
+
+
+def lift_width(lora: LoRA, factor: int, seed: int = 0) -> LoRA:
+    """``lora`` with every layer embedded isometrically in one ``factor`` times wider: U' = Q_out
+    U and V' = Q_in V, with Q (orthonormal columns) drawn from ``seed`` and the layer's position
+    and shape alone, so LoRAs lifted with one seed share them. Inner products between updates,
+    norms and singular values are unchanged: a model that learns from the updates rather than
+    the width predicts the same on a zoo and on its lift (linear layers only)."""
+    if factor < 1:
+        raise InputError(f"lift_width: factor must be at least 1, got {factor}")
+    layers = []
+    for k, layer in enumerate(lora.layers):
+        if layer.meta.get("kind", "linear") != "linear":
+            raise InputError(f"lift_width: layer {layer.name!r} is not linear")
+        o, i = layer.U.shape[0], layer.V.shape[0]
+        q_out = _isometry(o * factor, o, seed, 2 * k)
+        q_in = _isometry(i * factor, i, seed, 2 * k + 1)
+        U = (q_out @ layer.U.double()).to(layer.U.dtype)
+        V = (q_in @ layer.V.double()).to(layer.V.dtype)
+        layers.append(LoRALayer(layer.name, U, V, dict(layer.meta)))
+    return LoRA(layers, dict(lora.metadata))
 
 
 def _transform(group: Group) -> Callable[..., Any]:

@@ -12,7 +12,14 @@ from helpers import random_lora
 from loralens.errors import LoRALensWarning, OutputExistsError
 from loralens.learn.training.config import TrainConfig
 from loralens.learn.training.loop import train
-from loralens.search.embed import Embedder, embed, save_embeddings
+from loralens.search.embed import (
+    UPDATE_DIM,
+    Embedder,
+    count_sketch,
+    embed,
+    save_embeddings,
+    unit_rows,
+)
 from loralens.search.index import (
     SearchIndexError,
     build_index,
@@ -127,7 +134,8 @@ def test_exact_knn_orders_by_distance_then_row():
 
 def test_embeddings_saved_as_npy_with_their_rows(store, run, tmp_path):
     names, vectors, desc = embed(run=run, data=store)
-    width = Embedder.of_run(run).run.model.hparams["d_model"]
+    model = Embedder.of_run(run).run.model
+    width = sum(a * b for a, b in model.inner.shapes) + model.out_dim
     assert names == store.ids and vectors.shape == (40, width) and desc["model"] == "w2t"
     direct = Embedder.of_run(run).store(store)
     assert np.array_equal(vectors, direct)
@@ -140,19 +148,51 @@ def test_embeddings_saved_as_npy_with_their_rows(store, run, tmp_path):
     assert spectral.shape == (40, 2 * (3 + 1)) and desc == {"kind": "unsupervised", "k": 3}
 
 
-def test_embeddings_of_a_run_that_is_its_linear_base_alone_come_with_a_warning(run):
+def test_a_runs_embedding_is_the_cosine_on_its_updates_plus_its_predictions(store, run):
+    """Whatever the run kept (its network, or its linear base alone), its embedding of a LoRA
+    is the update's direction in the run's basis, then what it predicts: distances between the
+    first parts are those of the cosine on the flattened ΔW (to 1e-5), the rest is the run's
+    standardized prediction."""
     from loralens.learn.runs.folder import load_run
 
     loaded = load_run(run)
-    with torch.no_grad():
-        loaded.model.gate.fill_(1.0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", LoRALensWarning)
-        Embedder.of_run(loaded)  # a network that was trained: no warning
+    rows = np.arange(6)
+    dense = torch.cat([w.flatten(1) for w in store.batch(rows).delta_weights()], dim=1).double()
+    unit = (dense / dense.norm(dim=1, keepdim=True)).numpy()
+    for gate in (1.0, 0.0):  # 0: what early stopping at epoch 0 saves
         with torch.no_grad():
-            loaded.model.gate.fill_(0.0)  # what early stopping at epoch 0 saves
-        with pytest.warns(LoRALensWarning, match="untrained network"):
-            Embedder.of_run(loaded)
+            loaded.model.gate.fill_(gate)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", LoRALensWarning)
+            vectors = Embedder.of_run(loaded).store(store, rows).astype(np.float64)
+        d = sum(a * b for a, b in loaded.model.inner.shapes)
+        want = ((unit[:, None, :] - unit[None, :, :]) ** 2).sum(-1)
+        got = ((vectors[:, None, :d] - vectors[None, :, :d]) ** 2).sum(-1)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+        z = loaded.raw(store.batch(rows))  # the standardized prediction, before clipping
+        np.testing.assert_allclose(vectors[:, d:], z / np.sqrt(z.shape[1]), rtol=0, atol=1e-4)
+
+
+def test_a_long_update_is_count_sketched_keeping_its_cosines():
+    """Past UPDATE_DIM coordinates a run's update part is count-sketched: the cosines between
+    200 random unit vectors of 50,000 coordinates move by about 1/sqrt(UPDATE_DIM) (the
+    sketch's spread), never by more than 6 times it, and one length always gets one sketch."""
+    g = torch.Generator().manual_seed(0)
+    x = unit_rows(torch.randn(200, 50_000, generator=g, dtype=torch.float64))
+    x[1] = unit_rows(x[0:1] + 0.5 * x[1:2])[0]  # one pair far from orthogonal
+    sketched = unit_rows(count_sketch(x, UPDATE_DIM))
+    err = (sketched @ sketched.T - x @ x.T).numpy()
+    spread = 1 / np.sqrt(UPDATE_DIM)
+    assert 0.5 * spread < err.std() < 1.5 * spread and np.abs(err).max() < 6 * spread
+    torch.testing.assert_close(count_sketch(x[:3], UPDATE_DIM), count_sketch(x, UPDATE_DIM)[:3])
+
+
+def test_an_index_of_a_run_only_centers_its_vectors(store, run, tmp_path):
+    build_index(store, tmp_path / "idx", run=run)
+    index = load_index(tmp_path / "idx")
+    assert np.all(index.std == 1.0) and abs(float(index.vectors.mean())) < 1e-5
+    build_index(store, tmp_path / "spectral")
+    assert not np.all(load_index(tmp_path / "spectral").std == 1.0)
 
 
 def test_overwrite_replaces_an_index_and_nothing_else(store, tmp_path):

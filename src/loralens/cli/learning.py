@@ -20,8 +20,9 @@ WHERE_HELP = (
     "e.g. 'rank == 4 and lr < 1e-3'."
 )
 LINEAR_BASE_HELP = (
-    "The model's linear base, fitted before the network learns what it misses: auto (dense "
-    "ΔW where it fits in memory, else spectral), dense, spectral, or none (the network alone)."
+    "The model's linear base, fitted before the network learns what it misses: auto (update: "
+    "each layer's update in the basis of the training updates, over its norm, with the "
+    "spectra; the same at any width), update, dense, spectral, or none (the network alone)."
 )
 
 

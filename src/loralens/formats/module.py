@@ -14,17 +14,12 @@ import torch
 from loralens.formats.errors import LoRAFormatError
 from loralens.formats.keys import ModuleParts
 from loralens.formats.tensor_file import TensorFile, as_rows
-from loralens.lora import LoRALayer, all_finite, factor_gram
+from loralens.lora import LoRALayer, all_finite, overflowing_norm
 
 #: ``scale_for(name, rank, parts, alpha)`` -> (scale, the rank the config expects or None);
 #: ``alpha`` is the value of the module's alpha key, if it has one; ``rank`` is None for a
 #: module with no low-rank factor to take it from (a LoKr with both halves stored full).
 ScaleFn = Callable[[str, "int | None", ModuleParts, "float | None"], "tuple[float, int | None]"]
-
-_F32_MAX = float(torch.finfo(torch.float32).max)
-#: Largest Frobenius norm of a scaled factor and of delta W: its square (the Grams U^T U and
-#: V^T V, |delta W|_F^2) must fit float32, the precision every command computes them in.
-_MAX_NORM = math.sqrt(_F32_MAX)
 
 
 class ModuleReader:
@@ -155,23 +150,15 @@ def magnitude_convention(key: str, shape: tuple[int, ...], out: int, inp: int) -
 
 
 def _check_delta_fits(mod: ModuleReader, U: torch.Tensor, V: torch.Tensor) -> None:
-    """Refuse a layer whose finite factors make Grams or a delta W = U @ V.T that overflow
-    float32 (e.g. a kohya alpha of 1e38 over tiny ``lora_down`` weights): every command would
-    meet inf there. From the r x r Grams in float64, block by block (no copy of a factor), so
-    delta W is never formed; |delta W|_F^2 = sum((U^T U) * (V^T V))."""
-    gu, gv = factor_gram(U), factor_gram(V)
-    squares = (
-        ("up factor (the scale folded in)", "U", gu.trace()),
-        ("down factor", "V", gv.trace()),
-        ("delta W", "delta W", (gu * gv).sum().clamp(min=0)),
-    )
-    for what, symbol, square in squares:
-        fro = math.sqrt(float(square))
-        if not fro < _MAX_NORM:
-            raise mod.fail(
-                f"its {what} is too large: |{symbol}|_F = {fro:.3g}, whose square (every "
-                "command computes it) overflows float32"
-            )
+    """Refuse a layer whose finite factors make Grams or a delta W that overflow float32:
+    every command would meet inf there."""
+    over = overflowing_norm(U, V)
+    if over is not None:
+        what, symbol, fro = over
+        raise mod.fail(
+            f"its {what} is too large: |{symbol}|_F = {fro:.3g}, whose square (every "
+            "command computes it) overflows float32"
+        )
 
 
 def _magnitude(

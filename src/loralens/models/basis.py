@@ -41,20 +41,22 @@ OVERSAMPLE, POWER_ITERATIONS = 16, 2
 def side_factors(batches: Iterable[LoRABatch]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per layer, (F_in (in, N r), F_out (out, N r)) in float64: each LoRA's unit-norm update as
     F_in F_in^T = V (U^T U) V^T / |ΔW|^2 (and F_out likewise), its r columns in LoRA order."""
-    parts: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
-    for batch in batches:
-        per_layer = []
-        for u, v in zip(batch.U, batch.V):
-            u, v = u.detach().cpu().double(), v.detach().cpu().double()
-            gu, gv = u.mT @ u, v.mT @ v
-            total = (gu * gv).sum(dim=(1, 2))
-            w = torch.where(total > 0, total.clamp(min=1e-300).rsqrt(), 0.0)[:, None, None]
-            per_layer.append((_columns(v @ _sqrt_psd(gu) * w), _columns(u @ _sqrt_psd(gv) * w)))
-        parts.append(per_layer)
+    parts = [[layer_sides(u, v) for u, v in zip(b.U, b.V)] for b in batches]
     return [
         (torch.cat([p[i][0] for p in parts], 1), torch.cat([p[i][1] for p in parts], 1))
         for i in range(len(parts[0]))
     ]
+
+
+@torch.no_grad()
+def layer_sides(u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(F_in, F_out) of one layer's stacked factors (B, out, r), (B, in, r): see
+    :func:`side_factors`."""
+    u, v = u.detach().cpu().double(), v.detach().cpu().double()
+    gu, gv = u.mT @ u, v.mT @ v
+    total = (gu * gv).sum(dim=(1, 2))
+    w = torch.where(total > 0, total.clamp(min=1e-300).rsqrt(), 0.0)[:, None, None]
+    return _columns(v @ _sqrt_psd(gu) * w), _columns(u @ _sqrt_psd(gv) * w)
 
 
 def _sqrt_psd(g: torch.Tensor) -> torch.Tensor:
@@ -162,15 +164,14 @@ class UpdateBasis(nn.Module):
     def fit(cls, batch: LoRABatch, seed: int = 0) -> UpdateBasis:
         """The bases of the updates of ``batch`` (the training LoRAs, or a sample of them), in
         the batch's dtype (float32 from a store)."""
-        factors = side_factors([batch])
         shapes = batch.shapes
-        available = [(min(o, f_out.shape[1]), min(i, f_in.shape[1])) for (o, i), (f_in, f_out)
-                     in zip(shapes, factors)]  # fmt: skip
+        columns = [int(u.shape[0]) * int(u.shape[2]) for u in batch.U]
+        available = [(min(o, m), min(i, m)) for (o, i), m in zip(shapes, columns)]
         limit = side_limit(shapes, available)
         outs, ins, kept = [], [], []
-        for k, (f_in, f_out) in enumerate(factors):
+        for k, (u, v) in enumerate(zip(batch.U, batch.V)):  # one layer's float64 sides at a time
             per_side = []
-            for f in (f_out, f_in):
+            for f in reversed(layer_sides(u, v)):  # (F_out, F_in)
                 rows, lam = leading_directions(f, limit, seed + k)
                 if len(rows) == 0:  # a layer no update touches: one axis, so shapes stay valid
                     rows = torch.eye(1, f.shape[0], dtype=f.dtype)

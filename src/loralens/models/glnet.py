@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from loralens.errors import SettingsError
+from loralens.features import svals_and_norms
 from loralens.fused import grams_and_projections
 from loralens.lora import LayerSpec, LoRABatch, delta_weight
 from loralens.models.base import (
@@ -38,6 +39,7 @@ from loralens.models.base import (
     log_scale,
     mlp,
 )
+from loralens.models.linear_base import LOG_EPS
 
 Factors = tuple[list[torch.Tensor], list[torch.Tensor]]
 
@@ -124,7 +126,11 @@ class GLNet(LoLModel):
         "d_model": 64,  # transformer head only
         "n_heads": 4,
         "n_layers": 2,
+        # each layer's singular values and norm, and their logs, beside U' V'^T (what the
+        # spectral probe reads, so the network alone has it; invariant at any width)
+        "spectrum": True,
     }
+    saved_defaults: ClassVar[dict[str, Any]] = {"spectrum": False}
     schema: ClassVar[dict[str, HParam]] = {
         "hidden": HParam("int", 1, 1024),  # the head sees hidden**2 features per layer
         "blocks": HParam("int", 0, MAX_DEPTH),
@@ -136,6 +142,7 @@ class GLNet(LoLModel):
         "d_model": HParam("int", 1),
         "n_heads": HParam("int", 1, 1024),
         "n_layers": HParam("int", 1, MAX_DEPTH),
+        "spectrum": HParam("choice", choices=(True, False)),
     }
     gl_invariant = o_invariant = True
     renamed: ClassVar[dict[str, str]] = {"embed.": "token_embed."}  # before LoLModel.embed
@@ -153,15 +160,22 @@ class GLNet(LoLModel):
             self.equivariant.append(GLNonlinearity(h["nonlinearity"]))
             self.equivariant.append(EquivariantLinear([(d, d)] * n, d))
         self.scale_norm = RunningStandardize((n, 1))
-        # A linear path from the per-layer log scales straight to the output: the scale of a
-        # LoRA is often what matters most, and this keeps it from drowning in d*d features.
+        # A linear path from the per-layer log scales (and spectra) straight to the output: the
+        # scale of a LoRA is often what matters most, and this keeps it from drowning in d*d
+        # features.
         self.scale_skip = nn.Linear(n, self.out_dim)
+        self.k = max(int(r) for r in self.inner.ranks) if h["spectrum"] else 0
+        if self.k:
+            self.spectrum_norm = RunningStandardize((n, 2 * self.k + 2))
+            self.spectrum_skip = nn.Linear(n * (2 * self.k + 2), self.out_dim)
+        token = d * d + 1 + (2 * self.k + 2 if self.k else 0)
         if h["head"] == "mlp":
-            dim = n * (d * d + 1)
-            self.head = mlp(dim, self.out_dim, h["head_hidden"], h["head_depth"], h["dropout"])
+            self.head = mlp(
+                n * token, self.out_dim, h["head_hidden"], h["head_depth"], h["dropout"]
+            )
         else:
             dm = int(h["d_model"])
-            self.token_embed = nn.Linear(d * d + 1, dm)
+            self.token_embed = nn.Linear(token, dm)
             self.position = nn.Parameter(torch.randn(n, dm) * 0.02)
             layer = nn.TransformerEncoderLayer(
                 dm, int(h["n_heads"]), 2 * dm, h["dropout"], batch_first=True, norm_first=True
@@ -212,12 +226,41 @@ class GLNet(LoLModel):
             Us, Vs, rms = self._equivariant(batch)
             div = 1.0
         heads = torch.stack([delta_weight(u, v) for u, v in zip(Us, Vs)], dim=1) / div
-        scales = self.scale_norm(log_scale(rms)[..., None])  # (B, L, 1)
-        return torch.cat([heads.flatten(2), scales], dim=2).flatten(1)  # (B, L (d*d + 1))
+        parts = [heads.flatten(2), self.scale_norm(log_scale(rms)[..., None])]  # (B, L, 1)
+        if self.k:
+            s, norms = svals_and_norms(batch, self.k)  # (B, L, k), from the r x r Grams
+            both = torch.cat([s, norms.to(s.dtype)[..., None]], dim=2)
+            parts.append(self.spectrum_norm(torch.cat([both, torch.log(both + LOG_EPS)], dim=2)))
+        return torch.cat(parts, dim=2).flatten(1)  # (B, L (d*d + 1 + 2k + 2))
+
+    def skip_features(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, F) what the linear path to the output reads from embeddings ``z``: each layer's
+        standardized log scale (and spectrum)."""
+        tokens = z.reshape(len(z), len(self.spec.names), -1)  # (B, L, d*d + 1 + 2k + 2)
+        d2 = int(self.hparams["hidden"]) ** 2
+        return torch.cat([tokens[..., d2], tokens[..., d2 + 1 :].flatten(1)], dim=1)
+
+    @torch.no_grad()
+    def set_skip(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        """Start the linear path at a fit: ``weight`` (F, out_dim) on :meth:`skip_features`,
+        and the head's last layer at zero, so the network starts as that fit and learns what
+        it misses."""
+        last = (self.head if self.hparams["head"] == "mlp" else self.out)[-1]
+        last.weight.zero_()
+        last.bias.zero_()
+        n = len(self.spec.names)
+        self.scale_skip.weight.copy_(weight[:n].T)
+        self.scale_skip.bias.copy_(bias)
+        if self.k:
+            self.spectrum_skip.weight.copy_(weight[n:].T)
+            self.spectrum_skip.bias.zero_()
 
     def readout(self, z: torch.Tensor) -> torch.Tensor:
-        tokens = z.reshape(len(z), len(self.spec.names), -1)  # (B, L, d*d + 1)
-        skip = self.scale_skip(tokens[..., -1])
+        tokens = z.reshape(len(z), len(self.spec.names), -1)  # (B, L, d*d + 1 + 2k + 2)
+        d2 = int(self.hparams["hidden"]) ** 2
+        skip = self.scale_skip(tokens[..., d2])
+        if self.k:
+            skip = skip + self.spectrum_skip(tokens[..., d2 + 1 :].flatten(1))
         if self.hparams["head"] == "mlp":
             return self.head(z) + skip
         out = self.transformer(self.token_embed(tokens) + self.position)

@@ -1,16 +1,27 @@
-"""Invariant embeddings of LoRAs: a trained run's representation before its head (``embed()`` of
-any model), or spectral features that need no labels (``--unsupervised``).
+"""Invariant embeddings of LoRAs: a trained run's view of each LoRA, or spectral features that
+need no labels (``--unsupervised``).
+
+A run's embedding is the LoRA's update in the run's basis (``models.basis``: the flattened
+(P U)(R V)^T of every layer, inside the training updates' span the same inner products as the
+flattened ΔW, at any width), scaled to unit norm, then what the run predicts for it over the
+square root of the number of targets (classification: 2 p - 1 of each probability; regression:
+the standardized prediction); past ``UPDATE_DIM`` coordinates the update is count-sketched.
+Euclidean distances between these are those of the cosine on ΔW plus the difference in
+predictions: on skills-lm's development zoo an index of a run trained on
+the skill labels finds LoRAs of shared skills better than the cosine on ΔW (BENCHMARKS.md),
+whether the run kept its network or its linear base alone.
 
 The unsupervised embedding is, per layer, the log of the top-k singular values of delta W
 relative to its Frobenius norm (floored at 1e-6), then the log of that norm: GL(r)-invariant,
-computed from the factors (``features.svals_and_norms``), comparable across scales. Standardizing
-it is the index's job (``learn.search``), which keeps the statistics of what it holds.
+computed from the factors (``features.svals_and_norms``), comparable across scales. An index
+standardizes it dimension by dimension (``search.index``); a run's it only centers.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import os
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,16 +32,49 @@ import torch
 
 from loralens import features
 from loralens.atomic import file_sha256, new_file, open_regular, replaceable, write_file_atomic
-from loralens.errors import InputError, LoRALensWarning, SettingsError
+from loralens.errors import InputError, SettingsError
 from loralens.jsonio import dumps, read_json_object
+from loralens.learn.fitting.tasks import CLASSIFICATION
 from loralens.learn.runs.checkpoint import CHECKPOINT
 from loralens.learn.runs.folder import Run, load_run
-from loralens.learn.trust.calibrate import base_only
 from loralens.lora import LayerSpec, LoRA, LoRABatch, collate, spec_of
 from loralens.models.base import EPS, log_scale
+from loralens.models.linear_base import linear_features
 from loralens.store import LoRAStore
 
 RUN, UNSUPERVISED = "run", "unsupervised"
+
+#: Most coordinates of the update part of a run's embedding. A longer update (a basis holds up
+#: to 2^18 features) is count-sketched down to this: cosines move by about
+#: 1/sqrt(UPDATE_DIM) = 0.016, and retrieval on skills-lm's development zoo by -0.004 (BENCHMARKS.md).
+UPDATE_DIM = 4096
+#: Most ΔW entries per LoRA a run's embedding reads (a run trained with ``--basis none`` on
+#: wide layers has more: its update is not bounded by a basis).
+MAX_UPDATE_ENTRIES = 2**24
+
+
+def unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """Each row of ``x`` over its norm (zero rows stay zero)."""
+    return x / x.norm(dim=1, keepdim=True).clamp_min(EPS)
+
+
+@functools.lru_cache(maxsize=8)
+def _hashing(length: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    bucket = torch.randint(dim, (length,), generator=g)
+    sign = torch.randint(2, (length,), generator=g).double() * 2 - 1
+    return bucket, sign
+
+
+def count_sketch(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """(B, dim) count sketch of the (B, D) rows of ``x``: each coordinate added, with a sign,
+    into one bucket, both drawn once from a fixed seed, so inner products are kept in
+    expectation and every call with the same D uses the same sketch."""
+    bucket, sign = _hashing(x.shape[1], dim)
+    out = torch.zeros(x.shape[0], dim, dtype=torch.float64, device=x.device)
+    return out.index_add_(1, bucket.to(x.device), x.double() * sign.to(x.device))
+
+
 #: Relative singular values below this count as this (log floor of the spectral features).
 SVAL_FLOOR = 1e-6
 
@@ -57,15 +101,21 @@ class Embedder:
     @classmethod
     def of_run(cls, run: Run | str | os.PathLike) -> Embedder:
         run = run if isinstance(run, Run) else load_run(run)
-        if base_only(run.model):
-            warnings.warn(
-                f"{run.path}: this run is its linear base alone (early stopping kept epoch 0), "
-                "so its network was never trained and its embeddings are an untrained "
-                "network's; use --unsupervised, or a run trained with --linear-base none",
-                LoRALensWarning,
-                stacklevel=2,
+        entries = sum(o * i for o, i in run.model.inner.shapes)
+        if entries > MAX_UPDATE_ENTRIES:
+            raise SettingsError(
+                f"{run.path}: this run reads LoRAs without a basis (--basis none), so its "
+                f"embedding would sketch {entries:,} ΔW entries per LoRA; embed with a run "
+                "trained with --basis auto (the default), or --unsupervised"
             )
         return cls(RUN, run.spec, run=run, run_sha256=file_sha256(run.path / CHECKPOINT)[1])
+
+    @property
+    def per_dimension(self) -> bool:
+        """Whether an index standardizes these vectors dimension by dimension (the spectral
+        features, of mixed units) or only centers them (a run's, whose distances mean what
+        they are: standardizing the basis's coordinates one by one would whiten them)."""
+        return self.kind == UNSUPERVISED
 
     @classmethod
     def unsupervised(cls, spec: LayerSpec, k: int | None = None) -> Embedder:
@@ -95,8 +145,16 @@ class Embedder:
             return spectral_features(batch, self.k).cpu().numpy()
         assert self.run is not None
         model = self.run.model.eval()
-        batch = batch.pad_to(np.maximum(batch.spec.ranks, self.run.spec.ranks))
-        return model.embed(batch).float().cpu().numpy()
+        inner = model.prepare(batch.pad_to(np.maximum(batch.spec.ranks, self.run.spec.ranks)))
+        update = unit_rows(linear_features(inner, "dense"))
+        if update.shape[1] > UPDATE_DIM:
+            update = unit_rows(count_sketch(update, UPDATE_DIM))
+        with model.given_prepared():
+            out = model(inner).double()
+        if self.run.task.kind == CLASSIFICATION:
+            out = 2 * torch.sigmoid(out) - 1
+        out = out / math.sqrt(out.shape[1])
+        return torch.cat([update.to(out.device), out], dim=1).float().cpu().numpy()
 
     def store(self, store: LoRAStore, rows: Sequence[int] | None = None, batch_size: int = 256):
         """(len(rows), D) vectors of the store's LoRAs (default: all rows), in row order."""

@@ -138,7 +138,7 @@ def build_index(
     store = data if isinstance(data, LoRAStore) else LoRAStore(data)
     emb = Embedder.of_run(run) if run is not None else Embedder.unsupervised(store.spec)
     raw = emb.store(store, batch_size=batch_size)
-    mean, std = standardizer(raw)
+    mean, std = standardizer(raw) if emb.per_dimension else (raw.mean(0), np.ones(raw.shape[1]))
     vectors = ((raw - mean) / std).astype(np.float32)
     if approximate is None:
         approximate = len(store) > APPROX_ABOVE

@@ -151,3 +151,16 @@ def test_update_base_is_the_ridge_on_flattened_directions_and_spectra():
     )
     want = ridge(np.concatenate([*flat, spectral], axis=1), scale)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-8 * np.abs(want).max())
+
+
+def test_glnet_alone_starts_at_the_ridge_on_its_scales_and_spectra(tmp_path, make_store):
+    """Without a linear base, GL-net's linear path from each layer's log scale and spectrum
+    starts at their ridge fit on the training rows (and its head at zero), so epoch 0 is that
+    fit: on a label read from the layers' sizes it scores, at once, what the spectral probe
+    fitted on the same rows scores (to 0.01 R²)."""
+    store = make_store(tmp_path / "s", n=120, extra=lambda k, s: {"z": float(np.log(s))})
+    cfg = TrainConfig("glnet", ["z"], epochs=1, plots=False, linear_base="none")
+    m = train(store, cfg, None)
+    probe = m["probes"][PROBE_SPECTRAL]["test"]["r2"]
+    assert m["best_epoch"] == 0 and m["test"]["r2"] == pytest.approx(probe, abs=0.01)
+    assert probe > 0.9

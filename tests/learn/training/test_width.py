@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 import loralens as ll
 from loralens.learn import TrainConfig, load_run, train
@@ -14,29 +13,13 @@ from loralens.store import LoRAStore, write_store
 
 
 def lift_store(store: LoRAStore, path, factor: int, seed: int = 7) -> LoRAStore:
-    """``store`` with every layer embedded in one ``factor`` times wider: U' = Q_out U and
-    V' = Q_in V, one fixed Q with orthonormal columns per layer and side for every LoRA."""
-    g = torch.Generator().manual_seed(seed)
-    qs = [
-        (
-            torch.linalg.qr(torch.randn(o * factor, o, generator=g, dtype=torch.float64)).Q,
-            torch.linalg.qr(torch.randn(i * factor, i, generator=g, dtype=torch.float64)).Q,
-        )
-        for o, i in store.shapes
-    ]
+    """``store`` with every LoRA lifted by :func:`loralens.lift_width` (one Q per layer and
+    side, the same for every LoRA)."""
     items = []
     for row in range(len(store)):
         lora = store[row]
-        layers = [
-            ll.LoRALayer(
-                layer.name,
-                (q_out @ layer.U.double()).float(),
-                (q_in @ layer.V.double()).float(),
-            )
-            for layer, (q_out, q_in) in zip(lora.layers, qs)
-        ]
         labels = {c: float(v) for c, v in lora.metadata["labels"].items()}
-        items.append((lora.metadata["id"], ll.LoRA(layers), labels))
+        items.append((lora.metadata["id"], ll.lift_width(lora, factor, seed), labels))
     return write_store(path, items)
 
 

@@ -19,15 +19,29 @@ from loralens.store import LoRAStore
 
 def linear_base_kind(
     store: LoRAStore, requested: str, rows: np.ndarray, basis: UpdateBasis | None = None
-) -> str:
-    """The linear base to fit: ``requested``, with "auto" resolved to "update" where the model
-    reads LoRAs through a ``basis`` (its features are bounded whatever the width), else by the
-    size of the training LoRAs' dense ΔW ("dense", or "spectral" past ``DENSE_MAX_BYTES``)."""
+) -> tuple[str, str]:
+    """(the linear base to fit, why): ``requested``, with "auto" resolved to "update" where
+    the model reads LoRAs through a ``basis`` (its features are bounded whatever the width),
+    else by the size of the training LoRAs' dense ΔW ("dense", or "spectral" past
+    ``DENSE_MAX_BYTES``)."""
     if requested != "auto":
-        return requested
+        return requested, f"asked for (--linear-base {requested})"
     if basis is not None:
-        return "update"
-    return "dense" if dense_bytes(store, len(rows)) <= DENSE_MAX_BYTES else "spectral"
+        feats = sum(a * b for a, b in basis.sizes)
+        return "update", (
+            f"auto: each layer's update in the basis of the training updates ({feats} features, "
+            f"{basis.energy():.3f} of their energy kept), over its norm, and the spectra"
+        )
+    size = dense_bytes(store, len(rows))
+    if size <= DENSE_MAX_BYTES:
+        return (
+            "dense",
+            f"auto without a basis: the training LoRAs' ΔW fits ({size / 2**20:.0f} MiB)",
+        )
+    return "spectral", (
+        f"auto without a basis (--basis none): the training LoRAs' ΔW would take "
+        f"{size / 2**30:.1f} GiB, past {DENSE_MAX_BYTES / 2**30:.0f} GiB"
+    )
 
 
 def base_features(
@@ -103,10 +117,40 @@ def fit_linear_base(
     )
 
 
+@torch.no_grad()
+def warm_start(
+    model: torch.nn.Module,
+    task: Task,
+    y: np.ndarray,
+    rows: LoRAStore | ProjectedRows,
+    fit_rows: np.ndarray,
+) -> None:
+    """Start a network without a linear base whose output has a linear path from invariant
+    features (GL-net's log scales and spectra) at the ridge (logistic) fit of that path on the
+    training rows: its input standardization is first set from those rows. Networks without
+    such a path are left as built."""
+    if not hasattr(model, "skip_features"):
+        return
+    pad = [int(r) for r in model.spec.ranks]
+    batches = [b for _, b in rows.iter_batches(64, rows=fit_rows, pad_ranks=pad)]
+    model.train()
+    for b in batches:  # the running standardization sees the training rows once
+        model.embed(b)
+    model.eval()
+    f = torch.cat([model.skip_features(model.embed(b)) for b in batches]).double().numpy()
+    y = y.astype(np.float64)
+    fits = [fit_linear_scored(f, y[:, j], task.kind == CLASSIFICATION) for j in range(y.shape[1])]
+    model.set_skip(
+        torch.from_numpy(np.stack([c for c, _, _ in fits], axis=1)),
+        torch.tensor([b for _, b, _ in fits]),
+    )
+
+
 __all__ = [
     "BaseFit",
     "base_features",
     "fit_base",
     "fit_linear_base",
     "linear_base_kind",
+    "warm_start",
 ]

@@ -70,15 +70,20 @@ def fit_epochs(
     starts with epoch 0, the linear base alone (no training loss), where the model has one."""
     history: list[dict[str, Any]] = []
     best = base = Best()
-    if acc.unwrap_model(model).hparams["linear_base"] != "none":
+    unwrapped = acc.unwrap_model(model)
+    if unwrapped.hparams["linear_base"] != "none":
         # epoch 0 is the linear base alone (the gate shut): a candidate like any epoch
-        gate = acc.unwrap_model(model).gate
+        gate = unwrapped.gate
         opened = float(gate.detach())
         with torch.no_grad():
             gate.fill_(0.0)
         best = base = _measure(model, loaders, data, acc, best, 0)[0]
         with torch.no_grad():
             gate.fill_(opened)
+    elif hasattr(unwrapped, "skip_features"):
+        # a network whose linear path starts at its fit (base_fit.warm_start): that start is a
+        # candidate like any epoch
+        best = _measure(model, loaders, data, acc, best, 0)[0]
     for epoch in range(1, int(hp["epochs"]) + 1):
         te = time.time()
         loss_sum, count = _train_epoch(model, opt, params, loaders["train"], data.task, acc, hp)

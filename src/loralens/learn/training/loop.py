@@ -28,7 +28,12 @@ import numpy as np
 import torch
 
 from loralens.jsonio import json_safe
-from loralens.learn.fitting.base_fit import base_features, fit_linear_base, linear_base_kind
+from loralens.learn.fitting.base_fit import (
+    base_features,
+    fit_linear_base,
+    linear_base_kind,
+    warm_start,
+)
 from loralens.learn.fitting.basis_fit import fit_basis
 from loralens.learn.fitting.data import (
     SPLITS,
@@ -190,6 +195,8 @@ def _fit(
         fit_linear_base(
             model, data.task, data.y_enc[train_rows], {d: x[at] for d, x in x_fit.items()}
         )
+    else:
+        warm_start(model, data.task, data.y_enc[data.split["train"]], rows, data.split["train"])
     loaders = _loaders(rows, data, pad, int(hp["batch_size"]), seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=float(hp["lr"]), weight_decay=float(hp["weight_decay"]))
@@ -272,7 +279,7 @@ def _cross_validate(
             "refit": f"all {len(every)} LoRAs, {refit_epochs} epochs (median best epoch)",
         },
         "n": {"train": len(every), "val": 0, "test": len(rows)},
-        **_run_facts(store, config, hp, model, history, acc, t0),
+        **_run_facts(store, config, hp, model, history, acc, t0, data.split["train"]),
     }
     return model, history, data, metrics, (rows, raw)
 
@@ -315,7 +322,7 @@ def _model(store: LoRAStore, config: TrainConfig, data: RunData) -> torch.nn.Mod
     basis = None
     if config.basis == "auto":  # unsupervised: the validation LoRAs' directions count too
         basis = fit_basis(store, np.union1d(rows, data.split["val"]), config.seed)
-    kind = linear_base_kind(store, config.linear_base, rows, basis)
+    kind, _ = linear_base_kind(store, config.linear_base, rows, basis)
     hparams = {"linear_base": kind, **config.hparams}
     flat = None if basis is None else UpdateBasis.flat(basis.sizes)
     check_fits(config.model, like.spec, data.task.out_dim, {**hparams, "basis": flat})
@@ -371,7 +378,7 @@ def _summary(
             "val": headline(baseline_metrics(data.task, y_tr, y_all[split["val"]]), kind),
         },
         "n": {k: len(v) for k, v in split.items()},
-        **_run_facts(store, config, hp, model, history, acc, t0),
+        **_run_facts(store, config, hp, model, history, acc, t0, data.split["train"]),
     }
 
 
@@ -401,12 +408,16 @@ def _run_facts(
     history: list[dict[str, Any]],
     acc: Any,
     t0: float,
+    train_rows: np.ndarray,
 ) -> dict[str, Any]:
-    """What every run's metrics record besides its scores: seed, settings, size, speed, store."""
+    """What every run's metrics record besides its scores: seed, settings, which linear base
+    and why, size, speed, store."""
+    kind, why = linear_base_kind(store, config.linear_base, train_rows, model.basis)
     return {
         "seed": config.seed,
         "hyperparameters": hp,
         "model_hparams": dict(model.hparams),
+        "linear_base": {"kind": kind, "why": why},
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "seconds": time.time() - t0,
         "train_loras_per_s": _median_speed(history),
