@@ -120,11 +120,13 @@ def test_a_w2t_run_computes_each_loras_canonical_form_once(tmp_path, monkeypatch
     assert metrics["epochs_run"] == 6 and sum(seen) == n["train"] + n["val"] + n["test"]
 
 
-def test_the_history_starts_with_the_linear_base_as_epoch_0(tmp_path):
-    """history.json and the learning curves begin at epoch 0, the linear base alone: validated
-    (its point is drawn, so a best epoch of 0 marks a drawn point), never trained."""
+@pytest.mark.parametrize("model, base", [("mlp-svd", "auto"), ("glnet", "none")])
+def test_the_history_starts_with_epoch_0(model, base, tmp_path):
+    """history.json and the learning curves begin at epoch 0, the linear base alone or GL-net
+    at its warm start: validated (its point is drawn, so a best epoch of 0 marks a drawn
+    point), never trained."""
     store = _store(tmp_path / "s", n=80)  # one split, not cross-validation
-    cfg = TrainConfig(model="mlp-svd", targets=["y"], epochs=3, patience=3)
+    cfg = TrainConfig(model=model, targets=["y"], epochs=3, patience=3, linear_base=base)
     m = train(store, cfg, tmp_path / "run")
     history = json.loads((tmp_path / "run" / "history.json").read_text())
     assert [h["epoch"] for h in history] == [0, 1, 2, 3]

@@ -30,7 +30,7 @@ from loralens.jsonio import write_json
 from loralens.learn.fitting.data import hparam_columns, make_splits, resolve_targets, select_rows
 from loralens.learn.fitting.probes import PROBES
 from loralens.learn.fitting.tasks import CLASSIFICATION, Task, infer_task, mean_std
-from loralens.learn.runs.report import below, headline
+from loralens.learn.runs.report import below, headline, kept
 from loralens.learn.training.config import TrainConfig
 from loralens.learn.training.loop import train
 from loralens.models.registry import MODEL_NAMES
@@ -184,7 +184,7 @@ def run_benchmark(
                 log(
                     f"{spec:>16s}  {name:<11s} seed {seed}  "
                     f"{PRIMARY[kind]} {_fmt(m['test'].get(PRIMARY[kind]))}  "
-                    f"{_kept(m['best_epoch']):<24s} ({time.time() - t0:.0f}s)"
+                    f"kept: {kept(m):<24s} ({time.time() - t0:.0f}s)"
                 )
                 done += 1
             rows_by_name.setdefault(NO_WEIGHTS, []).append(m["baseline"]["test"])
@@ -220,11 +220,6 @@ def run_benchmark(
         write_json(out / "benchmark.json", result)
         (out / "benchmark.md").write_text(result["markdown"] + "\n")
     return result
-
-
-def _kept(best_epoch: int) -> str:
-    """Which model a run kept: the linear base alone (epoch 0) or the network's best epoch."""
-    return "kept: linear base alone" if best_epoch == 0 else f"kept: network, epoch {best_epoch}"
 
 
 def _slug(spec: str) -> str:
