@@ -92,11 +92,20 @@ def calibration_lines(entry: dict[str, Any] | None, key: str = "test") -> list[s
             f"{cell(rep['width_no_weights_rel_std'], fmt='.2f')})"
         )
     return [
-        f"{level} {'sets' if rep.get('set_size') is not None else 'intervals'} on the {where}: "
+        f"{level} {'sets' if rep.get('set_size') is not None else 'intervals'} on {where}: "
         f"coverage {cell(rep['coverage'], fmt='.2f')}, {shape}; fit check flags {cell(rep['flagged'], fmt='.0%')} "
         f"(threshold {cell(entry['ood_threshold'], fmt='.3g')}, {entry['method']} calibration on "
         f"{entry['n_calibration']} LoRAs)"
     ]
+
+
+def kept(metrics: Mapping[str, Any]) -> str:
+    """Which model a run saved: the network after its best epoch, or at epoch 0 (before any
+    training) its linear base alone, or the network at its warm start where it has no base."""
+    if metrics["best_epoch"] > 0:
+        return f"the network, epoch {metrics['best_epoch']}"
+    base = (metrics.get("linear_base") or {}).get("kind", "none")
+    return "the linear base alone" if base != "none" else "the network at its warm start"
 
 
 def headline(metrics: Mapping[str, Any], kind: str) -> dict[str, Any]:
@@ -113,6 +122,7 @@ __all__ = [
     "calibration_lines",
     "cell",
     "headline",
+    "kept",
     "probe_verdict",
     "train_columns",
     "train_title",
