@@ -146,3 +146,37 @@ def test_family_names_are_unique_and_kinds_known():
     names = [f.name for f in FAMILIES]
     assert len(names) == len(set(names))
     assert {f.kind for f in FAMILIES} == {"unet", "mmdit", "flux", "decoder", "gpt2"}
+
+
+def test_one_label_for_every_kind_of_guess(tmp_path):
+    """The line `inspect`, its summary and the page show: the file's word, a local folder by its
+    last part, the fitting families, or the architecture where no well-known size fits."""
+
+    def label(layers, said=None):
+        rows = [{"name": n, "shape": list(s)} for n, s in layers.items()]
+        return guess_base_model({"layers": rows, "base_model": said})["label"]
+
+    gpt2_124m = {f"transformer.h.{i}.attn.c_attn": (2304, 768) for i in range(12)}
+    assert label(gpt2_124m) == "GPT-2 (124M) (from its layout)"
+    tiny_gpt2 = {f"transformer.h.{i}.attn.c_attn": (192, 64) for i in range(2)}
+    assert label(tiny_gpt2) == "unknown GPT-2-like model (2 blocks)"
+    assert label({"transformer.h.0.attn.c_attn": (192, 64)}) == "unknown GPT-2-like model (1 block)"
+    assert label({"some.custom.module": (4, 4)}) == "unknown"
+    assert (
+        label(tiny_gpt2, "gpt2")
+        == "gpt2 (from the file); layout: unknown GPT-2-like model (2 blocks)"
+    )
+    assert label(gpt2_124m, "/home/me/.cache/loralens/skills-lm-s0-1234/") == (
+        "skills-lm-s0-1234 (a local folder); layout: GPT-2 (124M)"
+    )
+    assert (
+        label({"some.custom.module": (4, 4)}, "C:\\models\\my-base") == "my-base (a local folder)"
+    )
+    hub_copy = "/root/.cache/huggingface/hub/models--openai-community--gpt2/snapshots/607a30d7/"
+    assert label(gpt2_124m, hub_copy) == (
+        "openai-community/gpt2 (a local copy from the hub); layout: GPT-2 (124M)"
+    )
+    assert (
+        label({"some.custom.module": (4, 4)}, "owner/base-model")
+        == "owner/base-model (from the file)"
+    )

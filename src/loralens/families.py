@@ -293,7 +293,7 @@ def guess_base_model(report: dict[str, Any]) -> dict[str, Any]:
     hidden = {f.hidden for f, _ in fits}
     blocks = {int(m.group(1)) for n in names if (m := _BLOCK.search(normalize_name(n)))}
     said = report.get("base_model")
-    return {
+    guess = {
         "name": said or (" or ".join(candidates) if candidates else None),
         "source": "metadata" if said else "layout" if candidates else None,
         "candidates": candidates,
@@ -301,7 +301,63 @@ def guess_base_model(report: dict[str, Any]) -> dict[str, Any]:
         "family": kind,
         "hidden_size": hidden.pop() if len(hidden) == 1 else None,
         "blocks": max(blocks) + 1 if blocks and kind in ("decoder", "gpt2") else None,
+        "local_path": bool(said) and is_local_path(said),
     }
+    guess["label"] = base_model_label(guess)
+    return guess
 
 
-__all__ = ["FAMILIES", "Family", "guess_base_model", "matching_families", "normalize_name"]
+#: How a kind of architecture reads in a label.
+KIND_WORDS = {
+    "decoder": "Llama-like decoder",
+    "gpt2": "GPT-2-like model",
+    "unet": "Stable Diffusion UNet",
+    "mmdit": "SD3-like MMDiT",
+    "flux": "Flux-like transformer",
+}
+
+
+def is_local_path(name: str) -> bool:
+    """Whether a file's base-model word is a path on the machine that wrote it (absolute, or
+    from the home or current folder) rather than a model's name or hub id."""
+    return name.startswith(("/", "~", "./", "../", "\\")) or bool(re.match(r"[A-Za-z]:[\\/]", name))
+
+
+def base_model_label(guess: dict[str, Any]) -> str:
+    """The one line every report shows for a guess (``inspect``, its summary, the page): the
+    file's word (a local folder by its last part, a copy in the hub's cache by its hub id), and
+    the families the layout fits, or the architecture its module names say where none fits."""
+    if guess["candidates"]:
+        layout = " or ".join(guess["candidates"])
+    elif guess["family"]:
+        blocks = guess.get("blocks")
+        shape = [f"{blocks} block{'s' * (blocks != 1)}"] if blocks else []
+        shape += [f"hidden size {guess['hidden_size']}"] if guess.get("hidden_size") else []
+        word = KIND_WORDS.get(guess["family"], guess["family"])
+        layout = f"unknown {word}" + (f" ({', '.join(shape)})" if shape else "")
+    else:
+        layout = ""
+    if guess["source"] != "metadata":
+        return f"{layout} (from its layout)" if guess["candidates"] else layout or "unknown"
+    said = guess["name"]
+    hub = re.search(r"models--([^\\/]+)[\\/]snapshots[\\/]", said)
+    if guess.get("local_path") and hub:  # the hub's cache names a model's folder models--org--name
+        said = f"{hub.group(1).replace('--', '/')} (a local copy from the hub)"
+    elif guess.get("local_path"):
+        tail = re.split(r"[\\/]", said.rstrip("/\\"))[-1] or said
+        said = f"{tail} (a local folder)"
+    else:
+        said = f"{said} (from the file)"
+    return f"{said}; layout: {layout}" if layout else said
+
+
+__all__ = [
+    "FAMILIES",
+    "KIND_WORDS",
+    "Family",
+    "base_model_label",
+    "guess_base_model",
+    "is_local_path",
+    "matching_families",
+    "normalize_name",
+]

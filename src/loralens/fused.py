@@ -31,6 +31,7 @@ import torch
 
 from loralens.atomic import file_sha256, write_file_atomic
 from loralens.cache import default_cache_dir
+from loralens.errors import LoRALensWarning
 
 #: Ranks and projection heights the kernel takes (its accumulators live on the C stack).
 MAX_RANK = 32
@@ -126,7 +127,7 @@ def _load() -> ctypes.CDLL | None:
             warnings.warn(
                 f"loralens: the fused C kernel is unavailable ({e}); using torch's BLAS, "
                 "about 2x slower on wide LoRAs. LORALENS_NATIVE=0 silences this.",
-                RuntimeWarning,
+                LoRALensWarning,
                 stacklevel=3,
             )
         return _lib

@@ -119,7 +119,7 @@ def summarize(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Totals over several reports: adapters read and failed, layers, parameters, ranks, and
     counts of formats, base models (the file's word or the fitting families) and flag kinds."""
     ok = [r for r in reports if "error" not in r]
-    base = Counter(r["base_model_guess"]["name"] or "unknown" for r in ok)
+    base = Counter(r["base_model_guess"]["label"] for r in ok)
     return {
         "adapters": len(reports),
         "read": len(ok),

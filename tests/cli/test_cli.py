@@ -47,10 +47,54 @@ def test_help_lists_the_exit_codes():
     assert "Exit codes" in res.stdout and "3 the output already exists" in res.stdout
 
 
+def _commands(group, prefix=()):
+    for name, cmd in group.commands.items():
+        yield (*prefix, name), cmd
+        yield from _commands(cmd, (*prefix, name)) if hasattr(cmd, "commands") else ()
+
+
+def test_help_paragraphs_are_left_to_the_terminal_to_wrap():
+    """Docstrings are hand-wrapped in the source; the help gets each paragraph as one line, so
+    rich wraps it once, at the terminal's width, never mid-phrase where the source broke it."""
+    from typer.main import get_command
+
+    seen = 0
+    for name, cmd in _commands(get_command(app)):
+        for paragraph in (cmd.help or "").split("\n\n"):
+            assert "\n" not in paragraph, (name, paragraph)
+        seen += bool(cmd.help)
+    assert seen > 20
+    res = runner.invoke(app, ["inspect", "--help"], env={"COLUMNS": "60"})
+    lines = [line.strip() for line in res.stdout.splitlines()]
+    start = lines.index(next(x for x in lines if x.startswith("Norms and singular")))
+    # one reflowed paragraph: every line but its last is filled close to the width
+    paragraph = lines[start : lines.index("", start)]
+    assert len(paragraph) > 3 and all(len(x) > 45 for x in paragraph[:-1]), paragraph
+
+
+def test_ray_help_points_to_the_clusters_page():
+    for command in (["zoo", "build"], ["screen"]):
+        res = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "300"})
+        assert "docs/clusters.md" in res.stdout and "see the README" not in res.stdout
+
+
+def test_serve_takes_its_runs_as_arguments_or_with_runs(tmp_path):
+    res = runner.invoke(app, ["serve", "--help"], env={"COLUMNS": "200"})
+    assert "[RUN...]" in res.stdout and "--runs" in res.stdout
+    res = runner.invoke(app, ["serve"])
+    assert res.exit_code == 2 and "give the run directories" in res.output
+    # both forms are parsed (a bind other than loopback without a token is refused before
+    # any run is loaded)
+    for args in (["runs/a", "runs/b"], ["--runs", "runs/a", "runs/b"]):
+        res = runner.invoke(app, ["serve", *args, "--host", "0.0.0.0"])
+        assert res.exit_code == 2 and "set --token too" in res.output, res.output
+
+
 def test_train_prints_a_table_beside_the_baseline_and_json_on_request(store, tmp_path):
     res = _train(store, tmp_path / "run")
     assert res.exit_code == 0, res.output
     assert "no weights" in res.stdout and "r2" in res.stdout and "{" not in res.stdout
+    assert "90% intervals on the test split: coverage" in res.stdout
     res = _train(store, tmp_path / "run2", "--json")
     metrics = json.loads(res.stdout)
     saved = json.loads((tmp_path / "run2" / "metrics.json").read_text())
@@ -128,3 +172,13 @@ def test_library_warnings_print_as_warning_lines_and_others_pass_through(capsys)
     err = capsys.readouterr().err
     assert "warning: the run is its linear base alone" in err
     assert "LoRALensWarning" not in err  # one line, not Python's traceback-like form
+
+
+def test_an_interval_shows_both_ends_with_the_same_decimals():
+    from loralens.cli.common import interval
+
+    assert interval(1.93, 1.998, digits=3) == "[1.93, 2.00]"
+    assert interval(1.93, 1.998) == "[1.930, 1.998]"
+    assert interval(1.9312, 1.9318, digits=3) == "[1.9312, 1.9318]"  # the width stays visible
+    assert interval(-0.5, 2.5, digits=3) == "[-0.50, 2.50]"
+    assert interval(2e6, 3e6, digits=3) == "[2.00e+06, 3.00e+06]"

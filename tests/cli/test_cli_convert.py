@@ -98,6 +98,23 @@ def test_failures_exit_with_their_kind(tmp_path, args, code, needle):
     assert res.exit_code == code and needle in res.output, res.output
 
 
+def test_a_language_model_lora_converts_to_peft_and_the_help_says_so(tmp_path):
+    """The README's GPT-2 adapter: peft works, kohya and diffusers refuse it saying to write
+    peft, and convert --help says which formats suit a language-model LoRA."""
+    res = runner.invoke(app, ["convert", "--help"], env={"COLUMNS": "300"})
+    assert "language-model LoRA" in res.stdout and "converts to peft only" in res.stdout
+    layer = ll.LoRALayer("transformer.h.0.attn.c_attn", torch.ones(192, 2), torch.ones(64, 2))
+    ll.save_lora(ll.LoRA([layer]), tmp_path / "gpt2")
+    res = runner.invoke(
+        app, ["convert", str(tmp_path / "gpt2"), str(tmp_path / "p"), "--to", "peft"]
+    )
+    assert res.exit_code == 0, res.output
+    for to in ("kohya", "diffusers"):
+        out = str(tmp_path / f"{to}.safetensors")
+        res = runner.invoke(app, ["convert", str(tmp_path / "gpt2"), out, "--to", to])
+        assert res.exit_code == 1 and "peft" in res.output, res.output
+
+
 def test_one_adapter_in_three_formats_packs_into_one_store_and_predicts_the_same(tmp_path):
     folder = tmp_path / "adapters"
     folder.mkdir()

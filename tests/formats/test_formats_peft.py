@@ -301,6 +301,15 @@ def test_peft_style_file_without_config_warns_and_assumes_scale_one(tmp_path):
     path = tmp_path / "adapter.safetensors"
     save_file(sd, path)
     assert ll.detect_format(path) == "peft"
-    with pytest.warns(UserWarning, match="lora_alpha is unknown"):
+    with pytest.warns(ll.LoRALensWarning, match="lora_alpha is unknown"):
         lora = ll.load_lora(path)
     assert lora.names == ["model.layers.0.self_attn.q_proj"] and lora.metadata["scale_assumed"]
+    # on the command line: one warning line, not Python's form with a source path
+    from typer.testing import CliRunner
+
+    from loralens.cli import app
+
+    res = CliRunner().invoke(app, ["inspect", str(path)])
+    assert res.exit_code == 0, res.output
+    assert "warning: " in res.stderr and "lora_alpha is unknown" in res.stderr
+    assert "UserWarning" not in res.stderr and ".py:" not in res.stderr

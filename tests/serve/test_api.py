@@ -261,5 +261,6 @@ def test_still_serving_after_all_that(client, tmp_path):
     assert health["status"] == "ok"
     res = _post(client, safetensors_file(tmp_path / "x.safetensors").read_bytes())
     assert res.status_code == 200
-    _refused(_post(client, b"junk"), 415)
-    assert client.get("/api/health").json()["answered"] == health["answered"] + 2
+    _refused(_post(client, b"junk", name="junk.txt"), 415)
+    _refused(_post(client, b"junk"), 422, "a.safetensors: not a readable safetensors file")
+    assert client.get("/api/health").json()["answered"] == health["answered"] + 3

@@ -50,6 +50,15 @@ def test_upload_shows_table_spectra_and_predictions(browser, server, tmp_path):
     page.set_default_timeout(TIMEOUT_MS)
     requests: list[str] = []
     page.on("request", lambda r: requests.append(r.url))
+    failed: list[str] = []  # a GET answered 4xx/5xx: a missing asset (the favicon, say)
+    page.on(
+        "response",
+        lambda r: (
+            failed.append(f"{r.status} {r.url}")
+            if r.request.method == "GET" and r.status >= 400
+            else None
+        ),
+    )
     page.goto(server.url + "/")
     page.wait_for_selector("#runs tbody tr")
     assert [r.split("\t")[0] for r in _texts(page, "#runs tbody tr")] == ["reg", "cls"]
@@ -61,6 +70,18 @@ def test_upload_shows_table_spectra_and_predictions(browser, server, tmp_path):
     layers = _texts(page, "#layers tbody tr td.name")
     assert layers == ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"]
     assert page.locator("#spectra polyline").count() == 2
+    legend = _texts(page, "#spectra-legend li")  # one entry per layer, in its line's colour
+    assert legend == [f"{k + 1}. {name}" for k, name in enumerate(layers)]
+    colours = page.eval_on_selector_all(
+        "#spectra-legend li svg line", "ls => ls.map(l => l.getAttribute('stroke'))"
+    )
+    lines = page.eval_on_selector_all(
+        "#spectra polyline", "ls => ls.map(l => l.getAttribute('stroke'))"
+    )
+    assert colours == lines and len(set(colours)) == 2
+    # an interval's ends share their decimals (1.998 is not shown as 2 beside 1.93)
+    assert page.evaluate("interval(1.93, 1.998)") == "[1.93, 2.00]"
+    assert page.evaluate("interval(1.9312, 1.9318)") == "[1.9312, 1.9318]"
     predictions = _texts(page, "#predictions tbody tr")
     assert [p.split("\t")[:2] for p in predictions] == [
         ["reg (mlp-svd)", "y"],
@@ -83,7 +104,8 @@ def test_upload_shows_table_spectra_and_predictions(browser, server, tmp_path):
     assert page.locator("#details").is_visible()
     history = _texts(page, "#history tbody tr")
     assert history[0].startswith("first.safetensors") and history[1].startswith("bad.safetensors")
-    assert all(u.startswith(server.url) for u in requests), requests
+    assert all(u.startswith((server.url, "data:")) for u in requests), requests
+    assert failed == [], failed
     page.close()
 
 
@@ -151,7 +173,9 @@ def test_the_page_works_without_a_network(server):
     import httpx
 
     page = httpx.get(server.url + "/").text
-    assert re.findall(r'(?:src|href)="([^"]+)"', page) == ["/static/app.css", "/static/app.js"]
+    links = re.findall(r'(?:src|href)="([^"]+)"', page)
+    assert [u for u in links if not u.startswith("data:")] == ["/static/app.css", "/static/app.js"]
+    assert [u for u in links if u.startswith("data:image/svg+xml,")], "no favicon: a 404"
     for asset in ("/static/app.js", "/static/app.css"):
         text = httpx.get(server.url + asset).text
         assert "http://" not in text.replace("http://www.w3.org/2000/svg", "")

@@ -112,7 +112,35 @@ def test_gzipped_tar_is_accepted(tmp_path):
 
 
 def test_unknown_bytes_are_refused_415(tmp_path):
-    _refused(tmp_path, b"just some text, certainly no adapter", 415, "not a .safetensors")
+    text = b"just some text, certainly no adapter"
+    _refused(tmp_path, text, 415, "not a .safetensors", name="notes.txt")
+
+
+JUNK = {
+    "random.safetensors": bytes(range(256)) * 8,
+    "text.safetensors": b"hello world\n",
+    "header.safetensors": b'\x08\x00\x00\x00\x00\x00\x00\x00{"a": 1}',
+    "fake.zip": b"not a zip",
+    "fake.tar": b"not a tar either" * 40,
+}
+
+
+@pytest.mark.parametrize("name", sorted(JUNK))
+def test_a_bad_file_gets_one_message_from_the_service_and_from_screen(tmp_path, name):
+    """Uploaded (`serve`) or found in a folder (`screen`), a file is judged by the same rule:
+    its bytes, else what its name claims; so the same junk gets the same status and message."""
+    from loralens.serve.jobs import handle
+
+    (tmp_path / "folder").mkdir()
+    local = tmp_path / "folder" / name
+    local.write_bytes(JUNK[name])
+    (tmp_path / "up").mkdir()
+    upload = tmp_path / "up" / "upload"
+    upload.write_bytes(JUNK[name])
+    served = handle([], ("upload", str(upload), name, str(tmp_path / "up"), LIMITS))
+    screened = handle([], ("path", str(local), name, str(tmp_path / "folder"), LIMITS))
+    assert served == screened, (served, screened)
+    assert served[:2] == ("refused", 422) and served[2].startswith(f"{name}: not a readable")
 
 
 @pytest.mark.parametrize("name", ["../evil", "/etc/evil", "a/../../evil", "C:/evil", "a\\..\\evil"])

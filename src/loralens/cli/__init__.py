@@ -6,7 +6,7 @@ from __future__ import annotations
 import typer
 
 from loralens.cli import adapters, convert, learning, search, serve, stores, zoo
-from loralens.cli.common import EXIT_CODES_HELP
+from loralens.cli.common import EXIT_CODES_HELP, unwrap_help
 
 app = typer.Typer(
     epilog=EXIT_CODES_HELP,
@@ -45,3 +45,6 @@ def main(
 def version() -> None:
     """Print the loralens version."""
     _print_version(True)
+
+
+unwrap_help(app)

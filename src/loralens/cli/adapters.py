@@ -42,8 +42,11 @@ def inspect_cmd(
     Norms and singular values come from the small factors (QR of U and V, SVD of an r x r
     matrix); no delta W is formed, so this is fast on any model size. Effective rank is Roy &
     Vetterli's exp(entropy of the normalized singular values). The base model is the file's
-    own word, else every well-known family whose module names and shapes the layers fit
-    ("unknown" when none does). One adapter: its report (--json: the report object); several:
+    own word (a local folder by its last part) and every well-known family whose module names
+    and shapes the layers fit, or where none fits the architecture the module names say
+    ("unknown GPT-2-like model (2 blocks)"), or "unknown"; the service's page shows the same
+    line. One adapter: its report (--json: the report object, the line as
+    base_model_guess.label); several:
     one row each and a summary row (--json: {"adapters": [...], "summary": {...}}); exit code 1
     when any cannot be read.
     """
@@ -73,13 +76,8 @@ def inspect_cmd(
 
 
 def _base(report: dict[str, Any]) -> str:
-    guess = report["base_model_guess"]
-    if guess["source"] == "metadata":
-        fits = guess["candidates"]
-        return f"{guess['name']} (file)" + (f"; layout fits {' or '.join(fits)}" if fits else "")
-    if guess["name"]:
-        return f"{guess['name']} (layout)"
-    return "unknown"
+    """The base-model line every report shows (the page and the summary too)."""
+    return report["base_model_guess"]["label"]
 
 
 def _print_adapter(report: dict[str, Any], top: int) -> None:

@@ -24,6 +24,26 @@ EXIT_CODES_HELP = (
 )
 
 
+def unwrap_help(app: typer.Typer) -> None:
+    """Give every command of ``app`` (and of its groups) its docstring with each paragraph on
+    one line, so that rich wraps the help to the terminal's width instead of breaking the
+    source's hand-wrapped lines a second time, mid-phrase."""
+    import inspect
+
+    for info in app.registered_commands:
+        if info.help is None and info.callback is not None and info.callback.__doc__:
+            info.help = unwrap(inspect.getdoc(info.callback) or "")
+    for group in app.registered_groups:
+        if group.typer_instance is not None:
+            unwrap_help(group.typer_instance)
+
+
+def unwrap(text: str) -> str:
+    """``text`` with the line breaks inside each paragraph (blank-line separated) made spaces."""
+    paragraphs = (" ".join(p.split()) for p in text.strip().split("\n\n"))
+    return "\n\n".join(p for p in paragraphs if p)
+
+
 def fail(message: str, code: int = EXIT_INPUT) -> NoReturn:
     """Print ``error: message`` to stderr and exit with ``code``."""
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
@@ -114,3 +134,16 @@ def num(x: Any, fmt: str = ".3g") -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "-"
     return format(x, fmt)
+
+
+def interval(lo: float, hi: float, digits: int = 4) -> str:
+    """An interval "[lo, hi]", both ends with the same decimals: enough for ``digits``
+    significant digits of the larger end and one of the width (so [1.93, 2.00], not [1.93, 2])."""
+    top = max(abs(lo), abs(hi))
+    if not math.isfinite(top) or top >= 1e5 or 0 < top < 1e-3:
+        return f"[{num(lo, f'.{digits - 1}e')}, {num(hi, f'.{digits - 1}e')}]"
+    decimals = [digits - 1 - math.floor(math.log10(top))] if top > 0 else [0]
+    if hi > lo:
+        decimals.append(-math.floor(math.log10(hi - lo)))
+    d = min(max(0, *decimals), 12)
+    return f"[{lo:.{d}f}, {hi:.{d}f}]"

@@ -8,13 +8,18 @@ from loralens.cli.common import console, echo_json, fail, num, user_errors
 from loralens.cli.options import AsJson, share
 
 commands = typer.Typer()
-_TO_HELP = "Output format: peft (a folder), kohya or diffusers (a .safetensors file)."
+_TO_HELP = (
+    "Output format: peft (a folder; any model, and the one for language-model LoRAs), or kohya "
+    "or diffusers (a .safetensors file; Stable Diffusion and Flux pipeline LoRAs only)."
+)
 
 
 @commands.command(
     epilog="Examples:\n\n"
     "  loralens convert my_lora.safetensors peft_adapter/ --to peft\n\n"
-    "  loralens convert peft_adapter/ pytorch_lora_weights.safetensors --to diffusers",
+    "  loralens convert peft_adapter/ pytorch_lora_weights.safetensors --to diffusers  "
+    "(a diffusion LoRA)\n\n"
+    "  loralens convert gpt2_lora.bin gpt2_adapter/ --to peft  (a language-model LoRA)",
 )
 def convert(
     src: str = typer.Argument(..., help="A LoRA: PEFT folder or .safetensors/.bin file."),
@@ -25,7 +30,10 @@ def convert(
     """Write a LoRA in another format (peft, kohya, diffusers), exactly.
 
     Each layer's rank and alpha are written as read, LyCORIS layers (LoHa, LoKr, LoCon-Tucker)
-    as plain LoRA at their exact rank, module names as the target library loads them.
+    as plain LoRA at their exact rank, module names as the target library loads them. kohya
+    and diffusers files hold diffusion-pipeline LoRAs (UNet, text encoders, transformer): a
+    language-model LoRA (GPT-2, Llama, ...) converts to peft only. A PEFT folder adapts one
+    model, so a LoRA of a UNet and its text encoders converts to kohya or diffusers only.
     """
     from loralens.formats import convert as convert_lora
     from loralens.formats.convert import WRITERS

@@ -8,11 +8,13 @@ from typing import Any
 
 import typer
 
-from loralens.cli.common import console, echo_json, fail, num, user_errors
+from loralens.cli.common import console, echo_json, fail, interval, num, user_errors
 from loralens.cli.options import AsJson, Overwrite, Store, Threads
-from loralens.models.registry import MODEL_NAMES
 
 commands = typer.Typer()
+#: The registered models' names, for help texts: written out so that the command line starts
+#: without importing torch (tests/cli/test_startup.py checks they are ``MODEL_NAMES``).
+MODEL_CHOICES = ("mlp", "mlp-oalign", "mlp-svd", "mlp-dense", "glnet", "w2t")
 WHERE_HELP = (
     "Use only rows where FILTER holds: comparisons, in [..], and/or/not over label columns, "
     "e.g. 'rank == 4 and lr < 1e-3'."
@@ -63,7 +65,7 @@ def _metrics_table(title: str, columns: dict[str, dict[str, Any]]) -> None:
 def train(
     data: Store,
     target: str = typer.Option(..., help="Label column(s): COL[,COL...] or a glob like 'src_*'."),
-    model: str = typer.Option("glnet", help=f"One of {', '.join(MODEL_NAMES)}."),
+    model: str = typer.Option("glnet", help=f"One of {', '.join(MODEL_CHOICES)}."),
     out: str = typer.Option(..., help="Run directory for checkpoint, metrics.json and plots."),
     seed: int = typer.Option(0, help="Seed of the split, the init and the batch order."),
     epochs: int = typer.Option(None, help="Maximum epochs (default: per model)."),
@@ -277,7 +279,7 @@ def _cell(row: dict[str, Any], target: str) -> str:
     value = num(row["prediction"][target], ".4g")
     if row.get("interval"):
         lo, hi = row["interval"][target]
-        return f"{value} [{num(lo, '.4g')}, {num(hi, '.4g')}]"
+        return f"{value} {interval(lo, hi)}"
     if row.get("set"):
         return f"{value} {{{', '.join(map(str, row['set'][target]))}}}"
     return value
@@ -295,7 +297,7 @@ def benchmark(
     data: str = typer.Option(None, help="A packed store instead of a zoo."),
     targets: list[str] = typer.Option(..., help="Target family (repeatable)."),
     models: str = typer.Option(
-        "all", help=f"Comma-separated model names ({', '.join(MODEL_NAMES)}), or 'all'."
+        "all", help=f"Comma-separated model names ({', '.join(MODEL_CHOICES)}), or 'all'."
     ),
     seeds: int = typer.Option(3, help="Seeds (splits and inits) per cell."),
     epochs: int = typer.Option(None, help="Maximum epochs per run (default: per model)."),
@@ -321,6 +323,8 @@ def benchmark(
     def log(msg: str) -> None:
         typer.echo(msg, err=True)
 
+    from loralens.models.registry import MODEL_NAMES
+
     names = list(MODEL_NAMES) if models == "all" else [m for m in models.split(",") if m]
     with user_errors():
         store = data or str(pack_zoo_cached(zoo, Path(out) / "store", log))
@@ -344,7 +348,9 @@ def benchmark(
 
 
 @commands.command(
-    epilog="Example:\n\n  loralens demo            (about 2.5 minutes on 2 idle CPU cores)\n\n"
+    epilog="Example:\n\n  loralens demo            (on 2 shared CPU cores at load 11-20: the zoo "
+    "builds at about 3 LoRAs a minute, the training step takes 14 minutes; see "
+    "benchmarks/BENCHMARKS.md)\n\n"
     "  loralens demo --out /tmp/demo --num 96 --seeds 3"
 )
 def demo(
@@ -357,20 +363,48 @@ def demo(
         "tiny", help="Base model size: tiny (a few minutes on 2 CPU cores) or small (the zoos')."
     ),
 ) -> None:
-    """The end-to-end demo: zoo -> store -> every model -> table and plots.
+    """The end-to-end demo: zoo -> store -> every model -> table, plots and a verdict.
 
     Builds a small skills-lm zoo of real PEFT finetunes, packs it, trains every model on
-    eval_loss and one data-membership label, prints the table and writes plots.
+    eval_loss, the skill loss that varies most over the zoo and one data-membership label,
+    prints the table, writes plots and ends with a verdict: what the weights told the models,
+    against knowing nothing and knowing the finetuning hyperparameters.
     """
+    from loralens.cli.common import progress
     from loralens.learn.bench.demo import run_demo
 
+    bar = progress()
+    task = None
+
+    def on_run(done: int, total: int, what: str) -> None:
+        """The training step's bar: which run is under way, how many are done, elapsed, ETA."""
+        nonlocal task
+        if task is None:
+            bar.start()
+            task = bar.add_task("training", total=total)
+        bar.update(task, completed=done, description=f"training {what}")
+        if done == total:
+            bar.stop()
+
     with user_errors():
-        result = run_demo(
-            out, num=num, seeds=seeds, epochs=epochs, threads=threads, size=size, log=typer.echo
-        )
+        try:
+            result = run_demo(
+                out,
+                num=num,
+                seeds=seeds,
+                epochs=epochs,
+                threads=threads,
+                size=size,
+                log=typer.echo,
+                on_run=on_run,
+            )
+        finally:
+            bar.stop()
     typer.echo("")
     typer.echo(result["markdown"])
     runs = f"{result['benchmark']}/runs"
     typer.echo(f"\nplots: {len(result['plots'])} PNGs under {runs}")
     typer.echo(f"table: {result['benchmark']}/benchmark.md (+ .json)")
-    typer.echo(f"total {result['seconds']:.0f}s")
+    typer.echo(f"total {result['seconds']:.0f}s\n")
+    for line in result["verdict"]:
+        typer.echo(line)

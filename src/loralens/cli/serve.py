@@ -33,14 +33,18 @@ def is_loopback(host: str) -> bool:
 
 @commands.command(
     epilog="Examples:\n\n"
-    "  loralens serve --runs runs/glnet runs/membership\n\n"
-    "  LORALENS_SERVE_TOKEN=secret loralens serve --runs runs/glnet --host 0.0.0.0\n\n"
+    "  loralens serve runs/glnet runs/membership   (or: --runs runs/glnet runs/membership)\n\n"
+    "  LORALENS_SERVE_TOKEN=secret loralens serve runs/glnet --host 0.0.0.0\n\n"
     "Then open http://127.0.0.1:8000/ or POST a file: curl -F file=@my_lora.safetensors "
     "http://127.0.0.1:8000/api/screen"
 )
 def serve(
-    runs: list[str] = typer.Option(..., help="Run directories to predict with: --runs A B ..."),
-    more_runs: list[str] = typer.Argument(None, hidden=True, metavar="[RUN...]"),
+    run_args: list[str] = typer.Argument(
+        None, metavar="[RUN...]", help="Run directories (of `loralens train`) to predict with."
+    ),
+    runs: list[str] = typer.Option(
+        None, help="The same run directories as an option: --runs A B ..."
+    ),
     host: str = typer.Option("127.0.0.1", help="Address to bind; not loopback needs --token."),
     port: int = typer.Option(8000, min=0, max=65535, help="Port to listen on."),
     max_upload_mb: float = typer.Option(
@@ -71,7 +75,9 @@ def serve(
     sanity flags and each run's prediction. Binds 127.0.0.1 unless --host says otherwise; a
     bind other than loopback requires --token.
     """
-    runs = [*runs, *(more_runs or [])]  # `--runs A B`: B arrives as an argument
+    runs = [*(runs or []), *(run_args or [])]  # `--runs A B`: B arrives as an argument
+    if not runs:
+        fail("give the run directories to predict with: loralens serve RUN [RUN...]", EXIT_USAGE)
     if not is_loopback(host) and not token:
         fail(f"--host {host} is reachable from other machines: set --token too", EXIT_USAGE)
     try:
@@ -119,7 +125,7 @@ def serve(
     "  loralens screen hub-mirror/ --runs runs/glnet runs/membership --out report.jsonl\n\n"
     "  loralens screen uploads/ --runs runs/glnet --out report.jsonl --html report.html\n\n"
     "  loralens screen /shared/hub/ --runs /shared/runs/glnet --out report.jsonl --ray auto  "
-    "(on a Ray cluster; see the README)\n\n"
+    "(on a Ray cluster; see docs/clusters.md)\n\n"
     "Run it again after an interruption: adapters already in the report are skipped."
 )
 def screen(

@@ -30,7 +30,7 @@ def _parse_options(items: list[str] | None) -> dict[str, str]:
     "  loralens zoo build --preset skills-lm --num 2000 --shard 0/2 --out zoos/s0 &  "
     "(and --shard 1/2 --out zoos/s1; then loralens zoo merge zoos/all zoos/s0 zoos/s1)\n\n"
     "  loralens zoo build --preset skills-lm --num 2000 --ray auto --out /shared/zoos/s  "
-    "(on a Ray cluster; see the README)\n\n"
+    "(on a Ray cluster; see docs/clusters.md)\n\n"
     "  loralens zoo build --base-model gpt2 --text-file corpus.txt --num 100 --out zoos/gpt2",
 )
 def build(

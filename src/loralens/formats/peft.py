@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from loralens.errors import InputError
+from loralens.errors import InputError, LoRALensWarning
 from loralens.formats.config import ConfigScale, read_config
 from loralens.formats.errors import LoRAFormatError
 from loralens.formats.keys import FULL_WEIGHT_KEY, ModuleParts, parse_keys, refuse_unknown
@@ -150,7 +150,7 @@ def open_peft_weights_only(path: Path, *, allow_nonfinite: bool = False) -> File
             f"{path}: no {CONFIG_NAME} beside this file and no alpha key for "
             f"{len(assumed)} module(s), so their lora_alpha is unknown; assuming scale 1 "
             "(alpha = r)",
-            UserWarning,
+            LoRALensWarning,
             stacklevel=4,
         )
         metadata["scale_assumed"] = True

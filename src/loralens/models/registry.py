@@ -88,12 +88,21 @@ def check_training(settings: dict[str, Any]) -> None:
 
 
 def state_shapes(
-    name: str, like: LoRABatch | LoRA | LayerSpec, out_dim: int, hparams: dict[str, Any]
+    name: str,
+    like: LoRABatch | LoRA | LayerSpec,
+    out_dim: int,
+    hparams: dict[str, Any],
+    *,
+    saved: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """Every state_dict entry of ``rebuild_model(name, like, out_dim, hparams)`` as a tensor on
-    the meta device (shape and dtype, no data): nothing is allocated, whatever the sizes."""
+    """Every state_dict entry of ``rebuild_model(name, like, out_dim, hparams)`` (``saved``:
+    hyperparameters as a run saved them) or of ``build_model`` (a model about to be made) as a
+    tensor on the meta device (shape and dtype, no data): nothing is allocated."""
     with torch.device("meta"):
-        model = rebuild_model(name, as_spec(like), out_dim, hparams)
+        if saved:
+            model = rebuild_model(name, as_spec(like), out_dim, hparams)
+        else:
+            model = build_model(name, as_spec(like), out_dim, **hparams)
     return dict(model.state_dict())
 
 
@@ -107,7 +116,7 @@ def check_fits(
 ) -> None:
     """Refuse (:class:`~loralens.models.base.ModelSizeError`) a model whose weights, gradients
     and two Adam moments would not fit in the memory available now; builds nothing."""
-    state = state_shapes(name, like, out_dim, hparams).values()
+    state = state_shapes(name, like, out_dim, hparams, saved=False).values()
     count = sum(t.numel() for t in state)
     weights = sum(t.numel() * t.element_size() for t in state)
     limit = base.available_bytes()

@@ -59,10 +59,31 @@ def kind_of(path: Path, name: str) -> str | None:
     return None
 
 
+#: What a file's name says it is, where its first bytes say nothing: a corrupt or truncated
+#: file is then refused by that kind's reader, with the message `loralens screen` gives it.
+_NAMED = {
+    ".safetensors": "safetensors",
+    ".zip": "zip",
+    ".tar": "tar",
+    ".tgz": "tar",
+    ".gz": "tar",
+    ".bz2": "tar",
+    ".xz": "tar",
+}
+
+
+def file_kind(path: Path, name: str) -> str | None:
+    """:func:`kind_of` the file's bytes, else the kind its name's suffix claims (None: neither
+    says it is a safetensors file or an archive). Uploads and local files are judged by this
+    one rule, so the same bad file gets the same message from the service and from
+    ``loralens screen``."""
+    return kind_of(path, name) or _NAMED.get(Path(name).suffix.lower())
+
+
 def prepare_adapter(upload: Path, name: str, dest: Path, limits: Limits) -> tuple[Path, str]:
     """Place the received file ``upload`` (the client called it ``name``) under ``dest`` as an
     adapter loralens can read: (its path, the name to show for that path)."""
-    kind = kind_of(upload, name)
+    kind = file_kind(upload, name)
     dest.mkdir()
     if kind == "safetensors":
         target = dest / (Path(name).stem + ".safetensors")
@@ -78,7 +99,7 @@ def prepare_adapter(upload: Path, name: str, dest: Path, limits: Limits) -> tupl
 def local_adapter(path: Path, name: str, dest: Path, limits: Limits) -> tuple[Path, str]:
     """An adapter on this machine: a folder or file as it is (the reader judges it), an archive
     unpacked under ``dest`` by the same rules as an upload (the archive itself is left alone)."""
-    kind = None if path.is_dir() else kind_of(path, name)
+    kind = None if path.is_dir() else file_kind(path, name)
     if kind not in ("zip", "tar"):
         return path, name
     dest.mkdir()
@@ -229,4 +250,4 @@ def _untar(path: Path, dest: Path, limits: Limits, name: str) -> None:
         raise Refused(422, f"{name}: not a readable tar archive ({e})") from None
 
 
-__all__ = ["ACCEPTED", "Limits", "kind_of", "local_adapter", "prepare_adapter"]
+__all__ = ["ACCEPTED", "Limits", "file_kind", "kind_of", "local_adapter", "prepare_adapter"]

@@ -99,18 +99,93 @@ def test_hyperparameter_columns_come_from_the_zoo_manifest(make_peft_zoo, tmp_pa
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end_on_a_tiny_zoo(tmp_path):
+    """Every step of ``loralens demo`` (zoo, store, every model and row, plots, verdict) on the
+    smallest settings: the table and the verdict name the three targets the zoo gives."""
     out = tmp_path / "demo"
     cmd = ["demo", "--out", str(out), "--num", "10", "--seeds", "1", "--epochs", "1"]
     res = _ok(runner.invoke(app, [*cmd, "--threads", "1"]))
     demo = json.loads((out / "demo.json").read_text())
-    # the classification target is the zoo's most balanced 0/1 label column
+    # eval_loss, the skill loss that varies most and the most balanced 0/1 label column
     manifest = json.loads((out / "zoo" / "zoo.json").read_text())
     labels = pd.read_csv(out / "zoo" / "labels.csv")
     rates = {c: labels[c].mean() for c in manifest["binary_columns"]}
     balanced = min(rates, key=lambda c: (abs(rates[c] - 0.5), c))
-    assert demo["targets"] == ["eval_loss", balanced] and demo["num"] == 10
+    varied = labels.filter(like="loss_").std(ddof=0).idxmax()
+    assert demo["targets"] == ["eval_loss", varied, balanced] and demo["num"] == 10
     result = json.loads((out / "benchmark" / "benchmark.json").read_text())
     assert set(MODEL_NAMES) | {"no weights"} <= set(result["table"])
     assert result["models"] == list(MODEL_NAMES)
     assert "| no weights |" in res.stdout and "| probe: spectral |" in res.stdout
     assert "How to read it" in res.stdout
+    verdict = res.stdout[res.stdout.index("What the demo learned") :].splitlines()
+    assert verdict == demo["verdict"] and verdict[-1].startswith("In short:")
+    for target, line in zip(demo["targets"], verdict[1::2]):
+        assert line.startswith(f"- {target} (") and "knowing nothing" in line
+    assert all("linear base" in line for line in verdict[2:-1:2])
+    assert len(list((out / "benchmark" / "runs").rglob("learning_curves.png"))) == 3 * 6
+
+
+def _result(scores: dict[str, dict[str, tuple[float, float]]], kept: dict[str, int]) -> dict:
+    """A benchmark result: (row -> target -> primary metric's mean and std over seeds),
+    (target -> best epoch of every model's run)."""
+    models = ["mlp", "glnet"]
+    task = {"eval_loss": "regression", "loss_sort": "regression", "src_sub": "classification"}
+    key = {"regression": "r2", "classification": "accuracy"}
+    table = {
+        row: {
+            t: {"task": task[t], key[task[t]]: {"mean": mean, "std": std}}
+            for t, (mean, std) in cells.items()
+        }
+        for row, cells in scores.items()
+    }
+    runs = [{"target": t, "model": m, "best_epoch": e} for t, e in kept.items() for m in models]
+    return {"table": table, "runs": runs, "models": models, "targets": list(task), "seeds": [0, 1]}
+
+
+def test_the_demo_verdict_says_what_was_learned_against_what():
+    from loralens.learn.bench.demo import verdict
+
+    lines = verdict(
+        _result(
+            {
+                "mlp": {
+                    "eval_loss": (0.16, 0.36),
+                    "loss_sort": (0.71, 0.1),
+                    "src_sub": (0.62, 0.04),
+                },
+                "glnet": {
+                    "eval_loss": (0.16, 0.36),
+                    "loss_sort": (0.75, 0.1),
+                    "src_sub": (0.64, 0.04),
+                },
+                "no weights": {
+                    "eval_loss": (-0.14, 0.2),
+                    "loss_sort": (-0.02, 0.0),
+                    "src_sub": (0.5, 0),
+                },
+                "hyperparameters only": {
+                    "eval_loss": (-0.33, 0.5),
+                    "loss_sort": (0.3, 0.1),
+                    "src_sub": (0.55, 0.1),
+                },
+                "probe: dense ΔW": {"loss_sort": (0.74, 0.1), "src_sub": (0.63, 0.05)},
+            },
+            {"eval_loss": 0, "loss_sort": 3, "src_sub": 0},
+        )
+    )
+    assert lines[0] == "What the demo learned (on test LoRAs no model saw, mean over 2 seed(s)):"
+    # R² from 0 (the training mean's), and a margin inside the seeds' spread is none
+    assert lines[1].startswith("- eval_loss (the finetuned model's loss")
+    assert "R² 0.16 ± 0.36 from the weights (every model alike)" in lines[1]
+    assert lines[1].endswith("level with both within the spread over seeds.")
+    assert "kept its linear base alone" in lines[2] and "t-test" in lines[2]
+    assert "R² 0.75 ± 0.10 from the weights (best: glnet)" in lines[3]
+    assert "-0.02 knowing nothing and 0.30 from the finetuning hyperparameters" in lines[3]
+    assert "well above both; a linear probe of the weights gets 0.74." in lines[3]
+    assert "improved on its linear base in 2 of 2 runs (glnet, mlp)" in lines[4]
+    assert "accuracy 0.64 ± 0.04" in lines[5] and "above both;" in lines[5]
+    assert "well" not in lines[5]
+    assert lines[7] == (
+        "In short: from the adapter weights alone the models learned loss_sort well beyond "
+        "what knowing nothing or knowing the training recipe gives."
+    )

@@ -99,3 +99,29 @@ def test_a_repeated_fit_is_the_kept_one_and_cannot_be_changed_through_its_result
     fit_linear(x, y, False)
     fit_linear(x, y > 0, True)
     assert len(fits) == 3
+
+
+def test_the_fast_log_loss_scorer_gives_scikit_learns_fit_exactly():
+    """The cross-validated logistic fit scores each penalty with ``neg_log_loss`` without
+    scikit-learn's input checks (most of its time): the same scores, penalty and weights."""
+    import warnings
+
+    from sklearn.linear_model import LogisticRegressionCV
+    from sklearn.model_selection import StratifiedKFold
+
+    from loralens.learn.fitting.probes import ALPHAS, neg_log_loss
+
+    rng = np.random.default_rng(0)
+    for n, d in ((150, 40), (60, 150)):
+        x = rng.normal(size=(n, d))
+        y = (x[:, 0] + 0.7 * rng.normal(size=n) > 0).astype(int)
+        fits = []
+        for scoring in ("neg_log_loss", neg_log_loss):
+            folds = StratifiedKFold(5, shuffle=True, random_state=0)
+            model = LogisticRegressionCV(Cs=1.0 / ALPHAS, cv=folds, scoring=scoring, max_iter=2000)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                model.fit(x, y)
+            fits.append((model.coef_, model.intercept_, next(iter(model.scores_.values()))))
+        for a, b in zip(*fits):
+            np.testing.assert_array_equal(a, b)

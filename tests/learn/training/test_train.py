@@ -118,3 +118,19 @@ def test_a_w2t_run_computes_each_loras_canonical_form_once(tmp_path, monkeypatch
     n = metrics["n"]
     # 6 epochs and validations, yet every train, validation and test LoRA computed once
     assert metrics["epochs_run"] == 6 and sum(seen) == n["train"] + n["val"] + n["test"]
+
+
+@pytest.mark.parametrize("model, base", [("mlp-svd", "auto"), ("glnet", "none")])
+def test_the_history_starts_with_epoch_0(model, base, tmp_path):
+    """history.json and the learning curves begin at epoch 0, the linear base alone or GL-net
+    at its warm start: validated (its point is drawn, so a best epoch of 0 marks a drawn
+    point), never trained."""
+    store = _store(tmp_path / "s", n=80)  # one split, not cross-validation
+    cfg = TrainConfig(model=model, targets=["y"], epochs=3, patience=3, linear_base=base)
+    m = train(store, cfg, tmp_path / "run")
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [0, 1, 2, 3]
+    assert history[0]["train_loss"] is None and history[0]["val_loss"] > 0
+    assert all(h["train_loss"] is not None for h in history[1:])
+    assert history[0]["best"] == (m["best_epoch"] == 0)
+    assert m["epochs_run"] == 3 and (tmp_path / "run" / "learning_curves.png").stat().st_size

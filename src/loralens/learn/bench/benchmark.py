@@ -30,7 +30,7 @@ from loralens.jsonio import write_json
 from loralens.learn.fitting.data import hparam_columns, make_splits, resolve_targets, select_rows
 from loralens.learn.fitting.probes import PROBES
 from loralens.learn.fitting.tasks import CLASSIFICATION, Task, infer_task, mean_std
-from loralens.learn.runs.report import below, headline
+from loralens.learn.runs.report import below, headline, kept
 from loralens.learn.training.config import TrainConfig
 from loralens.learn.training.loop import train
 from loralens.models.registry import MODEL_NAMES
@@ -120,9 +120,12 @@ def run_benchmark(
     threads: int | None = None,
     linear_base: str = "auto",
     log: Callable[[str], None] | None = None,
+    on_run: Callable[[int, int, str], None] | None = None,
 ) -> dict[str, Any]:
     """Train every model on every target family for every seed; return (and write) the table.
-    ``linear_base`` is every model's (see ``TrainConfig.linear_base``)."""
+    ``linear_base`` is every model's (see ``TrainConfig.linear_base``). ``on_run(done, total,
+    what)`` is called before each run starts (and once at the end, ``done == total``), so a
+    caller can show progress while a run is under way; ``log`` gets one line per finished run."""
     store = store if isinstance(store, LoRAStore) else LoRAStore(store)
     seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
     log = log or (lambda msg: None)
@@ -131,6 +134,8 @@ def run_benchmark(
     cells: dict[str, dict[str, dict[str, Any]]] = {}
     runs: list[dict[str, Any]] = []
     t_start = time.time()
+    total, done = len(families) * len(seeds) * len(models), 0
+    on_run = on_run or (lambda done, total, what: None)
     for spec, cols in families.items():
         kind = None
         hp_cols = hparam_columns(store, exclude=cols) if hparams is None else list(hparams)
@@ -139,6 +144,8 @@ def run_benchmark(
         for seed in seeds:
             for name in models:
                 t0 = time.time()
+                first = name == models[0]  # also fits the probes (and the shared base fits)
+                on_run(done, total, f"{spec}: {name}, seed {seed}" + (" + probes" if first else ""))
                 run_dir = (
                     out / "runs" / _slug(spec) / name / f"seed{seed}"
                     if out is not None and save_runs
@@ -153,7 +160,7 @@ def run_benchmark(
                     plots=seed == 0,
                     threads=threads,
                     linear_base=linear_base,
-                    probes=name == models[0],  # one fit per split; every model shares it
+                    probes=first,  # one fit per split; every model shares it
                 )
                 m = train(store, cfg, run_dir, overwrite=True)  # the benchmark's own folder
                 kind = m["task"]
@@ -177,8 +184,9 @@ def run_benchmark(
                 log(
                     f"{spec:>16s}  {name:<11s} seed {seed}  "
                     f"{PRIMARY[kind]} {_fmt(m['test'].get(PRIMARY[kind]))}  "
-                    f"({time.time() - t0:.0f}s)"
+                    f"kept: {kept(m):<24s} ({time.time() - t0:.0f}s)"
                 )
+                done += 1
             rows_by_name.setdefault(NO_WEIGHTS, []).append(m["baseline"]["test"])
             if hp_cols:
                 hm = hparams_only_metrics(store, cols, hp_cols, seed, where)
@@ -193,6 +201,7 @@ def run_benchmark(
             cells.setdefault(name, {})[spec] = cell
         for name, why in skipped.items():
             cells.setdefault(name, {})[spec] = {"task": kind, "skipped": why}
+    on_run(total, total, "done")
     result = {
         "store": str(store.path),
         "num_loras": len(store),

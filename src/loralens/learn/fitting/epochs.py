@@ -66,9 +66,11 @@ def fit_epochs(
     progress: Progress,
 ) -> tuple[list[dict[str, Any]], Best]:
     """Epochs until ``hp["epochs"]`` or ``hp["patience"]`` epochs without a better validation
-    loss; test metrics and a copy of the state are taken at every new best epoch."""
+    loss; test metrics and a copy of the state are taken at every new best epoch. The history
+    starts with epoch 0 (no training loss) where there is one: the linear base alone, or the
+    network at its warm start."""
     history: list[dict[str, Any]] = []
-    best = base = Best()
+    best = base = start = Best()
     unwrapped = acc.unwrap_model(model)
     if unwrapped.hparams["linear_base"] != "none":
         # epoch 0 is the linear base alone (the gate shut): a candidate like any epoch
@@ -76,13 +78,13 @@ def fit_epochs(
         opened = float(gate.detach())
         with torch.no_grad():
             gate.fill_(0.0)
-        best = base = _measure(model, loaders, data, acc, best, 0)[0]
+        best = base = start = _measure(model, loaders, data, acc, best, 0)[0]
         with torch.no_grad():
             gate.fill_(opened)
     elif hasattr(unwrapped, "skip_features"):
         # a network whose linear path starts at its fit (base_fit.warm_start): that start is a
         # candidate like any epoch
-        best = _measure(model, loaders, data, acc, best, 0)[0]
+        best = start = _measure(model, loaders, data, acc, best, 0)[0]
     for epoch in range(1, int(hp["epochs"]) + 1):
         te = time.time()
         loss_sum, count = _train_epoch(model, opt, params, loaders["train"], data.task, acc, hp)
@@ -106,6 +108,9 @@ def fit_epochs(
         for rec in history:
             rec["best"] = False
     check_finite(best, len(history))
+    if start.state is not None:  # epoch 0: validated, never trained
+        rec = {"epoch": 0, "train_loss": None, "val_loss": start.val_loss, "seconds": 0.0}
+        history.insert(0, {**rec, "loras_per_s": None, "best": best is start})
     return history, best
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from loralens.learn.fitting.tasks import CLASSIFICATION, Task
+from loralens.learn.runs.report import kept
 
 
 def plot_run(
@@ -26,10 +27,13 @@ def plot_run(
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    ep = [h["epoch"] for h in history]
-    ax.plot(ep, [h["train_loss"] for h in history], label="train")
-    ax.plot(ep, [h["val_loss"] for h in history], label="val")
-    ax.axvline(metrics["best_epoch"], color="gray", ls="--", lw=1, label="best")
+    trained = [h for h in history if h["train_loss"] is not None]  # epoch 0 is not trained
+    ax.plot([h["epoch"] for h in trained], [h["train_loss"] for h in trained], label="train")
+    ax.plot(
+        [h["epoch"] for h in history], [h["val_loss"] for h in history], "-o", ms=2, label="val"
+    )
+    best = f"best: {kept(metrics)}" if metrics["best_epoch"] == 0 else "best"
+    ax.axvline(metrics["best_epoch"], color="gray", ls="--", lw=1, label=best)
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss (standardized MSE)" if task.kind != CLASSIFICATION else "loss (BCE)")
     ax.set_title(f"{metrics['model']}: {', '.join(task.targets)[:60]}")

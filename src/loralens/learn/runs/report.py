@@ -103,6 +103,15 @@ def calibration_lines(entry: dict[str, Any] | None, key: str = "test") -> list[s
     return lines
 
 
+def kept(metrics: Mapping[str, Any]) -> str:
+    """Which model a run saved: the network after its best epoch, or at epoch 0 (before any
+    training) its linear base alone, or the network at its warm start where it has no base."""
+    if metrics["best_epoch"] > 0:
+        return f"the network, epoch {metrics['best_epoch']}"
+    base = (metrics.get("linear_base") or {}).get("kind", "none")
+    return "the linear base alone" if base != "none" else "the network at its warm start"
+
+
 def headline(metrics: Mapping[str, Any], kind: str) -> dict[str, Any]:
     """The metrics a run reports for a task ``kind`` (the per-target detail left out)."""
     keys = (
@@ -117,6 +126,7 @@ __all__ = [
     "calibration_lines",
     "cell",
     "headline",
+    "kept",
     "probe_verdict",
     "train_columns",
     "train_title",

@@ -267,7 +267,7 @@ def _cross_validate(
         "val": val,
         "val_std": val_std,
         "best_epoch": refit_epochs,
-        "epochs_run": len(history),
+        "epochs_run": epochs_trained(history),
         "test_detail": pooled,
         "val_detail": {},
         "baseline": {"test": base_test, "test_std": base_std},
@@ -370,7 +370,7 @@ def _summary(
         "test": headline(best.test, kind),
         "val": headline(best.val, kind),
         "best_epoch": best.epoch,
-        "epochs_run": len(history),
+        "epochs_run": epochs_trained(history),
         "test_detail": best.test,
         "val_detail": best.val,
         "baseline": {
@@ -380,6 +380,17 @@ def _summary(
         "n": {k: len(v) for k, v in split.items()},
         **_run_facts(store, config, hp, model, history, acc, t0, data.split["train"]),
     }
+
+
+def epochs_trained(history: list[dict[str, Any]]) -> int:
+    """Epochs the network trained (epoch 0, the linear base alone, is not one)."""
+    return sum(h["epoch"] > 0 for h in history)
+
+
+def _median_speed(history: list[dict[str, Any]]) -> float | None:
+    """Median LoRAs per second over the trained epochs (None: no epoch trained)."""
+    speeds = [h["loras_per_s"] for h in history if h["epoch"] > 0]
+    return float(np.median(speeds)) if speeds else None
 
 
 def _no_accelerator() -> bool:
@@ -409,9 +420,7 @@ def _run_facts(
         "linear_base": {"kind": kind, "why": why},
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "seconds": time.time() - t0,
-        "train_loras_per_s": (  # none when the linear base alone won (no epoch trained)
-            float(np.median([h["loras_per_s"] for h in history])) if history else None
-        ),
+        "train_loras_per_s": _median_speed(history),
         "num_processes": acc.num_processes,
         "store": str(store.path),
     }

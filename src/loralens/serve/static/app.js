@@ -23,6 +23,19 @@ function num(x, digits = 3) {
   return Number(x.toPrecision(digits)).toString();
 }
 
+// An interval "[lo, hi]", both ends with the same decimals: enough for `digits` significant
+// digits of the larger end and one of the width (so [1.93, 2.00], not [1.93, 2]).
+function interval(lo, hi, digits = 3) {
+  const top = Math.max(Math.abs(lo), Math.abs(hi));
+  if (!Number.isFinite(top) || top >= 1e5 || (top > 0 && top < 1e-3)) {
+    return `[${lo.toExponential(digits - 1)}, ${hi.toExponential(digits - 1)}]`;
+  }
+  const decimals = [top > 0 ? digits - 1 - Math.floor(Math.log10(top)) : 0];
+  if (hi > lo) decimals.push(-Math.floor(Math.log10(hi - lo)));
+  const d = Math.min(Math.max(0, ...decimals), 12);
+  return `[${lo.toFixed(d)}, ${hi.toFixed(d)}]`;
+}
+
 function row(cells) {
   const tr = document.createElement("tr");
   for (const c of cells) tr.append(c instanceof Node ? c : el("td", c));
@@ -58,11 +71,12 @@ function showResult(rec) {
     return;
   }
   const guess = rec.base_model_guess || {};
-  const base = guess.name
+  // the same line as `loralens inspect` (families.base_model_label)
+  const base = guess.label || (guess.name
     ? `${guess.name} (${guess.source === "metadata" ? "from the file" : "guessed from its layout"})`
     : guess.family
       ? `unknown ${guess.family} (hidden size ${num(guess.hidden_size)}, ${num(guess.blocks)} blocks)`
-      : "unknown";
+      : "unknown");
   const items = [
     ["format", rec.format || "?"],
     ["base model", base],
@@ -120,7 +134,7 @@ function predictionCells(p, target) {
     return [td("p = " + num(value), "num"), td(`label ${label}${set}${flag}`)];
   }
   const iv = p.interval && p.interval[target];
-  const text = iv ? `[${num(iv[0])}, ${num(iv[1])}] ${level}` : p.interval ? "no interval at this coverage" : "";
+  const text = iv ? `${interval(iv[0], iv[1])} ${level}` : p.interval ? "no interval at this coverage" : "";
   return [td(num(value, 4), "num"), td(text + flag)];
 }
 
@@ -182,11 +196,46 @@ function svg(tag, attrs, text) {
 function highlight(i, on) {
   const line = document.querySelector(`#spectra polyline[data-layer="${i}"]`);
   if (line) line.classList.toggle("hot", on);
+  const key = document.querySelector(`#spectra-legend li[data-layer="${i}"]`);
+  if (key) key.classList.toggle("hot", on);
+}
+
+// A layer's colour in the spectra chart: hues from red (first layer) to violet (last).
+function layerColour(i, n) {
+  return `hsl(${Math.round((300 * i) / Math.max(1, n - 1))} 65% 45%)`;
+}
+
+// At most this many layers get a legend entry each; more get the colour scale and its ends.
+const LEGEND_MAX = 16;
+
+function legendEntry(i, n, name) {
+  const li = el("li");
+  li.dataset.layer = i;
+  const key = svg("svg", { width: 22, height: 10, "aria-hidden": "true" });
+  key.append(svg("line", { x1: 1, y1: 5, x2: 21, y2: 5, stroke: layerColour(i, n) }));
+  li.append(key, el("span", name));
+  li.addEventListener("mouseenter", () => highlight(i, true));
+  li.addEventListener("mouseleave", () => highlight(i, false));
+  return li;
+}
+
+function drawLegend(rec) {
+  const legend = $("#spectra-legend");
+  const n = rec.layers.length;
+  const shown = n <= LEGEND_MAX ? [...Array(n).keys()] : [0, Math.floor((n - 1) / 2), n - 1];
+  const items = shown.map((i) => legendEntry(i, n, `${i + 1}. ${rec.layers[i].name}`));
+  if (n > LEGEND_MAX) {
+    items.splice(2, 0, el("li", "…", "gap"));
+    items.splice(1, 0, el("li", "…", "gap"));
+    items.push(el("li", `colour runs through the ${n} layers in table order`, "gap"));
+  }
+  legend.replaceChildren(...items);
 }
 
 function drawSpectra(rec) {
   const plot = $("#spectra");
   plot.replaceChildren();
+  drawLegend(rec);
   const W = 640, H = 260, L = 52, R = 12, T = 12, B = 30;
   const series = rec.layers.map((l) => (l.top_svals || []).filter((x) => x > 0 && Number.isFinite(x)));
   const all = series.flat();
@@ -212,10 +261,9 @@ function drawSpectra(rec) {
   series.forEach((s, i) => {
     if (s.length === 0) return;
     const pts = s.length === 1 ? [[x(0), y(s[0])], [x(0) + 3, y(s[0])]] : s.map((v, k) => [x(k), y(v)]);
-    const hue = Math.round((300 * i) / Math.max(1, series.length - 1));
     const line = svg("polyline", {
       points: pts.map((p) => p.map((c) => c.toFixed(1)).join(",")).join(" "),
-      stroke: `hsl(${hue} 65% 45%)`,
+      stroke: layerColour(i, series.length),
       "data-layer": i,
     });
     line.append(svg("title", {}, rec.layers[i].name));

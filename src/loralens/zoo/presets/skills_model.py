@@ -71,7 +71,8 @@ def losses_and_match(model, ids, mask):
 def pretrain(
     model, seed: int, steps: int, batch: int, lr: float, weights=None, salt="pretrain", log=None
 ):
-    """AdamW with warmup and cosine decay on answer tokens of the source mixture."""
+    """AdamW with warmup and cosine decay on answer tokens of the source mixture; ``log`` gets the
+    loss every tenth of the steps (at most 250 apart)."""
     torch.manual_seed(derive_seed(seed, salt, "init"))
     stream = data.mixture_stream(seed, salt, steps * batch, weights)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
@@ -87,7 +88,7 @@ def pretrain(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        if log and (t % 250 == 0 or t == steps - 1):
+        if log and (t % max(1, min(250, steps // 10)) == 0 or t == steps - 1):
             log(f"  pretrain step {t}/{steps} loss {loss.item():.3f} ({time.time() - t0:.0f}s)")
     model.eval()
     return model
