@@ -2,7 +2,7 @@
 
 import pandas as pd
 
-from coverage import KINDS, covered, split_labels
+from split_coverage import KINDS, covered, split_labels
 
 
 def test_split_columns_are_seeded_permutations_in_the_stated_shares(tmp_path):

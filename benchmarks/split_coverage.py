@@ -1,7 +1,7 @@
 """Do a run's intervals and sets cover what they say on its test split, with a store's own
 split column (with and without ``cal`` rows)?
 
-    python benchmarks/coverage.py --zoo /work/zoos/zoo-gpt2-dev:eval_loss \
+    python benchmarks/split_coverage.py --zoo /work/zoos/zoo-gpt2-dev:eval_loss \
         --zoo /work/zoos/zoo-skills-dev:eval_loss,src_sub --out DIR [--seeds 3] [--kinds nocal,cal]
 
 Each zoo folder (adapters/ + labels.csv) is packed once into DIR with one split column per
