@@ -123,6 +123,8 @@ def test_a_run_that_failed_its_check_is_never_called_calibrated_and_knows_its_tr
     new, seen = json.loads(res.stdout)
     assert new["calibrated"] is False and new["interval"] is not None
     assert new["run"]["calibrated"] is False and new["run"]["problems"] == cal["problems"]
+    best_epoch = json.loads((run_dir / "metrics.json").read_text())["best_epoch"]
+    assert new["run"]["predictor"] == ("linear base alone" if best_epoch == 0 else "network")
     assert (new["seen"], seen["seen"]) == (False, True)  # the run trained on the second
     res = CliRunner().invoke(app, args)
     assert "NOT calibrated" in res.output and "trained on it" in res.output

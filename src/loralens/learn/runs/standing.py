@@ -46,7 +46,7 @@ def standing(
     metrics: Mapping[str, Any] | None, calibration: Calibration | None, base_alone: bool
 ) -> dict[str, Any]:
     """``metric`` and its test ``value`` (``std`` over folds when cross-validated) on ``n_test``
-    LoRAs, ``predictor`` ("network" or "linear base alone"), the interval or set ``level`` and
+    LoRAs, ``predictor`` (:func:`_predictor`), the interval or set ``level`` and
     the ``coverage`` measured on the test split, ``calibrated`` and the ``problems`` found."""
     kind = _get(metrics, "task")
     metric = PRIMARY.get(kind) if isinstance(kind, str) else None
@@ -57,12 +57,20 @@ def standing(
         "value": _number(_get(metrics, "test", metric)) if metric else None,
         "std": _number(_get(metrics, "test_std", metric)) if metric else None,
         "n_test": int(n) if _number(n) is not None else None,
-        "predictor": "linear base alone" if base_alone else "network",
+        "predictor": _predictor(metrics, base_alone),
         "level": None if calibration is None else calibration.coverage,
         "coverage": _number(_get(metrics, "calibration", "test", "coverage")),
         "calibrated": calibration is not None and calibration.calibrated,
         "problems": list(problems or []),
     }
+
+
+def _predictor(metrics: Mapping[str, Any] | None, base_alone: bool) -> str:
+    """What predicts: the linear base alone, the network at its warm start (a network without
+    a base whose best epoch was 0, before any training), or the trained network."""
+    if base_alone:
+        return "linear base alone"
+    return "network at its warm start" if _get(metrics, "best_epoch") == 0 else "network"
 
 
 def standing_line(st: Mapping[str, Any]) -> str:
