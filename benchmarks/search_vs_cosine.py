@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -53,15 +54,17 @@ def main() -> None:
     ap.add_argument("--out", required=True, help="a folder for the runs")
     a = ap.parse_args()
     store = LoRAStore(a.store)
-    sets = store.labels(resolve_targets(store, a.target)) > 0.5
+    targets = resolve_targets(store, a.target)
+    sets = store.labels(targets) > 0.5
     dense = torch.cat([w.flatten(1) for w in store.batch(np.arange(len(store))).delta_weights()], 1)
     cosine = (dense / dense.norm(dim=1, keepdim=True)).double().numpy()
     rows = []
     for seed in [int(s) for s in a.seeds.split(",")]:
         out = f"{a.out}/seed{seed}"
-        cfg = TrainConfig("glnet", [a.target], seed=seed, plots=False, threads=a.threads)
-        metrics = train(store, cfg, out, overwrite=True)
-        ids = pd.read_csv(f"{out}/predictions.csv")["id"].astype(str)
+        cfg = TrainConfig("glnet", targets, seed=seed, plots=False, threads=a.threads)
+        done = Path(out) / "metrics.json"  # a stopped run resumes
+        metrics = json.loads(done.read_text()) if done.exists() else train(store, cfg, out)
+        ids = pd.read_csv(f"{out}/predictions.csv", dtype={"id": str})["id"]
         where = {i: r for r, i in enumerate(store.ids)}
         queries = np.array([where[i] for i in ids])
         vectors = Embedder.of_run(load_run(out)).store(store).astype(np.float64)

@@ -118,7 +118,11 @@ def test_several_paths_and_a_folder_give_one_report_each_and_a_summary(tmp_path)
     assert (s["adapters"], s["read"], s["failed"]) == (4, 3, 1)
     assert s["formats"] == {"kohya": 2, "peft": 1} and s["layers"] == 4
     assert s["adapter_params"] == sum(r["adapter_params"] for r in result["adapters"][:3])
-    assert s["base_models"] == {"unknown": 2, "sd_xl_base_1.0.safetensors": 1}
+    assert s["base_models"] == {  # each adapter's base-model label, counted
+        "unknown Stable Diffusion UNet": 1,
+        "sd_xl_base_1.0.safetensors (from the file); layout: unknown Stable Diffusion UNet": 1,
+        "unknown Llama-like decoder (2 blocks)": 1,
+    }
 
 
 def test_cli_json_schema_for_several_adapters_and_exit_code(tmp_path, monkeypatch):

@@ -175,7 +175,7 @@ def test_the_page_works_without_a_network(server):
     page = httpx.get(server.url + "/").text
     links = re.findall(r'(?:src|href)="([^"]+)"', page)
     assert [u for u in links if not u.startswith("data:")] == ["/static/app.css", "/static/app.js"]
-    assert [u for u in links if u.startswith("data:image/svg+xml,")], "no favicon: a 404"
+    assert [u for u in links if u.startswith("data:image/svg+xml")], "no favicon: a 404"
     for asset in ("/static/app.js", "/static/app.css"):
         text = httpx.get(server.url + asset).text
         assert "http://" not in text.replace("http://www.w3.org/2000/svg", "")
