@@ -70,17 +70,31 @@ print(status("VmHWM"), ready, time.perf_counter() - t0)
 """
 
 
-def write_adapter(folder: Path, layers: int, width: int, rank: int, seed: int) -> Path:
-    """A PEFT adapter folder of ``layers`` ``width`` x ``width`` float16 layers of ``rank``."""
+def write_adapter(
+    folder: Path,
+    layers: int,
+    width: int,
+    rank: int,
+    seed: int,
+    *,
+    modules: tuple[str, ...] = ("q_proj",),
+    scale: float = 1.0,
+    base_model: str | None = None,
+) -> Path:
+    """A PEFT adapter folder of ``layers`` x ``modules`` ``width`` x ``width`` float16 layers
+    of ``rank``: factors drawn N(0, 1), lora_B times ``scale``, lora_alpha = rank."""
     g = torch.Generator().manual_seed(seed)
     tensors = {}
     for i in range(layers):
-        key = f"base_model.model.model.layers.{i}.self_attn.q_proj"
-        tensors[f"{key}.lora_A.weight"] = torch.randn(rank, width, generator=g).half()
-        tensors[f"{key}.lora_B.weight"] = torch.randn(width, rank, generator=g).half()
-    folder.mkdir(parents=True)
+        for m in modules:
+            key = f"base_model.model.model.layers.{i}.self_attn.{m}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, width, generator=g).half()
+            tensors[f"{key}.lora_B.weight"] = (torch.randn(width, rank, generator=g) * scale).half()
+    folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, folder / "adapter_model.safetensors")
-    config = {"peft_type": "LORA", "r": rank, "lora_alpha": rank, "target_modules": ["q_proj"]}
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": rank, "target_modules": list(modules)}
+    if base_model:
+        config["base_model_name_or_path"] = base_model
     (folder / "adapter_config.json").write_text(json.dumps(config))
     return folder
 

@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
-from safetensors.torch import save_file
+
+from memory_bench import write_adapter  # the script's folder is on sys.path
 
 MODULES = ("q_proj", "v_proj")
 LAYERS, WIDTH = 32, 4096
@@ -39,25 +39,16 @@ def write_zoo(zoo: Path, num: int, rank: int, seed: int) -> None:
     sizes = np.exp(rng.normal(0.0, 0.5, num))
     rows = ["adapter,y"]
     for k in range(num):
-        g = torch.Generator().manual_seed(seed * 1_000_003 + k)
-        s = float(sizes[k]) / np.sqrt(WIDTH)
-        tensors = {}
-        for i in range(LAYERS):
-            for m in MODULES:
-                key = f"base_model.model.model.layers.{i}.self_attn.{m}"
-                tensors[f"{key}.lora_A.weight"] = torch.randn(rank, WIDTH, generator=g).half()
-                tensors[f"{key}.lora_B.weight"] = (torch.randn(WIDTH, rank, generator=g) * s).half()
-        folder = zoo / "adapters" / f"a{k:05d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, folder / "adapter_model.safetensors")
-        config = {
-            "peft_type": "LORA",
-            "r": rank,
-            "lora_alpha": rank,
-            "target_modules": list(MODULES),
-            "base_model_name_or_path": "meta-llama/Llama-2-7b-hf",
-        }
-        (folder / "adapter_config.json").write_text(json.dumps(config))
+        write_adapter(
+            zoo / "adapters" / f"a{k:05d}",
+            LAYERS,
+            WIDTH,
+            rank,
+            seed * 1_000_003 + k,
+            modules=MODULES,
+            scale=float(sizes[k]) / np.sqrt(WIDTH),
+            base_model="meta-llama/Llama-2-7b-hf",
+        )
         rows.append(f"a{k:05d},{np.log(sizes[k]) + 0.1 * rng.normal():.6f}")
     labels.write_text("\n".join(rows) + "\n")
 
