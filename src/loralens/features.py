@@ -163,9 +163,15 @@ def svals(batch: LoRABatch, k: int | None = None) -> torch.Tensor:
 
 
 def svals_and_norms(batch: LoRABatch, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`svals` and :func:`delta_norms` from one pass over the factors."""
+    """:func:`svals` and :func:`delta_norms` from one pass over the factors, once per batch and
+    ``k`` (``LoRABatch.derived``; copies are returned, so a caller may change its own)."""
     if k is None:
         k = max(int(u.shape[2]) for u in batch.U)
+    s, norms = batch.derived(("svals_and_norms", k), lambda: _svals_and_norms(batch, k))
+    return s.clone(), norms.clone()
+
+
+def _svals_and_norms(batch: LoRABatch, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     w = linalg_dtype(batch.dtype)
     gu, gv = _grams(batch)
     norms = norms_from_grams(gu, gv).to(w)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -284,9 +284,22 @@ class LoRABatch:
     U: list[torch.Tensor]
     V: list[torch.Tensor]
     ranks: torch.Tensor
+    #: what :meth:`derived` keeps; a batch made from this one (``select``, ``pad_to``, ``to``,
+    #: ``replace``) starts without it
+    _derived: dict[Any, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return int(self.U[0].shape[0]) if self.U else 0
+
+    def derived(self, key: Any, compute: Callable[[], Any]) -> Any:
+        """``compute()``, kept on this batch under ``key``: what several readers of one batch
+        derive from its factors alone (a model's linear base and its network both read the
+        spectrum) is computed once. Factors that require grad are never kept from."""
+        if any(u.requires_grad for u in self.U) or any(v.requires_grad for v in self.V):
+            return compute()
+        if key not in self._derived:
+            self._derived[key] = compute()
+        return self._derived[key]
 
     def __repr__(self) -> str:
         widths = [int(u.shape[2]) for u in self.U]
